@@ -1,0 +1,392 @@
+// A Kubernetes controller for Book resources, in one file.
+//
+// It lists the books, then watches them, and calls `handle` once per change, in the order the
+// API server sent them:
+//
+//   Added a book moby-dick with title 'Moby Dick'
+//   Deleted a book moby-dick
+//
+// It resumes a dropped watch where it stopped, relists when the server has forgotten that point,
+// backs off when things fail, and says on stderr what is wrong and what fixes it.
+//
+//   npx tsx controller.ts [-n NAMESPACE | -A] [--watch-timeout SECONDS]     (also: deno, bun)
+//
+// The protocol it follows: https://kubernetes.io/docs/reference/using-api/api-concepts/
+
+import * as http from 'node:http';
+import * as https from 'node:https';
+import { resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import type { KubeConfig } from '@kubernetes/client-node';
+
+// ---------------------------------------------------------------------------------------------
+// The resource: books.example.technosophos.com/v1, installed by crd.yaml.
+
+const GROUP = 'example.technosophos.com';
+const VERSION = 'v1';
+const PLURAL = 'books';
+
+export interface Book {
+  metadata: { name: string; namespace?: string; resourceVersion: string };
+  spec: { title: string; authors?: string[] };
+}
+
+/** Checks an object from the server once, at the edge: returns it as a Book, or says why it is not one. */
+export function checkBook(object: unknown): Book | string {
+  const { metadata, spec } = (object ?? {}) as { metadata?: Partial<Book['metadata']>; spec?: Record<string, unknown> };
+  if (typeof metadata?.name !== 'string' || typeof metadata.resourceVersion !== 'string') return 'it has no metadata';
+  if (typeof spec !== 'object' || spec === null) return 'it has no spec';
+  if (typeof spec.title !== 'string') return 'spec.title is not a string';
+  const { authors } = spec;
+  if (authors !== undefined && !(Array.isArray(authors) && authors.every((a) => typeof a === 'string'))) {
+    return 'spec.authors is not a list of strings';
+  }
+  return object as Book;
+}
+
+// A watch stream is one of these per line. The object is a Book for ADDED/MODIFIED/DELETED,
+// only metadata.resourceVersion for BOOKMARK, and a Status for ERROR.
+interface WatchEvent {
+  type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK' | 'ERROR';
+  object: unknown;
+}
+
+interface BookList {
+  metadata: { resourceVersion: string; continue?: string };
+  items: unknown[] | null;
+}
+
+/** The body of every API error response, and the object of an ERROR event. */
+interface Status {
+  code?: number;
+  message?: string;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration: the cluster from the kubeconfig, the rest from flags.
+
+export interface Config {
+  kubeConfig: KubeConfig;
+  server: string;
+  namespace: string | undefined; // undefined: all namespaces
+  watchTimeoutSeconds: number;
+}
+
+const USAGE = `Usage: npx tsx controller.ts [options]
+
+Watches Book resources (${PLURAL}.${GROUP}) and prints one line per change.
+
+Options:
+  -n, --namespace NS           watch namespace NS (default: the kubeconfig context's, else "default")
+  -A, --all-namespaces         watch every namespace; books are named NAMESPACE/NAME
+      --watch-timeout SECONDS  ask the server to end each watch after SECONDS; it resumes (default 300)
+  -h, --help                   show this help
+
+The cluster and credentials come from KUBECONFIG, ~/.kube/config or the pod's service account.`;
+
+// client-node's HTTP stack (undici) needs Node 22.19; Deno and Bun bring their own.
+const NODE_NEEDED = [22, 19];
+
+export async function loadConfig(args: string[]): Promise<Config | number> {
+  const { values: flags } = parseArgs({
+    args,
+    options: {
+      namespace: { type: 'string', short: 'n' },
+      'all-namespaces': { type: 'boolean', short: 'A' },
+      'watch-timeout': { type: 'string', default: '300' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (flags.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  const watchTimeoutSeconds = Number(flags['watch-timeout']);
+  if (!Number.isInteger(watchTimeoutSeconds) || watchTimeoutSeconds < 1) {
+    console.error(`--watch-timeout takes a whole number of seconds, not '${flags['watch-timeout']}' — see --help`);
+    return 2;
+  }
+  const [major = 0, minor = 0] = process.versions.node.split('.').map(Number);
+  if (!process.versions.bun && !process.versions.deno && major * 100 + minor < NODE_NEEDED[0] * 100 + NODE_NEEDED[1]) {
+    console.error(`this controller needs Node ${NODE_NEEDED.join('.')} or newer, and this is Node ${process.versions.node}: ` +
+      'run it with npx -y -p node@24 tsx controller.ts, or install Node 24 (nvm install 24)');
+    return 1;
+  }
+  // Imported here, after the check, so that an old Node gets the line above instead of a crash inside undici.
+  const { KubeConfig } = await import('@kubernetes/client-node');
+  const kubeConfig = new KubeConfig();
+  try {
+    kubeConfig.loadFromDefault(); // KUBECONFIG, ~/.kube/config, or the in-cluster service account
+  } catch (err) {
+    console.error(`cannot load the kubeconfig: ${messageOf(err)} — check KUBECONFIG or ~/.kube/config`);
+    return 1;
+  }
+  const context = kubeConfig.getContextObject(kubeConfig.getCurrentContext());
+  return {
+    kubeConfig,
+    server: kubeConfig.getCurrentCluster()?.server ?? 'http://localhost:8080',
+    namespace: flags['all-namespaces'] ? undefined : (flags.namespace ?? context?.namespace ?? 'default'),
+    watchTimeoutSeconds,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// List and watch: plain GETs over node:https, with the kubeconfig's CA and credentials.
+
+/** An HTTP error from the API server, or an ERROR event in a watch: its Status, and what we were doing. */
+class ApiError extends Error {
+  code: number;
+  verb: string;
+  retryAfterSeconds: number;
+  constructor(code: number, message: string, verb: string, retryAfterSeconds = 0) {
+    super(message);
+    this.code = code;
+    this.verb = verb;
+    this.retryAfterSeconds = retryAfterSeconds;
+  }
+}
+
+async function get(config: Config, verb: 'list' | 'watch', query: URLSearchParams, signal: AbortSignal) {
+  const namespace = config.namespace ? `/namespaces/${config.namespace}` : '';
+  const url = new URL(`${config.server.replace(/\/$/, '')}/apis/${GROUP}/${VERSION}${namespace}/${PLURAL}?${query}`);
+  const options: https.RequestOptions = { signal, headers: { Accept: 'application/json' } };
+  await config.kubeConfig.applyToHTTPSOptions(options); // on every request: exec and OIDC credentials refresh here
+  const response = await new Promise<http.IncomingMessage>((resolve, reject) =>
+    (url.protocol === 'http:' ? http : https).request(url, options, resolve).on('error', reject).end());
+  response.setEncoding('utf8'); // decodes across chunk boundaries, even inside a multi-byte character
+  if (response.statusCode === 200) return response;
+  const body = await readAll(response);
+  const status: Status = body.startsWith('{') ? JSON.parse(body) : { message: body };
+  const retryAfter = Number(response.headers['retry-after']) || 0;
+  throw new ApiError(response.statusCode ?? 0, status.message ?? `HTTP ${response.statusCode}`, verb, retryAfter);
+}
+
+async function readAll(response: http.IncomingMessage): Promise<string> {
+  let body = '';
+  for await (const chunk of response) body += chunk;
+  return body;
+}
+
+/** Lists every book, page by page, handing each to `onBook`; returns the list's resourceVersion. */
+async function listBooks(config: Config, signal: AbortSignal, onBook: (object: unknown) => Promise<void>) {
+  const query = new URLSearchParams({ limit: '500' });
+  for (;;) {
+    const page: BookList = JSON.parse(await readAll(await get(config, 'list', query, signal)));
+    for (const object of page.items ?? []) await onBook(object);
+    // A continue token expires after a few minutes (HTTP 410): the caller then lists again from scratch.
+    if (!page.metadata.continue) return page.metadata.resourceVersion;
+    query.set('continue', page.metadata.continue);
+  }
+}
+
+/** Watches books changed after `resourceVersion`, yielding each event; returns when the server ends the stream. */
+async function* watchBooks(config: Config, resourceVersion: string, signal: AbortSignal): AsyncGenerator<WatchEvent> {
+  const query = new URLSearchParams({
+    watch: 'true',
+    resourceVersion,
+    allowWatchBookmarks: 'true', // so an idle watch still learns new resourceVersions to resume from
+    timeoutSeconds: String(config.watchTimeoutSeconds), // the server ends the watch then; we resume
+  });
+  // A half-open connection delivers nothing, forever. The server sends something (at least the end
+  // of the stream) within the timeout, so silence for longer than that, plus a grace, means: start over.
+  const silenceLimitSeconds = config.watchTimeoutSeconds + 5;
+  const stalled = new AbortController();
+  const stall = () => stalled.abort(new Error(`the watch sent nothing for ${silenceLimitSeconds}s`));
+  let timer = setTimeout(stall, silenceLimitSeconds * 1000);
+  let response: http.IncomingMessage | undefined;
+  try {
+    response = await get(config, 'watch', query, AbortSignal.any([signal, stalled.signal]));
+    let partial = '';
+    for await (const chunk of response) {
+      clearTimeout(timer); // the clock only runs while we wait for the server, not while the handler works
+      const lines = (partial + chunk).split('\n');
+      partial = lines.pop() ?? '';
+      for (const line of lines) if (line.trim()) yield parseEvent(line);
+      timer = setTimeout(stall, silenceLimitSeconds * 1000);
+    }
+    if (partial.trim()) throw new Error('the watch ended in the middle of an event');
+  } catch (err) {
+    throw stalled.signal.aborted ? stalled.signal.reason : err;
+  } finally {
+    clearTimeout(timer);
+    response?.destroy();
+  }
+}
+
+function parseEvent(line: string): WatchEvent {
+  try {
+    return JSON.parse(line);
+  } catch {
+    throw new Error(`the watch sent a line that is not JSON: ${line.slice(0, 60)}`);
+  }
+}
+
+export type BookEventType = 'Added' | 'Modified' | 'Deleted';
+export type Handler = (type: BookEventType, book: Book, name: string) => void | Promise<void>;
+
+/**
+ * Lists the books, then watches them for ever, calling `handle` once per change and waiting for it
+ * before the next. Returns only when `signal` aborts; every failure is reported and retried.
+ */
+export async function listAndWatch(config: Config, handle: Handler, signal: AbortSignal): Promise<void> {
+  const known = new Map<string, Book>(); // what `handle` has been told, by namespace/name
+  let resourceVersion = ''; // where the next watch starts; empty: list first
+  let failures = 0; // in a row, for the backoff
+
+  const keyOf = (object: unknown) => {
+    const { namespace = '', name = '' } = (object as { metadata?: Partial<Book['metadata']> })?.metadata ?? {};
+    return { key: `${namespace}/${name}`, name: config.namespace ? name : `${namespace}/${name}` };
+  };
+  const tell = async (type: BookEventType, book: Book, name: string) => {
+    try {
+      await handle(type, book, name);
+    } catch (err) {
+      console.error(`the handler failed on book ${name}: ${messageOf(err)}`); // and the watch goes on
+    }
+  };
+  const upsert = async (object: unknown) => {
+    const { key, name } = keyOf(object);
+    const book = checkBook(object);
+    if (typeof book === 'string') return console.error(`ignoring book ${name}: ${book} — fix it with kubectl edit book ${name}`);
+    const before = known.get(key);
+    if (before?.metadata.resourceVersion === book.metadata.resourceVersion) return; // nothing new
+    known.set(key, book);
+    await tell(before ? 'Modified' : 'Added', book, name);
+  };
+  const remove = async (object: unknown) => {
+    const { key, name } = keyOf(object);
+    const book = known.get(key);
+    if (!book) return;
+    known.delete(key);
+    await tell('Deleted', book, name);
+  };
+
+  while (!signal.aborted) {
+    try {
+      if (!resourceVersion) {
+        // A (re)list: whatever we knew and the list lacks was deleted while we were not watching.
+        const listed = new Set<string>();
+        resourceVersion = await listBooks(config, signal, (object) => (listed.add(keyOf(object).key), upsert(object)));
+        for (const [key, book] of known) if (!listed.has(key)) await remove(book);
+        failures = 0;
+      }
+      const started = Date.now();
+      let events = 0;
+      for await (const event of watchBooks(config, resourceVersion, signal)) {
+        if (event.type === 'ERROR') {
+          const status = (event.object ?? {}) as Status;
+          throw new ApiError(status.code ?? 500, status.message ?? 'ERROR event', 'watch');
+        }
+        if (event.type === 'DELETED') await remove(event.object);
+        else if (event.type !== 'BOOKMARK') await upsert(event.object); // a bookmark only moves resourceVersion
+        resourceVersion = (event.object as { metadata?: { resourceVersion?: string } })?.metadata?.resourceVersion ?? resourceVersion;
+        events++;
+        failures = 0;
+      }
+      // The server ended the watch (its timeout): routine, resume at once. Unless it does so at once, every time.
+      if (events === 0 && Date.now() - started < 1000) throw new Error('the watch ended at once, without any event');
+    } catch (err) {
+      if (signal.aborted) break;
+      // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
+      // continue token expired). Only a new list tells what changed meanwhile; it is routine, so quiet.
+      const gone = err instanceof ApiError && err.code === 410;
+      if (gone) resourceVersion = '';
+      const delayMs = retryDelayMs(failures++, err);
+      if (!gone) console.error(explain(err, config, delayMs));
+      await sleep(delayMs, undefined, { signal }).catch(() => {});
+    }
+  }
+}
+
+/** Exponential backoff from ~0.5 s to 30 s with jitter (so that restarted controllers spread out), or what a 429 asked. */
+function retryDelayMs(failures: number, err: unknown): number {
+  if (err instanceof ApiError && err.retryAfterSeconds > 0) return err.retryAfterSeconds * 1000;
+  const ceiling = Math.min(30_000, 500 * 2 ** failures);
+  return ceiling / 2 + (Math.random() * ceiling) / 2;
+}
+
+/** One stderr line: what failed, that we retry, and what would fix it. */
+function explain(err: unknown, { server, namespace, kubeConfig }: Config, delayMs: number): string {
+  const retrying = `retrying in ${(delayMs / 1000).toFixed(1)}s`;
+  const where = namespace ? `namespace ${namespace}` : 'all namespaces';
+  const code = (err as { code?: unknown })?.code;
+  // With nothing to load, client-node falls back to http://localhost:8080 under this context name.
+  if (kubeConfig.getCurrentContext() === 'loaded-context') {
+    return `no kubeconfig found (KUBECONFIG, ~/.kube/config or a pod's service account); ${retrying} — set KUBECONFIG, or create a cluster (kind create cluster)`;
+  }
+  if (err instanceof ApiError) {
+    switch (code) {
+      case 401: return `${server} does not accept our credentials (401 Unauthorized); ${retrying} — refresh them in your kubeconfig (kubectl auth whoami)`;
+      case 403: return `not allowed to ${err.verb} books in ${where} (403: ${err.message}); ${retrying} — ` +
+        `grant list and watch on ${PLURAL}.${GROUP} (kubectl auth can-i ${err.verb} ${PLURAL}.${GROUP}${namespace ? ` -n ${namespace}` : ' -A'})`;
+      case 404: return `the Book CRD is not installed on ${server} (404: ${err.message}); ${retrying} — kubectl apply -f crd.yaml`;
+      case 429: return `${server} is busy (429: ${err.message}); ${retrying}`;
+      default: return `${server} failed to ${err.verb} books (${code}: ${err.message}); ${retrying}`;
+    }
+  }
+  if (typeof code === 'string' && /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ETIMEDOUT|EHOSTUNREACH|ENETUNREACH)$/.test(code)) {
+    return `cannot reach ${server} (${code}); ${retrying} — is the cluster running? (kubectl cluster-info)`;
+  }
+  if (code === 'ECONNRESET' || code === 'EPIPE') return `lost the connection to ${server} (${code}); ${retrying}`;
+  if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
+    return `the TLS certificate of ${server} did not verify (${code}); ${retrying} — check certificate-authority-data in your kubeconfig`;
+  }
+  return `${messageOf(err)} (${server}); ${retrying}`;
+}
+
+function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handler: your code goes here.
+
+/**
+ * Called once per change of a book, in the order the server sent them; the next call waits until
+ * this one has finished. `name` is the book's name, or NAMESPACE/NAME with --all-namespaces.
+ * If it throws, the error is reported on stderr and the watch goes on.
+ */
+export async function handle(event: BookEventType, book: Book, name: string): Promise<void> {
+  switch (event) {
+    case 'Added':
+    case 'Modified':
+      console.log(`${event} a book ${name} with title '${book.spec.title}'`);
+      break;
+    case 'Deleted':
+      console.log(`Deleted a book ${name}`);
+      break;
+    default:
+      event satisfies never; // a new kind of event must be handled above
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main: flags and kubeconfig, then list and watch until SIGINT or SIGTERM.
+
+/** Runs the controller until `signal` aborts; returns the process exit code. */
+export async function main(args: string[], signal: AbortSignal): Promise<number> {
+  let config: Config | number;
+  try {
+    config = await loadConfig(args);
+  } catch (err) {
+    console.error(`${messageOf(err)} — see --help`); // an unknown or malformed flag
+    return 2;
+  }
+  if (typeof config === 'number') return config;
+  await listAndWatch(config, handle, signal);
+  return 0;
+}
+
+// Runs only as the entry point, not when imported by the tests. Node 22 and tsx lack import.meta.main.
+const isEntryPoint = (import.meta as { main?: boolean }).main ?? resolve(process.argv[1] ?? '') === fileURLToPath(import.meta.url);
+if (isEntryPoint) {
+  const stop = new AbortController();
+  process.once('SIGINT', () => stop.abort());
+  process.once('SIGTERM', () => stop.abort());
+  process.exit(await main(process.argv.slice(2), stop.signal));
+}
+
+// Where to go next: a status subresource written back by the handler; a work queue keyed by book,
+// so that a slow handler does not hold up other books; leader election for more than one replica.
