@@ -1,0 +1,745 @@
+// Tests for controller.ts, with no cluster: msw plays the Kubernetes API server.
+//
+// The msw handlers below behave like the API server's books endpoint (paginated lists with
+// continue tokens, watch streams cut at any byte, bookmarks, 410 Gone, Status error bodies).
+// They are served over a real loopback TLS server, so the controller's own https request, its CA
+// check and its bearer token are exercised as against a cluster, on Node, Deno and Bun alike.
+//
+//   npm test                                  (Node)
+//   deno test -A controller.test.ts           (Deno)
+//   bun test controller.test.ts               (Bun)
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import * as https from 'node:https';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, test } from 'node:test';
+import { getResponse, http, HttpResponse } from 'msw';
+import { checkBook, handle, listAndWatch, loadConfig, main, type Book, type Config, type Handler } from './controller.ts';
+
+// ---------------------------------------------------------------------------------------------
+// Waiting on events, never on the clock: every output line and every request wakes the waiters.
+
+const waiters = new Set<() => void>();
+const wake = () => waiters.forEach((check) => check());
+function until(condition: () => boolean): Promise<void> {
+  return new Promise((resolve) => {
+    const check = () => condition() && (waiters.delete(check), resolve());
+    waiters.add(check);
+    check();
+  });
+}
+
+/** What the controller printed, line by line: console.log is stdout, console.error is stderr. */
+let stdout: string[] = [];
+let stderr: string[] = [];
+const realConsole = { log: console.log, error: console.error };
+const lineIn = (lines: string[]) => (...args: unknown[]) => (lines.push(args.join(' ')), wake());
+
+// ---------------------------------------------------------------------------------------------
+// The fake API server.
+
+const GROUP_VERSION = 'example.technosophos.com/v1';
+const TOKEN = 'test-token';
+
+// A throwaway CA and a certificate for 127.0.0.1 and localhost signed by it (P-256, valid to 2126),
+// made with `openssl req -x509 …` and `openssl x509 -req …`. The private key opens nothing else.
+const CA_CERT = `-----BEGIN CERTIFICATE-----
+MIIBqzCCAVGgAwIBAgIUUhmmC9ttqpX+Ox46e226tkBJJMEwCgYIKoZIzj0EAwIw
+IjEgMB4GA1UEAwwXYm9vay1jb250cm9sbGVyIHRlc3QgQ0EwIBcNMjYxMTI1MTYy
+ODA5WhgPMjEyNjExMDExNjI4MDlaMCIxIDAeBgNVBAMMF2Jvb2stY29udHJvbGxl
+ciB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAErO55AkJC44JyeA74
+KFzsRiUV229YzjYsk7Ex3MjMxP5PcRL+5ozP3oHCeqhygKVjZT7tq48sgoH2Msgi
+Sp8MUqNjMGEwHQYDVR0OBBYEFJ5hwhV1gKUR4Xn6mL7zf8ANShGEMB8GA1UdIwQY
+MBaAFJ5hwhV1gKUR4Xn6mL7zf8ANShGEMA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0P
+AQH/BAQDAgEGMAoGCCqGSM49BAMCA0gAMEUCID5TtoCs8aNq9oYPALXzjtUV6JWo
+6d5p9UBMvDDOGBrBAiEA58woarfhBAyzJZPmWYTrkatHguBKWS8PnQokfpphqvY=
+-----END CERTIFICATE-----
+`;
+const SERVER_CERT = `-----BEGIN CERTIFICATE-----
+MIIBxzCCAW2gAwIBAgIUM4iTx8SU3PhxRQQ7DWeGXC+Q5QcwCgYIKoZIzj0EAwIw
+IjEgMB4GA1UEAwwXYm9vay1jb250cm9sbGVyIHRlc3QgQ0EwIBcNMjYxMTI1MTYy
+ODA5WhgPMjEyNjExMDExNjI4MDlaMBQxEjAQBgNVBAMMCWxvY2FsaG9zdDBZMBMG
+ByqGSM49AgEGCCqGSM49AwEHA0IABFjq6nJ/Zo6/js0Yf7iYo3LPXlsLkvqK3MSp
+xFyY9XuI3ITcUb45DE3fBjBr8Hqrt3ycjN8pUpOG/+KyIk7l5ZyjgYwwgYkwGgYD
+VR0RBBMwEYcEfwAAAYIJbG9jYWxob3N0MAkGA1UdEwQCMAAwCwYDVR0PBAQDAgeA
+MBMGA1UdJQQMMAoGCCsGAQUFBwMBMB0GA1UdDgQWBBRsD0yzYPepJaZq5zrUCdle
+FKanPDAfBgNVHSMEGDAWgBSeYcIVdYClEeF5+pi+83/ADUoRhDAKBggqhkjOPQQD
+AgNIADBFAiEAterXMmcWgxRKY8kLsYqEgXCK+n8Nya+MeNd4SZCFzUMCIENbMDJu
+IU+mBvl9G0NxBDGXFvZnb0iy7elEYJ3QGBvl
+-----END CERTIFICATE-----
+`;
+const SERVER_KEY = `-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgWRUO/hP9kax8OQxA
+ESxcUHC7DKnC7kw1eo2yffOec3ahRANCAARY6upyf2aOv47NGH+4mKNyz15bC5L6
+itzEqcRcmPV7iNyE3FG+OQxN3wYwa/B6q7d8nIzfKVKThv/isiJO5eWc
+-----END PRIVATE KEY-----
+`;
+
+type Spec = Record<string, unknown>;
+interface StoredBook {
+  apiVersion: string;
+  kind: 'Book';
+  metadata: { name: string; namespace: string; resourceVersion: string; uid: string };
+  spec: Spec;
+}
+interface OpenWatch {
+  namespace: string | undefined;
+  bookmarks: boolean;
+  send(text: string): void;
+  end(): void;
+  drop(): void;
+}
+interface Request {
+  verb: 'list' | 'watch';
+  namespace: string | undefined;
+  query: Record<string, string>;
+}
+
+const status = (code: number, reason: string, message: string) =>
+  ({ kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', message, reason, code });
+const statusResponse = (code: number, reason: string, message: string, headers?: Record<string, string>) =>
+  HttpResponse.json(status(code, reason, message), { status: code, headers });
+
+class FakeApiServer {
+  // resourceVersions cross a digit boundary (9999 → 10000) early, so ordering them as strings or numbers would show.
+  private resourceVersion = 9996;
+  private readonly books = new Map<string, StoredBook>(); // by namespace/name
+  private history: { resourceVersion: number; namespace: string; line: string }[] = [];
+  private oldestWatchable = 0; // a watch from an older resourceVersion gets 410 Gone
+  private readonly watches = new Set<OpenWatch>();
+  private readonly continueTokens = new Map<string, StoredBook[]>(); // token → the rest of that list's snapshot
+  private readonly faults: Response[] = [];
+  private held: (() => void)[] | undefined;
+  readonly requests: Request[] = [];
+
+  // Knobs a test turns: how the stream is cut, and how the server misbehaves.
+  chunkBytes = Infinity;
+  crdInstalled = true;
+  forbidden = false;
+  stallWatches = false;
+  goneAsHttp = false; // answer a too-old watch with HTTP 410, not an ERROR event in a 200 stream
+  expireNextContinueToken = false;
+
+  private readonly handlers = [
+    http.get('*/apis/example.technosophos.com/v1/namespaces/:namespace/books', ({ request, params }) =>
+      this.respond(request, String(params.namespace))),
+    http.get('*/apis/example.technosophos.com/v1/books', ({ request }) => this.respond(request, undefined)),
+  ];
+  private readonly tls = https.createServer({ key: SERVER_KEY, cert: SERVER_CERT }, (req, res) => this.bridge(req, res));
+  url = '';
+
+  async listen(): Promise<this> {
+    await new Promise<void>((resolve) => this.tls.listen(0, '127.0.0.1', resolve));
+    const address = this.tls.address();
+    this.url = `https://127.0.0.1:${typeof address === 'object' && address ? address.port : 0}`;
+    return this;
+  }
+
+  close() {
+    this.release();
+    this.watches.forEach((watch) => watch.end());
+    this.tls.closeAllConnections();
+    this.tls.close();
+  }
+
+  /** Serves a node:https request with msw's handlers, streaming the response body chunk by chunk. */
+  private async bridge(req: import('node:http').IncomingMessage, res: import('node:http').ServerResponse) {
+    req.socket.setNoDelay(true);
+    const headers = new Headers();
+    for (const [name, value] of Object.entries(req.headers)) if (typeof value === 'string') headers.set(name, value);
+    const response = (await getResponse(this.handlers, new Request(new URL(req.url ?? '/', this.url), { headers }))) ??
+      new Response('no handler', { status: 501 });
+    res.writeHead(response.status, Object.fromEntries(response.headers));
+    res.flushHeaders();
+    const reader = response.body?.getReader();
+    res.on('close', () => void reader?.cancel().catch(() => {}));
+    try {
+      for (let chunk = await reader?.read(); chunk && !chunk.done; chunk = await reader?.read()) res.write(chunk.value);
+      res.end();
+    } catch {
+      res.destroy(); // the stream failed: drop the connection, as a crashing server or a broken network does
+    }
+  }
+
+  private async respond(request: globalThis.Request, namespace: string | undefined): Promise<Response> {
+    const query = Object.fromEntries(new URL(request.url).searchParams);
+    const verb = query.watch === 'true' ? 'watch' : 'list';
+    this.requests.push({ verb, namespace, query });
+    wake();
+    if (request.headers.get('authorization') !== `Bearer ${TOKEN}`) return statusResponse(401, 'Unauthorized', 'Unauthorized');
+    const fault = this.faults.shift();
+    if (fault) return fault;
+    if (!this.crdInstalled) return statusResponse(404, 'NotFound', 'the server could not find the requested resource');
+    if (this.forbidden) {
+      return statusResponse(403, 'Forbidden', `books.example.technosophos.com is forbidden: User "system:serviceaccount:default:reader" ` +
+        `cannot ${verb} resource "books" in API group "example.technosophos.com" in the namespace "${namespace}"`);
+    }
+    if (verb === 'list') return this.list(namespace, query);
+    if (this.held) await new Promise<void>((resolve) => this.held?.push(resolve));
+    return this.watch(namespace, query);
+  }
+
+  private list(namespace: string | undefined, query: Record<string, string>): Response {
+    let items = [...this.books.values()].filter((book) => !namespace || book.metadata.namespace === namespace);
+    if (query.continue) {
+      const rest = this.expireNextContinueToken ? undefined : this.continueTokens.get(query.continue);
+      this.expireNextContinueToken = false;
+      if (!rest) {
+        return statusResponse(410, 'Expired', 'The provided continue parameter is too old to display a consistent list result. ' +
+          'You can start a new list without the continue parameter.');
+      }
+      items = rest;
+    }
+    const limit = Number(query.limit) || items.length;
+    const metadata: { resourceVersion: string; continue?: string } = { resourceVersion: String(this.resourceVersion) };
+    if (items.length > limit) {
+      metadata.continue = `token-${this.continueTokens.size}`;
+      this.continueTokens.set(metadata.continue, items.slice(limit));
+    }
+    return HttpResponse.json({ apiVersion: GROUP_VERSION, kind: 'BookList', metadata, items: items.slice(0, limit) });
+  }
+
+  private watch(namespace: string | undefined, query: Record<string, string>): Response {
+    const from = Number(query.resourceVersion);
+    if (from < this.oldestWatchable) {
+      const gone = status(410, 'Expired', `too old resource version: ${from} (${this.oldestWatchable})`);
+      if (this.goneAsHttp) return HttpResponse.json(gone, { status: 410 });
+      return new Response(JSON.stringify({ type: 'ERROR', object: gone }) + '\n');
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const encoder = new TextEncoder();
+    const watches = this.watches;
+    let watch: OpenWatch | undefined;
+    const forget = () => (watch && watches.delete(watch), clearTimeout(timer), watch = undefined);
+    const body = new ReadableStream<Uint8Array>({
+      start: (stream) => {
+        watch = {
+          namespace,
+          bookmarks: query.allowWatchBookmarks === 'true',
+          send: (text) => {
+            const bytes = encoder.encode(text);
+            for (let at = 0; at < bytes.length; at += this.chunkBytes) stream.enqueue(bytes.slice(at, at + this.chunkBytes));
+          },
+          end: () => (forget(), stream.close()),
+          drop: () => (forget(), stream.error(new Error('dropped'))),
+        };
+        if (this.stallWatches) return; // accepted, then silence: a half-open connection
+        watch.send(this.history.filter((e) => e.resourceVersion > from && (!namespace || e.namespace === namespace))
+          .map((e) => e.line).join(''));
+        watches.add(watch);
+        timer = setTimeout(watch.end, Number(query.timeoutSeconds) * 1000);
+      },
+      cancel: forget, // the client went away
+    });
+    return new Response(body, { headers: { 'Content-Type': 'application/json' } });
+  }
+
+  private record(type: 'ADDED' | 'MODIFIED' | 'DELETED', book: StoredBook) {
+    const line = JSON.stringify({ type, object: book }) + '\n';
+    this.history.push({ resourceVersion: Number(book.metadata.resourceVersion), namespace: book.metadata.namespace, line });
+    for (const watch of this.watches) if (!watch.namespace || watch.namespace === book.metadata.namespace) watch.send(line);
+  }
+
+  // What a test does to the cluster.
+  create(name: string, spec: Spec, namespace = 'default') {
+    const book: StoredBook = {
+      apiVersion: GROUP_VERSION,
+      kind: 'Book',
+      metadata: { name, namespace, resourceVersion: String(++this.resourceVersion), uid: `uid-${name}` },
+      spec,
+    };
+    this.books.set(`${namespace}/${name}`, book);
+    this.record('ADDED', book);
+  }
+  update(name: string, spec: Spec, namespace = 'default') {
+    const before = this.books.get(`${namespace}/${name}`);
+    assert.ok(before, `no book ${name}`);
+    const book = { ...before, metadata: { ...before.metadata, resourceVersion: String(++this.resourceVersion) }, spec };
+    this.books.set(`${namespace}/${name}`, book);
+    this.record('MODIFIED', book);
+  }
+  remove(name: string, namespace = 'default') {
+    const before = this.books.get(`${namespace}/${name}`);
+    assert.ok(before, `no book ${name}`);
+    this.books.delete(`${namespace}/${name}`);
+    this.record('DELETED', { ...before, metadata: { ...before.metadata, resourceVersion: String(++this.resourceVersion) } });
+  }
+  /** Other resources changed: the cluster's resourceVersion moves on, with no book event. */
+  advance(by: number) {
+    this.resourceVersion += by;
+  }
+  /** etcd compaction: the history up to now is gone. */
+  compact() {
+    this.oldestWatchable = this.resourceVersion;
+  }
+  bookmark() {
+    const line = JSON.stringify({ type: 'BOOKMARK', object: { kind: 'Book', apiVersion: GROUP_VERSION, metadata: { resourceVersion: String(this.resourceVersion) } } });
+    for (const watch of this.watches) if (watch.bookmarks) watch.send(line + '\n');
+  }
+  /** Writes raw text into every open watch stream. */
+  sendRaw(text: string) {
+    this.watches.forEach((watch) => watch.send(text));
+  }
+  /** Ends every open watch cleanly, as the server does at timeoutSeconds. */
+  endWatches() {
+    this.watches.forEach((watch) => watch.end());
+  }
+  /** Creates a book, but every open watch breaks off in the middle of its event. */
+  createAndDropMidEvent(name: string, spec: Spec) {
+    const open = [...this.watches];
+    this.watches.clear();
+    this.create(name, spec);
+    const line = this.history.at(-1)?.line ?? '';
+    for (const watch of open) {
+      watch.send(line.slice(0, line.length / 2));
+      watch.drop();
+    }
+  }
+  /** The next request gets this error response instead. */
+  failNext(code: number, reason: string, message: string, headers?: Record<string, string>) {
+    this.faults.push(statusResponse(code, reason, message, headers));
+  }
+  /** Watch requests wait (a slow server) until release(). */
+  hold() {
+    this.held = [];
+  }
+  release() {
+    const held = this.held ?? [];
+    this.held = undefined;
+    held.forEach((resolve) => resolve());
+  }
+  get resourceVersionNow() {
+    return String(this.resourceVersion);
+  }
+  watchRequests() {
+    return this.requests.filter((r) => r.verb === 'watch');
+  }
+  listRequests() {
+    return this.requests.filter((r) => r.verb === 'list');
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the controller in this process, against the fake, through its own main().
+
+let fake: FakeApiServer;
+const running: { stop: AbortController; exited: Promise<unknown> }[] = [];
+
+function writeKubeconfig(options: { server?: string; namespace?: string; token?: string } = {}) {
+  const file = join(mkdtempSync(join(tmpdir(), 'book-controller-')), 'kubeconfig');
+  writeFileSync(file, JSON.stringify({
+    apiVersion: 'v1',
+    kind: 'Config',
+    clusters: [{ name: 'fake', cluster: { server: options.server ?? fake.url, 'certificate-authority-data': btoa(CA_CERT) } }],
+    users: [{ name: 'reader', user: { token: options.token ?? TOKEN } }],
+    contexts: [{ name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: options.namespace } }],
+    'current-context': 'fake',
+  }));
+  process.env.KUBECONFIG = file;
+}
+
+function start(args: string[] = []) {
+  const stop = new AbortController();
+  const exited = main(args, stop.signal);
+  running.push({ stop, exited });
+  return { stop: () => (stop.abort(), exited) };
+}
+
+/** Runs listAndWatch with a handler of the test's own, configured as main would be. */
+async function startWith(handler: Handler) {
+  const config = await loadConfig([]);
+  assert.equal(typeof config, 'object');
+  const stop = new AbortController();
+  const exited = listAndWatch(config as Config, handler, stop.signal);
+  running.push({ stop, exited });
+  return { stop: () => (stop.abort(), exited) };
+}
+
+const added = (name: string, title: string) => `Added a book ${name} with title '${title}'`;
+const modified = (name: string, title: string) => `Modified a book ${name} with title '${title}'`;
+const deleted = (name: string) => `Deleted a book ${name}`;
+const MOBY_DICK = { title: 'Moby Dick', authors: ['Herman Melville'] };
+
+beforeEach(async () => {
+  stdout = [];
+  stderr = [];
+  console.log = lineIn(stdout);
+  console.error = lineIn(stderr);
+  fake = await new FakeApiServer().listen();
+  writeKubeconfig();
+});
+
+afterEach(async () => {
+  for (const { stop, exited } of running.splice(0)) {
+    stop.abort();
+    await exited;
+  }
+  fake.close();
+  waiters.clear();
+  Object.assign(console, realConsole);
+});
+
+// ---------------------------------------------------------------------------------------------
+
+describe('the seed walkthrough', () => {
+  test('prints the listed book, then an add, a modify and a delete, and nothing on stderr', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until(() => stdout.length === 1);
+    fake.create('hamlet', { title: 'Hamlet', authors: ['William Shakespeare'] });
+    fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] });
+    fake.remove('moby-dick');
+    await until(() => stdout.length === 4);
+    assert.equal(await controller.stop(), 0);
+
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      added('hamlet', 'Hamlet'),
+      modified('moby-dick', 'Moby-Dick; or, The Whale'),
+      deleted('moby-dick'),
+    ]);
+    assert.deepEqual(stderr, []);
+    // One list in pages, then a watch from the list's resourceVersion asking for bookmarks and a timeout.
+    assert.deepEqual(fake.requests[0], { verb: 'list', namespace: 'default', query: { limit: '500' } });
+    assert.deepEqual(fake.requests[1], {
+      verb: 'watch',
+      namespace: 'default',
+      query: { watch: 'true', resourceVersion: '9997', allowWatchBookmarks: 'true', timeoutSeconds: '300' },
+    });
+  });
+});
+
+describe('reading the watch stream', () => {
+  for (const chunkBytes of [1, 7, Infinity]) {
+    const how = chunkBytes === Infinity ? 'all events in one chunk' : `cut every ${chunkBytes} byte(s)`;
+    test(`decodes a stream ${how}, even inside '白鯨' and an emoji`, async () => {
+      fake.chunkBytes = chunkBytes;
+      fake.hold(); // so the three events reach the watch together, as one replay
+      const controller = start();
+      await until(() => fake.watchRequests().length === 1);
+      fake.create('baijing', { title: '白鯨', authors: ['赫尔曼·梅尔维尔'] });
+      fake.create('emoji', { title: 'Moby Dick 🐋📚' });
+      fake.update('baijing', { title: '白鯨記' });
+      fake.release();
+      await until(() => stdout.length === 3);
+      await controller.stop();
+      assert.deepEqual(stdout, [added('baijing', '白鯨'), added('emoji', 'Moby Dick 🐋📚'), modified('baijing', '白鯨記')]);
+      assert.deepEqual(stderr, []);
+    });
+  }
+
+  test('reports a line that is not JSON and resumes from the last good resourceVersion', async () => {
+    const controller = start();
+    await until(() => fake.watchRequests().length === 1);
+    fake.create('moby-dick', MOBY_DICK);
+    await until(() => stdout.length === 1);
+    const lastGood = fake.resourceVersionNow;
+    fake.sendRaw('{"type":"ADDED","object":{"metadata":<html>\n');
+    await until(() => fake.watchRequests().length === 2);
+    fake.create('hamlet', { title: 'Hamlet' });
+    await until(() => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+    assert.equal(stderr.length, 1);
+    assert.match(stderr[0] ?? '', /^the watch sent a line that is not JSON: \{"type":"ADDED".*retrying in \d+\.\ds$/);
+    assert.equal(fake.watchRequests()[1]?.query.resourceVersion, lastGood);
+    assert.equal(fake.listRequests().length, 1);
+  });
+
+  test('skips a book that fails the check, with a stderr line naming it, and keeps watching', async () => {
+    fake.create('no-title', { authors: ['Anonymous'] });
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until(() => stdout.length === 1 && stderr.length === 1);
+    fake.update('no-title', { title: 42 });
+    fake.create('bad-authors', { title: 'Beowulf', authors: 'unknown' });
+    await until(() => stderr.length === 3);
+    fake.update('no-title', { title: 'The Cloud of Unknowing' }); // fixed: news to the handler, so Added
+    await until(() => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('no-title', 'The Cloud of Unknowing')]);
+    assert.deepEqual(stderr, [
+      'ignoring book no-title: spec.title is not a string — fix it with kubectl edit book no-title',
+      'ignoring book no-title: spec.title is not a string — fix it with kubectl edit book no-title',
+      'ignoring book bad-authors: spec.authors is not a list of strings — fix it with kubectl edit book bad-authors',
+    ]);
+  });
+});
+
+describe('resuming and relisting', () => {
+  test('resumes a watch dropped mid-event from the last resourceVersion, without relisting or repeating', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until(() => fake.watchRequests().length === 1);
+    fake.create('hamlet', { title: 'Hamlet' });
+    await until(() => stdout.length === 2);
+    const lastSeen = fake.resourceVersionNow;
+    fake.createAndDropMidEvent('beowulf', { title: 'Beowulf' });
+    await until(() => stdout.length === 3);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet'), added('beowulf', 'Beowulf')]);
+    assert.deepEqual(fake.watchRequests().map((r) => r.query.resourceVersion), ['9997', lastSeen]);
+    assert.equal(fake.listRequests().length, 1);
+    assert.equal(stderr.length, 1); // the broken connection, once, with the retry
+    assert.match(stderr[0] ?? '', /retrying in \d+\.\ds/);
+  });
+
+  test('resumes at once, quietly, when the server ends the watch at its timeout', async () => {
+    const controller = start(['--watch-timeout', '1']);
+    await until(() => fake.watchRequests().length === 1);
+    fake.create('moby-dick', MOBY_DICK); // the server will end this watch after a second
+    await until(() => fake.watchRequests().length === 2);
+    fake.create('hamlet', { title: 'Hamlet' });
+    await until(() => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+    assert.deepEqual(stderr, []);
+    assert.equal(fake.listRequests().length, 1);
+    assert.equal(fake.watchRequests()[0]?.query.timeoutSeconds, '1');
+  });
+
+  test('moves the resume point with bookmarks, and prints nothing for them', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until(() => fake.watchRequests().length === 1);
+    fake.advance(5); // other resources change; no book event carries the new resourceVersion
+    fake.bookmark();
+    const bookmarked = fake.resourceVersionNow;
+    fake.compact(); // so that resuming from the list's resourceVersion would cost a relist
+    fake.endWatches();
+    await until(() => fake.watchRequests().length === 2);
+    fake.create('hamlet', { title: 'Hamlet' });
+    await until(() => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+    assert.deepEqual(fake.watchRequests().map((r) => r.query.resourceVersion), ['9997', bookmarked]);
+    assert.equal(fake.listRequests().length, 1);
+    assert.deepEqual(stderr, []);
+  });
+
+  for (const form of ['an ERROR event', 'HTTP 410'] as const) {
+    test(`relists after 410 Gone as ${form} and prints exactly the gap: deletes, adds and modifies`, async () => {
+      fake.goneAsHttp = form === 'HTTP 410';
+      for (const name of ['a', 'b', 'c']) fake.create(name, { title: name.toUpperCase() });
+      const controller = start();
+      await until(() => fake.watchRequests().length === 1 && stdout.length === 3);
+      fake.hold(); // the controller's next watch waits while the cluster changes and compacts
+      fake.bookmark();
+      fake.endWatches();
+      await until(() => fake.watchRequests().length === 2);
+      fake.remove('a');
+      fake.update('b', { title: 'B, second edition' });
+      fake.create('d', { title: 'D' });
+      fake.compact();
+      fake.release();
+      await until(() => stdout.length === 6);
+      fake.create('e', { title: 'E' }); // and the new watch carries on from the new list
+      await until(() => stdout.length === 7);
+      await controller.stop();
+      assert.deepEqual(stdout.slice(3), [modified('b', 'B, second edition'), added('d', 'D'), deleted('a'), added('e', 'E')]);
+      assert.deepEqual(stderr, []); // a 410 is routine
+      assert.deepEqual(fake.requests.map((r) => r.verb), ['list', 'watch', 'watch', 'list', 'watch']);
+    });
+  }
+
+  test('lists in pages of 500 following continue, and starts over when a continue token expires', async () => {
+    for (let i = 0; i < 1200; i++) fake.create(`book-${i}`, { title: `Book ${i}` });
+    fake.expireNextContinueToken = true;
+    const controller = start();
+    await until(() => fake.watchRequests().length === 1);
+    await controller.stop();
+    assert.equal(stdout.length, 1200);
+    assert.equal(new Set(stdout).size, 1200); // each book once, though its page was listed twice
+    assert.equal(stdout[1199], added('book-1199', 'Book 1199'));
+    assert.deepEqual(fake.listRequests().map((r) => r.query), [
+      { limit: '500' },
+      { limit: '500', continue: 'token-0' }, // 410 Expired
+      { limit: '500' },
+      { limit: '500', continue: 'token-1' },
+      { limit: '500', continue: 'token-2' },
+    ]);
+    assert.deepEqual(stderr, []);
+  });
+
+  test('abandons a watch that sends nothing past its timeout, and resumes it', { timeout: 20_000 }, async () => {
+    fake.stallWatches = true;
+    const controller = start(['--watch-timeout', '1']);
+    await until(() => fake.watchRequests().length === 1);
+    fake.stallWatches = false;
+    await until(() => fake.watchRequests().length === 2);
+    fake.create('moby-dick', MOBY_DICK);
+    await until(() => stdout.length === 1);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
+    assert.equal(stderr.length, 1);
+    assert.match(stderr[0] ?? '', /^the watch sent nothing for 6s \(https:\/\/127\.0\.0\.1:\d+\); retrying in \d+\.\ds$/);
+    assert.equal(fake.listRequests().length, 1);
+  });
+
+  test('an ERROR event other than 410 backs off and resumes from the same resourceVersion, without relisting', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until(() => fake.watchRequests().length === 1);
+    fake.sendRaw(JSON.stringify({ type: 'ERROR', object: status(500, 'InternalError', 'etcdserver: leader changed') }) + '\n');
+    await until(() => fake.watchRequests().length === 2);
+    await controller.stop();
+    assert.deepEqual(fake.watchRequests().map((r) => r.query.resourceVersion), ['9997', '9997']);
+    assert.equal(fake.listRequests().length, 1);
+    assert.match(stderr[0] ?? '', /failed to watch books \(500: etcdserver: leader changed\); retrying in \d+\.\ds$/);
+  });
+});
+
+describe('errors a user will meet: one stderr line, cause then fix', () => {
+  test('401: the credentials', async () => {
+    writeKubeconfig({ token: 'expired' });
+    const controller = start();
+    await until(() => stderr.length === 1);
+    await controller.stop();
+    assert.match(stderr[0] ?? '', /^https:\/\/127\.0\.0\.1:\d+ does not accept our credentials \(401 Unauthorized\); retrying in \d+\.\ds — refresh them in your kubeconfig/);
+  });
+
+  test('403: names the verb and the resource to grant', async () => {
+    fake.forbidden = true;
+    const controller = start(['-n', 'library']);
+    await until(() => stderr.length === 1);
+    await controller.stop();
+    assert.match(stderr[0] ?? '', /^not allowed to list books in namespace library \(403: .*cannot list resource "books".*\); retrying in \d+\.\ds — grant list and watch on books\.example\.technosophos\.com \(kubectl auth can-i list books\.example\.technosophos\.com -n library\)$/);
+  });
+
+  test('404: the CRD is missing; once installed, the controller picks it up without a restart', async () => {
+    fake.crdInstalled = false;
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until(() => stderr.length === 1);
+    fake.crdInstalled = true;
+    await until(() => stdout.length === 1);
+    await controller.stop();
+    assert.match(stderr[0] ?? '', /^the Book CRD is not installed on https:\/\/127\.0\.0\.1:\d+ \(404: .*\); retrying in \d+\.\ds — kubectl apply -f crd\.yaml$/);
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
+  });
+
+  test('429: waits the Retry-After the server asked for', async () => {
+    fake.failNext(429, 'TooManyRequests', 'the server has received too many requests and has asked us to try again later', { 'Retry-After': '1' });
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until(() => stdout.length === 1);
+    await controller.stop();
+    assert.deepEqual(stderr, [`${fake.url} is busy (429: the server has received too many requests and has asked us to try again later); retrying in 1.0s`]);
+  });
+
+  test('500 on the list: backs off and retries', async () => {
+    fake.failNext(500, 'InternalError', 'etcdserver: request timed out');
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until(() => stdout.length === 1);
+    await controller.stop();
+    assert.equal(stderr.length, 1);
+    assert.match(stderr[0] ?? '', /failed to list books \(500: etcdserver: request timed out\); retrying in 0\.\ds$/);
+  });
+
+  test('server unreachable: names the server URL', async () => {
+    writeKubeconfig({ server: 'https://127.0.0.1:1' });
+    const controller = start();
+    await until(() => stderr.length === 2);
+    await controller.stop();
+    assert.match(stderr[0] ?? '', /^cannot reach https:\/\/127\.0\.0\.1:1 \(ECONNREFUSED\); retrying in 0\.\ds — is the cluster running\? \(kubectl cluster-info\)$/);
+    assert.match(stderr[1] ?? '', /retrying in [01]\.\ds/); // the second wait is longer: backoff
+  });
+
+  test('no kubeconfig at all: says so, and how to get one', async () => {
+    writeKubeconfig();
+    process.env.KUBECONFIG = join(tmpdir(), 'no-such-dir', 'kubeconfig');
+    assert.equal(await main([], new AbortController().signal), 1);
+    assert.match(stderr[0] ?? '', /^cannot load the kubeconfig: ENOENT.* — check KUBECONFIG or ~\/\.kube\/config$/);
+  });
+});
+
+describe('the handler', () => {
+  test('is awaited one event at a time, in order, and one that throws is reported while the watch goes on', async () => {
+    const calls: string[] = [];
+    const controller = await startWith(async (event, book, name) => {
+      calls.push(`start ${event} ${name}`);
+      await new Promise((resolve) => setImmediate(resolve)); // the reader's reconcile, taking its time
+      if (name === 'cursed') throw new Error('the ink is wet');
+      calls.push(`end ${event} ${name}`);
+      await handle(event, book, name);
+    });
+    for (const name of ['a', 'cursed', 'b']) fake.create(name, { title: name });
+    await until(() => stdout.length === 2);
+    fake.update('a', { title: 'A2' });
+    fake.remove('a');
+    await until(() => stdout.length === 4);
+    await controller.stop();
+    assert.deepEqual(calls, [
+      'start Added a', 'end Added a',
+      'start Added cursed',
+      'start Added b', 'end Added b',
+      'start Modified a', 'end Modified a',
+      'start Deleted a', 'end Deleted a',
+    ]);
+    assert.deepEqual(stderr, ['the handler failed on book cursed: the ink is wet']);
+  });
+});
+
+describe('flags and shutdown', () => {
+  test('-A watches every namespace and names books NAMESPACE/NAME', async () => {
+    fake.create('moby-dick', MOBY_DICK, 'library');
+    fake.create('hamlet', { title: 'Hamlet' }, 'theatre');
+    const controller = start(['-A']);
+    await until(() => stdout.length === 2);
+    fake.remove('hamlet', 'theatre');
+    await until(() => stdout.length === 3);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('library/moby-dick', 'Moby Dick'), added('theatre/hamlet', 'Hamlet'), deleted('theatre/hamlet')]);
+    assert.ok(fake.requests.every((r) => r.namespace === undefined));
+  });
+
+  test('the namespace comes from -n, else the kubeconfig context, else "default"', async () => {
+    writeKubeconfig({ namespace: 'library' });
+    fake.create('moby-dick', MOBY_DICK, 'library');
+    fake.create('hamlet', { title: 'Hamlet' }, 'theatre');
+    let controller = start();
+    await until(() => stdout.length === 1);
+    await controller.stop();
+    controller = start(['--namespace', 'theatre']);
+    await until(() => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+    assert.deepEqual(fake.listRequests().map((r) => r.namespace), ['library', 'theatre']);
+  });
+
+  test('--help prints the flags; a bad flag exits 2 with one line', async () => {
+    assert.equal(await main(['--help'], new AbortController().signal), 0);
+    for (const flag of ['--namespace', '--all-namespaces', '--watch-timeout', '--help']) assert.ok(stdout.join('\n').includes(flag), flag);
+    assert.equal(await main(['--colour'], new AbortController().signal), 2);
+    assert.equal(await main(['--watch-timeout', 'soon'], new AbortController().signal), 2);
+    assert.equal(stderr.length, 2);
+    assert.match(stderr[0] ?? '', /^Unknown option '--colour'.* — see --help$/);
+    assert.equal(stderr[1], "--watch-timeout takes a whole number of seconds, not 'soon' — see --help");
+  });
+
+  test('stops promptly when asked, while watching and while waiting to retry', async () => {
+    let controller = start();
+    await until(() => fake.watchRequests().length === 1);
+    assert.equal(await controller.stop(), 0);
+    fake.failNext(429, 'TooManyRequests', 'slow down', { 'Retry-After': '3600' });
+    controller = start();
+    await until(() => stderr.length === 1);
+    assert.equal(await controller.stop(), 0); // not an hour later: the test would time out
+  });
+});
+
+describe('checkBook', () => {
+  test('accepts a book with a title and optional authors, and says what is wrong otherwise', () => {
+    const metadata = { name: 'm', resourceVersion: '1' };
+    const book: Book = { metadata, spec: { title: 'Moby Dick', authors: ['Herman Melville'] } };
+    assert.equal(checkBook(book), book);
+    assert.equal(checkBook({ metadata, spec: { title: 'Anonymous' } }).constructor, Object);
+    assert.equal(checkBook({ metadata }), 'it has no spec');
+    assert.equal(checkBook({ metadata, spec: { authors: [] } }), 'spec.title is not a string');
+    assert.equal(checkBook({ metadata, spec: { title: 'x', authors: [1] } }), 'spec.authors is not a list of strings');
+    assert.equal(checkBook(null), 'it has no metadata');
+  });
+});
