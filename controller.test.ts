@@ -10,10 +10,12 @@
 //   bun test controller.test.ts               (Bun)
 
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import * as https from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { getResponse, http, HttpResponse } from 'msw';
 import { checkBook, handle, listAndWatch, loadConfig, main, type Book, type Config, type Handler } from './controller.ts';
@@ -742,4 +744,36 @@ describe('checkBook', () => {
     assert.equal(checkBook({ metadata, spec: { title: 'x', authors: [1] } }), 'spec.authors is not a list of strings');
     assert.equal(checkBook(null), 'it has no metadata');
   });
+});
+
+describe('as a program, on this runtime', () => {
+  // How a user starts it here: npx tsx controller.ts (Node), deno run …, bun controller.ts.
+  const command = process.versions.deno
+    ? [process.execPath, 'run', '--allow-env', '--allow-read', '--allow-net', 'controller.ts']
+    : process.versions.bun
+      ? [process.execPath, 'controller.ts']
+      : [process.execPath, fileURLToPath(import.meta.resolve('tsx/cli')), 'controller.ts'];
+
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, { timeout: 30_000 }, async () => {
+      fake.create('moby-dick', MOBY_DICK);
+      const [program = '', ...args] = command;
+      const child = spawn(program, args, { cwd: fileURLToPath(new URL('.', import.meta.url)), env: process.env });
+      const out: string[] = [];
+      const err: string[] = [];
+      child.stdout.setEncoding('utf8').on('data', (text: string) => (out.push(...text.split('\n').filter(Boolean)), wake()));
+      child.stderr.setEncoding('utf8').on('data', (text: string) => (err.push(text), wake()));
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+      await until(() => out.length === 1);
+      fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale' });
+      fake.remove('moby-dick');
+      await until(() => out.length === 3);
+      const signalled = Date.now();
+      process.kill(child.pid ?? 0, signal); // not child.kill(): Deno then reports the signal, not the exit code
+      assert.equal(await exited, 0);
+      assert.ok(Date.now() - signalled < 1000, `exited ${Date.now() - signalled} ms after ${signal}`);
+      assert.deepEqual(out, [added('moby-dick', 'Moby Dick'), modified('moby-dick', 'Moby-Dick; or, The Whale'), deleted('moby-dick')]);
+      assert.deepEqual(err, []);
+    });
+  }
 });
