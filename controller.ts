@@ -15,7 +15,6 @@
 
 import * as http from 'node:http';
 import * as https from 'node:https';
-import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -40,29 +39,19 @@ export function checkBook(object: unknown): Book | string {
   if (typeof spec !== 'object' || spec === null) return 'it has no spec';
   if (typeof spec.title !== 'string') return 'spec.title is not a string';
   const { authors } = spec;
-  if (authors !== undefined && !(Array.isArray(authors) && authors.every((a) => typeof a === 'string'))) {
-    return 'spec.authors is not a list of strings';
-  }
+  const authorsOk = authors === undefined || (Array.isArray(authors) && authors.every((a) => typeof a === 'string'));
+  if (!authorsOk) return 'spec.authors is not a list of strings';
   return object as Book;
 }
 
+interface BookList { metadata: { resourceVersion: string; continue?: string }; items: unknown[] | null }
+
 // A watch stream is one of these per line. The object is a Book for ADDED/MODIFIED/DELETED,
 // only metadata.resourceVersion for BOOKMARK, and a Status for ERROR.
-interface WatchEvent {
-  type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK' | 'ERROR';
-  object: unknown;
-}
-
-interface BookList {
-  metadata: { resourceVersion: string; continue?: string };
-  items: unknown[] | null;
-}
+interface WatchEvent { type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK' | 'ERROR'; object: unknown }
 
 /** The body of every API error response, and the object of an ERROR event. */
-interface Status {
-  code?: number;
-  message?: string;
-}
+interface Status { code?: number; message?: string }
 
 // ---------------------------------------------------------------------------------------------
 // Configuration: the cluster from the kubeconfig, the rest from flags.
@@ -87,7 +76,7 @@ Options:
 The cluster and credentials come from KUBECONFIG, ~/.kube/config or the pod's service account.`;
 
 // client-node's HTTP stack (undici) needs Node 22.19; Deno and Bun bring their own.
-const NODE_NEEDED = [22, 19];
+const NODE_NEEDED = '22.19';
 
 export async function loadConfig(args: string[]): Promise<Config | number> {
   const { values: flags } = parseArgs({
@@ -105,14 +94,12 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
   }
   const watchTimeoutSeconds = Number(flags['watch-timeout']);
   if (!Number.isInteger(watchTimeoutSeconds) || watchTimeoutSeconds < 1) {
-    console.error(`--watch-timeout takes a whole number of seconds, not '${flags['watch-timeout']}' — see --help`);
-    return 2;
+    return fail(2, `--watch-timeout takes a whole number of seconds, not '${flags['watch-timeout']}' — see --help`);
   }
-  const [major = 0, minor = 0] = process.versions.node.split('.').map(Number);
-  if (!process.versions.bun && !process.versions.deno && major * 100 + minor < NODE_NEEDED[0] * 100 + NODE_NEEDED[1]) {
-    console.error(`this controller needs Node ${NODE_NEEDED.join('.')} or newer, and this is Node ${process.versions.node}: ` +
+  const { node, bun, deno } = process.versions;
+  if (!bun && !deno && node.localeCompare(NODE_NEEDED, 'en', { numeric: true }) < 0) {
+    return fail(1, `this controller needs Node ${NODE_NEEDED} or newer, and this is Node ${node}: ` +
       'run it with npx -y -p node@24 tsx controller.ts, or install Node 24 (nvm install 24)');
-    return 1;
   }
   // Imported here, after the check, so that an old Node gets the line above instead of a crash inside undici.
   const { KubeConfig } = await import('@kubernetes/client-node');
@@ -120,8 +107,7 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
   try {
     kubeConfig.loadFromDefault(); // KUBECONFIG, ~/.kube/config, or the in-cluster service account
   } catch (err) {
-    console.error(`cannot load the kubeconfig: ${messageOf(err)} — check KUBECONFIG or ~/.kube/config`);
-    return 1;
+    return fail(1, `cannot load the kubeconfig: ${messageOf(err)} — check KUBECONFIG or ~/.kube/config`);
   }
   const context = kubeConfig.getContextObject(kubeConfig.getCurrentContext());
   return {
@@ -135,18 +121,11 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
 // ---------------------------------------------------------------------------------------------
 // List and watch: plain GETs over node:https, with the kubeconfig's CA and credentials.
 
-/** An HTTP error from the API server, or an ERROR event in a watch: its Status, and what we were doing. */
-class ApiError extends Error {
-  code: number;
-  verb: string;
-  retryAfterSeconds: number;
-  constructor(code: number, message: string, verb: string, retryAfterSeconds = 0) {
-    super(message);
-    this.code = code;
-    this.verb = verb;
-    this.retryAfterSeconds = retryAfterSeconds;
-  }
-}
+/** An error response from the API server, or an ERROR event in a watch: its HTTP code and Status message. */
+type ApiError = Error & { code: number; verb: 'list' | 'watch'; retryAfterSeconds: number };
+const apiError = (code: number, message: string, verb: ApiError['verb'], retryAfterSeconds = 0): ApiError =>
+  Object.assign(new Error(message), { code, verb, retryAfterSeconds });
+const isApiError = (err: unknown): err is ApiError => typeof (err as ApiError)?.code === 'number'; // network errors have string codes
 
 async function get(config: Config, verb: 'list' | 'watch', query: URLSearchParams, signal: AbortSignal) {
   const namespace = config.namespace ? `/namespaces/${config.namespace}` : '';
@@ -160,7 +139,7 @@ async function get(config: Config, verb: 'list' | 'watch', query: URLSearchParam
   const body = await readAll(response);
   const status: Status = body.startsWith('{') ? JSON.parse(body) : { message: body };
   const retryAfter = Number(response.headers['retry-after']) || 0;
-  throw new ApiError(response.statusCode ?? 0, status.message ?? `HTTP ${response.statusCode}`, verb, retryAfter);
+  throw apiError(response.statusCode ?? 0, status.message ?? `HTTP ${response.statusCode}`, verb, retryAfter);
 }
 
 async function readAll(response: http.IncomingMessage): Promise<string> {
@@ -183,12 +162,10 @@ async function listBooks(config: Config, signal: AbortSignal, onBook: (object: u
 
 /** Watches books changed after `resourceVersion`, yielding each event; returns when the server ends the stream. */
 async function* watchBooks(config: Config, resourceVersion: string, signal: AbortSignal): AsyncGenerator<WatchEvent> {
-  const query = new URLSearchParams({
-    watch: 'true',
-    resourceVersion,
-    allowWatchBookmarks: 'true', // so an idle watch still learns new resourceVersions to resume from
-    timeoutSeconds: String(config.watchTimeoutSeconds), // the server ends the watch then; we resume
-  });
+  // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At timeoutSeconds
+  // the server ends the watch, and we resume: a connection is never trusted for ever.
+  const timeoutSeconds = String(config.watchTimeoutSeconds);
+  const query = new URLSearchParams({ watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds });
   // A half-open connection delivers nothing, forever. The server sends something (at least the end
   // of the stream) within the timeout, so silence for longer than that, plus a grace, means: start over.
   const silenceLimitSeconds = config.watchTimeoutSeconds + 5;
@@ -277,7 +254,7 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
       for await (const event of watchBooks(config, resourceVersion, signal)) {
         if (event.type === 'ERROR') {
           const status = (event.object ?? {}) as Status;
-          throw new ApiError(status.code ?? 500, status.message ?? 'ERROR event', 'watch');
+          throw apiError(status.code ?? 500, status.message ?? 'ERROR event', 'watch');
         }
         if (event.type === 'DELETED') await remove(event.object);
         else if (event.type !== 'BOOKMARK') await upsert(event.object); // a bookmark only moves resourceVersion
@@ -291,7 +268,7 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
       if (signal.aborted) break;
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
       // continue token expired). Only a new list tells what changed meanwhile; it is routine, so quiet.
-      const gone = err instanceof ApiError && err.code === 410;
+      const gone = isApiError(err) && err.code === 410;
       if (gone) resourceVersion = '';
       const delayMs = retryDelayMs(failures++, err);
       if (!gone) console.error(explain(err, config, delayMs));
@@ -302,7 +279,7 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
 
 /** Exponential backoff from ~0.5 s to 30 s with jitter (so that restarted controllers spread out), or what a 429 asked. */
 function retryDelayMs(failures: number, err: unknown): number {
-  if (err instanceof ApiError && err.retryAfterSeconds > 0) return err.retryAfterSeconds * 1000;
+  if (isApiError(err) && err.retryAfterSeconds > 0) return err.retryAfterSeconds * 1000;
   const ceiling = Math.min(30_000, 500 * 2 ** failures);
   return ceiling / 2 + (Math.random() * ceiling) / 2;
 }
@@ -316,7 +293,7 @@ function explain(err: unknown, { server, namespace, kubeConfig }: Config, delayM
   if (kubeConfig.getCurrentContext() === 'loaded-context') {
     return `no kubeconfig found (KUBECONFIG, ~/.kube/config or a pod's service account); ${retrying} — set KUBECONFIG, or create a cluster (kind create cluster)`;
   }
-  if (err instanceof ApiError) {
+  if (isApiError(err)) {
     switch (code) {
       case 401: return `${server} does not accept our credentials (401 Unauthorized); ${retrying} — refresh them in your kubeconfig (kubectl auth whoami)`;
       case 403: return `not allowed to ${err.verb} books in ${where} (403: ${err.message}); ${retrying} — ` +
@@ -336,9 +313,8 @@ function explain(err: unknown, { server, namespace, kubeConfig }: Config, delayM
   return `${messageOf(err)} (${server}); ${retrying}`;
 }
 
-function messageOf(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
+const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err));
+const fail = (exitCode: number, message: string) => (console.error(message), exitCode);
 
 // ---------------------------------------------------------------------------------------------
 // The handler: your code goes here.
@@ -357,8 +333,8 @@ export async function handle(event: BookEventType, book: Book, name: string): Pr
     case 'Deleted':
       console.log(`Deleted a book ${name}`);
       break;
-    default:
-      event satisfies never; // a new kind of event must be handled above
+    default: // a new kind of event must be handled above
+      event satisfies never;
   }
 }
 
@@ -371,8 +347,7 @@ export async function main(args: string[], signal: AbortSignal): Promise<number>
   try {
     config = await loadConfig(args);
   } catch (err) {
-    console.error(`${messageOf(err)} — see --help`); // an unknown or malformed flag
-    return 2;
+    return fail(2, `${messageOf(err)} — see --help`); // parseArgs: an unknown or malformed flag
   }
   if (typeof config === 'number') return config;
   await listAndWatch(config, handle, signal);
@@ -380,7 +355,7 @@ export async function main(args: string[], signal: AbortSignal): Promise<number>
 }
 
 // Runs only as the entry point, not when imported by the tests. Node 22 and tsx lack import.meta.main.
-const isEntryPoint = (import.meta as { main?: boolean }).main ?? resolve(process.argv[1] ?? '') === fileURLToPath(import.meta.url);
+const isEntryPoint = (import.meta as { main?: boolean }).main ?? process.argv[1] === fileURLToPath(import.meta.url);
 if (isEntryPoint) {
   const stop = new AbortController();
   process.once('SIGINT', () => stop.abort());
