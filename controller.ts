@@ -9,7 +9,8 @@
 // It resumes a dropped watch where it stopped, relists when the server has forgotten that point,
 // backs off when things fail, and says on stderr what is wrong and what fixes it.
 //
-//   npx tsx controller.ts [-n NAMESPACE | -A] [--watch-timeout SECONDS]     (also: deno, bun)
+//   npx tsx controller.ts [-n NAMESPACE | -A] [--watch-timeout SECONDS]
+//   deno run --allow-env --allow-read --allow-net controller.ts     or     bun controller.ts
 //
 // The protocol it follows: https://kubernetes.io/docs/reference/using-api/api-concepts/
 
@@ -32,23 +33,32 @@ export interface Book {
   spec: { title: string; authors?: string[] };
 }
 
-/** Checks an object from the server once, at the edge: returns it as a Book, or says why it is not one. */
+/**
+ * Checks an object from the server once, at the edge: returns the Book in it, or says why there is none.
+ * It keeps only the fields the type names, so the handler sees what the type promises and the cache stays small.
+ */
 export function checkBook(object: unknown): Book | string {
-  const { metadata, spec } = (object ?? {}) as { metadata?: Partial<Book['metadata']>; spec?: Record<string, unknown> };
-  if (typeof metadata?.name !== 'string' || typeof metadata.resourceVersion !== 'string') return 'it has no metadata';
+  const { metadata, spec } = (object ?? {}) as { metadata?: Record<string, unknown>; spec?: Record<string, unknown> };
+  const { name, namespace, resourceVersion } = metadata ?? {};
+  if (typeof name !== 'string' || typeof resourceVersion !== 'string') return 'it has no metadata';
   if (typeof spec !== 'object' || spec === null) return 'it has no spec';
-  if (typeof spec.title !== 'string') return 'spec.title is not a string';
-  const { authors } = spec;
-  const authorsOk = authors === undefined || (Array.isArray(authors) && authors.every((a) => typeof a === 'string'));
+  const { title, authors } = spec;
+  if (typeof title !== 'string') return 'spec.title is not a string';
+  const authorsOk = authors === undefined || (Array.isArray(authors) && authors.every((a): a is string => typeof a === 'string'));
   if (!authorsOk) return 'spec.authors is not a list of strings';
-  return object as Book;
+  const book: Book = { metadata: { name, resourceVersion }, spec: { title } };
+  if (typeof namespace === 'string') book.metadata.namespace = namespace;
+  if (authors) book.spec.authors = authors;
+  return book;
 }
 
 interface BookList { metadata: { resourceVersion: string; continue?: string }; items: unknown[] | null }
 
-// A watch stream is one of these per line. The object is a Book for ADDED/MODIFIED/DELETED,
-// only metadata.resourceVersion for BOOKMARK, and a Status for ERROR.
-interface WatchEvent { type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK' | 'ERROR'; object: unknown }
+// One line of a watch stream. ADDED, MODIFIED and DELETED carry a book (checkBook decides if it is
+// one), BOOKMARK only a newer resourceVersion, ERROR a Status.
+type WatchEvent =
+  | { type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK'; object: { metadata: { resourceVersion: string } } }
+  | { type: 'ERROR'; object: Status };
 
 /** The body of every API error response, and the object of an ERROR event. */
 interface Status { code?: number; message?: string }
@@ -78,6 +88,7 @@ The cluster and credentials come from KUBECONFIG, ~/.kube/config or the pod's se
 // client-node's HTTP stack (undici) needs Node 22.19; Deno and Bun bring their own.
 const NODE_NEEDED = '22.19';
 
+/** Reads the flags and the kubeconfig; returns the configuration, or the exit code when there is nothing to run. */
 export async function loadConfig(args: string[]): Promise<Config | number> {
   const { values: flags } = parseArgs({
     args,
@@ -110,12 +121,13 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
     return fail(1, `cannot load the kubeconfig: ${messageOf(err)} — check KUBECONFIG or ~/.kube/config`);
   }
   const context = kubeConfig.getContextObject(kubeConfig.getCurrentContext());
-  return {
-    kubeConfig,
-    server: kubeConfig.getCurrentCluster()?.server ?? 'http://localhost:8080',
-    namespace: flags['all-namespaces'] ? undefined : (flags.namespace ?? context?.namespace ?? 'default'),
-    watchTimeoutSeconds,
-  };
+  const server = kubeConfig.getCurrentCluster()?.server;
+  if (!server) {
+    return fail(1, `the kubeconfig's current context '${kubeConfig.getCurrentContext()}' names no cluster` +
+      ' — pick one with kubectl config use-context NAME');
+  }
+  const namespace = flags['all-namespaces'] ? undefined : (flags.namespace ?? context?.namespace ?? 'default');
+  return { kubeConfig, server, namespace, watchTimeoutSeconds };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,15 +137,22 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
 type ApiError = Error & { code: number; verb: 'list' | 'watch'; retryAfterSeconds: number };
 const apiError = (code: number, message: string, verb: ApiError['verb'], retryAfterSeconds = 0): ApiError =>
   Object.assign(new Error(message), { code, verb, retryAfterSeconds });
-const isApiError = (err: unknown): err is ApiError => typeof (err as ApiError)?.code === 'number'; // network errors have string codes
+const isApiError = (err: unknown): err is ApiError => typeof (err as ApiError)?.verb === 'string';
 
 async function get(config: Config, verb: 'list' | 'watch', query: URLSearchParams, signal: AbortSignal) {
   const namespace = config.namespace ? `/namespaces/${config.namespace}` : '';
   const url = new URL(`${config.server.replace(/\/$/, '')}/apis/${GROUP}/${VERSION}${namespace}/${PLURAL}?${query}`);
   const options: https.RequestOptions = { signal, headers: { Accept: 'application/json' } };
   await config.kubeConfig.applyToHTTPSOptions(options); // on every request: exec and OIDC credentials refresh here
+  // client-node's agent closes the connection after each request; the runtime's global agent keeps it
+  // open, sparing a TLS handshake per list page. Only a proxy-url in the kubeconfig needs client-node's.
+  if (!config.kubeConfig.getCurrentCluster()?.proxyUrl) options.agent = undefined;
   const response = await new Promise<http.IncomingMessage>((resolve, reject) =>
     (url.protocol === 'http:' ? http : https).request(url, options, resolve).on('error', reject).end());
+  if (signal.aborted) { // Deno lets a response in after its request was aborted
+    response.destroy();
+    throw signal.reason;
+  }
   response.setEncoding('utf8'); // decodes across chunk boundaries, even inside a multi-byte character
   if (response.statusCode === 200) return response;
   const body = await readAll(response);
@@ -148,30 +167,34 @@ async function readAll(response: http.IncomingMessage): Promise<string> {
   return body;
 }
 
-/** Lists every book, page by page, handing each to `onBook`; returns the list's resourceVersion. */
-async function listBooks(config: Config, signal: AbortSignal, onBook: (object: unknown) => Promise<void>) {
+// A connection can die without a word (a half-open TCP connection). The server always answers within
+// the watch timeout, if only to end the watch, so silence for longer than that, plus a grace, means: start over.
+const silenceLimitSeconds = (config: Config) => config.watchTimeoutSeconds + 5;
+
+/** Lists every book, a page at a time; each page carries the list's resourceVersion. */
+async function* listBooks(config: Config, signal: AbortSignal): AsyncGenerator<BookList> {
   const query = new URLSearchParams({ limit: '500' });
-  for (;;) {
-    const page: BookList = JSON.parse(await readAll(await get(config, 'list', query, signal)));
-    for (const object of page.items ?? []) await onBook(object);
+  do {
+    const silence = AbortSignal.timeout(silenceLimitSeconds(config) * 1000);
+    const body = await get(config, 'list', query, AbortSignal.any([signal, silence])).then(readAll).catch((err) => {
+      throw silence.aborted ? new Error(`the list got no answer in ${silenceLimitSeconds(config)}s`) : err;
+    });
+    const page: BookList = JSON.parse(body);
+    yield page;
     // A continue token expires after a few minutes (HTTP 410): the caller then lists again from scratch.
-    if (!page.metadata.continue) return page.metadata.resourceVersion;
-    query.set('continue', page.metadata.continue);
-  }
+    query.set('continue', page.metadata.continue ?? '');
+  } while (query.get('continue'));
 }
 
-/** Watches books changed after `resourceVersion`, yielding each event; returns when the server ends the stream. */
-async function* watchBooks(config: Config, resourceVersion: string, signal: AbortSignal): AsyncGenerator<WatchEvent> {
+/** Watches books changed after `resourceVersion`, yielding the events of each chunk; returns when the server ends the stream. */
+async function* watchBooks(config: Config, resourceVersion: string, signal: AbortSignal): AsyncGenerator<WatchEvent[]> {
   // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At timeoutSeconds
   // the server ends the watch, and we resume: a connection is never trusted for ever.
   const timeoutSeconds = String(config.watchTimeoutSeconds);
   const query = new URLSearchParams({ watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds });
-  // A half-open connection delivers nothing, forever. The server sends something (at least the end
-  // of the stream) within the timeout, so silence for longer than that, plus a grace, means: start over.
-  const silenceLimitSeconds = config.watchTimeoutSeconds + 5;
   const stalled = new AbortController();
-  const stall = () => stalled.abort(new Error(`the watch sent nothing for ${silenceLimitSeconds}s`));
-  let timer = setTimeout(stall, silenceLimitSeconds * 1000);
+  const stall = () => stalled.abort(new Error(`the watch sent nothing for ${silenceLimitSeconds(config)}s`));
+  let timer = setTimeout(stall, silenceLimitSeconds(config) * 1000);
   let response: http.IncomingMessage | undefined;
   try {
     response = await get(config, 'watch', query, AbortSignal.any([signal, stalled.signal]));
@@ -180,8 +203,8 @@ async function* watchBooks(config: Config, resourceVersion: string, signal: Abor
       clearTimeout(timer); // the clock only runs while we wait for the server, not while the handler works
       const lines = (partial + chunk).split('\n');
       partial = lines.pop() ?? '';
-      for (const line of lines) if (line.trim()) yield parseEvent(line);
-      timer = setTimeout(stall, silenceLimitSeconds * 1000);
+      yield lines.filter((line) => line.trim()).map(parseEvent);
+      timer = setTimeout(stall, silenceLimitSeconds(config) * 1000);
     }
     if (partial.trim()) throw new Error('the watch ended in the middle of an event');
   } catch (err) {
@@ -192,12 +215,17 @@ async function* watchBooks(config: Config, resourceVersion: string, signal: Abor
   }
 }
 
+/** Parses one line of a watch stream, checking what the loop relies on: its type and resourceVersion. */
 function parseEvent(line: string): WatchEvent {
+  let event: { type?: unknown; object?: { metadata?: { resourceVersion?: unknown } } } | null = null;
   try {
-    return JSON.parse(line);
-  } catch {
-    throw new Error(`the watch sent a line that is not JSON: ${line.slice(0, 60)}`);
+    event = JSON.parse(line);
+  } catch {} // reported below
+  const isChange = ['ADDED', 'MODIFIED', 'DELETED', 'BOOKMARK'].includes(String(event?.type));
+  if (event?.type === 'ERROR' || (isChange && typeof event?.object?.metadata?.resourceVersion === 'string')) {
+    return event as WatchEvent;
   }
+  throw new Error(`the watch sent a line that is not a watch event: ${line.slice(0, 60)}`);
 }
 
 export type BookEventType = 'Added' | 'Modified' | 'Deleted';
@@ -217,6 +245,7 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
     return { key: `${namespace}/${name}`, name: config.namespace ? name : `${namespace}/${name}` };
   };
   const tell = async (type: BookEventType, book: Book, name: string) => {
+    signal.throwIfAborted(); // once stopped, not one more call
     try {
       await handle(type, book, name);
     } catch (err) {
@@ -226,7 +255,10 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
   const upsert = async (object: unknown) => {
     const { key, name } = keyOf(object);
     const book = checkBook(object);
-    if (typeof book === 'string') return console.error(`ignoring book ${name}: ${book} — fix it with kubectl edit book ${name}`);
+    if (typeof book === 'string') {
+      console.error(`ignoring book ${name}: ${book} — fix it with kubectl edit book ${name}`);
+      return;
+    }
     const before = known.get(key);
     if (before?.metadata.resourceVersion === book.metadata.resourceVersion) return; // nothing new
     known.set(key, book);
@@ -245,33 +277,43 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
       if (!resourceVersion) {
         // A (re)list: whatever we knew and the list lacks was deleted while we were not watching.
         const listed = new Set<string>();
-        resourceVersion = await listBooks(config, signal, (object) => (listed.add(keyOf(object).key), upsert(object)));
+        let listedAt = '';
+        for await (const page of listBooks(config, signal)) {
+          printTogether();
+          for (const object of page.items ?? []) {
+            listed.add(keyOf(object).key);
+            await upsert(object);
+          }
+          listedAt = page.metadata.resourceVersion;
+        }
         for (const [key, book] of known) if (!listed.has(key)) await remove(book);
-        failures = 0;
+        resourceVersion = listedAt;
       }
       const started = Date.now();
       let events = 0;
-      for await (const event of watchBooks(config, resourceVersion, signal)) {
-        if (event.type === 'ERROR') {
-          const status = (event.object ?? {}) as Status;
-          throw apiError(status.code ?? 500, status.message ?? 'ERROR event', 'watch');
+      for await (const chunk of watchBooks(config, resourceVersion, signal)) {
+        printTogether();
+        for (const event of chunk) {
+          if (event.type === 'ERROR') {
+            throw apiError(event.object.code ?? 500, event.object.message ?? 'ERROR event', 'watch');
+          }
+          if (event.type === 'DELETED') await remove(event.object);
+          else if (event.type !== 'BOOKMARK') await upsert(event.object); // a bookmark only moves resourceVersion
+          resourceVersion = event.object.metadata.resourceVersion;
+          events++;
+          failures = 0;
         }
-        if (event.type === 'DELETED') await remove(event.object);
-        else if (event.type !== 'BOOKMARK') await upsert(event.object); // a bookmark only moves resourceVersion
-        resourceVersion = (event.object as { metadata?: { resourceVersion?: string } })?.metadata?.resourceVersion ?? resourceVersion;
-        events++;
-        failures = 0;
       }
       // The server ended the watch (its timeout): routine, resume at once. Unless it does so at once, every time.
       if (events === 0 && Date.now() - started < 1000) throw new Error('the watch ended at once, without any event');
     } catch (err) {
       if (signal.aborted) break;
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
-      // continue token expired). Only a new list tells what changed meanwhile; it is routine, so quiet.
+      // continue token expired). Only a new list tells what changed meanwhile; once is routine, so quiet.
       const gone = isApiError(err) && err.code === 410;
       if (gone) resourceVersion = '';
       const delayMs = retryDelayMs(failures++, err);
-      if (!gone) console.error(explain(err, config, delayMs));
+      if (!gone || failures > 1) console.error(explain(err, config, delayMs));
       await sleep(delayMs, undefined, { signal }).catch(() => {});
     }
   }
@@ -287,20 +329,28 @@ function retryDelayMs(failures: number, err: unknown): number {
 /** One stderr line: what failed, that we retry, and what would fix it. */
 function explain(err: unknown, { server, namespace, kubeConfig }: Config, delayMs: number): string {
   const retrying = `retrying in ${(delayMs / 1000).toFixed(1)}s`;
-  const where = namespace ? `namespace ${namespace}` : 'all namespaces';
   const code = (err as { code?: unknown })?.code;
   // With nothing to load, client-node falls back to http://localhost:8080 under this context name.
   if (kubeConfig.getCurrentContext() === 'loaded-context') {
-    return `no kubeconfig found (KUBECONFIG, ~/.kube/config or a pod's service account); ${retrying} — set KUBECONFIG, or create a cluster (kind create cluster)`;
+    return `no kubeconfig found (KUBECONFIG, ~/.kube/config or a pod's service account); ${retrying}` +
+      ' — set KUBECONFIG, or create a cluster (kind create cluster)';
   }
   if (isApiError(err)) {
+    const books = `${PLURAL}.${GROUP}`;
     switch (code) {
-      case 401: return `${server} does not accept our credentials (401 Unauthorized); ${retrying} — refresh them in your kubeconfig (kubectl auth whoami)`;
-      case 403: return `not allowed to ${err.verb} books in ${where} (403: ${err.message}); ${retrying} — ` +
-        `grant list and watch on ${PLURAL}.${GROUP} (kubectl auth can-i ${err.verb} ${PLURAL}.${GROUP}${namespace ? ` -n ${namespace}` : ' -A'})`;
-      case 404: return `the Book CRD is not installed on ${server} (404: ${err.message}); ${retrying} — kubectl apply -f crd.yaml`;
-      case 429: return `${server} is busy (429: ${err.message}); ${retrying}`;
-      default: return `${server} failed to ${err.verb} books (${code}: ${err.message}); ${retrying}`;
+      case 401:
+        return `${server} does not accept our credentials (401 Unauthorized); ${retrying}` +
+          ' — refresh them in your kubeconfig (kubectl auth whoami)';
+      case 403:
+        return `not allowed to ${err.verb} books in ${namespace ? `namespace ${namespace}` : 'all namespaces'}` +
+          ` (403: ${err.message}); ${retrying} — grant list and watch on ${books}` +
+          ` (kubectl auth can-i ${err.verb} ${books} ${namespace ? `-n ${namespace}` : '-A'})`;
+      case 404:
+        return `the Book CRD is not installed on ${server} (404: ${err.message}); ${retrying} — kubectl apply -f crd.yaml`;
+      case 429:
+        return `${server} is busy (429: ${err.message}); ${retrying}`;
+      default:
+        return `${server} failed to ${err.verb} books (${code}: ${err.message}); ${retrying}`;
     }
   }
   if (typeof code === 'string' && /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ETIMEDOUT|EHOSTUNREACH|ENETUNREACH)$/.test(code)) {
@@ -308,13 +358,27 @@ function explain(err: unknown, { server, namespace, kubeConfig }: Config, delayM
   }
   if (code === 'ECONNRESET' || code === 'EPIPE') return `lost the connection to ${server} (${code}); ${retrying}`;
   if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
-    return `the TLS certificate of ${server} did not verify (${code}); ${retrying} — check certificate-authority-data in your kubeconfig`;
+    return `the TLS certificate of ${server} did not verify (${code}); ${retrying}` +
+      ' — check certificate-authority-data in your kubeconfig';
   }
   return `${messageOf(err)} (${server}); ${retrying}`;
 }
 
-const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err));
-const fail = (exitCode: number, message: string) => (console.error(message), exitCode);
+/** The first line of an error's message: every diagnostic is one line. */
+function messageOf(err: unknown): string {
+  return (err instanceof Error ? err.message : String(err)).trim().split('\n')[0] ?? '';
+}
+
+function fail(exitCode: number, message: string): number {
+  console.error(message);
+  return exitCode;
+}
+
+/** The lines printed from now until the next tick leave stdout in one write, not one write each. */
+function printTogether() {
+  process.stdout.cork();
+  process.nextTick(() => process.stdout.uncork());
+}
 
 // ---------------------------------------------------------------------------------------------
 // The handler: your code goes here.
