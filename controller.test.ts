@@ -120,7 +120,10 @@ class FakeApiServer {
   chunkBytes = Infinity;
   crdInstalled = true;
   forbidden = false;
-  stallWatches = false;
+  stallWatches = false; // answer a watch, then send nothing: a half-open connection
+  neverAnswerLists = false; // take a list request and never answer it
+  goneForever = false; // answer every watch with 410 Gone
+  endWatchesAtOnce = false;
   goneAsHttp = false; // answer a too-old watch with HTTP 410, not an ERROR event in a 200 stream
   expireNextContinueToken = false;
 
@@ -178,6 +181,7 @@ class FakeApiServer {
       return statusResponse(403, 'Forbidden', `books.example.technosophos.com is forbidden: User "system:serviceaccount:default:reader" ` +
         `cannot ${verb} resource "books" in API group "example.technosophos.com" in the namespace "${namespace}"`);
     }
+    if (verb === 'list' && this.neverAnswerLists) await new Promise(() => {});
     if (verb === 'list') return this.list(namespace, query);
     if (this.held) await new Promise<void>((resolve) => this.held?.push(resolve));
     return this.watch(namespace, query);
@@ -205,7 +209,7 @@ class FakeApiServer {
 
   private watch(namespace: string | undefined, query: Record<string, string>): Response {
     const from = Number(query.resourceVersion);
-    if (from < this.oldestWatchable) {
+    if (from < this.oldestWatchable || this.goneForever) {
       const gone = status(410, 'Expired', `too old resource version: ${from} (${this.oldestWatchable})`);
       if (this.goneAsHttp) return HttpResponse.json(gone, { status: 410 });
       return new Response(JSON.stringify({ type: 'ERROR', object: gone }) + '\n');
@@ -227,10 +231,12 @@ class FakeApiServer {
           end: () => (forget(), stream.close()),
           drop: () => (forget(), stream.error(new Error('dropped'))),
         };
-        if (this.stallWatches) return; // accepted, then silence: a half-open connection
+        if (this.stallWatches) return;
+        if (this.endWatchesAtOnce) return stream.close();
         watch.send(this.history.filter((e) => e.resourceVersion > from && (!namespace || e.namespace === namespace))
           .map((e) => e.line).join(''));
         watches.add(watch);
+        wake();
         timer = setTimeout(watch.end, Number(query.timeoutSeconds) * 1000);
       },
       cancel: forget, // the client went away
@@ -288,15 +294,16 @@ class FakeApiServer {
   endWatches() {
     this.watches.forEach((watch) => watch.end());
   }
-  /** Creates a book, but every open watch breaks off in the middle of its event. */
-  createAndDropMidEvent(name: string, spec: Spec) {
+  /** Creates a book, but every open watch breaks off in the middle of its event: the connection resets, or ends. */
+  createAndCutMidEvent(name: string, spec: Spec, how: 'reset' | 'end') {
     const open = [...this.watches];
     this.watches.clear();
     this.create(name, spec);
     const line = this.history.at(-1)?.line ?? '';
     for (const watch of open) {
       watch.send(line.slice(0, line.length / 2));
-      watch.drop();
+      if (how === 'reset') watch.drop();
+      else watch.end();
     }
   }
   /** The next request gets this error response instead. */
@@ -315,6 +322,9 @@ class FakeApiServer {
   get resourceVersionNow() {
     return String(this.resourceVersion);
   }
+  get openWatches() {
+    return this.watches.size;
+  }
   watchRequests() {
     return this.requests.filter((r) => r.verb === 'watch');
   }
@@ -329,12 +339,12 @@ class FakeApiServer {
 let fake: FakeApiServer;
 const running: { stop: AbortController; exited: Promise<unknown> }[] = [];
 
-function writeKubeconfig(options: { server?: string; namespace?: string; token?: string } = {}) {
+function writeKubeconfig(options: { server?: string; namespace?: string; token?: string; ca?: string } = {}) {
   const file = join(mkdtempSync(join(tmpdir(), 'book-controller-')), 'kubeconfig');
   writeFileSync(file, JSON.stringify({
     apiVersion: 'v1',
     kind: 'Config',
-    clusters: [{ name: 'fake', cluster: { server: options.server ?? fake.url, 'certificate-authority-data': btoa(CA_CERT) } }],
+    clusters: [{ name: 'fake', cluster: { server: options.server ?? fake.url, 'certificate-authority-data': btoa(options.ca ?? CA_CERT) } }],
     users: [{ name: 'reader', user: { token: options.token ?? TOKEN } }],
     contexts: [{ name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: options.namespace } }],
     'current-context': 'fake',
@@ -432,21 +442,24 @@ describe('reading the watch stream', () => {
     });
   }
 
-  test('reports a line that is not JSON and resumes from the last good resourceVersion', async () => {
+  test('reports a line that is not a watch event and resumes from the last good resourceVersion', async () => {
     const controller = start();
     await until(() => fake.watchRequests().length === 1);
     fake.create('moby-dick', MOBY_DICK);
     await until(() => stdout.length === 1);
     const lastGood = fake.resourceVersionNow;
     fake.sendRaw('{"type":"ADDED","object":{"metadata":<html>\n');
-    await until(() => fake.watchRequests().length === 2);
+    await until(() => fake.watchRequests().length === 2 && fake.openWatches === 1);
+    fake.sendRaw('{"kind":"Status"}\n'); // JSON, but not an event
+    await until(() => fake.watchRequests().length === 3);
     fake.create('hamlet', { title: 'Hamlet' });
     await until(() => stdout.length === 2);
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
-    assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', /^the watch sent a line that is not JSON: \{"type":"ADDED".*retrying in \d+\.\ds$/);
-    assert.equal(fake.watchRequests()[1]?.query.resourceVersion, lastGood);
+    assert.equal(stderr.length, 2);
+    assert.match(stderr[0] ?? '', /^the watch sent a line that is not a watch event: \{"type":"ADDED".*retrying in \d+\.\ds$/);
+    assert.match(stderr[1] ?? '', /^the watch sent a line that is not a watch event: \{"kind":"Status"\}/);
+    assert.deepEqual(fake.watchRequests().map((r) => r.query.resourceVersion), ['9996', lastGood, lastGood]);
     assert.equal(fake.listRequests().length, 1);
   });
 
@@ -471,21 +484,34 @@ describe('reading the watch stream', () => {
 });
 
 describe('resuming and relisting', () => {
-  test('resumes a watch dropped mid-event from the last resourceVersion, without relisting or repeating', async () => {
-    fake.create('moby-dick', MOBY_DICK);
+  for (const how of ['reset', 'end'] as const) {
+    test(`resumes a watch cut mid-event (connection ${how}) from the last resourceVersion, without relisting or repeating`, async () => {
+      fake.create('moby-dick', MOBY_DICK);
+      const controller = start();
+      await until(() => fake.watchRequests().length === 1);
+      fake.create('hamlet', { title: 'Hamlet' });
+      await until(() => stdout.length === 2);
+      const lastSeen = fake.resourceVersionNow;
+      fake.createAndCutMidEvent('beowulf', { title: 'Beowulf' }, how);
+      await until(() => stdout.length === 3);
+      await controller.stop();
+      assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet'), added('beowulf', 'Beowulf')]);
+      assert.deepEqual(fake.watchRequests().map((r) => r.query.resourceVersion), ['9997', lastSeen]);
+      assert.equal(fake.listRequests().length, 1);
+      assert.equal(stderr.length, 1); // the cut, once, with the retry
+      assert.match(stderr[0] ?? '', how === 'reset' ? /^lost the connection to https:\/\/127\.0\.0\.1:\d+ \(ECONNRESET\); retrying in/
+        : /^the watch ended in the middle of an event \(https:\/\/127\.0\.0\.1:\d+\); retrying in/);
+    });
+  }
+
+  test('backs off when the server ends every watch at once, instead of spinning', async () => {
+    fake.endWatchesAtOnce = true;
     const controller = start();
-    await until(() => fake.watchRequests().length === 1);
-    fake.create('hamlet', { title: 'Hamlet' });
-    await until(() => stdout.length === 2);
-    const lastSeen = fake.resourceVersionNow;
-    fake.createAndDropMidEvent('beowulf', { title: 'Beowulf' });
-    await until(() => stdout.length === 3);
+    await until(() => stderr.length === 2);
     await controller.stop();
-    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet'), added('beowulf', 'Beowulf')]);
-    assert.deepEqual(fake.watchRequests().map((r) => r.query.resourceVersion), ['9997', lastSeen]);
+    assert.match(stderr[0] ?? '', /^the watch ended at once, without any event \(https:\/\/127\.0\.0\.1:\d+\); retrying in 0\.[2-5]s$/);
+    assert.match(stderr[1] ?? '', /retrying in (0\.[5-9]|1\.0)s$/); // doubling
     assert.equal(fake.listRequests().length, 1);
-    assert.equal(stderr.length, 1); // the broken connection, once, with the retry
-    assert.match(stderr[0] ?? '', /retrying in \d+\.\ds/);
   });
 
   test('resumes at once, quietly, when the server ends the watch at its timeout', async () => {
@@ -505,7 +531,7 @@ describe('resuming and relisting', () => {
   test('moves the resume point with bookmarks, and prints nothing for them', async () => {
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
-    await until(() => fake.watchRequests().length === 1);
+    await until(() => fake.openWatches === 1);
     fake.advance(5); // other resources change; no book event carries the new resourceVersion
     fake.bookmark();
     const bookmarked = fake.resourceVersionNow;
@@ -526,7 +552,7 @@ describe('resuming and relisting', () => {
       fake.goneAsHttp = form === 'HTTP 410';
       for (const name of ['a', 'b', 'c']) fake.create(name, { title: name.toUpperCase() });
       const controller = start();
-      await until(() => fake.watchRequests().length === 1 && stdout.length === 3);
+      await until(() => fake.openWatches === 1 && stdout.length === 3);
       fake.hold(); // the controller's next watch waits while the cluster changes and compacts
       fake.bookmark();
       fake.endWatches();
@@ -565,9 +591,12 @@ describe('resuming and relisting', () => {
     assert.deepEqual(stderr, []);
   });
 
-  test('abandons a watch that sends nothing past its timeout, and resumes it', { timeout: 20_000 }, async () => {
-    fake.stallWatches = true;
+  test('abandons a list or a watch that sends nothing past the watch timeout, and starts over', { timeout: 30_000 }, async () => {
+    fake.neverAnswerLists = true; // not even the response headers
     const controller = start(['--watch-timeout', '1']);
+    await until(() => fake.listRequests().length === 1);
+    fake.neverAnswerLists = false;
+    fake.stallWatches = true; // the headers, then silence
     await until(() => fake.watchRequests().length === 1);
     fake.stallWatches = false;
     await until(() => fake.watchRequests().length === 2);
@@ -575,15 +604,27 @@ describe('resuming and relisting', () => {
     await until(() => stdout.length === 1);
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
-    assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', /^the watch sent nothing for 6s \(https:\/\/127\.0\.0\.1:\d+\); retrying in \d+\.\ds$/);
-    assert.equal(fake.listRequests().length, 1);
+    assert.equal(stderr.length, 2);
+    assert.match(stderr[0] ?? '', /^the list got no answer in 6s \(https:\/\/127\.0\.0\.1:\d+\); retrying in \d+\.\ds$/);
+    assert.match(stderr[1] ?? '', /^the watch sent nothing for 6s \(https:\/\/127\.0\.0\.1:\d+\); retrying in \d+\.\ds$/);
+    assert.equal(fake.listRequests().length, 2);
+  });
+
+  test('reports a server that answers every watch with 410, and backs off between relists', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    fake.goneForever = true;
+    const controller = start();
+    await until(() => stderr.length === 1);
+    await controller.stop();
+    assert.match(stderr[0] ?? '', /^https:\/\/127\.0\.0\.1:\d+ failed to watch books \(410: too old resource version: \d+ \(\d+\)\); retrying in (0\.[5-9]|1\.0)s$/);
+    assert.deepEqual(fake.requests.map((r) => r.verb), ['list', 'watch', 'list', 'watch']);
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]); // a relist of the same book prints nothing
   });
 
   test('an ERROR event other than 410 backs off and resumes from the same resourceVersion, without relisting', async () => {
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
-    await until(() => fake.watchRequests().length === 1);
+    await until(() => fake.openWatches === 1);
     fake.sendRaw(JSON.stringify({ type: 'ERROR', object: status(500, 'InternalError', 'etcdserver: leader changed') }) + '\n');
     await until(() => fake.watchRequests().length === 2);
     await controller.stop();
@@ -646,19 +687,62 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     const controller = start();
     await until(() => stderr.length === 2);
     await controller.stop();
-    assert.match(stderr[0] ?? '', /^cannot reach https:\/\/127\.0\.0\.1:1 \(ECONNREFUSED\); retrying in 0\.\ds — is the cluster running\? \(kubectl cluster-info\)$/);
-    assert.match(stderr[1] ?? '', /retrying in [01]\.\ds/); // the second wait is longer: backoff
+    // Backoff: the first wait is 0.25-0.5 s, the second 0.5-1 s (jittered).
+    assert.match(stderr[0] ?? '', /^cannot reach https:\/\/127\.0\.0\.1:1 \(ECONNREFUSED\); retrying in 0\.[2-5]s — is the cluster running\? \(kubectl cluster-info\)$/);
+    assert.match(stderr[1] ?? '', /retrying in (0\.[5-9]|1\.0)s/);
+  });
+
+  test("a TLS certificate the kubeconfig's CA did not sign", async () => {
+    writeKubeconfig({ ca: SERVER_CERT }); // not the CA that signed the server's certificate
+    const controller = start();
+    await until(() => stderr.length === 1);
+    await controller.stop();
+    assert.match(stderr[0] ?? '', /^the TLS certificate of https:\/\/127\.0\.0\.1:\d+ did not verify \(\w+\); retrying in \d\.\ds — check certificate-authority-data in your kubeconfig$/);
+    assert.equal(fake.requests.length, 0);
   });
 
   test('no kubeconfig at all: says so, and how to get one', async () => {
-    writeKubeconfig();
-    process.env.KUBECONFIG = join(tmpdir(), 'no-such-dir', 'kubeconfig');
-    assert.equal(await main([], new AbortController().signal), 1);
-    assert.match(stderr[0] ?? '', /^cannot load the kubeconfig: ENOENT.* — check KUBECONFIG or ~\/\.kube\/config$/);
+    const home = process.env.HOME;
+    delete process.env.KUBECONFIG;
+    process.env.HOME = mkdtempSync(join(tmpdir(), 'empty-home-'));
+    const controller = start();
+    await until(() => stderr.length === 1);
+    await controller.stop();
+    process.env.HOME = home;
+    assert.match(stderr[0] ?? '', /^no kubeconfig found \(KUBECONFIG, ~\/\.kube\/config or a pod's service account\); retrying in 0\.\ds — set KUBECONFIG, or create a cluster \(kind create cluster\)$/);
+  });
+
+  test('a kubeconfig that is missing, broken, or names no cluster: one line, exit 1', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'bad-kubeconfig-'));
+    const broken = join(dir, 'broken');
+    writeFileSync(broken, 'clusters:\n  - name: fake\n   cluster: {\n');
+    const noCluster = join(dir, 'no-cluster');
+    writeFileSync(noCluster, JSON.stringify({ apiVersion: 'v1', kind: 'Config', 'current-context': 'gone', contexts: [], clusters: [], users: [] }));
+    for (const file of [join(dir, 'missing'), broken, noCluster]) {
+      process.env.KUBECONFIG = file;
+      assert.equal(await main([], new AbortController().signal), 1);
+    }
+    assert.equal(stderr.length, 3);
+    assert.match(stderr[0] ?? '', /^cannot load the kubeconfig: ENOENT.*missing' — check KUBECONFIG or ~\/\.kube\/config$/);
+    assert.match(stderr[1] ?? '', /^cannot load the kubeconfig: .+ — check KUBECONFIG or ~\/\.kube\/config$/);
+    assert.equal(stderr[2], "the kubeconfig's current context 'gone' names no cluster — pick one with kubectl config use-context NAME");
   });
 });
 
 describe('the handler', () => {
+  test('is not called again once the controller is stopped', async () => {
+    for (const name of ['a', 'b', 'c']) fake.create(name, { title: name });
+    const calls: string[] = [];
+    const controller = await startWith(async (_event, _book, name) => {
+      calls.push(name);
+      wake();
+      void controller.stop(); // as SIGTERM would, while the handler is busy
+    });
+    await until(() => calls.length === 1);
+    await controller.stop();
+    assert.deepEqual(calls, ['a']);
+  });
+
   test('is awaited one event at a time, in order, and one that throws is reported while the watch goes on', async () => {
     const calls: string[] = [];
     const controller = await startWith(async (event, book, name) => {
@@ -688,13 +772,17 @@ describe('the handler', () => {
 describe('flags and shutdown', () => {
   test('-A watches every namespace and names books NAMESPACE/NAME', async () => {
     fake.create('moby-dick', MOBY_DICK, 'library');
-    fake.create('hamlet', { title: 'Hamlet' }, 'theatre');
+    fake.create('moby-dick', { title: 'Moby Dick, the musical' }, 'theatre'); // the same name, another book
     const controller = start(['-A']);
     await until(() => stdout.length === 2);
-    fake.remove('hamlet', 'theatre');
+    fake.remove('moby-dick', 'theatre');
     await until(() => stdout.length === 3);
     await controller.stop();
-    assert.deepEqual(stdout, [added('library/moby-dick', 'Moby Dick'), added('theatre/hamlet', 'Hamlet'), deleted('theatre/hamlet')]);
+    assert.deepEqual(stdout, [
+      added('library/moby-dick', 'Moby Dick'),
+      added('theatre/moby-dick', 'Moby Dick, the musical'),
+      deleted('theatre/moby-dick'),
+    ]);
     assert.ok(fake.requests.every((r) => r.namespace === undefined));
   });
 
@@ -737,8 +825,10 @@ describe('checkBook', () => {
   test('accepts a book with a title and optional authors, and says what is wrong otherwise', () => {
     const metadata = { name: 'm', resourceVersion: '1' };
     const book: Book = { metadata, spec: { title: 'Moby Dick', authors: ['Herman Melville'] } };
-    assert.equal(checkBook(book), book);
-    assert.equal(checkBook({ metadata, spec: { title: 'Anonymous' } }).constructor, Object);
+    assert.deepEqual(checkBook(book), book);
+    // Only the typed fields are kept: the rest of a server object is left behind.
+    const fromServer = { apiVersion: 'example.technosophos.com/v1', kind: 'Book', metadata: { ...metadata, uid: 'u', managedFields: [{}] }, spec: { title: 'x', extra: 1 } };
+    assert.deepEqual(checkBook(fromServer), { metadata, spec: { title: 'x' } });
     assert.equal(checkBook({ metadata }), 'it has no spec');
     assert.equal(checkBook({ metadata, spec: { authors: [] } }), 'spec.title is not a string');
     assert.equal(checkBook({ metadata, spec: { title: 'x', authors: [1] } }), 'spec.authors is not a list of strings');
@@ -752,7 +842,7 @@ describe('as a program, on this runtime', () => {
     ? [process.execPath, 'run', '--allow-env', '--allow-read', '--allow-net', 'controller.ts']
     : process.versions.bun
       ? [process.execPath, 'controller.ts']
-      : [process.execPath, fileURLToPath(import.meta.resolve('tsx/cli')), 'controller.ts'];
+      : [process.execPath, '--import', 'tsx', 'controller.ts']; // not tsx's CLI: under load it may SIGKILL its child
 
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, { timeout: 30_000 }, async () => {
