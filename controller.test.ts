@@ -605,8 +605,8 @@ describe('resuming and relisting', () => {
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
     assert.equal(stderr.length, 2);
-    assert.match(stderr[0] ?? '', /^the list got no answer in 6s \(https:\/\/127\.0\.0\.1:\d+\); retrying in \d+\.\ds$/);
-    assert.match(stderr[1] ?? '', /^the watch sent nothing for 6s \(https:\/\/127\.0\.0\.1:\d+\); retrying in \d+\.\ds$/);
+    assert.match(stderr[0] ?? '', /^the list was not over after 6s \(https:\/\/127\.0\.0\.1:\d+\); retrying in \d+\.\ds$/);
+    assert.match(stderr[1] ?? '', /^the watch was not over after 6s \(https:\/\/127\.0\.0\.1:\d+\); retrying in \d+\.\ds$/);
     assert.equal(fake.listRequests().length, 2);
   });
 

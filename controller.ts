@@ -122,10 +122,8 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
   }
   const context = kubeConfig.getContextObject(kubeConfig.getCurrentContext());
   const server = kubeConfig.getCurrentCluster()?.server;
-  if (!server) {
-    return fail(1, `the kubeconfig's current context '${kubeConfig.getCurrentContext()}' names no cluster` +
-      ' — pick one with kubectl config use-context NAME');
-  }
+  const noCluster = `the kubeconfig's current context '${kubeConfig.getCurrentContext()}' names no cluster`;
+  if (!server) return fail(1, `${noCluster} — pick one with kubectl config use-context NAME`);
   const namespace = flags['all-namespaces'] ? undefined : (flags.namespace ?? context?.namespace ?? 'default');
   return { kubeConfig, server, namespace, watchTimeoutSeconds };
 }
@@ -167,18 +165,23 @@ async function readAll(response: http.IncomingMessage): Promise<string> {
   return body;
 }
 
-// A connection can die without a word (a half-open TCP connection). The server always answers within
-// the watch timeout, if only to end the watch, so silence for longer than that, plus a grace, means: start over.
-const silenceLimitSeconds = (config: Config) => config.watchTimeoutSeconds + 5;
+/**
+ * A connection can die without a word (a half-open TCP connection) and leave us waiting for ever. The
+ * server answers a list, and ends a watch, within the watch timeout: past that, plus a grace, start over.
+ */
+function deadline(config: Config, verb: 'list' | 'watch', signal: AbortSignal) {
+  const seconds = config.watchTimeoutSeconds + 5;
+  const timeout = AbortSignal.timeout(seconds * 1000);
+  const explain = (err: unknown) => (timeout.aborted ? new Error(`the ${verb} was not over after ${seconds}s`) : err);
+  return { signal: AbortSignal.any([signal, timeout]), explain };
+}
 
 /** Lists every book, a page at a time; each page carries the list's resourceVersion. */
 async function* listBooks(config: Config, signal: AbortSignal): AsyncGenerator<BookList> {
   const query = new URLSearchParams({ limit: '500' });
   do {
-    const silence = AbortSignal.timeout(silenceLimitSeconds(config) * 1000);
-    const body = await get(config, 'list', query, AbortSignal.any([signal, silence])).then(readAll).catch((err) => {
-      throw silence.aborted ? new Error(`the list got no answer in ${silenceLimitSeconds(config)}s`) : err;
-    });
+    const limit = deadline(config, 'list', signal);
+    const body = await get(config, 'list', query, limit.signal).then(readAll).catch((err) => Promise.reject(limit.explain(err)));
     const page: BookList = JSON.parse(body);
     yield page;
     // A continue token expires after a few minutes (HTTP 410): the caller then lists again from scratch.
@@ -192,25 +195,20 @@ async function* watchBooks(config: Config, resourceVersion: string, signal: Abor
   // the server ends the watch, and we resume: a connection is never trusted for ever.
   const timeoutSeconds = String(config.watchTimeoutSeconds);
   const query = new URLSearchParams({ watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds });
-  const stalled = new AbortController();
-  const stall = () => stalled.abort(new Error(`the watch sent nothing for ${silenceLimitSeconds(config)}s`));
-  let timer = setTimeout(stall, silenceLimitSeconds(config) * 1000);
+  const limit = deadline(config, 'watch', signal);
   let response: http.IncomingMessage | undefined;
   try {
-    response = await get(config, 'watch', query, AbortSignal.any([signal, stalled.signal]));
+    response = await get(config, 'watch', query, limit.signal);
     let partial = '';
     for await (const chunk of response) {
-      clearTimeout(timer); // the clock only runs while we wait for the server, not while the handler works
       const lines = (partial + chunk).split('\n');
       partial = lines.pop() ?? '';
       yield lines.filter((line) => line.trim()).map(parseEvent);
-      timer = setTimeout(stall, silenceLimitSeconds(config) * 1000);
     }
     if (partial.trim()) throw new Error('the watch ended in the middle of an event');
   } catch (err) {
-    throw stalled.signal.aborted ? stalled.signal.reason : err;
+    throw limit.explain(err);
   } finally {
-    clearTimeout(timer);
     response?.destroy();
   }
 }
