@@ -228,6 +228,7 @@ function parseEvent(line: string): WatchEvent {
 
 export type BookEventType = 'Added' | 'Modified' | 'Deleted';
 export type Handler = (type: BookEventType, book: Book, name: string) => void | Promise<void>;
+type Change = Parameters<Handler>;
 
 /**
  * Lists the books, then watches them for ever, calling `handle` once per change and waiting for it
@@ -242,32 +243,34 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
     const { namespace = '', name = '' } = (object as { metadata?: Partial<Book['metadata']> })?.metadata ?? {};
     return { key: `${namespace}/${name}`, name: config.namespace ? name : `${namespace}/${name}` };
   };
-  const tell = async (type: BookEventType, book: Book, name: string) => {
-    signal.throwIfAborted(); // once stopped, not one more call
-    try {
-      await handle(type, book, name);
-    } catch (err) {
-      console.error(`the handler failed on book ${name}: ${messageOf(err)}`); // and the watch goes on
-    }
-  };
-  const upsert = async (object: unknown) => {
+  // upsert and remove bring `known` up to date and return what the handler must be told, if anything.
+  const upsert = (object: unknown): Change | undefined => {
     const { key, name } = keyOf(object);
     const book = checkBook(object);
     if (typeof book === 'string') {
       console.error(`ignoring book ${name}: ${book} — fix it with kubectl edit book ${name}`);
-      return;
+      return undefined;
     }
     const before = known.get(key);
-    if (before?.metadata.resourceVersion === book.metadata.resourceVersion) return; // nothing new
+    if (before?.metadata.resourceVersion === book.metadata.resourceVersion) return undefined; // nothing new
     known.set(key, book);
-    await tell(before ? 'Modified' : 'Added', book, name);
+    return [before ? 'Modified' : 'Added', book, name];
   };
-  const remove = async (object: unknown) => {
+  const remove = (object: unknown): Change | undefined => {
     const { key, name } = keyOf(object);
     const book = known.get(key);
-    if (!book) return;
+    if (!book) return undefined;
     known.delete(key);
-    await tell('Deleted', book, name);
+    return ['Deleted', book, name];
+  };
+  const tell = async (change: Change | undefined) => {
+    if (!change) return;
+    signal.throwIfAborted(); // once stopped, not one more call
+    try {
+      await handle(...change);
+    } catch (err) {
+      console.error(`the handler failed on book ${change[2]}: ${messageOf(err)}`); // and the watch goes on
+    }
   };
 
   while (!signal.aborted) {
@@ -280,11 +283,11 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
           printTogether();
           for (const object of page.items ?? []) {
             listed.add(keyOf(object).key);
-            await upsert(object);
+            await tell(upsert(object));
           }
           listedAt = page.metadata.resourceVersion;
         }
-        for (const [key, book] of known) if (!listed.has(key)) await remove(book);
+        for (const [key, book] of known) if (!listed.has(key)) await tell(remove(book));
         resourceVersion = listedAt;
       }
       const started = Date.now();
@@ -295,8 +298,8 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
           if (event.type === 'ERROR') {
             throw apiError(event.object.code ?? 500, event.object.message ?? 'ERROR event', 'watch');
           }
-          if (event.type === 'DELETED') await remove(event.object);
-          else if (event.type !== 'BOOKMARK') await upsert(event.object); // a bookmark only moves resourceVersion
+          if (event.type === 'DELETED') await tell(remove(event.object));
+          else if (event.type !== 'BOOKMARK') await tell(upsert(event.object)); // a bookmark only moves resourceVersion
           resourceVersion = event.object.metadata.resourceVersion;
           events++;
           failures = 0;
