@@ -181,7 +181,9 @@ async function* listBooks(config: Config, signal: AbortSignal): AsyncGenerator<B
   const query = new URLSearchParams({ limit: '500' });
   do {
     const limit = deadline(config, 'list', signal);
-    const body = await get(config, 'list', query, limit.signal).then(readAll).catch((err) => Promise.reject(limit.explain(err)));
+    const body = await get(config, 'list', query, limit.signal).then(readAll).catch((err) => {
+      throw limit.explain(err);
+    });
     const page: BookList = JSON.parse(body);
     yield page;
     // A continue token expires after a few minutes (HTTP 410): the caller then lists again from scratch.
@@ -244,8 +246,9 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
     return { key: `${namespace}/${name}`, name: config.namespace ? name : `${namespace}/${name}` };
   };
   // upsert and remove bring `known` up to date and return what the handler must be told, if anything.
-  const upsert = (object: unknown): Change | undefined => {
+  const upsert = (object: unknown, listed?: Set<string>): Change | undefined => {
     const { key, name } = keyOf(object);
+    listed?.add(key);
     const book = checkBook(object);
     if (typeof book === 'string') {
       console.error(`ignoring book ${name}: ${book} — fix it with kubectl edit book ${name}`);
@@ -281,10 +284,7 @@ export async function listAndWatch(config: Config, handle: Handler, signal: Abor
         let listedAt = '';
         for await (const page of listBooks(config, signal)) {
           printTogether();
-          for (const object of page.items ?? []) {
-            listed.add(keyOf(object).key);
-            await tell(upsert(object));
-          }
+          for (const object of page.items ?? []) await tell(upsert(object, listed));
           listedAt = page.metadata.resourceVersion;
         }
         for (const [key, book] of known) if (!listed.has(key)) await tell(remove(book));
