@@ -352,21 +352,21 @@ function writeKubeconfig(options: { server?: string; namespace?: string; token?:
   process.env.KUBECONFIG = file;
 }
 
-function start(args: string[] = []) {
+/** Runs the controller in this process until the test stops it (or afterEach does). */
+function track(run: (signal: AbortSignal) => Promise<unknown>) {
   const stop = new AbortController();
-  const exited = main(args, stop.signal);
+  const exited = run(stop.signal);
   running.push({ stop, exited });
   return { stop: () => (stop.abort(), exited) };
 }
+
+const start = (args: string[] = []) => track((signal) => main(args, signal));
 
 /** Runs listAndWatch with a handler of the test's own, configured as main would be. */
 async function startWith(handler: Handler) {
   const config = await loadConfig([]);
   assert.equal(typeof config, 'object');
-  const stop = new AbortController();
-  const exited = listAndWatch(config as Config, handler, stop.signal);
-  running.push({ stop, exited });
-  return { stop: () => (stop.abort(), exited) };
+  return track((signal) => listAndWatch(config as Config, handler, signal));
 }
 
 const added = (name: string, title: string) => `Added a book ${name} with title '${title}'`;
