@@ -1,67 +1,111 @@
 // A Kubernetes controller for Book resources, in one file.
 //
-// It lists the books, then watches them, and calls `handle` once per change, in the order the
-// API server sent them:
+// It keeps a cache of the books up to date (list, then watch), and reconciles each book that
+// changed: your `reconcile` below runs, one line is printed, and the book's status says how it went.
 //
 //   Added a book moby-dick with title 'Moby Dick'
 //   Deleted a book moby-dick
 //
 // It resumes a dropped watch where it stopped, relists when the server has forgotten that point,
-// backs off when things fail, and says on stderr what is wrong and what fixes it.
+// retries a failed reconcile with backoff, runs as replicas with one leader, and says on stderr
+// what is wrong and what fixes it.
 //
-//   npx tsx controller.ts [-n NAMESPACE | -A] [--watch-timeout SECONDS]
-//   deno run --allow-env --allow-read --allow-net controller.ts     or     bun controller.ts
+//   npx tsx controller.ts [-n NAMESPACE | -A] [-l SELECTOR] [-o json] ...      (--help for all)
+//   deno run --allow-env --allow-read --allow-net --allow-sys controller.ts     or     bun controller.ts
 //
 // The protocol it follows: https://kubernetes.io/docs/reference/using-api/api-concepts/
 
+import { randomUUID } from 'node:crypto';
+import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import * as https from 'node:https';
+import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
+import type { Writable } from 'node:stream';
 import { parseArgs } from 'node:util';
 import type { KubeConfig } from '@kubernetes/client-node';
 
-// ---------------------------------------------------------------------------------------------
-// The resource: books.example.technosophos.com/v1, installed by crd.yaml.
+// =============================================================================================
+// What you change: the resource, its check, and what a reconcile does.
 
-const GROUP = 'example.technosophos.com';
-const VERSION = 'v1';
-const PLURAL = 'books';
+// books.example.technosophos.com/v1, installed by crd.yaml. Every message below is worded from these.
+export const GROUP = 'example.technosophos.com';
+export const VERSION = 'v1';
+export const KIND = 'Book';
+export const PLURAL = 'books';
 
-export interface Book {
-  metadata: { name: string; namespace?: string; resourceVersion: string };
-  spec: { title: string; authors?: string[] };
+export interface BookSpec {
+  title: string;
+  authors?: string[];
 }
 
 /**
- * Checks an object from the server once, at the edge: returns the Book in it, or says why there is none.
- * It keeps only the fields the type names, so the handler sees what the type promises and the cache stays small.
+ * Checks a book's spec once, where it comes in from the server: returns the spec, or why it is not one.
+ * It keeps only the fields named here: a field added to BookSpec must be copied here too, or it is dropped.
  */
-export function checkBook(object: unknown): Book | string {
-  const { metadata, spec } = (object ?? {}) as { metadata?: Record<string, unknown>; spec?: Record<string, unknown> };
-  const { name, namespace, resourceVersion } = metadata ?? {};
-  if (typeof name !== 'string' || typeof resourceVersion !== 'string') return 'it has no metadata';
-  if (typeof spec !== 'object' || spec === null) return 'it has no spec';
+export function checkSpec(spec: Record<string, unknown>): BookSpec | string {
   const { title, authors } = spec;
   if (typeof title !== 'string') return 'spec.title is not a string';
-  const authorsOk = authors === undefined || (Array.isArray(authors) && authors.every((a): a is string => typeof a === 'string'));
-  if (!authorsOk) return 'spec.authors is not a list of strings';
-  const book: Book = { metadata: { name, resourceVersion }, spec: { title } };
-  if (typeof namespace === 'string') book.metadata.namespace = namespace;
-  if (authors) book.spec.authors = authors;
-  return book;
+  if (authors === undefined) return { title };
+  if (!Array.isArray(authors) || !authors.every((author) => typeof author === 'string')) {
+    return 'spec.authors is not a list of strings';
+  }
+  return { title, authors };
 }
 
-interface BookList { metadata: { resourceVersion: string; continue?: string }; items: unknown[] | null }
+/** The line printed for each change a reconcile saw; with -o json, the same facts as one JSON object. */
+export function describe(change: Change, book: Book, name: string): string {
+  return change === 'Deleted' ? `Deleted a ${kind} ${name}` : `${change} a ${kind} ${name} with title '${book.spec.title}'`;
+}
 
-// One line of a watch stream. ADDED, MODIFIED and DELETED carry a book (checkBook decides if it is
-// one), BOOKMARK only a newer resourceVersion, ERROR a Status.
-type WatchEvent =
-  | { type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK'; object: { metadata: { resourceVersion: string } } }
-  | { type: 'ERROR'; object: Status };
+/**
+ * Your code goes here: make the world match the book.
+ *
+ * Called by a worker when a book changed since its last successful reconcile: Added, Modified (its
+ * spec changed: metadata.generation), or Deleted (with the last book seen). Never twice at once for
+ * one book. When it returns, the change is printed and the book's status says Ready. If it throws, the
+ * status says why and the book is tried again later, with backoff. `signal` aborts when the controller stops.
+ */
+export async function reconcile(change: Change, book: Book, name: string, signal: AbortSignal): Promise<void> {
+  switch (change) {
+    case 'Added':
+    case 'Modified':
+      break; // e.g. create or update what the book describes, passing `signal` on to any request
+    case 'Deleted':
+      break; // e.g. clean up what it described
+    default: // a new kind of change must be handled above
+      change satisfies never;
+  }
+}
 
-/** The body of every API error response, and the object of an ERROR event. */
-interface Status { code?: number; message?: string }
+// =============================================================================================
+// The machinery: nothing below needs changing for another resource.
+
+const kind = KIND.toLowerCase();
+const resource = `${PLURAL}.${GROUP}`;
+
+export type Change = 'Added' | 'Modified' | 'Deleted';
+export type Reconcile = typeof reconcile;
+
+export interface Book {
+  metadata: { name: string; namespace: string; uid: string; generation: number | string; resourceVersion: string };
+  spec: BookSpec;
+}
+
+/** Checks an object from the server: returns the Book in it, keeping only what the controller uses, or why there is none. */
+export function checkBook(object: unknown): Book | string {
+  const { metadata = {}, spec } = object as { metadata?: Record<string, unknown>; spec?: unknown };
+  const { name, namespace = '', uid = '', generation, resourceVersion } = metadata;
+  if (typeof name !== 'string' || typeof resourceVersion !== 'string') return 'it has no metadata';
+  if (typeof spec !== 'object' || spec === null) return 'it has no spec';
+  const checked = checkSpec(spec as Record<string, unknown>);
+  if (typeof checked === 'string') return checked;
+  // Where a server sets no generation, any change counts, status writes included.
+  const version = typeof generation === 'number' ? generation : resourceVersion;
+  return { metadata: { name, namespace: String(namespace), uid: String(uid), generation: version, resourceVersion }, spec: checked };
+}
 
 // ---------------------------------------------------------------------------------------------
 // Configuration: the cluster from the kubeconfig, the rest from flags.
@@ -70,93 +114,174 @@ export interface Config {
   kubeConfig: KubeConfig;
   server: string;
   namespace: string | undefined; // undefined: all namespaces
+  selector: string | undefined;
+  json: boolean;
   watchTimeoutSeconds: number;
+  concurrency: number;
+  leaseNamespace: string | undefined; // set with --leader-elect
+  healthPort: number | undefined;
 }
 
 const USAGE = `Usage: npx tsx controller.ts [options]
 
-Watches Book resources (${PLURAL}.${GROUP}) and prints one line per change.
+Reconciles ${KIND} resources (${resource}) and prints one line per change.
 
 Options:
   -n, --namespace NS           watch namespace NS (default: the kubeconfig context's, else "default")
-  -A, --all-namespaces         watch every namespace; books are named NAMESPACE/NAME
-      --watch-timeout SECONDS  ask the server to end each watch after SECONDS; it resumes (default 300)
-  -h, --help                   show this help
-
-The cluster and credentials come from KUBECONFIG, ~/.kube/config or the pod's service account.`;
+  -A, --all-namespaces         watch every namespace; ${PLURAL} are named NAMESPACE/NAME
+  -l, --selector SELECTOR      only ${PLURAL} whose labels match, as kubectl's (app=x,tier!=y)
+  -o, --output text|json       json: one object per change, {"type","namespace","name","spec"}
+      --context NAME           the kubeconfig context to use (default: its current context)
+      --kubeconfig FILE        the kubeconfig to use (default: KUBECONFIG, ~/.kube/config, or the pod's)
+      --watch-timeout SECONDS  ask the server to end each watch after SECONDS, 1 to 86400; it resumes (default 300)
+      --concurrency N          reconcile up to N ${PLURAL} at once, 1 to 1000 (default 1)
+      --leader-elect           act only while holding the Lease book-controller, so replicas take turns
+      --leader-elect-namespace NS  the Lease's namespace (default: POD_NAMESPACE, the pod's, the context's)
+      --health-port PORT       serve /healthz and /readyz over HTTP on PORT
+  -h, --help                   show this help`;
 
 // client-node's HTTP stack (undici) needs Node 22.19; Deno and Bun bring their own.
 const NODE_NEEDED = '22.19';
 
 /** Reads the flags and the kubeconfig; returns the configuration, or the exit code when there is nothing to run. */
 export async function loadConfig(args: string[]): Promise<Config | number> {
-  const { values: flags } = parseArgs({
-    args,
-    options: {
-      namespace: { type: 'string', short: 'n' },
-      'all-namespaces': { type: 'boolean', short: 'A' },
-      'watch-timeout': { type: 'string', default: '300' },
-      help: { type: 'boolean', short: 'h' },
-    },
-  });
-  if (flags.help) {
-    console.log(USAGE);
-    return 0;
+  let flags;
+  try {
+    flags = parseArgs({
+      args,
+      options: {
+        namespace: { type: 'string', short: 'n' },
+        'all-namespaces': { type: 'boolean', short: 'A' },
+        selector: { type: 'string', short: 'l' },
+        output: { type: 'string', short: 'o', default: 'text' },
+        context: { type: 'string' },
+        kubeconfig: { type: 'string' },
+        'watch-timeout': { type: 'string', default: '300' },
+        concurrency: { type: 'string', default: '1' },
+        'leader-elect': { type: 'boolean' },
+        'leader-elect-namespace': { type: 'string' },
+        'health-port': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    }).values;
+  } catch (err) {
+    return fail(2, `${String((err as Error).message).replace(/\s*\n\s*/g, ' ')} — see --help`);
   }
-  const watchTimeoutSeconds = Number(flags['watch-timeout']);
-  if (!Number.isInteger(watchTimeoutSeconds) || watchTimeoutSeconds < 1) {
-    return fail(2, `--watch-timeout takes a whole number of seconds, not '${flags['watch-timeout']}' — see --help`);
-  }
+  if (flags.help) return (console.log(USAGE), 0);
+  const whole = (flag: keyof typeof flags, low: number, high: number) => {
+    const value = Number(flags[flag]);
+    return Number.isInteger(value) && value >= low && value <= high ? value : undefined;
+  };
+  const watchTimeoutSeconds = whole('watch-timeout', 1, 86400);
+  const concurrency = whole('concurrency', 1, 1000);
+  const healthPort = flags['health-port'] === undefined ? undefined : whole('health-port', 0, 65535);
+  const usage = (message: string) => fail(2, `${message} — see --help`);
+  if (flags.namespace !== undefined && flags['all-namespaces']) return usage('-n and -A cannot be used together');
+  if (flags.output !== 'text' && flags.output !== 'json') return usage(`-o takes text or json, not '${flags.output}'`);
+  if (!watchTimeoutSeconds) return usage(`--watch-timeout takes whole seconds from 1 to 86400, not '${flags['watch-timeout']}'`);
+  if (!concurrency) return usage(`--concurrency takes a whole number from 1 to 1000, not '${flags.concurrency}'`);
+  if (healthPort === undefined && flags['health-port'] !== undefined) return usage(`--health-port takes a port number, not '${flags['health-port']}'`);
+  if (flags['leader-elect-namespace'] && !flags['leader-elect']) return usage('--leader-elect-namespace needs --leader-elect');
+
   const { node, bun, deno } = process.versions;
   if (!bun && !deno && node.localeCompare(NODE_NEEDED, 'en', { numeric: true }) < 0) {
     return fail(1, `this controller needs Node ${NODE_NEEDED} or newer, and this is Node ${node}: ` +
-      'run it with npx -y -p node@24 tsx controller.ts, or install Node 24 (nvm install 24)');
+      'run it with npx tsx controller.ts after npm ci (the project brings Node 24), or install Node 24 (nvm install 24)');
   }
-  // Imported here, after the check, so that an old Node gets the line above instead of a crash inside undici.
+  // Imported here, after the checks, so that an old Node gets the line above instead of a crash inside undici.
   const { KubeConfig } = await import('@kubernetes/client-node');
   const kubeConfig = new KubeConfig();
+  const where = flags.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config';
   try {
-    kubeConfig.loadFromDefault(); // KUBECONFIG, ~/.kube/config, or the in-cluster service account
+    if (flags.kubeconfig) kubeConfig.loadFromFile(flags.kubeconfig);
+    else kubeConfig.loadFromDefault(); // KUBECONFIG, ~/.kube/config, or the in-cluster service account
   } catch (err) {
-    return fail(1, `cannot load the kubeconfig: ${messageOf(err)} — check KUBECONFIG or ~/.kube/config`);
+    return fail(1, `cannot load the kubeconfig ${where}: ${messageOf(err)} — check the file, or point --kubeconfig at another`);
+  }
+  // With nothing to load, client-node falls back to http://localhost:8080 under this context name.
+  if (kubeConfig.getCurrentContext() === 'loaded-context') {
+    return fail(1, 'no kubeconfig found (KUBECONFIG, ~/.kube/config or a pod\'s service account)' +
+      ' — create a cluster (kind create cluster), set KUBECONFIG, or see npm run demo for one without a cluster');
+  }
+  if (flags.context) {
+    if (!kubeConfig.getContextObject(flags.context)) {
+      return fail(1, `the kubeconfig ${where} has no context '${flags.context}' — list them with kubectl config get-contexts`);
+    }
+    kubeConfig.setCurrentContext(flags.context);
   }
   const context = kubeConfig.getContextObject(kubeConfig.getCurrentContext());
-  const server = kubeConfig.getCurrentCluster()?.server;
-  const noCluster = `the kubeconfig's current context '${kubeConfig.getCurrentContext()}' names no cluster`;
-  if (!server) return fail(1, `${noCluster} — pick one with kubectl config use-context NAME`);
-  const namespace = flags['all-namespaces'] ? undefined : (flags.namespace ?? context?.namespace ?? 'default');
-  return { kubeConfig, server, namespace, watchTimeoutSeconds };
+  const cluster = kubeConfig.getCurrentCluster();
+  if (!cluster?.server) {
+    return fail(1, `the kubeconfig's context '${kubeConfig.getCurrentContext()}' names no cluster — pick one with kubectl config use-context NAME`);
+  }
+  if (cluster.server.startsWith('http:') && !cluster.skipTLSVerify) {
+    return fail(1, `the kubeconfig's server ${cluster.server} is plain HTTP, which kubectl refuses too` +
+      ' — use its https:// address, or set insecure-skip-tls-verify: true on the cluster to allow it');
+  }
+  if (cluster.skipTLSVerify) {
+    console.error(`warning: insecure-skip-tls-verify is set, so the certificate of ${cluster.server} is not checked` +
+      ' — set certificate-authority-data in the kubeconfig instead');
+  }
+  const inCluster = readFirstLine('/var/run/secrets/kubernetes.io/serviceaccount/namespace');
+  return {
+    kubeConfig,
+    server: cluster.server.replace(/\/$/, ''),
+    namespace: flags['all-namespaces'] ? undefined : (flags.namespace ?? context?.namespace ?? 'default'),
+    selector: flags.selector,
+    json: flags.output === 'json',
+    watchTimeoutSeconds,
+    concurrency,
+    leaseNamespace: !flags['leader-elect'] ? undefined
+      : flags['leader-elect-namespace'] ?? process.env.POD_NAMESPACE ?? inCluster ?? context?.namespace ?? 'default',
+    healthPort,
+  };
+}
+
+function readFirstLine(file: string): string | undefined {
+  try {
+    return readFileSync(file, 'utf8').trim() || undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
-// List and watch: plain GETs over node:https, with the kubeconfig's CA and credentials.
+// Requests: node:https with the kubeconfig's CA and credentials, so that any runtime and any test server will do.
 
-/** An error response from the API server, or an ERROR event in a watch: its HTTP code and Status message. */
-type ApiError = Error & { code: number; verb: 'list' | 'watch'; retryAfterSeconds: number };
-const apiError = (code: number, message: string, verb: ApiError['verb'], retryAfterSeconds = 0): ApiError =>
+interface Status { code?: number; message?: string; details?: { retryAfterSeconds?: number } }
+
+/** An error response from the API server, or an ERROR event in a watch: its code, Status message and what failed. */
+type ApiError = Error & { code: number; verb: string; retryAfterSeconds: number };
+const apiError = (code: number, message: string, verb: string, retryAfterSeconds = 0): ApiError =>
   Object.assign(new Error(message), { code, verb, retryAfterSeconds });
 const isApiError = (err: unknown): err is ApiError => typeof (err as ApiError)?.verb === 'string';
 
-async function get(config: Config, verb: 'list' | 'watch', query: URLSearchParams, signal: AbortSignal) {
-  const namespace = config.namespace ? `/namespaces/${config.namespace}` : '';
-  const url = new URL(`${config.server.replace(/\/$/, '')}/apis/${GROUP}/${VERSION}${namespace}/${PLURAL}?${query}`);
-  const options: https.RequestOptions = { signal, headers: { Accept: 'application/json' } };
+interface Call { verb: string; method?: string; path: string; query?: URLSearchParams; body?: unknown; contentType?: string; signal: AbortSignal }
+
+async function call(config: Config, { verb, method = 'GET', path, query, body, contentType, signal }: Call) {
+  const url = new URL(`${config.server}${path}${query ? `?${query}` : ''}`);
+  const headers: Record<string, string> = { Accept: 'application/json' };
+  if (body !== undefined) headers['Content-Type'] = contentType ?? 'application/json';
+  const options: https.RequestOptions = { method, signal, headers };
   await config.kubeConfig.applyToHTTPSOptions(options); // on every request: exec and OIDC credentials refresh here
   // client-node's agent closes the connection after each request; the runtime's global agent keeps it
-  // open, sparing a TLS handshake per list page. Only a proxy-url in the kubeconfig needs client-node's.
+  // open, sparing a TLS handshake per request. Only a proxy-url in the kubeconfig needs client-node's.
   if (!config.kubeConfig.getCurrentCluster()?.proxyUrl) options.agent = undefined;
-  const response = await new Promise<http.IncomingMessage>((resolve, reject) =>
-    (url.protocol === 'http:' ? http : https).request(url, options, resolve).on('error', reject).end());
+  const response = await new Promise<http.IncomingMessage>((resolve, reject) => {
+    const request = (url.protocol === 'http:' ? http : https).request(url, options, resolve).on('error', reject);
+    request.end(body === undefined ? undefined : JSON.stringify(body));
+  });
   if (signal.aborted) { // Deno lets a response in after its request was aborted
     response.destroy();
     throw signal.reason;
   }
   response.setEncoding('utf8'); // decodes across chunk boundaries, even inside a multi-byte character
-  if (response.statusCode === 200) return response;
-  const body = await readAll(response);
-  const status: Status = body.startsWith('{') ? JSON.parse(body) : { message: body };
-  const retryAfter = Number(response.headers['retry-after']) || 0;
-  throw apiError(response.statusCode ?? 0, status.message ?? `HTTP ${response.statusCode}`, verb, retryAfter);
+  if (response.statusCode && response.statusCode < 300) return response;
+  const text = await readAll(response);
+  const status: Status = text.startsWith('{') ? JSON.parse(text) : { message: text };
+  const header = response.headers['retry-after'];
+  const retryAfter = Number(header) || (header ? (Date.parse(header) - Date.now()) / 1000 : 0) || status.details?.retryAfterSeconds;
+  throw apiError(response.statusCode ?? 0, status.message ?? `HTTP ${response.statusCode}`, verb, Math.max(0, retryAfter ?? 0));
 }
 
 async function readAll(response: http.IncomingMessage): Promise<string> {
@@ -165,42 +290,59 @@ async function readAll(response: http.IncomingMessage): Promise<string> {
   return body;
 }
 
+const callJson = async <T>(config: Config, request: Call): Promise<T> => JSON.parse(await call(config, request).then(readAll));
+
+const booksPath = (namespace: string | undefined) =>
+  `/apis/${GROUP}/${VERSION}${namespace === undefined ? '' : `/namespaces/${namespace}`}/${PLURAL}`;
+
+// ---------------------------------------------------------------------------------------------
+// List and watch.
+
+interface BookList { metadata: { resourceVersion: string; continue?: string }; items: unknown[] | null }
+
+// One line of a watch stream. ADDED, MODIFIED and DELETED carry a book (checkBook decides if it is
+// one), BOOKMARK only a newer resourceVersion, ERROR a Status.
+type WatchEvent =
+  | { type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK'; object: ObjectWithMetadata }
+  | { type: 'ERROR'; object: Status };
+interface ObjectWithMetadata { metadata: { resourceVersion: string; annotations?: Record<string, string> } }
+
 /**
  * A connection can die without a word (a half-open TCP connection) and leave us waiting for ever. The
  * server answers a list, and ends a watch, within the watch timeout: past that, plus a grace, start over.
  */
-function deadline(config: Config, verb: 'list' | 'watch', signal: AbortSignal) {
+function deadline(config: Config, verb: string, signal: AbortSignal) {
   const seconds = config.watchTimeoutSeconds + 5;
   const timeout = AbortSignal.timeout(seconds * 1000);
   const explain = (err: unknown) => (timeout.aborted ? new Error(`the ${verb} was not over after ${seconds}s`) : err);
   return { signal: AbortSignal.any([signal, timeout]), explain };
 }
 
+function selected(config: Config, query: Record<string, string>) {
+  return new URLSearchParams(config.selector ? { ...query, labelSelector: config.selector } : query);
+}
+
 /** Lists every book, a page at a time; each page carries the list's resourceVersion. */
 async function* listBooks(config: Config, signal: AbortSignal): AsyncGenerator<BookList> {
-  const query = new URLSearchParams({ limit: '500' });
+  const query = selected(config, { limit: '500' });
   do {
     const limit = deadline(config, 'list', signal);
-    const body = await get(config, 'list', query, limit.signal).then(readAll).catch((err) => {
+    const path = booksPath(config.namespace);
+    const page = await callJson<BookList>(config, { verb: 'list', path, query, signal: limit.signal }).catch((err) => {
       throw limit.explain(err);
     });
-    const page: BookList = JSON.parse(body);
     yield page;
     // A continue token expires after a few minutes (HTTP 410): the caller then lists again from scratch.
     query.set('continue', page.metadata.continue ?? '');
   } while (query.get('continue'));
 }
 
-/** Watches books changed after `resourceVersion`, yielding the events of each chunk; returns when the server ends the stream. */
-async function* watchBooks(config: Config, resourceVersion: string, signal: AbortSignal): AsyncGenerator<WatchEvent[]> {
-  // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At timeoutSeconds
-  // the server ends the watch, and we resume: a connection is never trusted for ever.
-  const timeoutSeconds = String(config.watchTimeoutSeconds);
-  const query = new URLSearchParams({ watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds });
+/** Watches books, yielding the events of each chunk; returns when the server ends the stream. */
+async function* watchBooks(config: Config, query: URLSearchParams, signal: AbortSignal): AsyncGenerator<WatchEvent[]> {
   const limit = deadline(config, 'watch', signal);
   let response: http.IncomingMessage | undefined;
   try {
-    response = await get(config, 'watch', query, limit.signal);
+    response = await call(config, { verb: 'watch', path: booksPath(config.namespace), query, signal: limit.signal });
     let partial = '';
     for await (const chunk of response) {
       const lines = (partial + chunk).split('\n');
@@ -228,130 +370,122 @@ function parseEvent(line: string): WatchEvent {
   throw new Error(`the watch sent a line that is not a watch event: ${line.slice(0, 60)}`);
 }
 
-export type BookEventType = 'Added' | 'Modified' | 'Deleted';
-export type Handler = (type: BookEventType, book: Book, name: string) => void | Promise<void>;
-type Change = Parameters<Handler>;
+/** A server that cannot stream the initial list: fall back to paginated lists for the rest of the run. */
+class NoStreamingList extends Error {}
 
 /**
- * Lists the books, then watches them for ever, calling `handle` once per change and waiting for it
- * before the next. Returns only when `signal` aborts; every failure is reported and retried.
+ * Keeps `books` equal to the server's books, for ever: lists, then watches from the list's
+ * resourceVersion, marking every book that changed as due. Never waits on a reconcile.
+ * Returns only when `signal` aborts; every failure is reported and retried.
  */
-export async function listAndWatch(config: Config, handle: Handler, signal: AbortSignal): Promise<void> {
-  const known = new Map<string, Book>(); // what `handle` has been told, by namespace/name
+async function listAndWatch(config: Config, books: Books, output: Output, health: Health, signal: AbortSignal): Promise<void> {
   let resourceVersion = ''; // where the next watch starts; empty: list first
+  let streaming = true; // try the streaming list (one watch request brings the initial state) until a server says no
   let failures = 0; // in a row, for the backoff
-
-  const keyOf = (object: unknown) => {
-    const { namespace = '', name = '' } = (object as { metadata?: Partial<Book['metadata']> })?.metadata ?? {};
-    return { key: `${namespace}/${name}`, name: config.namespace ? name : `${namespace}/${name}` };
-  };
-  // upsert and remove bring `known` up to date and return what the handler must be told, if anything.
-  const upsert = (object: unknown, listed?: Set<string>): Change | undefined => {
-    const { key, name } = keyOf(object);
-    listed?.add(key);
-    const book = checkBook(object);
-    if (typeof book === 'string') {
-      console.error(`ignoring book ${name}: ${book} — fix it with kubectl edit book ${name}`);
-      return undefined;
-    }
-    const before = known.get(key);
-    if (before?.metadata.resourceVersion === book.metadata.resourceVersion) return undefined; // nothing new
-    known.set(key, book);
-    return [before ? 'Modified' : 'Added', book, name];
-  };
-  const remove = (object: unknown): Change | undefined => {
-    const { key, name } = keyOf(object);
-    const book = known.get(key);
-    if (!book) return undefined;
-    known.delete(key);
-    return ['Deleted', book, name];
-  };
-  const tell = async (change: Change | undefined) => {
-    if (!change) return;
-    signal.throwIfAborted(); // once stopped, not one more call
-    try {
-      await handle(...change);
-    } catch (err) {
-      console.error(`the handler failed on book ${change[2]}: ${messageOf(err)}`); // and the watch goes on
-    }
-  };
+  let lastFailureWasGone = false;
 
   while (!signal.aborted) {
+    let listed: Set<string> | undefined; // while receiving an initial state: the books in it
     try {
-      if (!resourceVersion) {
-        // A (re)list: whatever we knew and the list lacks was deleted while we were not watching.
-        const listed = new Set<string>();
-        let listedAt = '';
+      if (!resourceVersion && !streaming) {
+        listed = new Set();
         for await (const page of listBooks(config, signal)) {
-          printTogether();
-          for (const object of page.items ?? []) await tell(upsert(object, listed));
-          listedAt = page.metadata.resourceVersion;
+          for (const object of page.items ?? []) books.update(object, listed);
+          resourceVersion = page.metadata.resourceVersion;
+          health.progress();
         }
-        for (const [key, book] of known) if (!listed.has(key)) await tell(remove(book));
-        resourceVersion = listedAt;
+        books.removeAllBut(listed);
+        health.synced();
+        listed = undefined;
+        failures = 0;
       }
+      const timeoutSeconds = String(config.watchTimeoutSeconds);
+      // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At timeoutSeconds
+      // the server ends the watch, and we resume: a connection is never trusted for ever.
+      const query = resourceVersion
+        ? selected(config, { watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds })
+        : selected(config, { watch: 'true', sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan', allowWatchBookmarks: 'true', timeoutSeconds });
+      listed = resourceVersion ? undefined : new Set();
       const started = Date.now();
       let events = 0;
-      for await (const chunk of watchBooks(config, resourceVersion, signal)) {
-        printTogether();
+      for await (const chunk of watchBooks(config, query, signal)) {
+        await output.ready; // stdout is full: stop reading, and the server waits on TCP
         for (const event of chunk) {
           if (event.type === 'ERROR') {
-            throw apiError(event.object.code ?? 500, event.object.message ?? 'ERROR event', 'watch');
+            const { code = 500, message = 'ERROR event' } = event.object;
+            if (listed && code !== 410) throw new NoStreamingList(message);
+            throw apiError(code, message, 'watch', event.object.details?.retryAfterSeconds);
           }
-          if (event.type === 'DELETED') await tell(remove(event.object));
-          else if (event.type !== 'BOOKMARK') await tell(upsert(event.object)); // a bookmark only moves resourceVersion
-          resourceVersion = event.object.metadata.resourceVersion;
+          if (event.type === 'DELETED') books.remove(event.object);
+          else if (event.type !== 'BOOKMARK') books.update(event.object, listed);
+          else if (listed && event.object.metadata.annotations?.['k8s.io/initial-events-end'] === 'true') {
+            // The initial state is complete: whatever we knew and it lacked was deleted meanwhile.
+            books.removeAllBut(listed);
+            health.synced();
+            listed = undefined;
+          }
+          // The initial events come in no order of resourceVersion: resume from them only once complete.
+          if (!listed) resourceVersion = event.object.metadata.resourceVersion;
           events++;
           failures = 0;
+          health.progress();
         }
       }
+      if (listed) throw new NoStreamingList('the watch ended before the initial state was complete');
+      health.progress();
       // The server ended the watch (its timeout): routine, resume at once. Unless it does so at once, every time.
       if (events === 0 && Date.now() - started < 1000) throw new Error('the watch ended at once, without any event');
     } catch (err) {
       if (signal.aborted) break;
+      const rejected = listed && isApiError(err) && (err.code === 400 || err.code === 422);
+      if (streaming && (rejected || err instanceof NoStreamingList)) {
+        streaming = false; // an older server, or one without the WatchList feature: list in pages instead
+        resourceVersion = '';
+        continue;
+      }
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
       // continue token expired). Only a new list tells what changed meanwhile; once is routine, so quiet.
       const gone = isApiError(err) && err.code === 410;
       if (gone) resourceVersion = '';
       const delayMs = retryDelayMs(failures++, err);
-      if (!gone || failures > 1) console.error(explain(err, config, delayMs));
+      if (!gone || lastFailureWasGone) console.error(explain(err, config, delayMs));
+      lastFailureWasGone = gone;
       await sleep(delayMs, undefined, { signal }).catch(() => {});
     }
   }
 }
 
-/** Exponential backoff from ~0.5 s to 30 s with jitter (so that restarted controllers spread out), or what a 429 asked. */
+const MAX_RETRY_AFTER_MS = 5 * 60_000;
+
+/** Exponential backoff from ~0.5 s to 30 s with jitter (so that restarted controllers spread out), or what the server asked. */
 function retryDelayMs(failures: number, err: unknown): number {
-  if (isApiError(err) && err.retryAfterSeconds > 0) return err.retryAfterSeconds * 1000;
-  const ceiling = Math.min(30_000, 500 * 2 ** failures);
-  return ceiling / 2 + (Math.random() * ceiling) / 2;
+  if (isApiError(err) && err.retryAfterSeconds > 0) return Math.min(err.retryAfterSeconds * 1000, MAX_RETRY_AFTER_MS);
+  return jitter(Math.min(30_000, 500 * 2 ** failures));
 }
 
+const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs) / 2;
+
 /** One stderr line: what failed, that we retry, and what would fix it. */
-function explain(err: unknown, { server, namespace, kubeConfig }: Config, delayMs: number): string {
-  const retrying = `retrying in ${(delayMs / 1000).toFixed(1)}s`;
+function explain(err: unknown, { server, namespace }: Config, delayMs: number): string {
+  const askedMs = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
+  const retrying = `retrying in ${(delayMs / 1000).toFixed(1)}s` +
+    (askedMs > MAX_RETRY_AFTER_MS ? ` (the server asked for ${askedMs / 1000}s; 5 minutes is the most we wait)` : '');
   const code = (err as { code?: unknown })?.code;
-  // With nothing to load, client-node falls back to http://localhost:8080 under this context name.
-  if (kubeConfig.getCurrentContext() === 'loaded-context') {
-    return `no kubeconfig found (KUBECONFIG, ~/.kube/config or a pod's service account); ${retrying}` +
-      ' — set KUBECONFIG, or create a cluster (kind create cluster)';
-  }
+  const where = namespace === undefined ? 'all namespaces' : `namespace ${namespace}`;
   if (isApiError(err)) {
-    const books = `${PLURAL}.${GROUP}`;
     switch (code) {
       case 401:
         return `${server} does not accept our credentials (401 Unauthorized); ${retrying}` +
           ' — refresh them in your kubeconfig (kubectl auth whoami)';
       case 403:
-        return `not allowed to ${err.verb} books in ${namespace ? `namespace ${namespace}` : 'all namespaces'}` +
-          ` (403: ${err.message}); ${retrying} — grant list and watch on ${books}` +
-          ` (kubectl auth can-i ${err.verb} ${books} ${namespace ? `-n ${namespace}` : '-A'})`;
+        return `not allowed to ${err.verb} ${PLURAL} in ${where} (403: ${err.message}); ${retrying}` +
+          ` — grant list and watch on ${resource} (kubectl auth can-i ${err.verb} ${resource} ${namespace ? `-n ${namespace}` : '-A'})`;
       case 404:
-        return `the Book CRD is not installed on ${server} (404: ${err.message}); ${retrying} — kubectl apply -f crd.yaml`;
+        return `the ${KIND} CRD is not installed on ${server} (404: ${err.message}); ${retrying} — kubectl apply -f crd.yaml`;
       case 429:
         return `${server} is busy (429: ${err.message}); ${retrying}`;
       default:
-        return `${server} failed to ${err.verb} books (${code}: ${err.message}); ${retrying}`;
+        return `${server} failed to ${err.verb} ${PLURAL} (${code}: ${err.message}); ${retrying}`;
     }
   }
   if (typeof code === 'string' && /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ETIMEDOUT|EHOSTUNREACH|ENETUNREACH)$/.test(code)) {
@@ -365,6 +499,414 @@ function explain(err: unknown, { server, namespace, kubeConfig }: Config, delayM
   return `${messageOf(err)} (${server}); ${retrying}`;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The cache and the work queue: the watch marks books as due, workers reconcile them.
+
+/** What the controller knows of one book: the server's latest, what the last reconcile saw, and its Ready condition. */
+interface Entry {
+  book: Book | undefined; // undefined: deleted on the server, its Deleted not yet reconciled
+  reconciled: Book | undefined; // what the last successful reconcile saw
+  ready: string; // the Ready condition as the server has it, for no-op detection: "True Reconciled 3"
+  since: number; // its lastTransitionTime
+}
+
+/**
+ * The books by namespace/name, and which of them are due. The queue keeps client-go's workqueue rules:
+ * a book is never reconciled by two workers at once; one that changes while reconciled is reconciled
+ * again afterwards; a failed one waits its own backoff, reset by a success or cut short by a change.
+ */
+class Books {
+  readonly entries = new Map<string, Entry>();
+  private readonly due = new Set<string>(); // in the order they became due
+  private readonly busy = new Set<string>();
+  private readonly again = new Set<string>(); // changed while busy
+  private readonly failures = new Map<string, number>();
+  private readonly timers = new Map<string, ReturnType<typeof setTimeout>>();
+  private wakeWorker: (() => void)[] = [];
+  readonly config: Config;
+  statusForbidden = false; // once told, the rest of the run goes without status
+
+  constructor(config: Config) {
+    this.config = config;
+  }
+
+  /** The book in a list or watch event: cache it and mark it due if it changed. `listed` collects the keys of a relist. */
+  update(object: unknown, listed?: Set<string>) {
+    const { key, name, bare, namespace } = this.keyOf(object);
+    listed?.add(key);
+    const book = checkBook(object);
+    if (typeof book === 'string') {
+      console.error(`ignoring ${kind} ${name}: ${book} — fix it with kubectl edit ${kind} ${bare} -n ${namespace}`);
+      return; // the cache keeps its last good state, so that a later delete is still reported
+    }
+    const entry = this.entries.get(key);
+    if (entry?.book?.metadata.resourceVersion === book.metadata.resourceVersion) return; // nothing new
+    const { ready, since } = readyCondition(object);
+    if (entry) Object.assign(entry, { book, ready, since });
+    else this.entries.set(key, { book, reconciled: undefined, ready, since });
+    this.add(key);
+  }
+
+  remove(object: unknown) {
+    const { key } = this.keyOf(object);
+    const entry = this.entries.get(key);
+    if (!entry?.book) return;
+    entry.book = undefined;
+    this.add(key);
+  }
+
+  /** After a relist: every book we knew and the list lacks was deleted while we were not watching. */
+  removeAllBut(listed: Set<string>) {
+    for (const [key, entry] of this.entries) if (!listed.has(key) && entry.book) this.remove(entry.book);
+  }
+
+  keyOf(object: unknown) {
+    const { namespace = '', name = '' } = (object as { metadata?: Partial<Book['metadata']> })?.metadata ?? {};
+    const key = `${namespace}/${name}`;
+    return { key, name: this.config.namespace === undefined ? key : name, bare: name, namespace };
+  }
+
+  /** Marks a book as due now (a change cuts its retry backoff short). */
+  add(key: string) {
+    clearTimeout(this.timers.get(key));
+    this.timers.delete(key);
+    if (this.busy.has(key)) return void this.again.add(key);
+    this.due.add(key);
+    this.wakeWorker.shift()?.();
+  }
+
+  /** Waits for the next due book and marks it busy. */
+  async next(signal: AbortSignal): Promise<string> {
+    for (;;) {
+      const [key] = this.due;
+      if (key !== undefined) {
+        this.due.delete(key);
+        this.busy.add(key);
+        return key;
+      }
+      signal.throwIfAborted();
+      await new Promise<void>((resolve) => {
+        this.wakeWorker.push(resolve);
+        signal.addEventListener('abort', () => resolve(), { once: true });
+      });
+    }
+  }
+
+  /** The worker is done with a book: on failure, returns how long until it is tried again. */
+  done(key: string, failed: boolean): number {
+    this.busy.delete(key);
+    let delayMs = 0;
+    if (failed) {
+      const failures = (this.failures.get(key) ?? 0) + 1;
+      this.failures.set(key, failures);
+      delayMs = jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)); // about 1 s, doubling to 5 minutes
+      this.timers.set(key, setTimeout(() => this.add(key), delayMs));
+    } else {
+      this.failures.delete(key);
+    }
+    if (this.again.delete(key)) this.add(key);
+    return delayMs;
+  }
+
+  stop() {
+    this.timers.forEach(clearTimeout);
+    this.wakeWorker.forEach((wake) => wake());
+  }
+}
+
+/** Takes due books and reconciles them, one at a time, until `signal` aborts. `--concurrency` workers run side by side. */
+async function work(books: Books, output: Output, reconcileBook: Reconcile, signal: AbortSignal) {
+  while (!signal.aborted) {
+    const key = await books.next(signal).catch(() => '');
+    const entry = books.entries.get(key);
+    if (!entry) continue;
+    const name = books.keyOf(entry.book ?? entry.reconciled).name;
+    let failure: unknown;
+    try {
+      // What changed since the last successful reconcile. A new uid under the same name: deleted and created again.
+      const { book, reconciled } = entry;
+      if (reconciled && (!book || book.metadata.uid !== reconciled.metadata.uid)) {
+        await reconcileBook('Deleted', reconciled, name, signal);
+        entry.reconciled = undefined;
+        await output.print('Deleted', reconciled, name, signal);
+      }
+      if (book && book.metadata.generation !== entry.reconciled?.metadata.generation) {
+        const change = entry.reconciled ? 'Modified' : 'Added';
+        await reconcileBook(change, book, name, signal);
+        entry.reconciled = book;
+        await output.print(change, book, name, signal);
+      }
+    } catch (err) {
+      failure = err;
+    }
+    if (signal.aborted) return;
+    if (!entry.book && !entry.reconciled) books.entries.delete(key);
+    const statusFailure = await writeStatus(books, entry, failure).then(() => undefined, (err: unknown) => err);
+    const delay = `retrying in ${(books.done(key, Boolean(failure ?? statusFailure)) / 1000).toFixed(1)}s`;
+    if (failure) console.error(`reconcile of ${kind} ${name} failed: ${messageOf(failure)}; ${delay}`);
+    else if (statusFailure) console.error(`cannot write the status of ${kind} ${name} (${messageOf(statusFailure)}); ${delay}`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status: the outcome of the last reconcile, on the book itself, so that kubectl get and kubectl wait show it.
+
+function readyCondition(object: unknown): { ready: string; since: number } {
+  type Condition = { type?: string; status?: string; reason?: string; message?: string; observedGeneration?: number; lastTransitionTime?: string };
+  const { status } = object as { status?: { observedGeneration?: number; conditions?: Condition[] } };
+  const ready = status?.conditions?.find?.((condition) => condition.type === 'Ready');
+  if (!ready || ready.observedGeneration !== status?.observedGeneration) return { ready: '', since: 0 };
+  return { ready: `${ready.status} ${ready.reason} ${ready.observedGeneration} ${ready.message}`, since: Date.parse(ready.lastTransitionTime ?? '') || 0 };
+}
+
+/** Writes the book's Ready condition, unless it already says exactly that. */
+async function writeStatus(books: Books, entry: Entry, error: unknown) {
+  const { metadata } = entry.book ?? {};
+  // A server that sets no generation would see our own write as a change: no status there.
+  if (!metadata || books.statusForbidden || typeof metadata.generation !== 'number') return;
+  const isReady = error === undefined;
+  const reason = isReady ? 'Reconciled' : 'ReconcileFailed';
+  const message = isReady ? '' : messageOf(error);
+  const ready = `${isReady ? 'True' : 'False'} ${reason} ${metadata.generation} ${message}`;
+  if (entry.ready === ready) return;
+  const flipped = entry.ready.split(' ')[0] !== ready.split(' ')[0];
+  const since = flipped || !entry.since ? Date.now() : entry.since;
+  const condition = {
+    type: 'Ready', status: isReady ? 'True' : 'False', reason, message,
+    observedGeneration: metadata.generation, lastTransitionTime: new Date(since).toISOString().replace(/\.\d+Z$/, 'Z'),
+  };
+  const path = `${booksPath(metadata.namespace)}/${metadata.name}/status`;
+  const body = { status: { observedGeneration: metadata.generation, conditions: [condition] } };
+  try {
+    const signal = AbortSignal.timeout(30_000);
+    await call(books.config, { verb: 'patch', method: 'PATCH', path, body, contentType: 'application/merge-patch+json', signal }).then(readAll);
+    Object.assign(entry, { ready, since });
+  } catch (err) {
+    if (isApiError(err) && err.code === 404) return; // the book is gone: nothing to say
+    if (isApiError(err) && err.code === 403) {
+      books.statusForbidden = true;
+      console.error(`not allowed to patch ${PLURAL}/status in namespace ${metadata.namespace} (403: ${err.message}); going on without writing status` +
+        ` — grant patch on ${PLURAL}/status (kubectl auth can-i patch ${resource} --subresource=status -n ${metadata.namespace})`);
+      return;
+    }
+    throw err;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output: stdout is the product, so a pipe gets every line, in order, and a slow reader slows us down.
+
+class Output {
+  ready = Promise.resolve(); // settles when stdout can take more
+  private corked = false;
+  private readonly stdout: Writable;
+  private readonly json: boolean;
+
+  constructor(stdout: Writable, json: boolean) {
+    this.stdout = stdout;
+    this.json = json;
+  }
+
+  async print(change: Change, book: Book, name: string, signal: AbortSignal) {
+    signal.throwIfAborted(); // once stopped, not one more line
+    const { namespace, name: bookName } = book.metadata;
+    const line = this.json ? JSON.stringify({ type: change, namespace, name: bookName, spec: book.spec }) : describe(change, book, name);
+    // Lines printed in the same tick leave in one write: a speed trick for large lists.
+    if (!this.corked) {
+      this.corked = true;
+      this.stdout.cork();
+      process.nextTick(() => (this.corked = false, this.stdout.uncork()));
+    }
+    if (!this.stdout.write(line + '\n')) {
+      this.ready = once(this.stdout, 'drain').then(() => {});
+      await this.ready;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leader election over a Lease, with client-go's timings: replicas take turns, one acts at a time.
+
+const LEASE_NAME = 'book-controller';
+const LEASE_SECONDS = 15;
+const RENEW_DEADLINE_MS = 10_000;
+const RETRY_PERIOD_MS = 2_000;
+
+interface LeaseSpec { holderIdentity?: string; leaseDurationSeconds?: number; acquireTime?: string; renewTime?: string; leaseTransitions?: number }
+interface Lease { metadata: { resourceVersion?: string; name?: string }; spec?: LeaseSpec }
+
+// MicroTime: the API server refuses a time without exactly six fractional digits.
+const microTime = (ms: number) => new Date(ms).toISOString().replace('Z', '000Z');
+
+class LeaderElection {
+  readonly identity = `${hostname()}_${randomUUID().slice(0, 8)}`;
+  private observed = { spec: '', at: 0 }; // the lease as we last saw it change, by our own clock
+  private readonly path: string;
+  holder = '';
+  private readonly config: Config;
+  readonly namespace: string;
+
+  constructor(config: Config, namespace: string) {
+    this.config = config;
+    this.namespace = namespace;
+    this.path = `/apis/coordination.k8s.io/v1/namespaces/${namespace}/leases`;
+  }
+
+  /** One round of client-go's tryAcquireOrRenew: true if we hold the lease now. */
+  async tryAcquireOrRenew(signal: AbortSignal): Promise<boolean> {
+    const now = Date.now();
+    const lease = await callJson<Lease>(this.config, { verb: 'get', path: `${this.path}/${LEASE_NAME}`, signal }).catch((err) => {
+      if (isApiError(err) && err.code === 404) return undefined;
+      throw err;
+    });
+    const spec = lease?.spec ?? {};
+    if (JSON.stringify(spec) !== this.observed.spec) this.observed = { spec: JSON.stringify(spec), at: now };
+    this.holder = spec.holderIdentity ?? '';
+    // Judged by our own clock since we saw the record change, never by the times written in it:
+    // the holder's clock may differ from ours, but a record that stays the same for a lease duration is dead.
+    const expired = now - this.observed.at > (spec.leaseDurationSeconds ?? LEASE_SECONDS) * 1000;
+    if (this.holder && this.holder !== this.identity && !expired) return false;
+    const ours = this.holder === this.identity;
+    const next: LeaseSpec = {
+      holderIdentity: this.identity, leaseDurationSeconds: LEASE_SECONDS,
+      acquireTime: ours ? spec.acquireTime : microTime(now), renewTime: microTime(now),
+      leaseTransitions: (spec.leaseTransitions ?? 0) + (ours || !lease ? 0 : 1),
+    };
+    return this.write(lease, next, signal);
+  }
+
+  /** Gives the lease up, so that a follower takes over within a retry period instead of a lease duration. */
+  async release() {
+    const signal = AbortSignal.timeout(500);
+    const lease = await callJson<Lease>(this.config, { verb: 'get', path: `${this.path}/${LEASE_NAME}`, signal });
+    if (lease.spec?.holderIdentity !== this.identity) return;
+    await this.write(lease, { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1, renewTime: microTime(Date.now()) }, signal);
+  }
+
+  /** Creates or updates the lease; a 409 means another replica wrote first, with the resourceVersion we read. */
+  private async write(lease: Lease | undefined, spec: LeaseSpec, signal: AbortSignal): Promise<boolean> {
+    const body = { apiVersion: 'coordination.k8s.io/v1', kind: 'Lease', metadata: { ...lease?.metadata, name: LEASE_NAME }, spec };
+    const request = lease
+      ? { verb: 'update', method: 'PUT', path: `${this.path}/${LEASE_NAME}`, body, signal }
+      : { verb: 'create', method: 'POST', path: this.path, body, signal };
+    try {
+      await call(this.config, request).then(readAll);
+      this.observed = { spec: JSON.stringify(spec), at: Date.now() };
+      return true;
+    } catch (err) {
+      if (isApiError(err) && err.code === 409) return false;
+      throw err;
+    }
+  }
+}
+
+/** Waits until this replica leads; returns a signal that aborts if it stops leading. */
+async function lead(config: Config, election: LeaderElection, health: Health, signal: AbortSignal): Promise<AbortSignal> {
+  const lost = new AbortController();
+  const where = `the Lease ${election.namespace}/${LEASE_NAME}`;
+  let waiting = false;
+  health.following();
+  while (!(await election.tryAcquireOrRenew(signal).catch((err) => explainLease(err, where, signal)))) {
+    if (!waiting && election.holder) console.error(`waiting to lead: ${where} is held by ${election.holder}`);
+    waiting ||= Boolean(election.holder);
+    health.progress();
+    await sleep(RETRY_PERIOD_MS, undefined, { signal });
+  }
+  console.error(`leading as ${election.identity} (${where})`);
+  health.leading();
+  void (async () => {
+    let renewed = Date.now();
+    while (!signal.aborted) {
+      await sleep(RETRY_PERIOD_MS, undefined, { signal }).catch(() => {});
+      if (signal.aborted) return;
+      const attempt = AbortSignal.any([signal, AbortSignal.timeout(RENEW_DEADLINE_MS)]);
+      const held = await election.tryAcquireOrRenew(attempt).catch((err) => explainLease(err, where, signal));
+      if (held) (renewed = Date.now(), health.progress());
+      else if (election.holder && election.holder !== election.identity && !signal.aborted) {
+        return lost.abort(new Error(`${where} is now held by ${election.holder}`));
+      } else if (Date.now() - renewed > RENEW_DEADLINE_MS && !signal.aborted) {
+        return lost.abort(new Error(`could not renew ${where} for ${RENEW_DEADLINE_MS / 1000}s`));
+      }
+    }
+  })();
+  return lost.signal;
+}
+
+function explainLease(err: unknown, where: string, signal: AbortSignal): false {
+  if (signal.aborted) return false;
+  const code = (err as { code?: unknown })?.code;
+  const hint = code === 403 ? ` — grant get, create and update on leases.coordination.k8s.io (see deploy.yaml)` : '';
+  console.error(`cannot read or write ${where} (${code ?? ''}: ${messageOf(err)}); retrying in ${RETRY_PERIOD_MS / 1000}s${hint}`);
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health: what the kubelet asks before it routes traffic or restarts us.
+
+class Health {
+  private lastProgress = Date.now();
+  private ready = false;
+  private readonly staleAfterMs: number;
+  constructor(staleAfterMs: number) {
+    this.staleAfterMs = staleAfterMs;
+  }
+  progress() { this.lastProgress = Date.now(); }
+  synced() { this.ready = true; }
+  following() { this.ready = true; }
+  leading() { this.ready = false; }
+
+  serve(port: number): http.Server {
+    return http.createServer((request, response) => {
+      const stale = Date.now() - this.lastProgress > this.staleAfterMs;
+      const [code, text] =
+        request.url === '/healthz' ? (stale ? [500, `no list page, watch event or lease renewal for ${this.staleAfterMs / 1000}s\n`] : [200, 'ok\n'])
+        : request.url === '/readyz' ? (this.ready ? [200, 'ok\n'] : [503, 'the initial list is not handled yet\n'])
+        : [404, 'not found: try /healthz or /readyz\n'];
+      response.writeHead(code, { 'Content-Type': 'text/plain' }).end(text);
+    }).listen(port);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main: configuration, then (as the leader, with --leader-elect) the watch and the workers until SIGINT or SIGTERM.
+
+/** Runs the controller until `signal` aborts; returns the process exit code. */
+export async function main(args: string[], signal: AbortSignal, options: { reconcile?: Reconcile; stdout?: Writable } = {}): Promise<number> {
+  let config: Config | number;
+  try {
+    config = await loadConfig(args);
+  } catch (err) {
+    const { name, code } = err as { name?: string; code?: string };
+    if (name === 'NotCapable' || name === 'PermissionDenied') {
+      return fail(2, `Deno needs more permissions (${messageOf(err)}) — run deno run --allow-env --allow-read --allow-net --allow-sys controller.ts`);
+    }
+    if (code === 'ERR_MODULE_NOT_FOUND') return fail(1, `${messageOf(err)} — run npm ci first`);
+    throw err;
+  }
+  if (typeof config === 'number') return config;
+  const health = new Health((config.watchTimeoutSeconds + 30) * 1000);
+  const server = config.healthPort === undefined ? undefined : health.serve(config.healthPort);
+  const election = config.leaseNamespace === undefined ? undefined : new LeaderElection(config, config.leaseNamespace);
+  try {
+    const lost = election ? await lead(config, election, health, signal) : new AbortController().signal;
+    const running = AbortSignal.any([signal, lost]);
+    const books = new Books(config);
+    const output = new Output(options.stdout ?? process.stdout, config.json);
+    const workers = Array.from({ length: config.concurrency }, () => work(books, output, options.reconcile ?? reconcile, running));
+    await listAndWatch(config, books, output, health, running);
+    books.stop();
+    if (lost.aborted) return fail(1, `stopped leading: ${messageOf(lost.reason)} — exiting so that a new replica starts clean`);
+    await Promise.race([Promise.all(workers), sleep(300)]); // in-flight reconciles were told to stop; wait briefly
+    await election?.release().catch(() => {});
+    return 0;
+  } catch (err) {
+    if (signal.aborted) return 0; // stopped while waiting to lead
+    throw err;
+  } finally {
+    server?.close();
+  }
+}
+
 /** The first line of an error's message: every diagnostic is one line. */
 function messageOf(err: unknown): string {
   return (err instanceof Error ? err.message : String(err)).trim().split('\n')[0] ?? '';
@@ -375,58 +917,16 @@ function fail(exitCode: number, message: string): number {
   return exitCode;
 }
 
-/** The lines printed from now until the next tick leave stdout in one write, not one write each. */
-function printTogether() {
-  process.stdout.cork();
-  process.nextTick(() => process.stdout.uncork());
-}
-
-// ---------------------------------------------------------------------------------------------
-// The handler: your code goes here.
-
-/**
- * Called once per change of a book, in the order the server sent them; the next call waits until
- * this one has finished. `name` is the book's name, or NAMESPACE/NAME with --all-namespaces.
- * If it throws, the error is reported on stderr and the watch goes on.
- */
-export async function handle(event: BookEventType, book: Book, name: string): Promise<void> {
-  switch (event) {
-    case 'Added':
-    case 'Modified':
-      console.log(`${event} a book ${name} with title '${book.spec.title}'`);
-      break;
-    case 'Deleted':
-      console.log(`Deleted a book ${name}`);
-      break;
-    default: // a new kind of event must be handled above
-      event satisfies never;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Main: flags and kubeconfig, then list and watch until SIGINT or SIGTERM.
-
-/** Runs the controller until `signal` aborts; returns the process exit code. */
-export async function main(args: string[], signal: AbortSignal): Promise<number> {
-  let config: Config | number;
-  try {
-    config = await loadConfig(args);
-  } catch (err) {
-    return fail(2, `${messageOf(err)} — see --help`); // parseArgs: an unknown or malformed flag
-  }
-  if (typeof config === 'number') return config;
-  await listAndWatch(config, handle, signal);
-  return 0;
-}
-
 // Runs only as the entry point, not when imported by the tests. Node 22 and tsx lack import.meta.main.
 const isEntryPoint = (import.meta as { main?: boolean }).main ?? process.argv[1] === fileURLToPath(import.meta.url);
 if (isEntryPoint) {
   const stop = new AbortController();
   process.once('SIGINT', () => stop.abort());
   process.once('SIGTERM', () => stop.abort());
-  process.exit(await main(process.argv.slice(2), stop.signal));
+  process.stdout.on('error', () => stop.abort()); // EPIPE: the reader is gone (| head -1), so are we, quietly
+  const exitCode = await main(process.argv.slice(2), stop.signal);
+  process.stdout.write('', () => process.exit(exitCode)); // every line printed reaches the pipe first
 }
 
-// Where to go next: a status subresource written back by the handler; a work queue keyed by book,
-// so that a slow handler does not hold up other books; leader election for more than one replica.
+// Where to go next: owner references and finalizers for what reconcile creates; Events for kubectl describe;
+// metrics; a cache of other resources watched the same way (kube-rs's `Controller::owns`).
