@@ -576,19 +576,16 @@ class Books {
   }
 
   /** Waits for the next due book and marks it busy. */
-  async next(signal: AbortSignal): Promise<string> {
-    for (;;) {
+  async next(signal: AbortSignal): Promise<string | undefined> {
+    while (!signal.aborted) {
       const [key] = this.due;
-      if (key !== undefined) {
-        this.due.delete(key);
-        this.busy.add(key);
-        return key;
+      if (key === undefined) {
+        await new Promise<void>((resolve) => this.wakeWorker.push(resolve));
+        continue;
       }
-      signal.throwIfAborted();
-      await new Promise<void>((resolve) => {
-        this.wakeWorker.push(resolve);
-        signal.addEventListener('abort', () => resolve(), { once: true });
-      });
+      this.due.delete(key);
+      this.busy.add(key);
+      return key;
     }
   }
 
@@ -617,14 +614,18 @@ class Books {
 /** Takes due books and reconciles them, one at a time, until `signal` aborts. `--concurrency` workers run side by side. */
 async function work(books: Books, output: Output, reconcileBook: Reconcile, signal: AbortSignal) {
   while (!signal.aborted) {
-    const key = await books.next(signal).catch(() => '');
+    const key = await books.next(signal);
+    if (key === undefined) return;
     const entry = books.entries.get(key);
-    if (!entry) continue;
+    if (!entry) {
+      books.done(key, false);
+      continue;
+    }
     const name = books.keyOf(entry.book ?? entry.reconciled).name;
+    const { book, reconciled } = entry;
     let failure: unknown;
     try {
       // What changed since the last successful reconcile. A new uid under the same name: deleted and created again.
-      const { book, reconciled } = entry;
       if (reconciled && (!book || book.metadata.uid !== reconciled.metadata.uid)) {
         await reconcileBook('Deleted', reconciled, name, signal);
         entry.reconciled = undefined;
@@ -641,7 +642,8 @@ async function work(books: Books, output: Output, reconcileBook: Reconcile, sign
     }
     if (signal.aborted) return;
     if (!entry.book && !entry.reconciled) books.entries.delete(key);
-    const statusFailure = await writeStatus(books, entry, failure).then(() => undefined, (err: unknown) => err);
+    // A book that changed meanwhile is due again: its status waits for the reconcile of its latest state.
+    const statusFailure = entry.book === book ? await writeStatus(books, entry, failure).then(() => undefined, (err: unknown) => err) : undefined;
     const delay = `retrying in ${(books.done(key, Boolean(failure ?? statusFailure)) / 1000).toFixed(1)}s`;
     if (failure) console.error(`reconcile of ${kind} ${name} failed: ${messageOf(failure)}; ${delay}`);
     else if (statusFailure) console.error(`cannot write the status of ${kind} ${name} (${messageOf(statusFailure)}); ${delay}`);
@@ -855,15 +857,18 @@ class Health {
   following() { this.ready = true; }
   leading() { this.ready = false; }
 
-  serve(port: number): http.Server {
-    return http.createServer((request, response) => {
+  /** Serves /healthz and /readyz on `port`; resolves once listening. */
+  async serve(port: number): Promise<http.Server> {
+    const server = http.createServer((request, response) => {
       const stale = Date.now() - this.lastProgress > this.staleAfterMs;
       const [code, text] =
         request.url === '/healthz' ? (stale ? [500, `no list page, watch event or lease renewal for ${this.staleAfterMs / 1000}s\n`] : [200, 'ok\n'])
         : request.url === '/readyz' ? (this.ready ? [200, 'ok\n'] : [503, 'the initial list is not handled yet\n'])
         : [404, 'not found: try /healthz or /readyz\n'];
       response.writeHead(code, { 'Content-Type': 'text/plain' }).end(text);
-    }).listen(port);
+    });
+    await new Promise((resolve, reject) => server.listen(port).once('listening', resolve).once('error', reject));
+    return server;
   }
 }
 
@@ -872,22 +877,13 @@ class Health {
 
 /** Runs the controller until `signal` aborts; returns the process exit code. */
 export async function main(args: string[], signal: AbortSignal, options: { reconcile?: Reconcile; stdout?: Writable } = {}): Promise<number> {
-  let config: Config | number;
+  let server: http.Server | undefined;
   try {
-    config = await loadConfig(args);
-  } catch (err) {
-    const { name, code } = err as { name?: string; code?: string };
-    if (name === 'NotCapable' || name === 'PermissionDenied') {
-      return fail(2, `Deno needs more permissions (${messageOf(err)}) — run deno run --allow-env --allow-read --allow-net --allow-sys controller.ts`);
-    }
-    if (code === 'ERR_MODULE_NOT_FOUND') return fail(1, `${messageOf(err)} — run npm ci first`);
-    throw err;
-  }
-  if (typeof config === 'number') return config;
-  const health = new Health((config.watchTimeoutSeconds + 30) * 1000);
-  const server = config.healthPort === undefined ? undefined : health.serve(config.healthPort);
-  const election = config.leaseNamespace === undefined ? undefined : new LeaderElection(config, config.leaseNamespace);
-  try {
+    const config = await loadConfig(args);
+    if (typeof config === 'number') return config;
+    const health = new Health((config.watchTimeoutSeconds + 30) * 1000);
+    if (config.healthPort !== undefined) server = await health.serve(config.healthPort);
+    const election = config.leaseNamespace === undefined ? undefined : new LeaderElection(config, config.leaseNamespace);
     const lost = election ? await lead(config, election, health, signal) : new AbortController().signal;
     const running = AbortSignal.any([signal, lost]);
     const books = new Books(config);
@@ -895,12 +891,18 @@ export async function main(args: string[], signal: AbortSignal, options: { recon
     const workers = Array.from({ length: config.concurrency }, () => work(books, output, options.reconcile ?? reconcile, running));
     await listAndWatch(config, books, output, health, running);
     books.stop();
-    if (lost.aborted) return fail(1, `stopped leading: ${messageOf(lost.reason)} — exiting so that a new replica starts clean`);
+    if (lost.aborted) return fail(1, `stopped leading: ${messageOf(lost.reason)} — exiting, so that a new replica starts clean`);
     await Promise.race([Promise.all(workers), sleep(300)]); // in-flight reconciles were told to stop; wait briefly
     await election?.release().catch(() => {});
     return 0;
   } catch (err) {
+    const { name, code } = err as { name?: string; code?: string };
     if (signal.aborted) return 0; // stopped while waiting to lead
+    if (name === 'NotCapable' || name === 'PermissionDenied') {
+      return fail(2, `Deno needs more permissions (${messageOf(err)}) — run deno run --allow-env --allow-read --allow-net --allow-sys controller.ts`);
+    }
+    if (code === 'ERR_MODULE_NOT_FOUND') return fail(1, `${messageOf(err)} — run npm ci first`);
+    if (code === 'EADDRINUSE' || code === 'EACCES') return fail(1, `cannot serve health checks (${messageOf(err)}) — pick another --health-port`);
     throw err;
   } finally {
     server?.close();
