@@ -1,8 +1,8 @@
 // Tests for controller.ts, with no cluster: msw plays the Kubernetes API server.
 //
-// The msw handlers below behave like the API server's books endpoint (paginated lists with
+// The fake in fake-apiserver.ts behaves like the API server's books endpoint (paginated lists with
 // continue tokens, watch streams cut at any byte, bookmarks, 410 Gone, Status error bodies).
-// They are served over a real loopback TLS server, so the controller's own https request, its CA
+// It is served over a real loopback TLS server, so the controller's own https request, its CA
 // check and its bearer token are exercised as against a cluster, on Node, Deno and Bun alike.
 //
 //   npm test                                  (Node)
@@ -12,13 +12,12 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
-import * as https from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, test } from 'node:test';
-import { getResponse, http, HttpResponse } from 'msw';
 import { checkBook, handle, listAndWatch, loadConfig, main, type Book, type Config, type Handler } from './controller.ts';
+import { FakeApiServer, SERVER_CERT, status, writeKubeconfig as writeKubeconfigFor } from './fake-apiserver.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Waiting on events, never on the clock: every output line and every request wakes the waiters.
@@ -40,316 +39,14 @@ const realConsole = { log: console.log, error: console.error };
 const lineIn = (lines: string[]) => (...args: unknown[]) => (lines.push(args.join(' ')), wake());
 
 // ---------------------------------------------------------------------------------------------
-// The fake API server.
-
-const GROUP_VERSION = 'example.technosophos.com/v1';
-const TOKEN = 'test-token';
-
-// A throwaway CA and a certificate for 127.0.0.1 and localhost signed by it (P-256, valid to 2126),
-// made with `openssl req -x509 …` and `openssl x509 -req …`. The private key opens nothing else.
-const CA_CERT = `-----BEGIN CERTIFICATE-----
-MIIBqzCCAVGgAwIBAgIUUhmmC9ttqpX+Ox46e226tkBJJMEwCgYIKoZIzj0EAwIw
-IjEgMB4GA1UEAwwXYm9vay1jb250cm9sbGVyIHRlc3QgQ0EwIBcNMjYxMTI1MTYy
-ODA5WhgPMjEyNjExMDExNjI4MDlaMCIxIDAeBgNVBAMMF2Jvb2stY29udHJvbGxl
-ciB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAErO55AkJC44JyeA74
-KFzsRiUV229YzjYsk7Ex3MjMxP5PcRL+5ozP3oHCeqhygKVjZT7tq48sgoH2Msgi
-Sp8MUqNjMGEwHQYDVR0OBBYEFJ5hwhV1gKUR4Xn6mL7zf8ANShGEMB8GA1UdIwQY
-MBaAFJ5hwhV1gKUR4Xn6mL7zf8ANShGEMA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0P
-AQH/BAQDAgEGMAoGCCqGSM49BAMCA0gAMEUCID5TtoCs8aNq9oYPALXzjtUV6JWo
-6d5p9UBMvDDOGBrBAiEA58woarfhBAyzJZPmWYTrkatHguBKWS8PnQokfpphqvY=
------END CERTIFICATE-----
-`;
-const SERVER_CERT = `-----BEGIN CERTIFICATE-----
-MIIBxzCCAW2gAwIBAgIUM4iTx8SU3PhxRQQ7DWeGXC+Q5QcwCgYIKoZIzj0EAwIw
-IjEgMB4GA1UEAwwXYm9vay1jb250cm9sbGVyIHRlc3QgQ0EwIBcNMjYxMTI1MTYy
-ODA5WhgPMjEyNjExMDExNjI4MDlaMBQxEjAQBgNVBAMMCWxvY2FsaG9zdDBZMBMG
-ByqGSM49AgEGCCqGSM49AwEHA0IABFjq6nJ/Zo6/js0Yf7iYo3LPXlsLkvqK3MSp
-xFyY9XuI3ITcUb45DE3fBjBr8Hqrt3ycjN8pUpOG/+KyIk7l5ZyjgYwwgYkwGgYD
-VR0RBBMwEYcEfwAAAYIJbG9jYWxob3N0MAkGA1UdEwQCMAAwCwYDVR0PBAQDAgeA
-MBMGA1UdJQQMMAoGCCsGAQUFBwMBMB0GA1UdDgQWBBRsD0yzYPepJaZq5zrUCdle
-FKanPDAfBgNVHSMEGDAWgBSeYcIVdYClEeF5+pi+83/ADUoRhDAKBggqhkjOPQQD
-AgNIADBFAiEAterXMmcWgxRKY8kLsYqEgXCK+n8Nya+MeNd4SZCFzUMCIENbMDJu
-IU+mBvl9G0NxBDGXFvZnb0iy7elEYJ3QGBvl
------END CERTIFICATE-----
-`;
-const SERVER_KEY = `-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgWRUO/hP9kax8OQxA
-ESxcUHC7DKnC7kw1eo2yffOec3ahRANCAARY6upyf2aOv47NGH+4mKNyz15bC5L6
-itzEqcRcmPV7iNyE3FG+OQxN3wYwa/B6q7d8nIzfKVKThv/isiJO5eWc
------END PRIVATE KEY-----
-`;
-
-type Spec = Record<string, unknown>;
-interface StoredBook {
-  apiVersion: string;
-  kind: 'Book';
-  metadata: { name: string; namespace: string; resourceVersion: string; uid: string };
-  spec: Spec;
-}
-interface OpenWatch {
-  namespace: string | undefined;
-  bookmarks: boolean;
-  send(text: string): void;
-  end(): void;
-  drop(): void;
-}
-interface Request {
-  verb: 'list' | 'watch';
-  namespace: string | undefined;
-  query: Record<string, string>;
-}
-
-const status = (code: number, reason: string, message: string) =>
-  ({ kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', message, reason, code });
-const statusResponse = (code: number, reason: string, message: string, headers?: Record<string, string>) =>
-  HttpResponse.json(status(code, reason, message), { status: code, headers });
-
-class FakeApiServer {
-  // resourceVersions cross a digit boundary (9999 → 10000) early, so ordering them as strings or numbers would show.
-  private resourceVersion = 9996;
-  private readonly books = new Map<string, StoredBook>(); // by namespace/name
-  private history: { resourceVersion: number; namespace: string; line: string }[] = [];
-  private oldestWatchable = 0; // a watch from an older resourceVersion gets 410 Gone
-  private readonly watches = new Set<OpenWatch>();
-  private readonly continueTokens = new Map<string, StoredBook[]>(); // token → the rest of that list's snapshot
-  private readonly faults: Response[] = [];
-  private held: (() => void)[] | undefined;
-  readonly requests: Request[] = [];
-
-  // Knobs a test turns: how the stream is cut, and how the server misbehaves.
-  chunkBytes = Infinity;
-  crdInstalled = true;
-  forbidden = false;
-  stallWatches = false; // answer a watch, then send nothing: a half-open connection
-  neverAnswerLists = false; // take a list request and never answer it
-  goneForever = false; // answer every watch with 410 Gone
-  endWatchesAtOnce = false;
-  goneAsHttp = false; // answer a too-old watch with HTTP 410, not an ERROR event in a 200 stream
-  expireNextContinueToken = false;
-
-  private readonly handlers = [
-    http.get('*/apis/example.technosophos.com/v1/namespaces/:namespace/books', ({ request, params }) =>
-      this.respond(request, String(params.namespace))),
-    http.get('*/apis/example.technosophos.com/v1/books', ({ request }) => this.respond(request, undefined)),
-  ];
-  private readonly tls = https.createServer({ key: SERVER_KEY, cert: SERVER_CERT }, (req, res) => this.bridge(req, res));
-  url = '';
-
-  async listen(): Promise<this> {
-    await new Promise<void>((resolve) => this.tls.listen(0, '127.0.0.1', resolve));
-    const address = this.tls.address();
-    this.url = `https://127.0.0.1:${typeof address === 'object' && address ? address.port : 0}`;
-    return this;
-  }
-
-  close() {
-    this.release();
-    this.watches.forEach((watch) => watch.end());
-    this.tls.closeAllConnections();
-    this.tls.close();
-  }
-
-  /** Serves a node:https request with msw's handlers, streaming the response body chunk by chunk. */
-  private async bridge(req: import('node:http').IncomingMessage, res: import('node:http').ServerResponse) {
-    req.socket.setNoDelay(true);
-    const headers = new Headers();
-    for (const [name, value] of Object.entries(req.headers)) if (typeof value === 'string') headers.set(name, value);
-    const response = (await getResponse(this.handlers, new Request(new URL(req.url ?? '/', this.url), { headers }))) ??
-      new Response('no handler', { status: 501 });
-    res.writeHead(response.status, Object.fromEntries(response.headers));
-    res.flushHeaders();
-    const reader = response.body?.getReader();
-    res.on('close', () => void reader?.cancel().catch(() => {}));
-    try {
-      for (let chunk = await reader?.read(); chunk && !chunk.done; chunk = await reader?.read()) res.write(chunk.value);
-      res.end();
-    } catch {
-      res.destroy(); // the stream failed: drop the connection, as a crashing server or a broken network does
-    }
-  }
-
-  private async respond(request: globalThis.Request, namespace: string | undefined): Promise<Response> {
-    const query = Object.fromEntries(new URL(request.url).searchParams);
-    const verb = query.watch === 'true' ? 'watch' : 'list';
-    this.requests.push({ verb, namespace, query });
-    wake();
-    if (request.headers.get('authorization') !== `Bearer ${TOKEN}`) return statusResponse(401, 'Unauthorized', 'Unauthorized');
-    const fault = this.faults.shift();
-    if (fault) return fault;
-    if (!this.crdInstalled) return statusResponse(404, 'NotFound', 'the server could not find the requested resource');
-    if (this.forbidden) {
-      return statusResponse(403, 'Forbidden', `books.example.technosophos.com is forbidden: User "system:serviceaccount:default:reader" ` +
-        `cannot ${verb} resource "books" in API group "example.technosophos.com" in the namespace "${namespace}"`);
-    }
-    if (verb === 'list' && this.neverAnswerLists) await new Promise(() => {});
-    if (verb === 'list') return this.list(namespace, query);
-    if (this.held) await new Promise<void>((resolve) => this.held?.push(resolve));
-    return this.watch(namespace, query);
-  }
-
-  private list(namespace: string | undefined, query: Record<string, string>): Response {
-    let items = [...this.books.values()].filter((book) => !namespace || book.metadata.namespace === namespace);
-    if (query.continue) {
-      const rest = this.expireNextContinueToken ? undefined : this.continueTokens.get(query.continue);
-      this.expireNextContinueToken = false;
-      if (!rest) {
-        return statusResponse(410, 'Expired', 'The provided continue parameter is too old to display a consistent list result. ' +
-          'You can start a new list without the continue parameter.');
-      }
-      items = rest;
-    }
-    const limit = Number(query.limit) || items.length;
-    const metadata: { resourceVersion: string; continue?: string } = { resourceVersion: String(this.resourceVersion) };
-    if (items.length > limit) {
-      metadata.continue = `token-${this.continueTokens.size}`;
-      this.continueTokens.set(metadata.continue, items.slice(limit));
-    }
-    return HttpResponse.json({ apiVersion: GROUP_VERSION, kind: 'BookList', metadata, items: items.slice(0, limit) });
-  }
-
-  private watch(namespace: string | undefined, query: Record<string, string>): Response {
-    const from = Number(query.resourceVersion);
-    if (from < this.oldestWatchable || this.goneForever) {
-      const gone = status(410, 'Expired', `too old resource version: ${from} (${this.oldestWatchable})`);
-      if (this.goneAsHttp) return HttpResponse.json(gone, { status: 410 });
-      return new Response(JSON.stringify({ type: 'ERROR', object: gone }) + '\n');
-    }
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const encoder = new TextEncoder();
-    const watches = this.watches;
-    let watch: OpenWatch | undefined;
-    const forget = () => (watch && watches.delete(watch), clearTimeout(timer), watch = undefined);
-    const body = new ReadableStream<Uint8Array>({
-      start: (stream) => {
-        watch = {
-          namespace,
-          bookmarks: query.allowWatchBookmarks === 'true',
-          send: (text) => {
-            const bytes = encoder.encode(text);
-            for (let at = 0; at < bytes.length; at += this.chunkBytes) stream.enqueue(bytes.slice(at, at + this.chunkBytes));
-          },
-          end: () => (forget(), stream.close()),
-          drop: () => (forget(), stream.error(new Error('dropped'))),
-        };
-        if (this.stallWatches) return;
-        if (this.endWatchesAtOnce) return stream.close();
-        watch.send(this.history.filter((e) => e.resourceVersion > from && (!namespace || e.namespace === namespace))
-          .map((e) => e.line).join(''));
-        watches.add(watch);
-        wake();
-        timer = setTimeout(watch.end, Number(query.timeoutSeconds) * 1000);
-      },
-      cancel: forget, // the client went away
-    });
-    return new Response(body, { headers: { 'Content-Type': 'application/json' } });
-  }
-
-  private record(type: 'ADDED' | 'MODIFIED' | 'DELETED', book: StoredBook) {
-    const line = JSON.stringify({ type, object: book }) + '\n';
-    this.history.push({ resourceVersion: Number(book.metadata.resourceVersion), namespace: book.metadata.namespace, line });
-    for (const watch of this.watches) if (!watch.namespace || watch.namespace === book.metadata.namespace) watch.send(line);
-  }
-
-  // What a test does to the cluster.
-  create(name: string, spec: Spec, namespace = 'default') {
-    const book: StoredBook = {
-      apiVersion: GROUP_VERSION,
-      kind: 'Book',
-      metadata: { name, namespace, resourceVersion: String(++this.resourceVersion), uid: `uid-${name}` },
-      spec,
-    };
-    this.books.set(`${namespace}/${name}`, book);
-    this.record('ADDED', book);
-  }
-  update(name: string, spec: Spec, namespace = 'default') {
-    const before = this.books.get(`${namespace}/${name}`);
-    assert.ok(before, `no book ${name}`);
-    const book = { ...before, metadata: { ...before.metadata, resourceVersion: String(++this.resourceVersion) }, spec };
-    this.books.set(`${namespace}/${name}`, book);
-    this.record('MODIFIED', book);
-  }
-  remove(name: string, namespace = 'default') {
-    const before = this.books.get(`${namespace}/${name}`);
-    assert.ok(before, `no book ${name}`);
-    this.books.delete(`${namespace}/${name}`);
-    this.record('DELETED', { ...before, metadata: { ...before.metadata, resourceVersion: String(++this.resourceVersion) } });
-  }
-  /** Other resources changed: the cluster's resourceVersion moves on, with no book event. */
-  advance(by: number) {
-    this.resourceVersion += by;
-  }
-  /** etcd compaction: the history up to now is gone. */
-  compact() {
-    this.oldestWatchable = this.resourceVersion;
-  }
-  bookmark() {
-    const line = JSON.stringify({ type: 'BOOKMARK', object: { kind: 'Book', apiVersion: GROUP_VERSION, metadata: { resourceVersion: String(this.resourceVersion) } } });
-    for (const watch of this.watches) if (watch.bookmarks) watch.send(line + '\n');
-  }
-  /** Writes raw text into every open watch stream. */
-  sendRaw(text: string) {
-    this.watches.forEach((watch) => watch.send(text));
-  }
-  /** Ends every open watch cleanly, as the server does at timeoutSeconds. */
-  endWatches() {
-    this.watches.forEach((watch) => watch.end());
-  }
-  /** Creates a book, but every open watch breaks off in the middle of its event: the connection resets, or ends. */
-  createAndCutMidEvent(name: string, spec: Spec, how: 'reset' | 'end') {
-    const open = [...this.watches];
-    this.watches.clear();
-    this.create(name, spec);
-    const line = this.history.at(-1)?.line ?? '';
-    for (const watch of open) {
-      watch.send(line.slice(0, line.length / 2));
-      if (how === 'reset') watch.drop();
-      else watch.end();
-    }
-  }
-  /** The next request gets this error response instead. */
-  failNext(code: number, reason: string, message: string, headers?: Record<string, string>) {
-    this.faults.push(statusResponse(code, reason, message, headers));
-  }
-  /** Watch requests wait (a slow server) until release(). */
-  hold() {
-    this.held = [];
-  }
-  release() {
-    const held = this.held ?? [];
-    this.held = undefined;
-    held.forEach((resolve) => resolve());
-  }
-  get resourceVersionNow() {
-    return String(this.resourceVersion);
-  }
-  get openWatches() {
-    return this.watches.size;
-  }
-  watchRequests() {
-    return this.requests.filter((r) => r.verb === 'watch');
-  }
-  listRequests() {
-    return this.requests.filter((r) => r.verb === 'list');
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Running the controller in this process, against the fake, through its own main().
 
 let fake: FakeApiServer;
 const running: { stop: AbortController; exited: Promise<unknown> }[] = [];
 
+/** Points KUBECONFIG at a fresh kubeconfig for the fake (or for the server, CA, token and namespace given). */
 function writeKubeconfig(options: { server?: string; namespace?: string; token?: string; ca?: string } = {}) {
-  const file = join(mkdtempSync(join(tmpdir(), 'book-controller-')), 'kubeconfig');
-  writeFileSync(file, JSON.stringify({
-    apiVersion: 'v1',
-    kind: 'Config',
-    clusters: [{ name: 'fake', cluster: { server: options.server ?? fake.url, 'certificate-authority-data': btoa(options.ca ?? CA_CERT) } }],
-    users: [{ name: 'reader', user: { token: options.token ?? TOKEN } }],
-    contexts: [{ name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: options.namespace } }],
-    'current-context': 'fake',
-  }));
-  process.env.KUBECONFIG = file;
+  process.env.KUBECONFIG = writeKubeconfigFor({ ...options, server: options.server ?? fake.url });
 }
 
 /** Runs the controller in this process until the test stops it (or afterEach does). */
@@ -379,7 +76,7 @@ beforeEach(async () => {
   stderr = [];
   console.log = lineIn(stdout);
   console.error = lineIn(stderr);
-  fake = await new FakeApiServer().listen();
+  fake = await new FakeApiServer({ onActivity: wake }).listen();
   writeKubeconfig();
 });
 
@@ -414,8 +111,9 @@ describe('the seed walkthrough', () => {
     ]);
     assert.deepEqual(stderr, []);
     // One list in pages, then a watch from the list's resourceVersion asking for bookmarks and a timeout.
-    assert.deepEqual(fake.requests[0], { verb: 'list', namespace: 'default', query: { limit: '500' } });
-    assert.deepEqual(fake.requests[1], {
+    const [list, watch] = fake.requests.map(({ verb, namespace, query }) => ({ verb, namespace, query }));
+    assert.deepEqual(list, { verb: 'list', namespace: 'default', query: { limit: '500' } });
+    assert.deepEqual(watch, {
       verb: 'watch',
       namespace: 'default',
       query: { watch: 'true', resourceVersion: '9997', allowWatchBookmarks: 'true', timeoutSeconds: '300' },
@@ -664,7 +362,7 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
   });
 
   test('429: waits the Retry-After the server asked for', async () => {
-    fake.failNext(429, 'TooManyRequests', 'the server has received too many requests and has asked us to try again later', { 'Retry-After': '1' });
+    fake.failNext(429, 'TooManyRequests', 'the server has received too many requests and has asked us to try again later', { headers: { 'Retry-After': '1' } });
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until(() => stdout.length === 1);
@@ -814,7 +512,7 @@ describe('flags and shutdown', () => {
     let controller = start();
     await until(() => fake.watchRequests().length === 1);
     assert.equal(await controller.stop(), 0);
-    fake.failNext(429, 'TooManyRequests', 'slow down', { 'Retry-After': '3600' });
+    fake.failNext(429, 'TooManyRequests', 'slow down', { headers: { 'Retry-After': '3600' } });
     controller = start();
     await until(() => stderr.length === 1);
     assert.equal(await controller.stop(), 0); // not an hour later: the test would time out
