@@ -1,37 +1,45 @@
-// Benchmark: controller.ts against a floor (bench/floor.ts), both as child
-// processes reading a loopback HTTPS API server (bench/server.ts).
+// Benchmark: controller.ts against a floor (bench/floor.ts) or a computed ideal, every row of
+// issue 12's table, each with its target and ✅/❌, all in one run.
 //
-//   node bench/bench.ts [--books N] [--events M] [--runs R] [--runtime node|deno|bun]
-//                       [--launcher tsx|npx|strip] [--memory-books N] [--controller FILE]
-//                       [--skip launchers,imports,memory] [--pin] [--profile]
+//   node bench/bench.ts [--runs R] [--runtime node|deno|bun] [--launcher strip|tsx|npx]
+//                       [--books N] [--events M] [--memory-books B] [--ready-books C] [--latency MS]
+//                       [--concurrency 1,8] [--ready-runs R] [--skip sync,memory,ready,idle]
+//                       [--tables launchers,imports] [--controller FILE] [--pin]
+//   node bench/bench.ts --profile [--scenario stream|paged|ready1|ready8|memory]
 //
-// --profile runs the controller (or --controller FILE, e.g. bench/floor.ts) once under
-// `node --cpu-prof` and prints the top 10 self-time functions.
+// Scenarios (every one against bench/server.ts, a loopback HTTPS API server in its own process,
+// reset to a fresh world before every run; it counts the requests of each run):
+//   sync+watch  N books (none Ready yet), then a burst of M watch events once the initial state is
+//               delivered; with the streaming list, and with a server that refuses it (422, so the
+//               client falls back to pages). Controller, floor (same work plus one awaited status
+//               patch per new generation) and raw floor (round 1's: no status, nothing kept) are run
+//               interleaved, in a rotating order, R times. From the child's stdout: initial sync =
+//               spawn → the line by which every one of the N books had its Added; watch = that line →
+//               the last line. Peak RSS = VmHWM of the process running the code.
+//   memory      B books already Ready (a restart: nothing to write), streaming list; each subject
+//               started with bench/memprobe.ts preloaded: after the B-th Added and 0.5 s, SIGUSR2 →
+//               forced GC → heapUsed. Per book = (heap with B − heap with none) / B.
+//   ready       C new books created while the controller watches, the server adding MS to every
+//               status patch; time (server side) from their ADDED until the last is Ready, at each
+//               --concurrency, against the ideal C × MS / concurrency.
+//   idle        10 Ready books, --watch-timeout 1, 5 s: one watch per timeout, nothing else.
+// Medians, [min–max] where runs > 1. Lines are checked against the workload: changes of one book
+// may merge while it waits (issue 9), but each book's lines follow its history and end in its
+// final state. A controller flag it does not know (exit 2) makes its rows n/a.
 //
-// Everything is measured from the child's stdout, read by this process:
-//   first event  = first line;  initial sync = N-th line (the N-th Added);
-//   watch        = the M lines after it (the server starts the stream when the
-//                  watch request arrives); throughput = M / (last − first watch line).
-// Peak RSS is VmHWM of the process that runs the code (below npx/tsx wrappers),
-// read just before SIGTERM. Runs of controller and floors are interleaved, in a
-// rotating order, after one unmeasured warm-up each; tables show medians [min–max].
-// Every printed line is checked against the workload, and exit 0 on SIGTERM.
-//
-// The server is a separate process: on 2 cores the client gets one core and the
-// server (which mostly just encrypts pre-serialized bytes) shares the other with
-// this process, whose event loop then does nothing but timestamp the pipe. In one
-// process, the server's writes would delay those timestamps. --pin makes that
-// split explicit with taskset (client on CPU 1), at the cost of the client's GC
-// threads sharing its core.
+// The server is a separate process: on 2 cores the client gets one core and the server shares
+// the other with this process, whose event loop does nothing but timestamp the pipe. --pin makes
+// that split explicit with taskset (client on CPU 1).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import https from 'node:https';
 import { mkdtempSync, writeFileSync, readFileSync, readdirSync, existsSync, rmSync } from 'node:fs';
 import { builtinModules } from 'node:module';
-import { tmpdir } from 'node:os';
+import { tmpdir, cpus, hostname } from 'node:os';
 import { join, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
-import { expectedLines } from './workload.ts';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { checkLines } from './workload.ts';
 
 const BENCH = dirname(fileURLToPath(import.meta.url));
 const ROOT = dirname(BENCH);
@@ -39,36 +47,49 @@ const { values: flags } = parseArgs({
   options: {
     books: { type: 'string', default: '20000' },
     events: { type: 'string', default: '30000' },
-    runs: { type: 'string', default: '5' },
+    runs: { type: 'string', default: '3' },
     runtime: { type: 'string', default: 'node' },
-    launcher: { type: 'string', default: 'tsx' },
+    launcher: { type: 'string', default: 'strip' },
     'memory-books': { type: 'string', default: '100000' },
+    'ready-books': { type: 'string', default: '2000' },
+    'ready-runs': { type: 'string', default: '1' },
+    latency: { type: 'string', default: '20' },
+    concurrency: { type: 'string', default: '1,8' },
     controller: { type: 'string', default: join(ROOT, 'controller.ts') },
     skip: { type: 'string', default: '' },
+    tables: { type: 'string', default: '' },
     profile: { type: 'boolean', default: false },
+    scenario: { type: 'string', default: 'stream' },
     pin: { type: 'boolean', default: false },
   },
 });
 const N = Number(flags.books), M = Number(flags.events), R = Number(flags.runs);
-const R_STARTUP = Math.min(R, 3); // the start-up and import tables: enough to see seconds
+const MB = Number(flags['memory-books']), RB = Number(flags['ready-books']), LAT = Number(flags.latency);
+const R_READY = Number(flags['ready-runs']);
+const CONCURRENCY = flags.concurrency.split(',').map(Number);
+const R_STARTUP = Math.min(R, 3);
 const SKIP = new Set(flags.skip.split(',').filter(Boolean));
+const EXTRA = new Set(flags.tables.split(',').filter(Boolean));
 const CONTROLLER = flags.controller;
 const FLOOR = join(BENCH, 'floor.ts');
+const PROBE = join(BENCH, 'memprobe.ts');
 if (!existsSync(CONTROLLER)) {
-  console.error(`bench: ${CONTROLLER} does not exist yet; pass --controller FILE (e.g. bench/floor.ts) to test the harness`);
+  console.error(`bench: ${CONTROLLER} does not exist; pass --controller FILE (e.g. bench/floor.ts) to test the harness`);
   process.exit(1);
 }
 
 // ---------- launchers: how a .ts file is started ----------
 type Launcher = 'tsx' | 'npx' | 'strip' | 'deno' | 'bun';
 const NODE = process.execPath;
-function command(launcher: Launcher, file: string, args: string[] = [], nodeFlags: string[] = []): string[] {
+/** The command line; `probe` preloads memprobe.ts with a GC the probe can force. */
+function command(launcher: Launcher, file: string, args: string[] = [], nodeFlags: string[] = [], probe = false): string[] {
+  const pre = probe ? ['--expose-gc', '--import', pathToFileURL(PROBE).href] : [];
   switch (launcher) {
-    case 'tsx': return [NODE, ...nodeFlags, '--import', 'tsx', file, ...args];
-    case 'strip': return [NODE, ...nodeFlags, file, ...args];
-    case 'npx': return ['npx', 'tsx', file, ...args];
-    case 'deno': return ['deno', 'run', '-A', '--no-lock', file, ...args];
-    case 'bun': return ['bun', file, ...args];
+    case 'tsx': return [NODE, ...nodeFlags, '--import', 'tsx', ...pre, file, ...args];
+    case 'strip': return [NODE, ...nodeFlags, ...pre, file, ...args];
+    case 'npx': return probe ? command('tsx', file, args, nodeFlags, probe) : ['npx', 'tsx', file, ...args];
+    case 'deno': return ['deno', 'run', '-A', '--no-lock', ...(probe ? ['--v8-flags=--expose-gc', '--preload', PROBE] : []), file, ...args];
+    case 'bun': return ['bun', ...(probe ? ['--preload', PROBE] : []), file, ...args];
   }
 }
 const LAUNCHER_NAME: Record<Launcher, string> = {
@@ -88,8 +109,19 @@ function makeCerts() {
 }
 makeCerts();
 const TOKEN = 'bench-token-' + Math.random().toString(36).slice(2);
+const CA = readFileSync(join(tmp, 'ca.crt'));
+const control = new https.Agent({ keepAlive: true, ca: CA, maxSockets: 1 });
 
-interface Server { proc: ChildProcess; kubeconfig: string; stats: () => Promise<{ connections: number; requests: number }> }
+interface ServerStats {
+  listPages: number; watches: number; streamingLists: number; rejectedStreamingLists: number; statusPatches: number;
+  statusPatches404: number; other: number; unauthorized: number; connections: number; books: number; notReady: number;
+  openWatches: number; created: number; createdReady: number; readyMs: number; sinceFirstMs: number;
+}
+interface Server {
+  proc: ChildProcess; kubeconfig: string;
+  call: (path: string, query?: Record<string, string | number>) => Promise<ServerStats>;
+  stop: () => void;
+}
 async function startServer(books: number, events: number): Promise<Server> {
   const proc = spawn(flags.pin ? 'taskset' : NODE, [...(flags.pin ? ['-c', '0', NODE] : []), join(BENCH, 'server.ts'), String(books), String(events), join(tmp, 'server.crt'), join(tmp, 'server.key'), TOKEN], { stdio: ['ignore', 'pipe', 'inherit'] });
   const port = await new Promise<number>((resolve, reject) => {
@@ -100,19 +132,18 @@ async function startServer(books: number, events: number): Promise<Server> {
   const kubeconfig = join(tmp, `kubeconfig-${port}.json`);
   writeFileSync(kubeconfig, JSON.stringify({
     apiVersion: 'v1', kind: 'Config', 'current-context': 'bench',
-    clusters: [{ name: 'bench', cluster: { server: `https://127.0.0.1:${port}`, 'certificate-authority-data': readFileSync(join(tmp, 'ca.crt')).toString('base64') } }],
+    clusters: [{ name: 'bench', cluster: { server: `https://127.0.0.1:${port}`, 'certificate-authority-data': CA.toString('base64') } }],
     users: [{ name: 'bench', user: { token: TOKEN } }],
     contexts: [{ name: 'bench', context: { cluster: 'bench', user: 'bench', namespace: 'default' } }],
   }, null, 2));
-  const ca = readFileSync(join(tmp, 'ca.crt'));
-  // requests and TLS connections since the last call (this call's own connection not counted)
-  const stats = () => new Promise<{ connections: number; requests: number }>((resolve, reject) => {
-    https.get(`https://127.0.0.1:${port}/bench-stats`, { ca, agent: false }, (res) => {
+  const call = (path: string, query: Record<string, string | number> = {}) => new Promise<ServerStats>((resolve, reject) => {
+    const q = new URLSearchParams(Object.entries(query).map(([k, v]) => [k, String(v)]));
+    https.request(`https://127.0.0.1:${port}/bench/${path}?${q}`, { agent: control, method: path === 'stats' ? 'GET' : 'POST' }, (res) => {
       let body = '';
       res.on('data', (c) => { body += c; }).on('end', () => resolve(JSON.parse(body)));
-    }).on('error', reject);
+    }).on('error', reject).end();
   });
-  return { proc, kubeconfig, stats };
+  return { proc, kubeconfig, call, stop: () => proc.kill('SIGTERM') };
 }
 
 // ---------- /proc ----------
@@ -144,60 +175,72 @@ function procStats(pid: number): { rssMB: number; cpuS: number } {
   } catch { return { rssMB: NaN, cpuS: NaN }; }
 }
 
-// ---------- one run ----------
-interface Run { firstMs: number; syncMs: number; watchMs: number; rssMB: number; cpuS: number; exitCode: number | string; requests?: number; connections?: number; watchCpuMs: number; error?: string }
-async function runOnce(cmd: string[], file: string, kubeconfig: string, books: number, events: number, expected?: string[]): Promise<Run> {
-  const total = books + events;
-  const env = { ...process.env, KUBECONFIG: kubeconfig, PATH: `${dirname(NODE)}:${process.env.PATH}` };
-  const t0 = performance.now();
-  if (flags.pin) cmd = ['taskset', '-c', '1', ...cmd]; // the client gets core 1; bench and server share core 0
-  const child = spawn(cmd[0], cmd.slice(1), { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-  const chunks: Buffer[] = [];
-  let stderr = '';
-  let lines = 0, tFirst = NaN, tSync = NaN, tWatch0 = NaN, tLast = NaN;
-  let stats = { rssMB: NaN, cpuS: NaN };
-  let cpuAtSync = NaN;
-  const exited = new Promise<number | string>((res) => child.on('exit', (code, sig) => res(code ?? sig ?? '?')));
-  const done = new Promise<void>((resolve) => {
-    child.stdout?.on('data', (c: Buffer) => {
-      const t = performance.now();
-      chunks.push(c);
-      for (let i = c.indexOf(10); i !== -1; i = c.indexOf(10, i + 1)) {
-        lines++;
-        if (lines === 1) tFirst = t;
-        if (lines === books) { tSync = t; cpuAtSync = procStats(codePid(child.pid ?? 0, file)).cpuS; }
-        if (lines === books + 1) tWatch0 = t;
-        if (lines === total) tLast = t;
-      }
-      if (lines >= total) resolve();
-    });
-    child.on('exit', () => resolve());
-  });
-  child.stderr?.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-2000); });
-  const timeout = setTimeout(() => child.kill('SIGKILL'), 60_000 + total * 2);
-  await done;
-  const pid = codePid(child.pid ?? 0, file);
-  if (lines >= total) stats = procStats(pid);
-  if (child.exitCode === null) {
-    try { process.kill(pid, 'SIGTERM'); } catch { /* gone */ }
-  }
-  const stop = setTimeout(() => { try { process.kill(-(child.pid ?? 0), 'SIGKILL'); } catch { /* gone */ } }, 5000);
-  const exitCode = await exited;
-  clearTimeout(stop); clearTimeout(timeout);
-  const run: Run = { firstMs: tFirst - t0, syncMs: tSync - t0, watchMs: tLast - tWatch0, ...stats, watchCpuMs: (stats.cpuS - cpuAtSync) * 1000, exitCode };
-  if (books === 0) run.syncMs = run.firstMs;
-  if (lines < total) run.error = `printed ${lines} of ${total} lines, exit ${exitCode}: ${stderr.trim().split('\n').slice(-3).join(' | ')}`;
-  else if (expected) {
-    const got = Buffer.concat(chunks).toString('utf8').split('\n');
-    const bad = expected.findIndex((l, i) => got[i] !== l);
-    if (bad !== -1) run.error = `line ${bad + 1}: expected ${JSON.stringify(expected[bad])}, got ${JSON.stringify(got[bad])}`;
-    else if (got.length !== expected.length + 1) run.error = `${got.length - 1 - expected.length} extra lines: ${JSON.stringify(got[expected.length])}`;
-  }
-  if (exitCode !== 0 && !run.error) run.error = `exit ${exitCode} after SIGTERM (want 0)`;
-  return run;
-}
+// ---------- a child under test ----------
+type Subject = { name: string; file: string; args?: string[] };
+const CTRL: Subject = { name: 'controller', file: CONTROLLER };
+const FLOORS: Subject = { name: 'floor', file: FLOOR };
+const RAW: Subject = { name: 'raw floor', file: FLOOR, args: ['--raw'] };
 
-// ---------- stats and tables ----------
+class Child {
+  proc: ChildProcess;
+  t0 = performance.now();
+  times: number[] = []; // arrival time of each stdout line
+  chunks: Buffer[] = [];
+  stderr = '';
+  lastOutput = performance.now();
+  exitCode: number | string | undefined;
+  exited: Promise<number | string>;
+  subject: Subject;
+  constructor(subject: Subject, cmd: string[], kubeconfig: string, env: Record<string, string> = {}) {
+    this.subject = subject;
+    if (flags.pin) cmd = ['taskset', '-c', '1', ...cmd];
+    this.proc = spawn(cmd[0], cmd.slice(1), {
+      cwd: ROOT, env: { ...process.env, ...env, KUBECONFIG: kubeconfig, PATH: `${dirname(NODE)}:${process.env.PATH}` },
+      stdio: ['ignore', 'pipe', 'pipe'], detached: true,
+    });
+    this.exited = new Promise((res) => this.proc.on('exit', (code, sig) => res((this.exitCode = code ?? sig ?? '?'))));
+    this.proc.stdout?.on('data', (c: Buffer) => {
+      const t = performance.now();
+      this.lastOutput = t;
+      this.chunks.push(c);
+      for (let i = c.indexOf(10); i !== -1; i = c.indexOf(10, i + 1)) this.times.push(t);
+    });
+    this.proc.stderr?.on('data', (c: Buffer) => { this.stderr = (this.stderr + c.toString()).slice(-4000); });
+  }
+  get lines() { return this.times.length; }
+  get pid() { return codePid(this.proc.pid ?? 0, this.subject.file); }
+  text(): string[] { const s = Buffer.concat(this.chunks).toString('utf8').split('\n'); s.pop(); return s; }
+  lastStderr(n = 2) { return this.stderr.trim().split('\n').slice(-n).join(' | ').slice(0, 400); }
+  /** Until `done()` (checked every 20 ms), the child exits, or the timeout. */
+  async until(done: () => boolean | Promise<boolean>, timeoutMs: number): Promise<'done' | 'exit' | 'timeout'> {
+    const end = performance.now() + timeoutMs;
+    while (performance.now() < end) {
+      if (await done()) return 'done';
+      if (this.exitCode !== undefined) return 'exit';
+      await sleep(20);
+    }
+    return 'timeout';
+  }
+  /** `lines` lines; or output that stopped for `quietMs` after at least `minLines`. */
+  waitLines(lines: number, quietMs: number, timeoutMs: number, minLines = 1) {
+    return this.until(() => this.lines >= lines || (this.lines >= minLines && performance.now() - this.lastOutput > quietMs), timeoutMs);
+  }
+  async stop(): Promise<number | string> {
+    if (this.exitCode === undefined) {
+      try { process.kill(this.pid, 'SIGTERM'); } catch { /* gone */ }
+    }
+    const kill = setTimeout(() => { try { process.kill(-(this.proc.pid ?? 0), 'SIGKILL'); } catch { /* gone */ } }, 5000);
+    const code = await this.exited;
+    clearTimeout(kill);
+    return code;
+  }
+}
+const spawnSubject = (s: Subject, server: Server, launcher = MAIN, opts: { args?: string[]; nodeFlags?: string[]; probe?: boolean; env?: Record<string, string> } = {}) =>
+  new Child(s, command(launcher, s.file, [...(s.args ?? []), ...(s === CTRL ? opts.args ?? [] : [])], opts.nodeFlags, opts.probe), server.kubeconfig, opts.env);
+/** The controller refused a flag (exit 2): rows that need it are n/a. */
+const refused = (c: Child) => c.exitCode === 2 ? `n/a: exit 2 (${c.lastStderr(1)})` : undefined;
+
+// ---------- stats and formatting ----------
 const median = (xs: number[]) => { const s = xs.filter((x) => !Number.isNaN(x)).sort((a, b) => a - b); return s.length ? s[(s.length - 1) >> 1] : NaN; };
 const fmt = (x: number, d = 0) => (Number.isNaN(x) ? '–' : x.toFixed(d));
 function cell(xs: number[], d = 0): string {
@@ -205,102 +248,354 @@ function cell(xs: number[], d = 0): string {
   if (ok.length < 2) return fmt(median(xs), d);
   return `${fmt(median(xs), d)} [${fmt(Math.min(...ok), d)}–${fmt(Math.max(...ok), d)}]`;
 }
-type Subject = { name: string; file: string; args?: string[] };
-const SUBJECTS: Subject[] = [
-  { name: 'controller', file: CONTROLLER },
-  { name: 'floor', file: FLOOR },
-  { name: 'bare floor', file: FLOOR, args: ['--bare'] },
-];
+const mark = (ok: boolean | undefined) => (ok === undefined ? 'n/a' : ok ? '✅' : '❌');
+interface Row { measure: string; controller: string; reference: string; ratio: string; target: string; ok: boolean | undefined }
+const SUMMARY: Row[] = [];
+const NOTES: string[] = [];
+function ratioRow(measure: string, c: number[], ref: number[], refName: string, d: number, limit: number, na?: string) {
+  const ratio = median(c) / median(ref);
+  const row: Row = {
+    measure, controller: na ?? cell(c, d), reference: `${refName} ${cell(ref, d)}`, ratio: na ? '–' : fmt(ratio, 2),
+    target: `≤ ${limit}x`, ok: na || Number.isNaN(ratio) ? undefined : ratio <= limit,
+  };
+  SUMMARY.push(row);
+  return row;
+}
+const printRows = (rows: Row[]) => {
+  console.log('| measure | controller | floor or ideal | ratio | target | |');
+  console.log('|---|---|---|---|---|---|');
+  for (const r of rows) console.log(`| ${r.measure} | ${r.controller} | ${r.reference} | ${r.ratio} | ${r.target} | ${mark(r.ok)} |`);
+};
+const progress = (s = '.') => process.stderr.write(s);
 
-// one unmeasured run of each subject: fills tsx's and deno's transform caches and the page cache
-async function warmUp(launcher: Launcher, subjects: Subject[]) {
-  const server = await startServer(10, 3);
-  try {
-    for (const s of subjects) await runOnce(command(launcher, s.file, s.args), s.file, server.kubeconfig, 10, 3);
-  } finally {
-    server.proc.kill('SIGTERM');
+// ---------- scenario: sync + watch ----------
+type Mode = 'streaming' | 'paginated';
+interface SyncRun {
+  syncMs: number; watchMs: number; rssMB: number; cpuS: number; lines: number; merged: number;
+  requests: ServerStats; error?: string; na?: string;
+}
+async function syncRun(server: Server, s: Subject, mode: Mode, launcher = MAIN, nodeFlags: string[] = []): Promise<SyncRun> {
+  await server.call('reset', { books: N, events: 1, watchlist: mode === 'streaming' ? 1 : 0, latency: 0 });
+  const c = spawnSubject(s, server, launcher, { nodeFlags });
+  // all the lines of a client that reports every change; else (changes merged) 2 s of silence
+  const how = await c.waitLines(N + M, 2000, 180_000 + (N + M) * 5, N);
+  const { rssMB, cpuS } = procStats(c.pid);
+  const exit = await c.stop();
+  const requests = await server.call('stats');
+  const lines = c.text();
+  // initial sync: the line by which each of the N listed books had printed its Added
+  const listed = new Set<string>();
+  let syncAt = -1;
+  for (let i = 0; i < lines.length && syncAt === -1; i++) {
+    const m = /^Added a book (book-\d+) /.exec(lines[i]);
+    if (m) { listed.add(m[1]); if (listed.size === N) syncAt = i; }
   }
+  const run: SyncRun = {
+    syncMs: syncAt >= 0 ? c.times[syncAt] - c.t0 : NaN,
+    watchMs: syncAt >= 0 ? c.times[c.times.length - 1] - c.times[syncAt] : NaN,
+    rssMB, cpuS, lines: lines.length, merged: 0, requests, na: refused(c),
+  };
+  const { problems, merged } = checkLines(N, M, lines);
+  run.merged = merged;
+  if (how !== 'done') run.error = `${how} after ${lines.length} lines, exit ${exit}: ${c.lastStderr()}`;
+  else if (problems.length) run.error = problems.join('; ');
+  else if (exit !== 0) run.error = `exit ${exit} after SIGTERM (want 0): ${c.lastStderr()}`;
+  if (c.stderr.trim() && !run.error) NOTES.push(`${s.name} (${mode}) wrote to stderr: ${c.lastStderr()}`);
+  return run;
 }
 
-async function compare(launcher: Launcher, books: number, events: number, runs: number, subjects = SUBJECTS) {
-  await warmUp(launcher, subjects);
-  const server = await startServer(books, events);
-  const expected = expectedLines(books, events);
-  const results = new Map<string, Run[]>(subjects.map((s) => [s.name, []]));
+function requestText(r: ServerStats) {
+  const parts = [];
+  if (r.streamingLists) parts.push(`${r.streamingLists} streaming list${r.streamingLists > 1 ? 's' : ''}`);
+  if (r.rejectedStreamingLists) parts.push(`${r.rejectedStreamingLists} refused (422)`);
+  if (r.listPages) parts.push(`${r.listPages} list pages`);
+  if (r.watches) parts.push(`${r.watches} watch${r.watches > 1 ? 'es' : ''}`);
+  parts.push(`${r.statusPatches} status patches${r.statusPatches404 ? ` (${r.statusPatches404} 404)` : ''}`);
+  if (r.other) parts.push(`${r.other} other`);
+  if (r.unauthorized) parts.push(`${r.unauthorized} 401`);
+  parts.push(`${r.connections} conn.`);
+  return parts.join(', ');
+}
+
+async function syncTable() {
+  const subjects = [CTRL, FLOORS, RAW];
+  const modes: Mode[] = ['streaming', 'paginated'];
+  console.log(`\n## initial sync and watch: N=${N} books (none Ready yet), then M=${M} watch events; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`);
+  const server = await startServer(N, M);
+  const res = new Map<string, SyncRun[]>();
   const errors: string[] = [];
   try {
-    await server.stats(); // reset
-    for (let r = 0; r < runs; r++) {
-      for (let k = 0; k < subjects.length; k++) {
-        const s = subjects[(k + r) % subjects.length]; // rotate the order each round
-        const run = await runOnce(command(launcher, s.file, s.args), s.file, server.kubeconfig, books, events, expected);
-        const st = await server.stats();
-        run.requests = st.requests;
-        run.connections = st.connections - 1; // minus the previous stats call's own connection
-        if (run.error) errors.push(`${s.name} run ${r + 1}: ${run.error}`);
-        results.get(s.name)?.push(run);
-        process.stderr.write('.');
+    for (let r = 0; r < R; r++) {
+      for (const mode of modes) {
+        for (let k = 0; k < subjects.length; k++) {
+          const s = subjects[(k + r) % subjects.length]; // rotate the order each round
+          const run = await syncRun(server, s, mode);
+          if (run.error) errors.push(`${s.name}, ${mode}, run ${r + 1}: ${run.error}`);
+          const key = `${s.name}/${mode}`;
+          res.set(key, [...(res.get(key) ?? []), run]);
+          progress();
+        }
       }
     }
   } finally {
-    server.proc.kill('SIGTERM');
+    server.stop();
+    progress('\n');
   }
-  process.stderr.write('\n');
-  return { results, errors };
-}
-
-const col = (runs: Run[] | undefined, f: (r: Run) => number) => (runs ?? []).map(f);
-function row(metric: string, res: Map<string, Run[]>, f: (r: Run) => number, d: number, target: string, limit?: number, lowerIsBetter = true) {
-  const c = col(res.get('controller'), f), fl = col(res.get('floor'), f), b = col(res.get('bare floor'), f);
-  const ratio = median(c) / median(fl);
-  const ok = limit === undefined || Number.isNaN(ratio) ? '' : (lowerIsBetter ? ratio <= limit : 1 / ratio <= limit) ? ' ✅' : ' ❌';
-  return `| ${metric} | ${cell(c, d)} | ${cell(fl, d)} | ${fmt(ratio, 2)}${ok} | ${target} | ${cell(b, d)} |`;
-}
-
-async function mainTable() {
-  console.log(`\n## controller vs floor: N=${N} books, M=${M} watch events, ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`);
-  const { results: res, errors } = await compare(MAIN, N, M, R);
-  console.log('| metric | controller | floor | ratio | target | bare floor (no client-node) |');
+  const get = (s: Subject, mode: Mode, f: (r: SyncRun) => number) => (res.get(`${s.name}/${mode}`) ?? []).map(f);
+  const na = (mode: Mode) => res.get(`controller/${mode}`)?.find((r) => r.na)?.na;
+  console.log('| metric | mode | controller | floor | ratio | raw floor (no status, no cache) |');
   console.log('|---|---|---|---|---|---|');
-  console.log(row('start → first event (ms)', res, (r) => r.firstMs, 0, 'as small as the libraries allow'));
-  console.log(row(`initial sync after start-up: first event → N-th Added (ms)`, res, (r) => r.syncMs - r.firstMs, 0, '≤ 1.5', 1.5));
-  console.log(row(`start → N-th Added (ms)`, res, (r) => r.syncMs, 0, ''));
-  console.log(row(`watch: first → last of M events (ms)`, res, (r) => r.watchMs, 0, '≤ 1.25', 1.25));
-  console.log(row(`watch throughput (events/s)`, res, (r) => (M / r.watchMs) * 1000, 0, '', undefined, false));
-  console.log(row('CPU used during the watch (ms, 10 ms ticks)', res, (r) => r.watchCpuMs, 0, ''));
-  console.log(row('peak RSS (MB)', res, (r) => r.rssMB, 0, '≤ 2', 2));
-  console.log(row('CPU time, user+sys (s)', res, (r) => r.cpuS, 2, ''));
-  console.log(row('HTTP requests', res, (r) => r.requests ?? NaN, 0, ''));
-  console.log(row('TLS connections', res, (r) => r.connections ?? NaN, 0, ''));
+  const detail = (metric: string, f: (r: SyncRun) => number, d = 0) => {
+    for (const mode of modes) {
+      const c = get(CTRL, mode, f), fl = get(FLOORS, mode, f);
+      console.log(`| ${metric} | ${mode} | ${cell(c, d)} | ${cell(fl, d)} | ${fmt(median(c) / median(fl), 2)} | ${cell(get(RAW, mode, f), d)} |`);
+    }
+  };
+  detail('spawn → N-th book Added (ms)', (r) => r.syncMs);
+  detail('watch: N-th Added → last line (ms)', (r) => r.watchMs);
+  detail('lines printed', (r) => r.lines);
+  detail('lines merged (issue 9)', (r) => r.merged);
+  detail('peak RSS (MB)', (r) => r.rssMB);
+  detail('CPU user+sys (s)', (r) => r.cpuS, 2);
+  detail('status patches', (r) => r.requests.statusPatches);
+  detail('books not Ready at the end', (r) => r.requests.notReady);
+  console.log('\nrequests of the last run of each (counted by the server):\n');
+  for (const mode of modes) for (const s of subjects) {
+    const last = res.get(`${s.name}/${mode}`)?.at(-1);
+    if (last) console.log(`- ${s.name}, ${mode}: ${requestText(last.requests)}`);
+  }
+  for (const e of errors) console.log(`\n⚠️ ${e}`);
+
+  for (const mode of modes) ratioRow(`initial sync of ${N} books, ${mode} (spawn → N-th Added, ms)`, get(CTRL, mode, (r) => r.syncMs), get(FLOORS, mode, (r) => r.syncMs), 'floor', 0, 1.2, na(mode));
+  for (const mode of modes) ratioRow(`watch of ${M} events, ${mode} (ms)`, get(CTRL, mode, (r) => r.watchMs), get(FLOORS, mode, (r) => r.watchMs), 'floor', 0, 1.25, na(mode));
+  // requests: what the contract needs, and no more
+  const changes = N + 2 * Math.ceil(M / 3); // one status write per book and per spec change
+  for (const mode of modes) {
+    const runs = res.get(`controller/${mode}`) ?? [];
+    const last = runs.at(-1);
+    const want = mode === 'streaming'
+      ? { streamingLists: 1, listPages: 0, watches: 0, rejectedStreamingLists: 0 }
+      : { streamingLists: 0, listPages: Math.max(1, Math.ceil(N / 500)), watches: 1, rejectedStreamingLists: 1 };
+    const ok = last && !na(mode) ? runs.every((r) => r.requests.statusPatches <= changes && r.requests.notReady === 0 && r.requests.other === 0 &&
+      Object.entries(want).every(([k, v]) => r.requests[k as keyof ServerStats] === v)) : undefined;
+    const fl = res.get(`floor/${mode}`)?.at(-1);
+    SUMMARY.push({
+      measure: `requests, sync + watch, ${mode}`, controller: na(mode) ?? (last ? `${requestText(last.requests)}; ${last.requests.notReady} not Ready` : '–'),
+      reference: fl ? `floor: ${requestText(fl.requests)}` : '', ratio: '–',
+      target: `${mode === 'streaming' ? '1 streaming list' : '1 refused streaming list, 40 pages, 1 watch'}; ≤ ${changes} status patches (one per change); 0 not Ready`, ok,
+    });
+  }
+  for (const mode of modes) ratioRow(`peak RSS, ${mode} (MB)`, get(CTRL, mode, (r) => r.rssMB), get(FLOORS, mode, (r) => r.rssMB), 'floor', 0, 1.15, na(mode));
+}
+
+// ---------- scenario: memory per cached book ----------
+interface MemRun { heapUsed: number; rss: number; hwm: number; patches: number; gc: boolean; error?: string; na?: string }
+async function memRun(server: Server, s: Subject, books: number, launcher = MAIN, nodeFlags: string[] = []): Promise<MemRun> {
+  await server.call('reset', { books, events: 0, watchlist: 1, ready: 1, latency: 0 });
+  const file = join(tmp, `mem-${Math.random().toString(36).slice(2)}.json`);
+  const c = spawnSubject(s, server, launcher, { probe: true, env: { BENCH_MEMORY_FILE: file }, nodeFlags });
+  const timeout = 60_000 + books;
+  const how = books > 0
+    ? await c.waitLines(books, 3000, timeout)
+    : await c.until(async () => (await server.call('stats')).openWatches > 0, timeout);
+  const run: MemRun = { heapUsed: NaN, rss: NaN, hwm: NaN, patches: NaN, gc: false };
+  if (how === 'done') {
+    await sleep(500);
+    try { process.kill(c.pid, 'SIGUSR2'); } catch { /* gone */ }
+    await c.until(() => existsSync(file), 10_000);
+    try {
+      const m = JSON.parse(readFileSync(file, 'utf8'));
+      Object.assign(run, { heapUsed: m.heapUsed, rss: m.rss / 1048576, gc: m.gc });
+    } catch { run.error = 'no memory report after SIGUSR2'; }
+    run.hwm = procStats(c.pid).rssMB;
+  } else run.error = `${how} after ${c.lines} lines: ${c.lastStderr()}`;
+  const exit = await c.stop();
+  run.patches = (await server.call('stats')).statusPatches;
+  if (c.lines < books) run.error ??= `printed ${c.lines} of ${books} lines`;
+  if (exit !== 0) run.error ??= `exit ${exit} after SIGTERM: ${c.lastStderr()}`;
+  run.na = refused(c);
+  return run;
+}
+
+async function memoryTable() {
+  const subjects = [CTRL, FLOORS, RAW];
+  console.log(`\n## memory per cached book: ${MB} books already Ready (a restart), streaming list; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`);
+  const server = await startServer(MB, 0);
+  const res = new Map<string, MemRun[]>();
+  const errors: string[] = [];
+  try {
+    for (let r = 0; r < R; r++) {
+      for (let k = 0; k < subjects.length; k++) {
+        const s = subjects[(k + r) % subjects.length];
+        for (const books of [0, MB]) {
+          const run = await memRun(server, s, books);
+          if (run.error) errors.push(`${s.name}, ${books} books, run ${r + 1}: ${run.error}`);
+          const key = `${s.name}/${books}`;
+          res.set(key, [...(res.get(key) ?? []), run]);
+          progress();
+        }
+      }
+    }
+  } finally {
+    server.stop();
+    progress('\n');
+  }
+  const get = (s: Subject, books: number, f: (r: MemRun) => number) => (res.get(`${s.name}/${books}`) ?? []).map(f);
+  // per book: each run's full heap minus the median empty heap of the same subject
+  const perBook = (s: Subject) => { const none = median(get(s, 0, (r) => r.heapUsed)); return get(s, MB, (r) => (r.heapUsed - none) / MB); };
+  console.log(`| metric | controller | floor (generation per book) | raw floor (nothing per book) |`);
+  console.log('|---|---|---|---|');
+  const line = (metric: string, f: (s: Subject) => number[], d = 0) => console.log(`| ${metric} | ${subjects.map((s) => cell(f(s), d)).join(' | ')} |`);
+  line('heap used after GC, no books (MB)', (s) => get(s, 0, (r) => r.heapUsed / 1048576), 1);
+  line(`heap used after GC, ${MB} books (MB)`, (s) => get(s, MB, (r) => r.heapUsed / 1048576), 1);
+  line('bytes per cached book', perBook);
+  line(`RSS after GC, ${MB} books (MB)`, (s) => get(s, MB, (r) => r.rss));
+  line(`peak RSS, ${MB} books (MB)`, (s) => get(s, MB, (r) => r.hwm));
+  line(`status patches over ${MB} Ready books`, (s) => get(s, MB, (r) => r.patches));
+  if (!res.get(`controller/${MB}`)?.some((r) => r.gc)) errors.push('the runtime offered no forced GC: heap numbers include garbage');
+  for (const e of errors) console.log(`\n⚠️ ${e}`);
+  const na = res.get(`controller/${MB}`)?.find((r) => r.na)?.na;
+  const pb = median(perBook(CTRL));
+  SUMMARY.push({
+    measure: `memory per cached book (heap after GC, ${MB} books − none, / ${MB}; bytes)`, controller: na ?? cell(perBook(CTRL)),
+    reference: `floor ${cell(perBook(FLOORS))}, raw floor ${cell(perBook(RAW))}`, ratio: '–', target: '≤ 500 bytes',
+    ok: na || Number.isNaN(pb) ? undefined : pb <= 500,
+  });
+  SUMMARY.push({
+    measure: `RSS at ${MB} books, after GC (MB)`, controller: na ?? cell(get(CTRL, MB, (r) => r.rss)),
+    reference: `floor ${cell(get(FLOORS, MB, (r) => r.rss))}`, ratio: fmt(median(get(CTRL, MB, (r) => r.rss)) / median(get(FLOORS, MB, (r) => r.rss)), 2),
+    target: 'beside it', ok: undefined,
+  });
+  const patches = get(CTRL, MB, (r) => r.patches);
+  SUMMARY.push({
+    measure: `requests, restart over ${MB} books already Ready (status patches)`, controller: na ?? cell(patches),
+    reference: `floor ${cell(get(FLOORS, MB, (r) => r.patches))}`, ratio: '–', target: '0', ok: na || !patches.length ? undefined : patches.every((p) => p === 0),
+  });
+}
+
+// ---------- scenario: books Ready ----------
+interface ReadyRun { readyMs: number; patches: number; lines: number; error?: string; na?: string; stats?: ServerStats }
+async function readyRun(server: Server, concurrency: number, launcher = MAIN, nodeFlags: string[] = []): Promise<ReadyRun> {
+  await server.call('reset', { books: 0, events: 0, watchlist: 1, latency: LAT });
+  const c = spawnSubject(CTRL, server, launcher, { args: ['--concurrency', String(concurrency)], nodeFlags });
+  const run: ReadyRun = { readyMs: NaN, patches: NaN, lines: 0 };
+  let how = await c.until(async () => (await server.call('stats')).openWatches > 0, 60_000);
+  if (how === 'done') {
+    await sleep(300);
+    await server.call('create', { n: RB });
+    const limit = (RB * LAT * 2) / concurrency + 60_000;
+    how = await c.until(async () => (await server.call('stats')).createdReady >= RB, limit);
+    await c.waitLines(RB, 1000, 10_000);
+  }
+  const stats = await server.call('stats');
+  const exit = await c.stop();
+  Object.assign(run, { readyMs: stats.readyMs, patches: stats.statusPatches, lines: c.lines, na: refused(c), stats });
+  if (how !== 'done') run.error = `${how}: ${stats.createdReady} of ${RB} Ready, ${c.lines} lines: ${c.lastStderr()}`;
+  else if (exit !== 0) run.error = `exit ${exit} after SIGTERM: ${c.lastStderr()}`;
+  return run;
+}
+
+async function readyTable() {
+  console.log(`\n## books Ready: ${RB} new books, ${LAT} ms per status patch; ${LAUNCHER_NAME[MAIN]}, ${R_READY} run(s) each\n`);
+  const server = await startServer(0, 0);
+  const res = new Map<number, ReadyRun[]>();
+  const errors: string[] = [];
+  try {
+    for (let r = 0; r < R_READY; r++) {
+      for (const cc of CONCURRENCY) {
+        const run = await readyRun(server, cc);
+        if (run.error && !run.na) errors.push(`--concurrency ${cc}, run ${r + 1}: ${run.error}`);
+        res.set(cc, [...(res.get(cc) ?? []), run]);
+        progress();
+      }
+    }
+  } finally {
+    server.stop();
+    progress('\n');
+  }
+  console.log('| --concurrency | time until the last is Ready (ms) | ideal (ms) | ratio | status patches | lines printed |');
+  console.log('|---|---|---|---|---|---|');
+  for (const cc of CONCURRENCY) {
+    const runs = res.get(cc) ?? [];
+    const ideal = (RB * LAT) / cc;
+    const na = runs.find((r) => r.na)?.na;
+    console.log(`| ${cc} | ${na ?? cell(runs.map((r) => r.readyMs))} | ${ideal} | ${fmt(median(runs.map((r) => r.readyMs)) / ideal, 2)} | ${cell(runs.map((r) => r.patches))} | ${cell(runs.map((r) => r.lines))} |`);
+    ratioRow(`books Ready: ${RB} new books, ${LAT} ms per patch, --concurrency ${cc} (ms)`, runs.map((r) => r.readyMs), [ideal], 'ideal', 0, 1.2, na);
+    const patches = runs.map((r) => r.patches);
+    SUMMARY.push({
+      measure: `requests, ${RB} new books at --concurrency ${cc} (status patches)`, controller: na ?? cell(patches), reference: '', ratio: '–',
+      target: `${RB} (one per new book)`, ok: na || !runs.length ? undefined : patches.every((p) => p === RB),
+    });
+  }
   for (const e of errors) console.log(`\n⚠️ ${e}`);
 }
 
-async function memoryTable(books: number) {
-  console.log(`\n## memory: N=${books} books, M=${M} events, ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`);
-  const { results: res, errors } = await compare(MAIN, books, M, R);
-  console.log('| metric | controller | floor | ratio | target | bare floor |');
-  console.log('|---|---|---|---|---|---|');
-  console.log(row('peak RSS (MB)', res, (r) => r.rssMB, 0, '≤ 2', 2));
-  console.log(row('initial sync after start-up (ms)', res, (r) => r.syncMs - r.firstMs, 0, '≤ 1.5', 1.5));
-  console.log(row('watch: first → last (ms)', res, (r) => r.watchMs, 0, '≤ 1.25', 1.25));
-  for (const e of errors) console.log(`\n⚠️ ${e}`);
+// ---------- scenario: idle with a short watch timeout ----------
+async function idleTable() {
+  const seconds = 5, timeout = 1, books = 10;
+  console.log(`\n## idle: ${books} books already Ready, --watch-timeout ${timeout}, ${seconds} s after sync; ${LAUNCHER_NAME[MAIN]}\n`);
+  const server = await startServer(books, 0);
+  console.log('| mode | requests (counted by the server) | watches per timeout |');
+  console.log('|---|---|---|');
+  try {
+    for (const mode of ['streaming', 'paginated'] as Mode[]) {
+      await server.call('reset', { books, events: 0, watchlist: mode === 'streaming' ? 1 : 0, ready: 1 });
+      const c = spawnSubject(CTRL, server, MAIN, { args: ['--watch-timeout', String(timeout)] });
+      const how = await c.waitLines(books, 3000, 60_000);
+      await sleep(seconds * 1000);
+      const st = await server.call('stats');
+      await c.stop();
+      const na = refused(c) ?? (how !== 'done' ? `${how}: ${c.lastStderr()}` : undefined);
+      const watches = st.watches + st.streamingLists;
+      const allowed = Math.ceil(st.sinceFirstMs / 1000 / timeout) + 1;
+      const lists = mode === 'streaming' ? 0 : 1;
+      console.log(`| ${mode} | ${requestText(st)} over ${fmt(st.sinceFirstMs / 1000, 1)} s | ${fmt(watches / (st.sinceFirstMs / 1000 / timeout), 2)} |`);
+      SUMMARY.push({
+        measure: `requests, idle ${fmt(st.sinceFirstMs / 1000, 1)} s with --watch-timeout ${timeout}, ${mode}`, controller: na ?? requestText(st), reference: '', ratio: '–',
+        target: `≤ ${allowed} watches (one per timeout), ${lists} list pages, 0 status patches`,
+        ok: na ? undefined : watches <= allowed && st.listPages === lists && st.statusPatches === 0 && st.other === 0,
+      });
+      progress();
+    }
+  } finally {
+    server.stop();
+    progress('\n');
+  }
 }
 
+// ---------- start-up by launcher, and import cost (extra tables: --tables launchers,imports) ----------
 async function launcherTable() {
-  const books = 500, events = 30;
+  const books = 500;
   const launchers: Launcher[] = ['tsx', 'npx', 'strip', 'deno', 'bun'];
-  console.log(`\n## start-up by launcher: N=${books}, M=${events}, ${R_STARTUP} runs (start → first event, peak RSS)\n`);
-  console.log('| launcher | controller first event (ms) | floor first event (ms) | controller RSS (MB) | floor RSS (MB) | bare floor first event (ms) | notes |');
-  console.log('|---|---|---|---|---|---|---|');
-  for (const l of launchers) {
-    const { results: res, errors } = await compare(l, books, events, R_STARTUP);
-    const c = res.get('controller') ?? [], f = res.get('floor') ?? [], b = res.get('bare floor') ?? [];
-    const note = [...new Set(errors.map((e) => e.replace(/ run \d+/, '')))].join('; ').slice(0, 300);
-    console.log(`| ${LAUNCHER_NAME[l]} | ${cell(c.map((r) => r.firstMs))} | ${cell(f.map((r) => r.firstMs))} | ${cell(c.map((r) => r.rssMB))} | ${cell(f.map((r) => r.rssMB))} | ${cell(b.map((r) => r.firstMs))} | ${note} |`);
+  console.log(`\n## start-up by launcher: ${books} books already Ready, ${R_STARTUP} runs (spawn → ${books}-th Added, peak RSS)\n`);
+  console.log('| launcher | controller (ms) | floor (ms) | controller RSS (MB) | floor RSS (MB) | notes |');
+  console.log('|---|---|---|---|---|---|');
+  const server = await startServer(books, 0);
+  try {
+    for (const l of launchers) {
+      const res = new Map<string, { ms: number; rss: number }[]>();
+      const notes = new Set<string>();
+      for (let r = -1; r < R_STARTUP; r++) { // r = -1: warm-up
+        for (const s of [CTRL, FLOORS]) {
+          await server.call('reset', { books, events: 0, watchlist: 1, ready: 1 });
+          const c = spawnSubject(s, server, l);
+          const how = await c.waitLines(books, 3000, 60_000);
+          const rss = procStats(c.pid).rssMB;
+          await c.stop();
+          if (how !== 'done') notes.add(`${s.name}: ${how} ${c.lastStderr(1)}`);
+          if (r >= 0) res.set(s.name, [...(res.get(s.name) ?? []), { ms: c.times[books - 1] - c.t0, rss }]);
+          progress();
+        }
+      }
+      const c = res.get('controller') ?? [], f = res.get('floor') ?? [];
+      console.log(`| ${LAUNCHER_NAME[l]} | ${cell(c.map((x) => x.ms))} | ${cell(f.map((x) => x.ms))} | ${cell(c.map((x) => x.rss))} | ${cell(f.map((x) => x.rss))} | ${[...notes].join('; ').slice(0, 300)} |`);
+    }
+  } finally {
+    server.stop();
+    progress('\n');
   }
 }
 
-// ---------- import cost of each dependency ----------
 function dependencies(file: string): string[] {
   const src = readFileSync(file, 'utf8');
   const specs = new Set<string>(['@kubernetes/client-node']);
@@ -333,8 +628,6 @@ async function importTable() {
   console.log(`\n## import cost (medians of ${R_STARTUP}): in-process \`await import(dep)\` time; whole process wall time and RSS\n`);
   console.log(`| launcher | empty .ts process: wall (ms) / RSS (MB) | ${deps.map((d) => `import('${d}') (ms)`).join(' | ')} | process with all deps: wall (ms) / RSS (MB) |`);
   console.log(`|---|---|${deps.map(() => '---|').join('')}---|`);
-  const baseline: Record<string, number> = {};
-  const clientNode: Record<string, number> = {};
   for (const l of launchers) {
     const take = async (spec?: string) => {
       const rs = [];
@@ -342,30 +635,38 @@ async function importTable() {
       return { wallMs: median(rs.map((x) => x.wallMs)), importMs: median(rs.map((x) => x.importMs)), rssMB: median(rs.map((x) => x.rssMB)) };
     };
     const empty = await take();
-    baseline[l] = empty.wallMs;
     const each = [];
     for (const d of deps) each.push(await take(d));
-    clientNode[l] = each[0].importMs; // deps[0] is client-node
     const all = await take(deps.join(','));
     console.log(`| ${LAUNCHER_NAME[l]} | ${fmt(empty.wallMs)} / ${fmt(empty.rssMB)} | ${each.map((e) => fmt(e.importMs)).join(' | ')} | ${fmt(all.wallMs)} / ${fmt(all.rssMB)} |`);
   }
-  console.log(`\ntsx's cost over Node's own type stripping: registering the loader (empty file) ${fmt(baseline.tsx - baseline.strip)} ms; ` +
-    `its hooks on client-node's modules ${fmt(clientNode.tsx - clientNode.strip)} ms; npx on top (empty file, \`npx tsx\` − \`node --import tsx\`) ${fmt(baseline.npx - baseline.tsx)} ms`);
 }
 
-// ---------- --profile: top self-time functions of one run ----------
-async function profile(file: string) {
+// ---------- --profile: top self-time functions of one run of a scenario ----------
+async function profile(file: string, scenario: string) {
   const dir = join(tmp, 'prof');
-  // Node's own type stripping keeps line numbers exact (tsx's output is one line); tsx if that fails.
-  const server = await startServer(N, M);
-  let launcher: Launcher = 'strip';
-  let run = await runOnce(command(launcher, file, [], ['--cpu-prof', `--cpu-prof-dir=${dir}`]), file, server.kubeconfig, N, M);
-  if (run.error && !existsSync(dir)) {
-    launcher = 'tsx';
-    run = await runOnce(command(launcher, file, [], ['--cpu-prof', `--cpu-prof-dir=${dir}`]), file, server.kubeconfig, N, M);
-  }
-  server.proc.kill('SIGTERM');
-  console.log(`\n## CPU profile of ${file} (${LAUNCHER_NAME[launcher]}, N=${N}, M=${M}): first ${fmt(run.firstMs)} ms, sync ${fmt(run.syncMs)} ms, watch ${fmt(run.watchMs)} ms${run.error ? `, ${run.error}` : ''}\n`);
+  const nodeFlags = ['--cpu-prof', `--cpu-prof-dir=${dir}`];
+  const s: Subject = { name: file === CONTROLLER ? 'controller' : file, file };
+  let what = '';
+  // Node's own type stripping keeps line numbers exact (tsx's output is one line).
+  if (scenario === 'stream' || scenario === 'paged') {
+    const server = await startServer(N, M);
+    const run = await syncRun(server, s, scenario === 'stream' ? 'streaming' : 'paginated', 'strip', nodeFlags);
+    server.stop();
+    what = `sync+watch ${scenario}, N=${N}, M=${M}: sync ${fmt(run.syncMs)} ms, watch ${fmt(run.watchMs)} ms, ${requestText(run.requests)}${run.error ? `; ${run.error}` : ''}`;
+  } else if (scenario.startsWith('ready')) {
+    const cc = Number(scenario.slice(5)) || 1;
+    const server = await startServer(0, 0);
+    const run = await readyRun(server, cc, 'strip', nodeFlags);
+    server.stop();
+    what = `books Ready, ${RB} books, --concurrency ${cc}: ${fmt(run.readyMs)} ms (ideal ${(RB * LAT) / cc}), ${run.patches} patches${run.error ? `; ${run.error}` : ''}`;
+  } else if (scenario === 'memory') {
+    const server = await startServer(MB, 0);
+    const run = await memRun(server, s, MB, 'strip', nodeFlags);
+    server.stop();
+    what = `memory, ${MB} Ready books: heap ${fmt(run.heapUsed / 1048576, 1)} MB, peak RSS ${fmt(run.hwm)} MB${run.error ? `; ${run.error}` : ''}`;
+  } else throw new Error(`--scenario ${scenario}: stream, paged, ready1, ready8 or memory`);
+  console.log(`\n## CPU profile of ${file} (${LAUNCHER_NAME.strip}), ${what}\n`);
   const files = existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.cpuprofile')) : [];
   // CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile: thread 0 is the main thread
   const main = files.find((f) => f.split('.')[4] === '0') ?? files[0];
@@ -388,26 +689,47 @@ async function profile(file: string) {
   });
   const top = (m: Map<string, number>, n: number) => [...m].sort((a, b) => b[1] - a[1]).slice(0, n);
   console.log(`| self time (ms) | % of busy ${fmt(total / 1000)} ms | function url:line |\n|---|---|---|`);
-  for (const [k, v] of top(self, 10)) console.log(`| ${fmt(v / 1000, 1)} | ${fmt((100 * v) / total, 1)} | ${k.replaceAll('|', '\\|')} |`);
-  if (self.size && top(self, 10).some(([k]) => k.startsWith('consoleCall'))) {
-    console.log('\nnote: --cpu-prof attaches an inspector session, which also handles every console.log: `consoleCall` is inflated here.');
-  }
+  for (const [k, v] of top(self, 12)) console.log(`| ${fmt(v / 1000, 1)} | ${fmt((100 * v) / total, 1)} | ${k.replaceAll('|', '\\|')} |`);
   console.log(`\nby package / file: ${top(byFile, 8).map(([k, v]) => `${k} ${fmt((100 * v) / total, 1)}%`).join(', ')}`);
   console.log(`(profile: ${join(dir, main)}; other threads: ${files.length - 1} file(s))`);
 }
 
+// one unmeasured run of each subject: fills tsx's and deno's transform caches and the page cache
+async function warmUp() {
+  const server = await startServer(100, 0);
+  try {
+    for (const s of [CTRL, FLOORS, RAW]) {
+      await server.call('reset', { books: 100, events: 0, watchlist: 1 });
+      const c = spawnSubject(s, server);
+      await c.waitLines(100, 2000, 60_000);
+      await c.stop();
+    }
+  } finally {
+    server.stop();
+  }
+}
+
 // ---------- main ----------
 if (flags.pin) execFileSync('taskset', ['-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
-console.log(`# Book controller benchmark — ${new Date().toISOString()}, node ${process.version}, ${(await import('node:os')).cpus().length} cores, controller ${CONTROLLER}`);
+const started = performance.now();
+console.log(`# Book controller benchmark — ${new Date().toISOString()}, ${hostname()}: ${cpus().length} × ${cpus()[0]?.model ?? '?'}; bench on node ${process.version}; subjects on ${LAUNCHER_NAME[MAIN]}; controller ${CONTROLLER}`);
 try {
   if (flags.profile) {
-    await profile(CONTROLLER);
+    await profile(CONTROLLER, flags.scenario);
   } else {
-    await mainTable();
-    if (!SKIP.has('memory') && Number(flags['memory-books']) > 0) await memoryTable(Number(flags['memory-books']));
-    if (!SKIP.has('launchers')) await launcherTable();
-    if (!SKIP.has('imports')) await importTable();
+    await warmUp();
+    if (!SKIP.has('sync')) await syncTable();
+    if (!SKIP.has('memory') && MB > 0) await memoryTable();
+    if (!SKIP.has('ready') && RB > 0) await readyTable();
+    if (!SKIP.has('idle')) await idleTable();
+    if (EXTRA.has('launchers')) await launcherTable();
+    if (EXTRA.has('imports')) await importTable();
+    console.log(`\n## issue 12's table (${LAUNCHER_NAME[MAIN]}, ${R} interleaved runs, medians [min–max])\n`);
+    printRows(SUMMARY);
+    for (const n of NOTES.slice(0, 5)) console.log(`\nnote: ${n}`);
+    console.log(`\n(bench took ${fmt((performance.now() - started) / 1000)} s)`);
   }
 } finally {
+  control.destroy();
   if (!flags.profile) rmSync(tmp, { recursive: true, force: true });
 }
