@@ -15,7 +15,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import * as https from 'node:https';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
@@ -775,21 +775,22 @@ function controllerCommand(): string[] {
 /**
  * Runs the demo: the fake on loopback, the controller as a child process (its stdout is shown as is,
  * or given to `stdout`), then moby-dick added, retitled and deleted a second apart. Narration goes to
- * stderr (or `narrate`). Ends by stopping the controller with SIGTERM; returns its exit code.
+ * stderr (or `narrate`). Ends by stopping the controller with SIGTERM; returns its exit code and
+ * the requests it made.
  */
 export async function runDemo(options: {
   stdout?: (text: string) => void;
   narrate?: (line: string) => void;
   signal?: AbortSignal;
   stepMs?: number;
-} = {}): Promise<number | null> {
+} = {}): Promise<{ exitCode: number | null; requests: ApiRequest[] }> {
   const { signal = new AbortController().signal, stepMs = 1000 } = options;
   const narrate = options.narrate ?? ((line: string) => console.error(`demo: ${line}`));
   const waiters = new Set<() => void>();
   const fake = await new FakeApiServer({ onActivity: () => waiters.forEach((check) => check()) }).listen();
   const kubeconfig = writeKubeconfig({ server: fake.url });
   const [program = '', ...args] = controllerCommand();
-  narrate(`a fake API server is listening on ${fake.url}; starting the controller: KUBECONFIG=${kubeconfig} ${args.at(-1)}`);
+  narrate(`a fake API server is listening on ${fake.url}; starting the controller: KUBECONFIG=${kubeconfig} ${[basename(program), ...args].join(' ')}`);
   const child = spawn(program, args, {
     cwd: fileURLToPath(new URL('.', import.meta.url)),
     env: { ...process.env, KUBECONFIG: kubeconfig },
@@ -824,8 +825,8 @@ export async function runDemo(options: {
     if (!over && !signal.aborted) narrate('stopping the controller (SIGTERM)');
     // Ctrl-C reached the controller too (one process group): give it a moment before telling it again.
     if (!over && signal.aborted) await Promise.race([exited, sleep(1000)]);
-    if (!over) child.kill('SIGTERM');
-    return await exited;
+    if (!over) process.kill(child.pid ?? 0, 'SIGTERM'); // not child.kill(): Deno then reports the signal, not the exit code
+    return { exitCode: await exited, requests: fake.requests };
   } finally {
     fake.close();
   }
@@ -835,8 +836,9 @@ export async function runDemo(options: {
 const isEntryPoint = (import.meta as { main?: boolean }).main ?? process.argv[1] === fileURLToPath(import.meta.url);
 if (isEntryPoint) {
   const stop = new AbortController();
-  process.once('SIGINT', () => stop.abort());
-  process.once('SIGTERM', () => stop.abort());
-  const code = await runDemo({ signal: stop.signal });
-  process.exit(stop.signal.aborted ? 0 : code ?? 1);
+  // `on`, not `once`: Ctrl-C may arrive twice (from the terminal, and relayed by tsx's CLI).
+  process.on('SIGINT', () => stop.abort());
+  process.on('SIGTERM', () => stop.abort());
+  const { exitCode } = await runDemo({ signal: stop.signal });
+  process.exit(stop.signal.aborted ? 0 : exitCode ?? 1);
 }
