@@ -1,0 +1,381 @@
+// A real control plane for the end-to-end suite: etcd and kube-apiserver on loopback, started and
+// stopped by the tests themselves (envtest's approach), built by e2e/build.sh into a cache outside
+// the repository.
+//
+//   const cluster = await startCluster();   // etcd + kube-apiserver, kubeconfigs for admin and nobody
+//   cluster.kubectl(['apply', '-f', 'crd.yaml']);
+//   await cluster.stop();                   // SIGTERM, then SIGKILL; prints their peak RSS
+//
+// E2E_EXISTING_CLUSTER=1 with KUBECONFIG naming a cluster (kind, k3d, ...): use that one instead;
+// the cases that restart the server or read its audit log are then skipped.
+// E2E_KEEP=1 keeps the temp folder (logs, audit log, kubeconfigs) for a look afterwards.
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import * as https from 'node:https';
+import * as net from 'node:net';
+import { homedir, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = fileURLToPath(new URL('..', import.meta.url));
+
+/** Where e2e/build.sh puts the binaries: the versions come from the wrapper modules. */
+export function binDir(): string {
+  const version = (file: string, module: string) =>
+    readFileSync(join(ROOT, 'e2e', file), 'utf8').match(new RegExp(`^require ${module} (\\S+)`, 'm'))?.[1];
+  const k8s = version('apiserver/go.mod', 'k8s.io/kubernetes');
+  const etcd = version('etcd/go.mod', 'go.etcd.io/etcd/server/v3');
+  const cache = process.env.E2E_CACHE ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'book-controller-e2e');
+  return join(cache, `kubernetes-${k8s}-etcd-${etcd}`);
+}
+
+export interface KubectlResult { code: number | null; stdout: string; stderr: string }
+
+export interface Cluster {
+  /** true with E2E_EXISTING_CLUSTER=1: no restarts, no audit log. */
+  existing: boolean;
+  /** The admin's kubeconfig (system:masters), and one for a user with no rights at all. */
+  kubeconfig: string;
+  nobodyKubeconfig: string;
+  /** https://127.0.0.1:PORT */
+  server: string;
+  /** The CA that signed the server's certificate (PEM), and the admin's bearer token. */
+  ca: string;
+  token: string;
+  /** One JSON object per line (audit.k8s.io/v1 Event), or undefined for an existing cluster. */
+  auditLog: string | undefined;
+  dir: string;
+  /** Runs the real kubectl, as a user would (admin unless another kubeconfig is given). */
+  kubectl(args: string[], options?: { kubeconfig?: string; input?: string }): Promise<KubectlResult>;
+  /** The same, failing with kubectl's own message unless it exits 0; returns its stdout. */
+  kubectlOk(args: string[], options?: { kubeconfig?: string; input?: string }): Promise<string>;
+  /** An authenticated HTTPS request straight to the server, for what kubectl does not show. */
+  request(method: string, path: string, options?: { body?: string; contentType?: string; token?: string }): Promise<{ status: number; body: string }>;
+  /** Stops kube-apiserver (etcd keeps running), and starts it again on the same port. */
+  stopApiserver(): Promise<void>;
+  startApiserver(): Promise<void>;
+  /** A second kube-apiserver on the same etcd (another port): returns a kubeconfig for it, and its stop. */
+  startSecondApiserver(): Promise<{ kubeconfig: string; stop: () => Promise<void> }>;
+  /** Compacts etcd's history up to now, as the apiserver does every --etcd-compaction-interval. */
+  compact(): Promise<number>;
+  /** Stops everything; prints the peak RSS of etcd and kube-apiserver. */
+  stop(): Promise<void>;
+}
+
+const ADMIN_TOKEN = randomBytes(16).toString('hex');
+const NOBODY_TOKEN = randomBytes(16).toString('hex');
+
+export async function freePort(): Promise<number> {
+  const server = net.createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as net.AddressInfo;
+  server.close();
+  await once(server, 'close');
+  return port;
+}
+
+/** A child process with its output in a log file, its peak RSS, and a stop that always ends it. */
+class Daemon {
+  child: ChildProcess;
+  peakRssKiB = 0;
+  exited: Promise<number | null>;
+  name: string;
+  log: string;
+
+  constructor(name: string, program: string, args: string[], log: string) {
+    this.name = name;
+    this.log = log;
+    writeFileSync(log, `$ ${program} ${args.join(' ')}\n`);
+    const out = openSync(log, 'a'); // the child writes its log itself
+    this.child = spawn(program, args, { stdio: ['ignore', out, out] });
+    this.exited = new Promise((resolve) => this.child.on('exit', (code, signal) => resolve(code ?? (signal ? -1 : null))));
+    running.add(this);
+    // If this process dies without stopping us (SIGKILL, a runner's timeout), a watchdog ends the daemon.
+    spawn('sh', ['-c', 'while kill -0 "$0" 2>/dev/null && kill -0 "$1" 2>/dev/null; do sleep 1; done; kill -9 "$1" 2>/dev/null', String(process.pid), String(this.child.pid)],
+      { stdio: 'ignore', detached: true }).unref();
+  }
+
+  get alive() {
+    return this.child.exitCode === null && this.child.signalCode === null;
+  }
+
+  /** VmHWM: the most resident memory the process ever had, while it still runs. */
+  sampleRss() {
+    try {
+      const status = readFileSync(`/proc/${this.child.pid}/status`, 'utf8');
+      const kib = Number(status.match(/^VmHWM:\s+(\d+) kB/m)?.[1] ?? 0);
+      this.peakRssKiB = Math.max(this.peakRssKiB, kib);
+    } catch {} // not Linux, or already gone
+  }
+
+  async stop() {
+    if (!this.alive) return;
+    this.sampleRss();
+    this.child.kill('SIGTERM');
+    const timer = setTimeout(() => this.child.kill('SIGKILL'), 10_000);
+    await this.exited;
+    clearTimeout(timer);
+    running.delete(this);
+  }
+
+  tail(lines = 20) {
+    try {
+      return readFileSync(this.log, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
+    } catch {
+      return '';
+    }
+  }
+}
+
+
+// Whatever happens to the test run (a failed assertion, an uncaught error), no daemon outlives it.
+const running = new Set<Daemon>();
+process.on('exit', () => {
+  for (const daemon of running) daemon.child.kill('SIGKILL');
+});
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.once(signal, () => {
+    for (const daemon of running) daemon.child.kill('SIGKILL');
+    process.kill(process.pid, signal);
+  });
+}
+
+/** Thrown inside waitFor's fn: stop waiting at once (the process waited on is gone). */
+export class GiveUp extends Error {}
+
+/** Polls until fn returns a value, or fails naming what it waited for. */
+export async function waitFor<T>(what: string, fn: () => Promise<T | undefined> | T | undefined, timeoutMs = 60_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const value = await fn();
+      if (value !== undefined) return value;
+    } catch (err) {
+      if (err instanceof GiveUp) throw err;
+      last = err;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs / 1000}s waiting for ${what}${last ? ` (last error: ${String(last)})` : ''}`);
+    await sleep(100);
+  }
+}
+
+function httpsRequest(url: string, ca: string, token: string, method = 'GET', body?: string, contentType = 'application/json') {
+  return new Promise<{ status: number; body: string }>((resolve, reject) => {
+    const request = https.request(url, {
+      method, ca, headers: { authorization: `Bearer ${token}`, ...(body === undefined ? {} : { 'content-type': contentType }) },
+      timeout: 10_000,
+    }, (response) => {
+      let text = '';
+      response.setEncoding('utf8').on('data', (chunk: string) => (text += chunk)).on('end', () => resolve({ status: response.statusCode ?? 0, body: text }));
+    });
+    request.on('error', reject).on('timeout', () => request.destroy(new Error(`${method} ${url}: no answer in 10s`)));
+    request.end(body);
+  });
+}
+
+function kubeconfigFor(server: string, ca: string, user: string, token: string): string {
+  // JSON is YAML: kubectl and client-node read it alike.
+  return JSON.stringify({
+    apiVersion: 'v1', kind: 'Config',
+    clusters: [{ name: 'e2e', cluster: { server, 'certificate-authority-data': Buffer.from(ca).toString('base64') } }],
+    users: [{ name: user, user: { token } }],
+    contexts: [{ name: user, context: { cluster: 'e2e', user, namespace: 'default' } }],
+    'current-context': user,
+  }, null, 2);
+}
+
+function runKubectl(kubectl: string, kubeconfig: string, args: string[], input?: string): Promise<KubectlResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(kubectl, args, { env: { ...process.env, KUBECONFIG: kubeconfig }, cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (text: string) => (stdout += text));
+    child.stderr.setEncoding('utf8').on('data', (text: string) => (stderr += text));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+    child.stdin.end(input);
+  });
+}
+
+function withKubectl(kubectl: string, defaultKubeconfig: () => string) {
+  const run = (args: string[], options: { kubeconfig?: string; input?: string } = {}) =>
+    runKubectl(kubectl, options.kubeconfig ?? defaultKubeconfig(), args, options.input);
+  const ok = async (args: string[], options: { kubeconfig?: string; input?: string } = {}) => {
+    const result = await run(args, options);
+    if (result.code !== 0) throw new Error(`kubectl ${args.join(' ')} exited ${result.code}: ${result.stderr.trim()}`);
+    return result.stdout;
+  };
+  return { kubectl: run, kubectlOk: ok };
+}
+
+export async function startCluster(): Promise<Cluster> {
+  return process.env.E2E_EXISTING_CLUSTER === '1' ? existingCluster() : ownCluster();
+}
+
+async function ownCluster(): Promise<Cluster> {
+  const bin = binDir();
+  for (const name of ['etcd', 'kube-apiserver', 'kubectl']) {
+    if (!existsSync(join(bin, name))) throw new Error(`no ${join(bin, name)}: build the control plane first with bash e2e/build.sh`);
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'book-e2e-'));
+  const started = Date.now();
+
+  // etcd: loopback only, a throwaway data dir, no fsync (a test's data need not survive a power cut).
+  const [clientPort, peerPort] = [await freePort(), await freePort()];
+  const etcdUrl = `http://127.0.0.1:${clientPort}`;
+  const peerUrl = `http://127.0.0.1:${peerPort}`;
+  const etcd = new Daemon('etcd', join(bin, 'etcd'), [
+    '--name=e2e', `--data-dir=${join(dir, 'etcd')}`, '--unsafe-no-fsync', '--log-level=warn',
+    `--listen-client-urls=${etcdUrl}`, `--advertise-client-urls=${etcdUrl}`,
+    `--listen-peer-urls=${peerUrl}`, `--initial-advertise-peer-urls=${peerUrl}`, `--initial-cluster=e2e=${peerUrl}`,
+  ], join(dir, 'etcd.log'));
+  await waitFor('etcd to answer /health', async () => {
+    if (!etcd.alive) throw new GiveUp(`etcd exited:\n${etcd.tail()}`);
+    const response = await fetch(`${etcdUrl}/health`).catch(() => undefined);
+    return response?.ok ? true : undefined;
+  }, 30_000).catch((err) => { etcd.stop(); throw err; });
+
+  // kube-apiserver's inputs: tokens, service-account keys, an audit policy.
+  writeFileSync(join(dir, 'tokens.csv'), `${ADMIN_TOKEN},admin,admin-uid,"system:masters"\n${NOBODY_TOKEN},nobody,nobody-uid\n`);
+  const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
+  writeFileSync(join(dir, 'sa.key'), privateKey.export({ type: 'pkcs8', format: 'pem' }));
+  writeFileSync(join(dir, 'sa.pub'), publicKey.export({ type: 'spki', format: 'pem' }));
+  // Metadata for books and leases: each request's URI (with the resourceVersion asked for), verb, user and status.
+  writeFileSync(join(dir, 'audit-policy.yaml'), [
+    'apiVersion: audit.k8s.io/v1', 'kind: Policy', 'omitStages: [RequestReceived]', 'rules:',
+    '  - level: Metadata', '    resources: [{group: example.technosophos.com}, {group: coordination.k8s.io, resources: [leases]}]',
+    '  - level: None', '',
+  ].join('\n'));
+  const auditLog = join(dir, 'audit.log');
+  const certDir = join(dir, 'certs');
+  mkdirSync(certDir);
+
+  const apiserverArgs = (port: number, name: string) => [
+    '--bind-address=127.0.0.1', '--advertise-address=127.0.0.1', `--secure-port=${port}`, `--cert-dir=${certDir}`,
+    `--etcd-servers=${etcdUrl}`, '--etcd-compaction-interval=10s',
+    `--token-auth-file=${join(dir, 'tokens.csv')}`, '--authorization-mode=RBAC', '--anonymous-auth=false',
+    `--service-account-key-file=${join(dir, 'sa.pub')}`, `--service-account-signing-key-file=${join(dir, 'sa.key')}`,
+    '--service-account-issuer=https://kubernetes.default.svc', '--service-cluster-ip-range=10.0.0.0/24',
+    `--audit-policy-file=${join(dir, 'audit-policy.yaml')}`, `--audit-log-path=${name === 'kube-apiserver' ? auditLog : join(dir, `${name}-audit.log`)}`,
+    '--audit-log-mode=blocking', '--v=0',
+    // The default reconciler refuses a loopback address; with no Endpoints for `kubernetes` nothing here misses it.
+    '--endpoint-reconciler-type=none',
+  ];
+
+  const apiserverPort = await freePort();
+  const server = `https://127.0.0.1:${apiserverPort}`;
+  let apiserver: Daemon | undefined;
+  let apiserverPeakKiB = 0;
+  let ca = '';
+  const startOne = async (name: string, port: number): Promise<Daemon> => {
+    const daemon = new Daemon(name, join(bin, 'kube-apiserver'), apiserverArgs(port, name), join(dir, `${name}.log`));
+    // The self-signed apiserver.crt in --cert-dir holds the serving certificate and the CA that signed it.
+    const url = `https://127.0.0.1:${port}`;
+    await waitFor(`${name} on ${url} to answer /readyz with 200`, async () => {
+      if (!daemon.alive) throw new GiveUp(`${name} exited:\n${daemon.tail()}`);
+      if (!existsSync(join(certDir, 'apiserver.crt'))) return undefined;
+      ca = readFileSync(join(certDir, 'apiserver.crt'), 'utf8');
+      const { status } = await httpsRequest(`${url}/readyz`, ca, ADMIN_TOKEN).catch(() => ({ status: 0 }));
+      return status === 200 ? true : undefined;
+    }, 90_000).catch(async (err) => { await daemon.stop(); throw err; });
+    return daemon;
+  };
+  const startApiserver = async () => {
+    apiserver = await startOne('kube-apiserver', apiserverPort);
+  };
+  const stopApiserver = async () => {
+    apiserver?.sampleRss();
+    apiserverPeakKiB = Math.max(apiserverPeakKiB, apiserver?.peakRssKiB ?? 0);
+    await apiserver?.stop();
+    apiserver = undefined;
+  };
+  try {
+    await startApiserver();
+  } catch (err) {
+    await etcd.stop();
+    throw err;
+  }
+
+  const kubeconfig = join(dir, 'admin.kubeconfig');
+  const nobodyKubeconfig = join(dir, 'nobody.kubeconfig');
+  writeFileSync(kubeconfig, kubeconfigFor(server, ca, 'admin', ADMIN_TOKEN));
+  writeFileSync(nobodyKubeconfig, kubeconfigFor(server, ca, 'nobody', NOBODY_TOKEN));
+  console.error(`e2e: etcd ${etcdUrl} and kube-apiserver ${server} ready in ${((Date.now() - started) / 1000).toFixed(1)}s (${dir})`);
+
+  return {
+    existing: false, kubeconfig, nobodyKubeconfig, server, ca, token: ADMIN_TOKEN, auditLog, dir,
+    ...withKubectl(join(bin, 'kubectl'), () => kubeconfig),
+    request: (method, path, options = {}) => httpsRequest(server + path, ca, options.token ?? ADMIN_TOKEN, method, options.body, options.contentType),
+    stopApiserver, startApiserver,
+    async startSecondApiserver() {
+      const port = await freePort();
+      const second = await startOne('kube-apiserver-2', port);
+      const config = join(dir, 'second.kubeconfig');
+      writeFileSync(config, kubeconfigFor(`https://127.0.0.1:${port}`, ca, 'admin', ADMIN_TOKEN));
+      return { kubeconfig: config, stop: () => second.stop() };
+    },
+    async compact() {
+      // etcd's gRPC gateway: the current revision, then a physical compaction up to it.
+      const post = async (path: string, body: object) => {
+        const response = await fetch(etcdUrl + path, { method: 'POST', body: JSON.stringify(body) });
+        if (!response.ok) throw new Error(`etcd ${path}: ${response.status} ${await response.text()}`);
+        return response.json() as Promise<{ header: { revision: string } }>;
+      };
+      const { header } = await post('/v3/kv/range', { key: Buffer.from('/').toString('base64'), limit: 1 });
+      await post('/v3/kv/compaction', { revision: header.revision, physical: true });
+      return Number(header.revision);
+    },
+    async stop() {
+      etcd.sampleRss();
+      await stopApiserver();
+      await etcd.stop();
+      const mib = (kib: number) => `${(kib / 1024).toFixed(0)} MiB`;
+      console.error(`e2e: peak RSS (VmHWM) kube-apiserver ${mib(apiserverPeakKiB)}, etcd ${mib(etcd.peakRssKiB)}; up ${((Date.now() - started) / 1000).toFixed(0)}s`);
+      if (process.env.E2E_KEEP === '1') console.error(`e2e: kept ${dir}`);
+      else rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** A cluster the user already has (kind, k3d): KUBECONFIG names it; a ServiceAccount plays `nobody`. */
+async function existingCluster(): Promise<Cluster> {
+  const kubeconfig = process.env.KUBECONFIG;
+  if (!kubeconfig) throw new Error('E2E_EXISTING_CLUSTER=1 needs KUBECONFIG naming the cluster');
+  const local = join(binDir(), 'kubectl');
+  const kubectlPath = existsSync(local) ? local : 'kubectl';
+  const dir = mkdtempSync(join(tmpdir(), 'book-e2e-'));
+  const tools = withKubectl(kubectlPath, () => kubeconfig);
+  const view = JSON.parse(await tools.kubectlOk(['config', 'view', '--minify', '--raw', '-o', 'json']));
+  const server: string = view.clusters[0].cluster.server;
+  const caData: string | undefined = view.clusters[0].cluster['certificate-authority-data'];
+  const ca = caData ? Buffer.from(caData, 'base64').toString() : readFileSync(view.clusters[0].cluster['certificate-authority'], 'utf8');
+  // A user with no rights: a fresh ServiceAccount, with a short-lived token.
+  await tools.kubectl(['create', 'serviceaccount', 'e2e-nobody', '-n', 'default']);
+  const nobodyToken = (await tools.kubectlOk(['create', 'token', 'e2e-nobody', '-n', 'default', '--duration=1h'])).trim();
+  const nobodyKubeconfig = join(dir, 'nobody.kubeconfig');
+  writeFileSync(nobodyKubeconfig, kubeconfigFor(server, ca, 'nobody', nobodyToken));
+  const token: string = view.users[0]?.user?.token ?? '';
+  const unsupported = async () => { throw new Error('not with E2E_EXISTING_CLUSTER=1'); };
+  return {
+    existing: true, kubeconfig, nobodyKubeconfig, server, ca, token, auditLog: undefined, dir,
+    ...tools,
+    request: (method, path, options = {}) => httpsRequest(server + path, ca, options.token ?? token, method, options.body, options.contentType),
+    stopApiserver: unsupported, startApiserver: unsupported, startSecondApiserver: unsupported, compact: unsupported,
+    async stop() {
+      await tools.kubectl(['delete', 'serviceaccount', 'e2e-nobody', '-n', 'default', '--ignore-not-found']);
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** The audit log's events, parsed: which requests the server saw, in order. */
+export interface AuditEvent { verb: string; requestURI: string; stage: string; user: { username: string }; responseStatus?: { code?: number } }
+export function readAudit(path: string): AuditEvent[] {
+  return readFileSync(path, 'utf8').split('\n').filter(Boolean).map((line) => JSON.parse(line) as AuditEvent);
+}
