@@ -375,7 +375,7 @@ async function existingCluster(): Promise<Cluster> {
 }
 
 /** The audit log's events, parsed: which requests the server saw, in order. */
-export interface AuditEvent { verb: string; requestURI: string; stage: string; user: { username: string }; responseStatus?: { code?: number } }
+export interface AuditEvent { verb: string; requestURI: string; stage: string; user: { username: string }; userAgent?: string; responseStatus?: { code?: number } }
 export function readAudit(path: string): AuditEvent[] {
   return readFileSync(path, 'utf8').split('\n').filter(Boolean).map((line) => JSON.parse(line) as AuditEvent);
 }
