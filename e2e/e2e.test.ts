@@ -342,7 +342,8 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     const two = new Controller('replica 2', args, cluster.kubeconfig);
     await applyBook('e2e-leader', 'moby-dick', 'Moby Dick');
     const line = added('moby-dick', 'Moby Dick');
-    await one.until('one replica to print the book', () => one.out.includes(line) || two.out.includes(line), 60_000);
+    await one.until('one replica to print the book', () => one.out.includes(line) || two.out.includes(line), 60_000)
+      .catch((err) => { throw new Error(`${err.message}\n--- replica 2 (${two.exited ? `exited ${two.child.exitCode ?? two.child.signalCode}` : 'running'}): stdout:\n${two.out.join('\n')}\n--- stderr:\n${two.err}`); });
     const [leader, follower] = one.out.includes(line) ? [one, two] : [two, one];
     await follower.stderr(/./, 30_000); // its one line: waiting, naming the holder
     assert.deepEqual(follower.out, [], 'the follower prints nothing');
