@@ -43,7 +43,6 @@ else
   mkdir -p "$bin"
   log "building Kubernetes $k8s_version and etcd $etcd_version into $bin (the first build takes 10-20 minutes on 2 cores)"
   [ -x "$bin/etcd" ] || build etcd etcd .
-  [ -x "$bin/etcd" ] || mv "$bin/etcd-$etcd_version" "$bin/etcd" 2>/dev/null || true
   [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kubectl" ] ||
     build apiserver apiserver k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
   log "built in $((SECONDS - start))s"
