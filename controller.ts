@@ -11,7 +11,7 @@
 // what is wrong and what fixes it.
 //
 //   npx tsx controller.ts [-n NAMESPACE | -A] [-l SELECTOR] [-o json] ...      (--help for all)
-//   deno run --allow-env --allow-read --allow-net --allow-sys controller.ts     or     bun controller.ts
+//   npx -y deno@2 run --allow-env --allow-read --allow-net --allow-sys controller.ts     npx -y bun@1 controller.ts
 //
 // The protocol it follows: https://kubernetes.io/docs/reference/using-api/api-concepts/
 
@@ -21,9 +21,9 @@ import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import { hostname } from 'node:os';
+import type { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import type { Writable } from 'node:stream';
 import { parseArgs } from 'node:util';
 import type { KubeConfig } from '@kubernetes/client-node';
 
@@ -102,7 +102,7 @@ export function checkBook(object: unknown): Book | string {
   if (typeof spec !== 'object' || spec === null) return 'it has no spec';
   const checked = checkSpec(spec as Record<string, unknown>);
   if (typeof checked === 'string') return checked;
-  // Where a server sets no generation, any change counts, status writes included.
+  // Where a server sets no generation, every change counts as a new spec (and no status is written).
   const version = typeof generation === 'number' ? generation : resourceVersion;
   return { metadata: { name, namespace: String(namespace), uid: String(uid), generation: version, resourceVersion }, spec: checked };
 }
@@ -118,7 +118,7 @@ export interface Config {
   json: boolean;
   watchTimeoutSeconds: number;
   concurrency: number;
-  leaseNamespace: string | undefined; // set with --leader-elect
+  leaseNamespace: string | undefined; // set by --leader-elect
   healthPort: number | undefined;
 }
 
@@ -135,9 +135,9 @@ Options:
       --kubeconfig FILE        the kubeconfig to use (default: KUBECONFIG, ~/.kube/config, or the pod's)
       --watch-timeout SECONDS  ask the server to end each watch after SECONDS, 1 to 86400; it resumes (default 300)
       --concurrency N          reconcile up to N ${PLURAL} at once, 1 to 1000 (default 1)
-      --leader-elect           act only while holding the Lease book-controller, so replicas take turns
+      --leader-elect           act only while holding the Lease book-controller, so that replicas take turns
       --leader-elect-namespace NS  the Lease's namespace (default: POD_NAMESPACE, the pod's, the context's)
-      --health-port PORT       serve /healthz and /readyz over HTTP on PORT
+      --health-port PORT       serve GET /healthz and /readyz over HTTP on PORT
   -h, --help                   show this help`;
 
 // client-node's HTTP stack (undici) needs Node 22.19; Deno and Bun bring their own.
@@ -145,42 +145,30 @@ const NODE_NEEDED = '22.19';
 
 /** Reads the flags and the kubeconfig; returns the configuration, or the exit code when there is nothing to run. */
 export async function loadConfig(args: string[]): Promise<Config | number> {
+  const string = { type: 'string' } as const;
   let flags;
   try {
-    flags = parseArgs({
-      args,
-      options: {
-        namespace: { type: 'string', short: 'n' },
-        'all-namespaces': { type: 'boolean', short: 'A' },
-        selector: { type: 'string', short: 'l' },
-        output: { type: 'string', short: 'o', default: 'text' },
-        context: { type: 'string' },
-        kubeconfig: { type: 'string' },
-        'watch-timeout': { type: 'string', default: '300' },
-        concurrency: { type: 'string', default: '1' },
-        'leader-elect': { type: 'boolean' },
-        'leader-elect-namespace': { type: 'string' },
-        'health-port': { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-      },
-    }).values;
+    flags = parseArgs({ args, options: {
+      namespace: { ...string, short: 'n' }, 'all-namespaces': { type: 'boolean', short: 'A' }, selector: { ...string, short: 'l' },
+      output: { ...string, short: 'o', default: 'text' }, context: string, kubeconfig: string,
+      'watch-timeout': { ...string, default: '300' }, concurrency: { ...string, default: '1' }, 'leader-elect': { type: 'boolean' },
+      'leader-elect-namespace': string, 'health-port': string, help: { type: 'boolean', short: 'h' },
+    } }).values;
   } catch (err) {
-    return fail(2, `${String((err as Error).message).replace(/\s*\n\s*/g, ' ')} — see --help`);
+    return fail(2, `${messageOf(err, ' ')} — see --help`); // parseArgs: an unknown or malformed flag
   }
   if (flags.help) return (console.log(USAGE), 0);
-  const whole = (flag: keyof typeof flags, low: number, high: number) => {
-    const value = Number(flags[flag]);
-    return Number.isInteger(value) && value >= low && value <= high ? value : undefined;
-  };
-  const watchTimeoutSeconds = whole('watch-timeout', 1, 86400);
-  const concurrency = whole('concurrency', 1, 1000);
-  const healthPort = flags['health-port'] === undefined ? undefined : whole('health-port', 0, 65535);
+  const whole = (value: string | undefined, low: number, high: number) =>
+    Number.isInteger(Number(value)) && Number(value) >= low && Number(value) <= high ? Number(value) : undefined;
+  const watchTimeoutSeconds = whole(flags['watch-timeout'], 1, 86400);
+  const concurrency = whole(flags.concurrency, 1, 1000);
+  const healthPort = whole(flags['health-port'], 0, 65535);
   const usage = (message: string) => fail(2, `${message} — see --help`);
   if (flags.namespace !== undefined && flags['all-namespaces']) return usage('-n and -A cannot be used together');
   if (flags.output !== 'text' && flags.output !== 'json') return usage(`-o takes text or json, not '${flags.output}'`);
   if (!watchTimeoutSeconds) return usage(`--watch-timeout takes whole seconds from 1 to 86400, not '${flags['watch-timeout']}'`);
   if (!concurrency) return usage(`--concurrency takes a whole number from 1 to 1000, not '${flags.concurrency}'`);
-  if (healthPort === undefined && flags['health-port'] !== undefined) return usage(`--health-port takes a port number, not '${flags['health-port']}'`);
+  if (healthPort === undefined && flags['health-port'] !== undefined) return usage(`--health-port takes a port, not '${flags['health-port']}'`);
   if (flags['leader-elect-namespace'] && !flags['leader-elect']) return usage('--leader-elect-namespace needs --leader-elect');
 
   const { node, bun, deno } = process.versions;
@@ -191,28 +179,26 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
   // Imported here, after the checks, so that an old Node gets the line above instead of a crash inside undici.
   const { KubeConfig } = await import('@kubernetes/client-node');
   const kubeConfig = new KubeConfig();
-  const where = flags.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config';
+  const file = flags.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config';
   try {
     if (flags.kubeconfig) kubeConfig.loadFromFile(flags.kubeconfig);
     else kubeConfig.loadFromDefault(); // KUBECONFIG, ~/.kube/config, or the in-cluster service account
   } catch (err) {
-    return fail(1, `cannot load the kubeconfig ${where}: ${messageOf(err)} — check the file, or point --kubeconfig at another`);
+    return fail(1, `cannot load the kubeconfig ${file}: ${messageOf(err)} — check the file, or point --kubeconfig at another`);
   }
   // With nothing to load, client-node falls back to http://localhost:8080 under this context name.
   if (kubeConfig.getCurrentContext() === 'loaded-context') {
     return fail(1, 'no kubeconfig found (KUBECONFIG, ~/.kube/config or a pod\'s service account)' +
-      ' — create a cluster (kind create cluster), set KUBECONFIG, or see npm run demo for one without a cluster');
+      ' — create a cluster (kind create cluster) or set KUBECONFIG; npm run demo shows the controller without one');
   }
-  if (flags.context) {
-    if (!kubeConfig.getContextObject(flags.context)) {
-      return fail(1, `the kubeconfig ${where} has no context '${flags.context}' — list them with kubectl config get-contexts`);
-    }
-    kubeConfig.setCurrentContext(flags.context);
+  if (flags.context && !kubeConfig.getContextObject(flags.context)) {
+    return fail(1, `the kubeconfig ${file} has no context '${flags.context}' — list them with kubectl config get-contexts`);
   }
+  if (flags.context) kubeConfig.setCurrentContext(flags.context);
   const context = kubeConfig.getContextObject(kubeConfig.getCurrentContext());
   const cluster = kubeConfig.getCurrentCluster();
   if (!cluster?.server) {
-    return fail(1, `the kubeconfig's context '${kubeConfig.getCurrentContext()}' names no cluster — pick one with kubectl config use-context NAME`);
+    return fail(1, `the kubeconfig's context '${kubeConfig.getCurrentContext()}' names no cluster — pick another with kubectl config use-context NAME`);
   }
   if (cluster.server.startsWith('http:') && !cluster.skipTLSVerify) {
     return fail(1, `the kubeconfig's server ${cluster.server} is plain HTTP, which kubectl refuses too` +
@@ -222,7 +208,10 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
     console.error(`warning: insecure-skip-tls-verify is set, so the certificate of ${cluster.server} is not checked` +
       ' — set certificate-authority-data in the kubeconfig instead');
   }
-  const inCluster = readFirstLine('/var/run/secrets/kubernetes.io/serviceaccount/namespace');
+  let podNamespace: string | undefined;
+  try {
+    podNamespace = readFileSync('/var/run/secrets/kubernetes.io/serviceaccount/namespace', 'utf8').trim();
+  } catch {} // not in a pod
   return {
     kubeConfig,
     server: cluster.server.replace(/\/$/, ''),
@@ -232,17 +221,9 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
     watchTimeoutSeconds,
     concurrency,
     leaseNamespace: !flags['leader-elect'] ? undefined
-      : flags['leader-elect-namespace'] ?? process.env.POD_NAMESPACE ?? inCluster ?? context?.namespace ?? 'default',
+      : flags['leader-elect-namespace'] ?? process.env.POD_NAMESPACE ?? (podNamespace || context?.namespace) ?? 'default',
     healthPort,
   };
-}
-
-function readFirstLine(file: string): string | undefined {
-  try {
-    return readFileSync(file, 'utf8').trim() || undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,34 +235,35 @@ interface Status { code?: number; message?: string; details?: { retryAfterSecond
 type ApiError = Error & { code: number; verb: string; retryAfterSeconds: number };
 const apiError = (code: number, message: string, verb: string, retryAfterSeconds = 0): ApiError =>
   Object.assign(new Error(message), { code, verb, retryAfterSeconds });
-const isApiError = (err: unknown): err is ApiError => typeof (err as ApiError)?.verb === 'string';
+const isApiError = (err: unknown, code?: number): err is ApiError =>
+  typeof (err as ApiError)?.verb === 'string' && (code === undefined || (err as ApiError).code === code);
 
-interface Call { verb: string; method?: string; path: string; query?: URLSearchParams; body?: unknown; contentType?: string; signal: AbortSignal }
+interface Call { verb: string; method?: string; path: string; query?: URLSearchParams; body?: unknown; signal: AbortSignal }
 
-async function call(config: Config, { verb, method = 'GET', path, query, body, contentType, signal }: Call) {
+async function call(config: Config, { verb, method = 'GET', path, query, body, signal }: Call): Promise<http.IncomingMessage> {
   const url = new URL(`${config.server}${path}${query ? `?${query}` : ''}`);
-  const headers: Record<string, string> = { Accept: 'application/json' };
-  if (body !== undefined) headers['Content-Type'] = contentType ?? 'application/json';
+  // A PATCH is a JSON merge patch: what it names is set, what it leaves out stays.
+  const headers = { Accept: 'application/json', 'Content-Type': method === 'PATCH' ? 'application/merge-patch+json' : 'application/json' };
   const options: https.RequestOptions = { method, signal, headers };
   await config.kubeConfig.applyToHTTPSOptions(options); // on every request: exec and OIDC credentials refresh here
   // client-node's agent closes the connection after each request; the runtime's global agent keeps it
   // open, sparing a TLS handshake per request. Only a proxy-url in the kubeconfig needs client-node's.
   if (!config.kubeConfig.getCurrentCluster()?.proxyUrl) options.agent = undefined;
-  const response = await new Promise<http.IncomingMessage>((resolve, reject) => {
-    const request = (url.protocol === 'http:' ? http : https).request(url, options, resolve).on('error', reject);
-    request.end(body === undefined ? undefined : JSON.stringify(body));
-  });
+  const response = await new Promise<http.IncomingMessage>((resolve, reject) =>
+    (url.protocol === 'http:' ? http : https).request(url, options, resolve).on('error', reject)
+      .end(body === undefined ? undefined : JSON.stringify(body)));
   if (signal.aborted) { // Deno lets a response in after its request was aborted
     response.destroy();
     throw signal.reason;
   }
   response.setEncoding('utf8'); // decodes across chunk boundaries, even inside a multi-byte character
-  if (response.statusCode && response.statusCode < 300) return response;
+  const code = response.statusCode ?? 0;
+  if (code < 300) return response;
   const text = await readAll(response);
   const status: Status = text.startsWith('{') ? JSON.parse(text) : { message: text };
-  const header = response.headers['retry-after'];
+  const header = response.headers['retry-after']; // seconds, or an HTTP date
   const retryAfter = Number(header) || (header ? (Date.parse(header) - Date.now()) / 1000 : 0) || status.details?.retryAfterSeconds;
-  throw apiError(response.statusCode ?? 0, status.message ?? `HTTP ${response.statusCode}`, verb, Math.max(0, retryAfter ?? 0));
+  throw apiError(code, status.message ?? `HTTP ${code}`, verb, Math.max(0, retryAfter || 0));
 }
 
 async function readAll(response: http.IncomingMessage): Promise<string> {
@@ -290,22 +272,21 @@ async function readAll(response: http.IncomingMessage): Promise<string> {
   return body;
 }
 
-const callJson = async <T>(config: Config, request: Call): Promise<T> => JSON.parse(await call(config, request).then(readAll));
+const callJson = async <T>(config: Config, request: Call): Promise<T> => JSON.parse(await readAll(await call(config, request)));
 
 const booksPath = (namespace: string | undefined) =>
   `/apis/${GROUP}/${VERSION}${namespace === undefined ? '' : `/namespaces/${namespace}`}/${PLURAL}`;
 
 // ---------------------------------------------------------------------------------------------
-// List and watch.
+// List and watch: they keep the cache equal to the server's books, and never wait on a reconcile.
 
 interface BookList { metadata: { resourceVersion: string; continue?: string }; items: unknown[] | null }
 
 // One line of a watch stream. ADDED, MODIFIED and DELETED carry a book (checkBook decides if it is
 // one), BOOKMARK only a newer resourceVersion, ERROR a Status.
 type WatchEvent =
-  | { type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK'; object: ObjectWithMetadata }
+  | { type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK'; object: { metadata: { resourceVersion: string; annotations?: Record<string, string> } } }
   | { type: 'ERROR'; object: Status };
-interface ObjectWithMetadata { metadata: { resourceVersion: string; annotations?: Record<string, string> } }
 
 /**
  * A connection can die without a word (a half-open TCP connection) and leave us waiting for ever. The
@@ -318,31 +299,28 @@ function deadline(config: Config, verb: string, signal: AbortSignal) {
   return { signal: AbortSignal.any([signal, timeout]), explain };
 }
 
-function selected(config: Config, query: Record<string, string>) {
-  return new URLSearchParams(config.selector ? { ...query, labelSelector: config.selector } : query);
-}
+const query = (config: Config, params: Record<string, string>) =>
+  new URLSearchParams(config.selector ? { ...params, labelSelector: config.selector } : params);
 
 /** Lists every book, a page at a time; each page carries the list's resourceVersion. */
 async function* listBooks(config: Config, signal: AbortSignal): AsyncGenerator<BookList> {
-  const query = selected(config, { limit: '500' });
+  const params = query(config, { limit: '500' });
   do {
     const limit = deadline(config, 'list', signal);
-    const path = booksPath(config.namespace);
-    const page = await callJson<BookList>(config, { verb: 'list', path, query, signal: limit.signal }).catch((err) => {
-      throw limit.explain(err);
-    });
+    const request = { verb: 'list', path: booksPath(config.namespace), query: params, signal: limit.signal };
+    const page = await callJson<BookList>(config, request).catch((err) => Promise.reject(limit.explain(err)));
     yield page;
     // A continue token expires after a few minutes (HTTP 410): the caller then lists again from scratch.
-    query.set('continue', page.metadata.continue ?? '');
-  } while (query.get('continue'));
+    params.set('continue', page.metadata.continue ?? '');
+  } while (params.get('continue'));
 }
 
 /** Watches books, yielding the events of each chunk; returns when the server ends the stream. */
-async function* watchBooks(config: Config, query: URLSearchParams, signal: AbortSignal): AsyncGenerator<WatchEvent[]> {
+async function* watchBooks(config: Config, params: URLSearchParams, signal: AbortSignal): AsyncGenerator<WatchEvent[]> {
   const limit = deadline(config, 'watch', signal);
   let response: http.IncomingMessage | undefined;
   try {
-    response = await call(config, { verb: 'watch', path: booksPath(config.namespace), query, signal: limit.signal });
+    response = await call(config, { verb: 'watch', path: booksPath(config.namespace), query: params, signal: limit.signal });
     let partial = '';
     for await (const chunk of response) {
       const lines = (partial + chunk).split('\n');
@@ -364,28 +342,27 @@ function parseEvent(line: string): WatchEvent {
     event = JSON.parse(line);
   } catch {} // reported below
   const isChange = ['ADDED', 'MODIFIED', 'DELETED', 'BOOKMARK'].includes(String(event?.type));
-  if (event?.type === 'ERROR' || (isChange && typeof event?.object?.metadata?.resourceVersion === 'string')) {
-    return event as WatchEvent;
-  }
+  if (event?.type === 'ERROR' || (isChange && typeof event?.object?.metadata?.resourceVersion === 'string')) return event as WatchEvent;
   throw new Error(`the watch sent a line that is not a watch event: ${line.slice(0, 60)}`);
 }
 
-/** A server that cannot stream the initial list: fall back to paginated lists for the rest of the run. */
+/** A server that cannot stream the initial list: list in pages instead, for the rest of the run. */
 class NoStreamingList extends Error {}
 
 /**
- * Keeps `books` equal to the server's books, for ever: lists, then watches from the list's
- * resourceVersion, marking every book that changed as due. Never waits on a reconcile.
- * Returns only when `signal` aborts; every failure is reported and retried.
+ * Keeps `books` equal to the server's books, for ever: gets the initial state, then watches from its
+ * resourceVersion, marking every book that changed as due. Returns only when `signal` aborts; every
+ * failure is reported and retried.
  */
 async function listAndWatch(config: Config, books: Books, output: Output, health: Health, signal: AbortSignal): Promise<void> {
-  let resourceVersion = ''; // where the next watch starts; empty: list first
-  let streaming = true; // try the streaming list (one watch request brings the initial state) until a server says no
+  let resourceVersion = ''; // where the next watch starts; empty: get the initial state first
+  let streaming = true; // get it as a watch (KEP-3157: one request, no large list bodies) until a server says no
   let failures = 0; // in a row, for the backoff
-  let lastFailureWasGone = false;
+  let gone = false; // the last failure was a 410, which is routine only once in a row
+  const timeoutSeconds = String(config.watchTimeoutSeconds);
 
   while (!signal.aborted) {
-    let listed: Set<string> | undefined; // while receiving an initial state: the books in it
+    let listed: Set<string> | undefined; // while the initial state comes in: the books in it
     try {
       if (!resourceVersion && !streaming) {
         listed = new Set();
@@ -399,36 +376,32 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
         listed = undefined;
         failures = 0;
       }
-      const timeoutSeconds = String(config.watchTimeoutSeconds);
       // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At timeoutSeconds
       // the server ends the watch, and we resume: a connection is never trusted for ever.
-      const query = resourceVersion
-        ? selected(config, { watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds })
-        : selected(config, { watch: 'true', sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan', allowWatchBookmarks: 'true', timeoutSeconds });
+      const params = resourceVersion
+        ? query(config, { watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds })
+        : query(config, { watch: 'true', sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan', allowWatchBookmarks: 'true', timeoutSeconds });
       listed = resourceVersion ? undefined : new Set();
       const started = Date.now();
       let events = 0;
-      for await (const chunk of watchBooks(config, query, signal)) {
-        await output.ready; // stdout is full: stop reading, and the server waits on TCP
+      for await (const chunk of watchBooks(config, params, signal)) {
+        await output.ready; // stdout is full: stop reading, so that the server waits on TCP
         for (const event of chunk) {
           if (event.type === 'ERROR') {
-            const { code = 500, message = 'ERROR event' } = event.object;
+            const { code = 500, message = 'ERROR event', details } = event.object;
             if (listed && code !== 410) throw new NoStreamingList(message);
-            throw apiError(code, message, 'watch', event.object.details?.retryAfterSeconds);
+            throw apiError(code, message, 'watch', details?.retryAfterSeconds);
           }
           if (event.type === 'DELETED') books.remove(event.object);
           else if (event.type !== 'BOOKMARK') books.update(event.object, listed);
           else if (listed && event.object.metadata.annotations?.['k8s.io/initial-events-end'] === 'true') {
-            // The initial state is complete: whatever we knew and it lacked was deleted meanwhile.
-            books.removeAllBut(listed);
+            books.removeAllBut(listed); // the initial state is complete
             health.synced();
             listed = undefined;
           }
           // The initial events come in no order of resourceVersion: resume from them only once complete.
           if (!listed) resourceVersion = event.object.metadata.resourceVersion;
-          events++;
-          failures = 0;
-          health.progress();
+          (events++, failures = 0, gone = false, health.progress());
         }
       }
       if (listed) throw new NoStreamingList('the watch ended before the initial state was complete');
@@ -437,19 +410,16 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
       if (events === 0 && Date.now() - started < 1000) throw new Error('the watch ended at once, without any event');
     } catch (err) {
       if (signal.aborted) break;
-      const rejected = listed && isApiError(err) && (err.code === 400 || err.code === 422);
-      if (streaming && (rejected || err instanceof NoStreamingList)) {
-        streaming = false; // an older server, or one without the WatchList feature: list in pages instead
-        resourceVersion = '';
+      if (streaming && listed && (err instanceof NoStreamingList || isApiError(err, 400) || isApiError(err, 422))) {
+        (streaming = false, resourceVersion = ''); // an older server, or one without the WatchList feature
         continue;
       }
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
       // continue token expired). Only a new list tells what changed meanwhile; once is routine, so quiet.
-      const gone = isApiError(err) && err.code === 410;
-      if (gone) resourceVersion = '';
       const delayMs = retryDelayMs(failures++, err);
-      if (!gone || lastFailureWasGone) console.error(explain(err, config, delayMs));
-      lastFailureWasGone = gone;
+      if (!isApiError(err, 410) || gone) console.error(explain(err, config, delayMs));
+      gone = isApiError(err, 410);
+      if (gone) resourceVersion = '';
       await sleep(delayMs, undefined, { signal }).catch(() => {});
     }
   }
@@ -464,19 +434,18 @@ function retryDelayMs(failures: number, err: unknown): number {
 }
 
 const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs) / 2;
+const inSeconds = (ms: number) => `${(ms / 1000).toFixed(1)}s`;
 
 /** One stderr line: what failed, that we retry, and what would fix it. */
 function explain(err: unknown, { server, namespace }: Config, delayMs: number): string {
-  const askedMs = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
-  const retrying = `retrying in ${(delayMs / 1000).toFixed(1)}s` +
-    (askedMs > MAX_RETRY_AFTER_MS ? ` (the server asked for ${askedMs / 1000}s; 5 minutes is the most we wait)` : '');
+  const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
+  const retrying = `retrying in ${inSeconds(delayMs)}` + (asked > MAX_RETRY_AFTER_MS ? ` (asked for ${asked / 1000}s; 5 minutes is the most we wait)` : '');
   const code = (err as { code?: unknown })?.code;
-  const where = namespace === undefined ? 'all namespaces' : `namespace ${namespace}`;
   if (isApiError(err)) {
+    const where = namespace === undefined ? 'all namespaces' : `namespace ${namespace}`;
     switch (code) {
       case 401:
-        return `${server} does not accept our credentials (401 Unauthorized); ${retrying}` +
-          ' — refresh them in your kubeconfig (kubectl auth whoami)';
+        return `${server} does not accept our credentials (401 Unauthorized); ${retrying} — refresh them in your kubeconfig (kubectl auth whoami)`;
       case 403:
         return `not allowed to ${err.verb} ${PLURAL} in ${where} (403: ${err.message}); ${retrying}` +
           ` — grant list and watch on ${resource} (kubectl auth can-i ${err.verb} ${resource} ${namespace ? `-n ${namespace}` : '-A'})`;
@@ -493,8 +462,7 @@ function explain(err: unknown, { server, namespace }: Config, delayMs: number): 
   }
   if (code === 'ECONNRESET' || code === 'EPIPE') return `lost the connection to ${server} (${code}); ${retrying}`;
   if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
-    return `the TLS certificate of ${server} did not verify (${code}); ${retrying}` +
-      ' — check certificate-authority-data in your kubeconfig';
+    return `the TLS certificate of ${server} did not verify (${code}); ${retrying} — check certificate-authority-data in your kubeconfig`;
   }
   return `${messageOf(err)} (${server}); ${retrying}`;
 }
@@ -506,14 +474,14 @@ function explain(err: unknown, { server, namespace }: Config, delayMs: number): 
 interface Entry {
   book: Book | undefined; // undefined: deleted on the server, its Deleted not yet reconciled
   reconciled: Book | undefined; // what the last successful reconcile saw
-  ready: string; // the Ready condition as the server has it, for no-op detection: "True Reconciled 3"
+  ready: string; // the Ready condition the server has, as "True Reconciled 3 message"
   since: number; // its lastTransitionTime
 }
 
 /**
  * The books by namespace/name, and which of them are due. The queue keeps client-go's workqueue rules:
- * a book is never reconciled by two workers at once; one that changes while reconciled is reconciled
- * again afterwards; a failed one waits its own backoff, reset by a success or cut short by a change.
+ * a book is never reconciled by two workers at once; one that changes meanwhile is reconciled again
+ * afterwards; one that failed waits its own backoff, reset by a success and cut short by a change.
  */
 class Books {
   readonly entries = new Map<string, Entry>();
@@ -522,7 +490,7 @@ class Books {
   private readonly again = new Set<string>(); // changed while busy
   private readonly failures = new Map<string, number>();
   private readonly timers = new Map<string, ReturnType<typeof setTimeout>>();
-  private wakeWorker: (() => void)[] = [];
+  private waiting: (() => void)[] = []; // idle workers
   readonly config: Config;
   statusForbidden = false; // once told, the rest of the run goes without status
 
@@ -530,17 +498,16 @@ class Books {
     this.config = config;
   }
 
-  /** The book in a list or watch event: cache it and mark it due if it changed. `listed` collects the keys of a relist. */
+  /** The book in a list or watch event: caches it and marks it due, if it is new. `listed` collects an initial state's keys. */
   update(object: unknown, listed?: Set<string>) {
-    const { key, name, bare, namespace } = this.keyOf(object);
+    const { key, name, namespace } = this.keyOf(object);
     listed?.add(key);
     const book = checkBook(object);
-    if (typeof book === 'string') {
-      console.error(`ignoring ${kind} ${name}: ${book} — fix it with kubectl edit ${kind} ${bare} -n ${namespace}`);
-      return; // the cache keeps its last good state, so that a later delete is still reported
+    if (typeof book === 'string') { // the cache keeps its last good state, so that a later delete is still reported
+      return console.error(`ignoring ${kind} ${this.nameOf(object)}: ${book} — fix it with kubectl edit ${kind} ${name} -n ${namespace}`);
     }
     const entry = this.entries.get(key);
-    if (entry?.book?.metadata.resourceVersion === book.metadata.resourceVersion) return; // nothing new
+    if (entry?.book?.metadata.resourceVersion === book.metadata.resourceVersion) return;
     const { ready, since } = readyCondition(object);
     if (entry) Object.assign(entry, { book, ready, since });
     else this.entries.set(key, { book, reconciled: undefined, ready, since });
@@ -550,37 +517,40 @@ class Books {
   remove(object: unknown) {
     const { key } = this.keyOf(object);
     const entry = this.entries.get(key);
-    if (!entry?.book) return;
-    entry.book = undefined;
-    this.add(key);
+    if (entry?.book) (entry.book = undefined, this.add(key));
   }
 
-  /** After a relist: every book we knew and the list lacks was deleted while we were not watching. */
+  /** After an initial state: every book we knew and it lacks was deleted while we were not watching. */
   removeAllBut(listed: Set<string>) {
     for (const [key, entry] of this.entries) if (!listed.has(key) && entry.book) this.remove(entry.book);
   }
 
   keyOf(object: unknown) {
     const { namespace = '', name = '' } = (object as { metadata?: Partial<Book['metadata']> })?.metadata ?? {};
-    const key = `${namespace}/${name}`;
-    return { key, name: this.config.namespace === undefined ? key : name, bare: name, namespace };
+    return { key: `${namespace}/${name}`, name, namespace };
   }
 
-  /** Marks a book as due now (a change cuts its retry backoff short). */
+  /** The name users see: NAME, or NAMESPACE/NAME with -A. */
+  nameOf(object: unknown) {
+    const { key, name } = this.keyOf(object);
+    return this.config.namespace === undefined ? key : name;
+  }
+
+  /** Marks a book as due now; a change cuts its retry backoff short. */
   add(key: string) {
     clearTimeout(this.timers.get(key));
     this.timers.delete(key);
     if (this.busy.has(key)) return void this.again.add(key);
     this.due.add(key);
-    this.wakeWorker.shift()?.();
+    this.waiting.shift()?.();
   }
 
-  /** Waits for the next due book and marks it busy. */
+  /** Waits for the next due book and marks it busy; undefined once `signal` aborts. */
   async next(signal: AbortSignal): Promise<string | undefined> {
     while (!signal.aborted) {
       const [key] = this.due;
       if (key === undefined) {
-        await new Promise<void>((resolve) => this.wakeWorker.push(resolve));
+        await new Promise<void>((resolve) => this.waiting.push(resolve));
         continue;
       }
       this.due.delete(key);
@@ -589,40 +559,33 @@ class Books {
     }
   }
 
-  /** The worker is done with a book: on failure, returns how long until it is tried again. */
+  /** A worker is done with a book. After a failure it is due again after its backoff, which this returns. */
   done(key: string, failed: boolean): number {
     this.busy.delete(key);
-    let delayMs = 0;
-    if (failed) {
-      const failures = (this.failures.get(key) ?? 0) + 1;
-      this.failures.set(key, failures);
-      delayMs = jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)); // about 1 s, doubling to 5 minutes
-      this.timers.set(key, setTimeout(() => this.add(key), delayMs));
-    } else {
-      this.failures.delete(key);
-    }
+    const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
+    const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : 0; // about 1 s, doubling to 5 minutes
+    if (failed) (this.failures.set(key, failures), this.timers.set(key, setTimeout(() => this.add(key), delayMs)));
+    else this.failures.delete(key);
     if (this.again.delete(key)) this.add(key);
     return delayMs;
   }
 
   stop() {
     this.timers.forEach(clearTimeout);
-    this.wakeWorker.forEach((wake) => wake());
+    this.waiting.forEach((wake) => wake());
   }
 }
 
 /** Takes due books and reconciles them, one at a time, until `signal` aborts. `--concurrency` workers run side by side. */
 async function work(books: Books, output: Output, reconcileBook: Reconcile, signal: AbortSignal) {
-  while (!signal.aborted) {
-    const key = await books.next(signal);
-    if (key === undefined) return;
+  for (let key = await books.next(signal); key !== undefined; key = await books.next(signal)) {
     const entry = books.entries.get(key);
     if (!entry) {
       books.done(key, false);
       continue;
     }
-    const name = books.keyOf(entry.book ?? entry.reconciled).name;
     const { book, reconciled } = entry;
+    const name = books.nameOf(book ?? reconciled);
     let failure: unknown;
     try {
       // What changed since the last successful reconcile. A new uid under the same name: deleted and created again.
@@ -643,18 +606,19 @@ async function work(books: Books, output: Output, reconcileBook: Reconcile, sign
     if (signal.aborted) return;
     if (!entry.book && !entry.reconciled) books.entries.delete(key);
     // A book that changed meanwhile is due again: its status waits for the reconcile of its latest state.
-    const statusFailure = entry.book === book ? await writeStatus(books, entry, failure).then(() => undefined, (err: unknown) => err) : undefined;
-    const delay = `retrying in ${(books.done(key, Boolean(failure ?? statusFailure)) / 1000).toFixed(1)}s`;
-    if (failure) console.error(`reconcile of ${kind} ${name} failed: ${messageOf(failure)}; ${delay}`);
-    else if (statusFailure) console.error(`cannot write the status of ${kind} ${name} (${messageOf(statusFailure)}); ${delay}`);
+    const statusFailure = entry.book === book ? await writeStatus(books, entry, failure).catch((err: unknown) => err) : undefined;
+    const retrying = `retrying in ${inSeconds(books.done(key, Boolean(failure ?? statusFailure)))}`;
+    if (failure) console.error(`reconcile of ${kind} ${name} failed: ${messageOf(failure)}; ${retrying}`);
+    else if (statusFailure) console.error(`cannot write the status of ${kind} ${name} (${messageOf(statusFailure)}); ${retrying}`);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Status: the outcome of the last reconcile, on the book itself, so that kubectl get and kubectl wait show it.
 
+interface Condition { type?: string; status?: string; reason?: string; message?: string; observedGeneration?: number; lastTransitionTime?: string }
+
 function readyCondition(object: unknown): { ready: string; since: number } {
-  type Condition = { type?: string; status?: string; reason?: string; message?: string; observedGeneration?: number; lastTransitionTime?: string };
   const { status } = object as { status?: { observedGeneration?: number; conditions?: Condition[] } };
   const ready = status?.conditions?.find?.((condition) => condition.type === 'Ready');
   if (!ready || ready.observedGeneration !== status?.observedGeneration) return { ready: '', since: 0 };
@@ -662,36 +626,27 @@ function readyCondition(object: unknown): { ready: string; since: number } {
 }
 
 /** Writes the book's Ready condition, unless it already says exactly that. */
-async function writeStatus(books: Books, entry: Entry, error: unknown) {
+async function writeStatus(books: Books, entry: Entry, failure: unknown): Promise<void> {
   const { metadata } = entry.book ?? {};
-  // A server that sets no generation would see our own write as a change: no status there.
   if (!metadata || books.statusForbidden || typeof metadata.generation !== 'number') return;
-  const isReady = error === undefined;
-  const reason = isReady ? 'Reconciled' : 'ReconcileFailed';
-  const message = isReady ? '' : messageOf(error);
-  const ready = `${isReady ? 'True' : 'False'} ${reason} ${metadata.generation} ${message}`;
+  const condition = failure === undefined
+    ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '', observedGeneration: metadata.generation }
+    : { type: 'Ready', status: 'False', reason: 'ReconcileFailed', message: messageOf(failure), observedGeneration: metadata.generation };
+  const ready = `${condition.status} ${condition.reason} ${metadata.generation} ${condition.message}`;
   if (entry.ready === ready) return;
-  const flipped = entry.ready.split(' ')[0] !== ready.split(' ')[0];
-  const since = flipped || !entry.since ? Date.now() : entry.since;
-  const condition = {
-    type: 'Ready', status: isReady ? 'True' : 'False', reason, message,
-    observedGeneration: metadata.generation, lastTransitionTime: new Date(since).toISOString().replace(/\.\d+Z$/, 'Z'),
-  };
+  const since = entry.ready.startsWith(`${condition.status} `) && entry.since ? entry.since : Date.now(); // changes only on a flip
+  const lastTransitionTime = new Date(since).toISOString().replace(/\.\d+Z$/, 'Z');
+  const body = { status: { observedGeneration: metadata.generation, conditions: [{ ...condition, lastTransitionTime }] } };
   const path = `${booksPath(metadata.namespace)}/${metadata.name}/status`;
-  const body = { status: { observedGeneration: metadata.generation, conditions: [condition] } };
   try {
-    const signal = AbortSignal.timeout(30_000);
-    await call(books.config, { verb: 'patch', method: 'PATCH', path, body, contentType: 'application/merge-patch+json', signal }).then(readAll);
+    await readAll(await call(books.config, { verb: 'patch', method: 'PATCH', path, body, signal: AbortSignal.timeout(30_000) }));
     Object.assign(entry, { ready, since });
   } catch (err) {
-    if (isApiError(err) && err.code === 404) return; // the book is gone: nothing to say
-    if (isApiError(err) && err.code === 403) {
-      books.statusForbidden = true;
-      console.error(`not allowed to patch ${PLURAL}/status in namespace ${metadata.namespace} (403: ${err.message}); going on without writing status` +
-        ` — grant patch on ${PLURAL}/status (kubectl auth can-i patch ${resource} --subresource=status -n ${metadata.namespace})`);
-      return;
-    }
-    throw err;
+    if (isApiError(err, 404)) return; // the book is gone: nothing to say
+    if (!isApiError(err, 403)) throw err;
+    books.statusForbidden = true;
+    console.error(`not allowed to patch ${PLURAL}/status in namespace ${metadata.namespace} (403: ${err.message}); going on without status` +
+      ` — grant patch on ${PLURAL}/status (kubectl auth can-i patch ${resource} --subresource=status -n ${metadata.namespace})`);
   }
 }
 
@@ -713,16 +668,12 @@ class Output {
     signal.throwIfAborted(); // once stopped, not one more line
     const { namespace, name: bookName } = book.metadata;
     const line = this.json ? JSON.stringify({ type: change, namespace, name: bookName, spec: book.spec }) : describe(change, book, name);
-    // Lines printed in the same tick leave in one write: a speed trick for large lists.
-    if (!this.corked) {
+    if (!this.corked) { // a speed trick: the lines printed in one tick leave in one write
       this.corked = true;
       this.stdout.cork();
       process.nextTick(() => (this.corked = false, this.stdout.uncork()));
     }
-    if (!this.stdout.write(line + '\n')) {
-      this.ready = once(this.stdout, 'drain').then(() => {});
-      await this.ready;
-    }
+    if (!this.stdout.write(line + '\n')) await (this.ready = once(this.stdout, 'drain').then(() => {}));
   }
 }
 
@@ -735,46 +686,43 @@ const RENEW_DEADLINE_MS = 10_000;
 const RETRY_PERIOD_MS = 2_000;
 
 interface LeaseSpec { holderIdentity?: string; leaseDurationSeconds?: number; acquireTime?: string; renewTime?: string; leaseTransitions?: number }
-interface Lease { metadata: { resourceVersion?: string; name?: string }; spec?: LeaseSpec }
+interface Lease { metadata: { resourceVersion?: string }; spec?: LeaseSpec }
 
 // MicroTime: the API server refuses a time without exactly six fractional digits.
 const microTime = (ms: number) => new Date(ms).toISOString().replace('Z', '000Z');
 
 class LeaderElection {
   readonly identity = `${hostname()}_${randomUUID().slice(0, 8)}`;
-  private observed = { spec: '', at: 0 }; // the lease as we last saw it change, by our own clock
-  private readonly path: string;
+  readonly where: string;
   holder = '';
+  private observed = { spec: '', at: 0 }; // the lease as we last saw it change, by our own clock
   private readonly config: Config;
-  readonly namespace: string;
+  private readonly path: string;
 
   constructor(config: Config, namespace: string) {
     this.config = config;
-    this.namespace = namespace;
+    this.where = `the Lease ${namespace}/${LEASE_NAME}`;
     this.path = `/apis/coordination.k8s.io/v1/namespaces/${namespace}/leases`;
   }
 
   /** One round of client-go's tryAcquireOrRenew: true if we hold the lease now. */
   async tryAcquireOrRenew(signal: AbortSignal): Promise<boolean> {
     const now = Date.now();
-    const lease = await callJson<Lease>(this.config, { verb: 'get', path: `${this.path}/${LEASE_NAME}`, signal }).catch((err) => {
-      if (isApiError(err) && err.code === 404) return undefined;
-      throw err;
-    });
+    const lease = await callJson<Lease>(this.config, { verb: 'get', path: `${this.path}/${LEASE_NAME}`, signal })
+      .catch((err) => (isApiError(err, 404) ? undefined : Promise.reject(err)));
     const spec = lease?.spec ?? {};
     if (JSON.stringify(spec) !== this.observed.spec) this.observed = { spec: JSON.stringify(spec), at: now };
     this.holder = spec.holderIdentity ?? '';
-    // Judged by our own clock since we saw the record change, never by the times written in it:
-    // the holder's clock may differ from ours, but a record that stays the same for a lease duration is dead.
+    // Judged by our own clock since we saw the record change, never by the times written in it: the
+    // holder's clock may differ from ours, but a record that stays the same for a lease duration is dead.
     const expired = now - this.observed.at > (spec.leaseDurationSeconds ?? LEASE_SECONDS) * 1000;
     if (this.holder && this.holder !== this.identity && !expired) return false;
     const ours = this.holder === this.identity;
-    const next: LeaseSpec = {
+    return this.write(lease, {
       holderIdentity: this.identity, leaseDurationSeconds: LEASE_SECONDS,
       acquireTime: ours ? spec.acquireTime : microTime(now), renewTime: microTime(now),
       leaseTransitions: (spec.leaseTransitions ?? 0) + (ours || !lease ? 0 : 1),
-    };
-    return this.write(lease, next, signal);
+    }, signal);
   }
 
   /** Gives the lease up, so that a follower takes over within a retry period instead of a lease duration. */
@@ -785,87 +733,76 @@ class LeaderElection {
     await this.write(lease, { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1, renewTime: microTime(Date.now()) }, signal);
   }
 
-  /** Creates or updates the lease; a 409 means another replica wrote first, with the resourceVersion we read. */
+  /** Creates or updates the lease; a 409 means another replica wrote first, since we read it. */
   private async write(lease: Lease | undefined, spec: LeaseSpec, signal: AbortSignal): Promise<boolean> {
     const body = { apiVersion: 'coordination.k8s.io/v1', kind: 'Lease', metadata: { ...lease?.metadata, name: LEASE_NAME }, spec };
     const request = lease
       ? { verb: 'update', method: 'PUT', path: `${this.path}/${LEASE_NAME}`, body, signal }
       : { verb: 'create', method: 'POST', path: this.path, body, signal };
     try {
-      await call(this.config, request).then(readAll);
+      await readAll(await call(this.config, request));
       this.observed = { spec: JSON.stringify(spec), at: Date.now() };
       return true;
     } catch (err) {
-      if (isApiError(err) && err.code === 409) return false;
+      if (isApiError(err, 409)) return false;
       throw err;
     }
   }
-}
 
-/** Waits until this replica leads; returns a signal that aborts if it stops leading. */
-async function lead(config: Config, election: LeaderElection, health: Health, signal: AbortSignal): Promise<AbortSignal> {
-  const lost = new AbortController();
-  const where = `the Lease ${election.namespace}/${LEASE_NAME}`;
-  let waiting = false;
-  health.following();
-  while (!(await election.tryAcquireOrRenew(signal).catch((err) => explainLease(err, where, signal)))) {
-    if (!waiting && election.holder) console.error(`waiting to lead: ${where} is held by ${election.holder}`);
-    waiting ||= Boolean(election.holder);
-    health.progress();
-    await sleep(RETRY_PERIOD_MS, undefined, { signal });
-  }
-  console.error(`leading as ${election.identity} (${where})`);
-  health.leading();
-  void (async () => {
-    let renewed = Date.now();
-    while (!signal.aborted) {
-      await sleep(RETRY_PERIOD_MS, undefined, { signal }).catch(() => {});
-      if (signal.aborted) return;
-      const attempt = AbortSignal.any([signal, AbortSignal.timeout(RENEW_DEADLINE_MS)]);
-      const held = await election.tryAcquireOrRenew(attempt).catch((err) => explainLease(err, where, signal));
-      if (held) (renewed = Date.now(), health.progress());
-      else if (election.holder && election.holder !== election.identity && !signal.aborted) {
-        return lost.abort(new Error(`${where} is now held by ${election.holder}`));
-      } else if (Date.now() - renewed > RENEW_DEADLINE_MS && !signal.aborted) {
-        return lost.abort(new Error(`could not renew ${where} for ${RENEW_DEADLINE_MS / 1000}s`));
-      }
+  /** Waits until this replica leads; returns a signal that aborts if it stops leading, with why. */
+  async lead(health: Health, signal: AbortSignal): Promise<AbortSignal> {
+    const tryOnce = (attempt: AbortSignal) => this.tryAcquireOrRenew(attempt).catch((err) => {
+      const hint = isApiError(err, 403) ? ' — grant get, create and update on leases.coordination.k8s.io (see deploy.yaml)' : '';
+      if (!signal.aborted) console.error(`cannot get or write ${this.where} (${messageOf(err)}); retrying in ${RETRY_PERIOD_MS / 1000}s${hint}`);
+      return false;
+    });
+    health.following();
+    for (let waiting = false; !(await tryOnce(signal)); await sleep(RETRY_PERIOD_MS, undefined, { signal })) {
+      if (!waiting && this.holder) console.error(`waiting to lead: ${this.where} is held by ${this.holder}`);
+      waiting ||= Boolean(this.holder);
+      health.progress();
     }
-  })();
-  return lost.signal;
-}
-
-function explainLease(err: unknown, where: string, signal: AbortSignal): false {
-  if (signal.aborted) return false;
-  const code = (err as { code?: unknown })?.code;
-  const hint = code === 403 ? ` — grant get, create and update on leases.coordination.k8s.io (see deploy.yaml)` : '';
-  console.error(`cannot read or write ${where} (${code ?? ''}: ${messageOf(err)}); retrying in ${RETRY_PERIOD_MS / 1000}s${hint}`);
-  return false;
+    console.error(`leading as ${this.identity} (${this.where})`);
+    health.leading();
+    const lost = new AbortController();
+    void (async () => {
+      for (let renewed = Date.now(); !signal.aborted; await sleep(RETRY_PERIOD_MS, undefined, { signal }).catch(() => {})) {
+        if (await tryOnce(AbortSignal.any([signal, AbortSignal.timeout(RENEW_DEADLINE_MS)]))) (renewed = Date.now(), health.progress());
+        else if (signal.aborted) return;
+        else if (this.holder !== this.identity) return lost.abort(new Error(`${this.where} is now held by ${this.holder || 'no one'}`));
+        else if (Date.now() - renewed > RENEW_DEADLINE_MS) return lost.abort(new Error(`could not renew ${this.where} for ${RENEW_DEADLINE_MS / 1000}s`));
+      }
+    })();
+    return lost.signal;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Health: what the kubelet asks before it routes traffic or restarts us.
+// Health: what the kubelet asks before it restarts us (/healthz) or counts us in (/readyz).
 
 class Health {
   private lastProgress = Date.now();
   private ready = false;
   private readonly staleAfterMs: number;
+
   constructor(staleAfterMs: number) {
     this.staleAfterMs = staleAfterMs;
   }
-  progress() { this.lastProgress = Date.now(); }
-  synced() { this.ready = true; }
+
+  progress() { this.lastProgress = Date.now(); } // a list page, a watch event or its clean end, a lease renewed or checked
+  synced() { this.ready = true; } // the initial state is in
   following() { this.ready = true; }
-  leading() { this.ready = false; }
+  leading() { this.ready = false; } // until synced
 
   /** Serves /healthz and /readyz on `port`; resolves once listening. */
   async serve(port: number): Promise<http.Server> {
     const server = http.createServer((request, response) => {
       const stale = Date.now() - this.lastProgress > this.staleAfterMs;
       const [code, text] =
-        request.url === '/healthz' ? (stale ? [500, `no list page, watch event or lease renewal for ${this.staleAfterMs / 1000}s\n`] : [200, 'ok\n'])
-        : request.url === '/readyz' ? (this.ready ? [200, 'ok\n'] : [503, 'the initial list is not handled yet\n'])
-        : [404, 'not found: try /healthz or /readyz\n'];
-      response.writeHead(code, { 'Content-Type': 'text/plain' }).end(text);
+        request.url === '/healthz' ? (stale ? [500, `no list page, watch event or lease renewal for ${this.staleAfterMs / 1000}s`] : [200, 'ok'])
+        : request.url === '/readyz' ? (this.ready ? [200, 'ok'] : [503, 'the initial list is not handled yet'])
+        : [404, 'not found: try /healthz or /readyz'];
+      response.writeHead(code, { 'Content-Type': 'text/plain' }).end(`${text}\n`);
     });
     await new Promise((resolve, reject) => server.listen(port).once('listening', resolve).once('error', reject));
     return server;
@@ -884,7 +821,7 @@ export async function main(args: string[], signal: AbortSignal, options: { recon
     const health = new Health((config.watchTimeoutSeconds + 30) * 1000);
     if (config.healthPort !== undefined) server = await health.serve(config.healthPort);
     const election = config.leaseNamespace === undefined ? undefined : new LeaderElection(config, config.leaseNamespace);
-    const lost = election ? await lead(config, election, health, signal) : new AbortController().signal;
+    const lost = (await election?.lead(health, signal)) ?? new AbortController().signal;
     const running = AbortSignal.any([signal, lost]);
     const books = new Books(config);
     const output = new Output(options.stdout ?? process.stdout, config.json);
@@ -909,9 +846,10 @@ export async function main(args: string[], signal: AbortSignal, options: { recon
   }
 }
 
-/** The first line of an error's message: every diagnostic is one line. */
-function messageOf(err: unknown): string {
-  return (err instanceof Error ? err.message : String(err)).trim().split('\n')[0] ?? '';
+/** An error's message on one line: every diagnostic is one line. */
+function messageOf(err: unknown, join?: string): string {
+  const message = (err instanceof Error ? err.message : String(err)).trim();
+  return join === undefined ? (message.split('\n')[0] ?? '') : message.replace(/\s*\n\s*/g, join);
 }
 
 function fail(exitCode: number, message: string): number {
@@ -925,10 +863,10 @@ if (isEntryPoint) {
   const stop = new AbortController();
   process.once('SIGINT', () => stop.abort());
   process.once('SIGTERM', () => stop.abort());
-  process.stdout.on('error', () => stop.abort()); // EPIPE: the reader is gone (| head -1), so are we, quietly
+  process.stdout.on('error', () => stop.abort()); // EPIPE: the reader is gone (| head -1), and so are we, quietly
   const exitCode = await main(process.argv.slice(2), stop.signal);
   process.stdout.write('', () => process.exit(exitCode)); // every line printed reaches the pipe first
 }
 
 // Where to go next: owner references and finalizers for what reconcile creates; Events for kubectl describe;
-// metrics; a cache of other resources watched the same way (kube-rs's `Controller::owns`).
+// metrics; other resources watched the same way, marking their owner book as due (kube-rs's `Controller::owns`).
