@@ -116,8 +116,11 @@ class Daemon {
   async stop() {
     if (!this.alive) return;
     this.sampleRss();
-    this.child.kill('SIGTERM');
-    const timer = setTimeout(() => this.child.kill('SIGKILL'), 10_000);
+    // process.kill, not child.kill: Deno's child.kill does nothing once it has sent one signal.
+    // kube-apiserver waits up to 60 s for open HTTP/2 streams (Deno's watches) on SIGTERM: 5 s is plenty here.
+    const kill = (signal: NodeJS.Signals) => { try { process.kill(this.child.pid ?? 0, signal); } catch {} };
+    kill('SIGTERM');
+    const timer = setTimeout(() => kill('SIGKILL'), 5_000);
     await this.exited;
     clearTimeout(timer);
     running.delete(this);
