@@ -243,7 +243,8 @@ interface Call { verb: string; method?: string; path: string; query?: URLSearchP
 async function call(config: Config, { verb, method = 'GET', path, query, body, signal }: Call): Promise<http.IncomingMessage> {
   const url = new URL(`${config.server}${path}${query ? `?${query}` : ''}`);
   // A PATCH is a JSON merge patch: what it names is set, what it leaves out stays.
-  const headers = { Accept: 'application/json', 'Content-Type': method === 'PATCH' ? 'application/merge-patch+json' : 'application/json' };
+  const contentType = method === 'PATCH' ? 'application/merge-patch+json' : 'application/json';
+  const headers = { Accept: 'application/json', 'Content-Type': contentType, 'User-Agent': `${kind}-controller` }; // audit logs name us
   const options: https.RequestOptions = { method, signal, headers };
   await config.kubeConfig.applyToHTTPSOptions(options); // on every request: exec and OIDC credentials refresh here
   // client-node's agent closes the connection after each request; the runtime's global agent keeps it
@@ -260,7 +261,7 @@ async function call(config: Config, { verb, method = 'GET', path, query, body, s
   const code = response.statusCode ?? 0;
   if (code < 300) return response;
   const text = await readAll(response);
-  const status: Status = text.startsWith('{') ? JSON.parse(text) : { message: text };
+  const status: Status = text.startsWith('{') ? JSON.parse(text) : { message: text.trim() }; // a missing CRD: "404 page not found\n"
   const header = response.headers['retry-after']; // seconds, or an HTTP date
   const retryAfter = Number(header) || (header ? (Date.parse(header) - Date.now()) / 1000 : 0) || status.details?.retryAfterSeconds;
   throw apiError(code, status.message ?? `HTTP ${code}`, verb, Math.max(0, retryAfter || 0));
@@ -358,7 +359,7 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
   let resourceVersion = ''; // where the next watch starts; empty: get the initial state first
   let streaming = true; // get it as a watch (KEP-3157: one request, no large list bodies) until a server says no
   let failures = 0; // in a row, for the backoff
-  let gone = false; // the last failure was a 410, which is routine only once in a row
+  let routine = false; // the last failure was routine, which it is only once in a row
   const timeoutSeconds = String(config.watchTimeoutSeconds);
 
   while (!signal.aborted) {
@@ -401,7 +402,7 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
           }
           // The initial events come in no order of resourceVersion: resume from them only once complete.
           if (!listed) resourceVersion = event.object.metadata.resourceVersion;
-          (events++, failures = 0, gone = false, health.progress());
+          (events++, failures = 0, routine = false, health.progress());
         }
       }
       if (listed) throw new NoStreamingList('the watch ended before the initial state was complete');
@@ -415,11 +416,13 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
         continue;
       }
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
-      // continue token expired). Only a new list tells what changed meanwhile; once is routine, so quiet.
+      // continue token expired). Only a new list tells what changed meanwhile. Once is routine, so quiet;
+      // so is a 429 that asks for a second (a server filling its cache after a restart or a new CRD).
       const delayMs = retryDelayMs(failures++, err);
-      if (!isApiError(err, 410) || gone) console.error(explain(err, config, delayMs));
-      gone = isApiError(err, 410);
-      if (gone) resourceVersion = '';
+      const wasRoutine = routine;
+      routine = isApiError(err, 410) || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
+      if (!routine || wasRoutine) console.error(explain(err, config, delayMs));
+      if (isApiError(err, 410)) resourceVersion = '';
       await sleep(delayMs, undefined, { signal }).catch(() => {});
     }
   }
