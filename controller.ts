@@ -90,7 +90,7 @@ export type Change = 'Added' | 'Modified' | 'Deleted';
 export type Reconcile = typeof reconcile;
 
 export interface Book {
-  metadata: { name: string; namespace: string; uid: string; generation: number | string; resourceVersion: string };
+  metadata: { name: string; namespace: string; uid: string; generation: number | string };
   spec: BookSpec;
 }
 
@@ -104,7 +104,7 @@ export function checkBook(object: unknown): Book | string {
   if (typeof checked === 'string') return checked;
   // Where a server sets no generation, every change counts as a new spec (and no status is written).
   const version = typeof generation === 'number' ? generation : resourceVersion;
-  return { metadata: { name, namespace: String(namespace), uid: String(uid), generation: version, resourceVersion }, spec: checked };
+  return { metadata: { name, namespace: String(namespace), uid: String(uid), generation: version }, spec: checked };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,7 +477,7 @@ function explain(err: unknown, { server, namespace }: Config, delayMs: number): 
 interface Entry {
   book: Book | undefined; // undefined: deleted on the server, its Deleted not yet reconciled
   reconciled: Book | undefined; // what the last successful reconcile saw
-  ready: string; // the Ready condition the server has, as "True Reconciled 3 message"
+  ready: number | string; // the Ready condition the server has: the generation it was Reconciled at, else "False Reason 3 message"
   since: number; // its lastTransitionTime
 }
 
@@ -503,22 +503,26 @@ class Books {
 
   /** The book in a list or watch event: caches it and marks it due, if it is new. `listed` collects an initial state's keys. */
   update(object: unknown, listed?: Set<string>) {
-    const { key, name, namespace } = this.keyOf(object);
+    const key = this.keyOf(object);
     listed?.add(key);
     const book = checkBook(object);
     if (typeof book === 'string') { // the cache keeps its last good state, so that a later delete is still reported
-      return console.error(`ignoring ${kind} ${this.nameOf(object)}: ${book} — fix it with kubectl edit ${kind} ${name} -n ${namespace}`);
+      const { name, namespace } = (object as { metadata: Book['metadata'] }).metadata;
+      return console.error(`ignoring ${kind} ${key}: ${book} — fix it with kubectl edit ${kind} ${name} -n ${namespace}`);
     }
+    book.metadata.namespace = this.config.namespace ?? book.metadata.namespace; // one copy for all, not one per book
     const entry = this.entries.get(key);
-    if (entry?.book?.metadata.resourceVersion === book.metadata.resourceVersion) return;
     const { ready, since } = readyCondition(object);
+    const { uid, generation } = entry?.book?.metadata ?? {};
+    // Nothing a reconcile acts on changed (a label, our own status write coming back, a relist): not due.
+    if (uid === book.metadata.uid && generation === book.metadata.generation && entry?.ready === ready && entry.since === since) return;
     if (entry) Object.assign(entry, { book, ready, since });
     else this.entries.set(key, { book, reconciled: undefined, ready, since });
     this.add(key);
   }
 
   remove(object: unknown) {
-    const { key } = this.keyOf(object);
+    const key = this.keyOf(object);
     const entry = this.entries.get(key);
     if (entry?.book) (entry.book = undefined, this.add(key));
   }
@@ -528,15 +532,10 @@ class Books {
     for (const [key, entry] of this.entries) if (!listed.has(key) && entry.book) this.remove(entry.book);
   }
 
-  keyOf(object: unknown) {
+  /** The name users see, and the cache's key: NAME, or NAMESPACE/NAME with -A. */
+  keyOf(object: unknown): string {
     const { namespace = '', name = '' } = (object as { metadata?: Partial<Book['metadata']> })?.metadata ?? {};
-    return { key: `${namespace}/${name}`, name, namespace };
-  }
-
-  /** The name users see: NAME, or NAMESPACE/NAME with -A. */
-  nameOf(object: unknown) {
-    const { key, name } = this.keyOf(object);
-    return this.config.namespace === undefined ? key : name;
+    return this.config.namespace === undefined ? `${namespace}/${name}` : name;
   }
 
   /** Marks a book as due now; a change cuts its retry backoff short. */
@@ -588,7 +587,7 @@ async function work(books: Books, output: Output, reconcileBook: Reconcile, sign
       continue;
     }
     const { book, reconciled } = entry;
-    const name = books.nameOf(book ?? reconciled);
+    const name = key;
     let failure: unknown;
     try {
       // What changed since the last successful reconcile. A new uid under the same name: deleted and created again.
@@ -621,11 +620,14 @@ async function work(books: Books, output: Output, reconcileBook: Reconcile, sign
 
 interface Condition { type?: string; status?: string; reason?: string; message?: string; observedGeneration?: number; lastTransitionTime?: string }
 
-function readyCondition(object: unknown): { ready: string; since: number } {
+function readyCondition(object: unknown): { ready: number | string; since: number } {
   const { status } = object as { status?: { observedGeneration?: number; conditions?: Condition[] } };
-  const ready = status?.conditions?.find?.((condition) => condition.type === 'Ready');
-  if (!ready || ready.observedGeneration !== status?.observedGeneration) return { ready: '', since: 0 };
-  return { ready: `${ready.status} ${ready.reason} ${ready.observedGeneration} ${ready.message}`, since: Date.parse(ready.lastTransitionTime ?? '') || 0 };
+  const { status: is, reason, message, observedGeneration: generation, lastTransitionTime = '' } =
+    status?.conditions?.find?.((condition) => condition.type === 'Ready') ?? {};
+  if (generation === undefined || generation !== status?.observedGeneration) return { ready: '', since: 0 };
+  // Most books are Ready, and there may be many: for them this is a number, not a string.
+  const ready = is === 'True' && reason === 'Reconciled' && !message ? generation : `${is} ${reason} ${generation} ${message}`;
+  return { ready, since: Date.parse(lastTransitionTime) || 0 };
 }
 
 /** Writes the book's Ready condition, unless it already says exactly that. */
@@ -635,9 +637,10 @@ async function writeStatus(books: Books, entry: Entry, failure: unknown): Promis
   const condition = failure === undefined
     ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '', observedGeneration: metadata.generation }
     : { type: 'Ready', status: 'False', reason: 'ReconcileFailed', message: messageOf(failure), observedGeneration: metadata.generation };
-  const ready = `${condition.status} ${condition.reason} ${metadata.generation} ${condition.message}`;
+  const ready = failure === undefined ? metadata.generation : `${condition.status} ${condition.reason} ${metadata.generation} ${condition.message}`;
   if (entry.ready === ready) return;
-  const since = entry.ready.startsWith(`${condition.status} `) && entry.since ? entry.since : Date.now(); // changes only on a flip
+  const was = typeof entry.ready === 'number' ? 'True' : entry.ready.split(' ')[0];
+  const since = was === condition.status && entry.since ? entry.since : Date.now(); // it changes only on a flip
   const lastTransitionTime = new Date(since).toISOString().replace(/\.\d+Z$/, 'Z');
   const body = { status: { observedGeneration: metadata.generation, conditions: [{ ...condition, lastTransitionTime }] } };
   const path = `${booksPath(metadata.namespace)}/${metadata.name}/status`;
