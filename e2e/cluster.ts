@@ -338,7 +338,7 @@ async function ownCluster(): Promise<Cluster> {
       etcd.sampleRss();
       await stopApiserver();
       await etcd.stop();
-      const mib = (kib: number) => `${(kib / 1024).toFixed(0)} MiB`;
+      const mib = (kib: number) => (kib ? `${(kib / 1024).toFixed(0)} MiB` : 'unknown (/proc/PID/status unreadable: Deno needs -A)');
       console.error(`e2e: peak RSS (VmHWM) kube-apiserver ${mib(apiserverPeakKiB)}, etcd ${mib(etcd.peakRssKiB)}; up ${((Date.now() - started) / 1000).toFixed(0)}s`);
       if (process.env.E2E_KEEP === '1') console.error(`e2e: kept ${dir}`);
       else rmSync(dir, { recursive: true, force: true });
