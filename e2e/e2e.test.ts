@@ -3,9 +3,10 @@
 //
 //   bash e2e/build.sh                                            (once per machine: builds the binaries)
 //   npx tsx --test --test-concurrency=1 e2e/e2e.test.ts          (Node)
-//   deno test -A e2e/e2e.test.ts                                 (Deno)
+//   deno test -A e2e/e2e.test.ts                                 (Deno; -A: it reads /proc/PID for RSS)
 //   bun test --timeout=300000 ./e2e/e2e.test.ts                  (Bun)
 //   E2E_EXISTING_CLUSTER=1 KUBECONFIG=~/.kube/config ...         (your kind/k3d cluster instead)
+//   E2E_ONLY=REGEX runs only the matching cases; E2E_KEEP=1 keeps the server's logs and audit log.
 //
 // Every case works in its own namespace, so that one case's books never show in another's output.
 // Nothing here sleeps to synchronise: each wait names what it waits for, and gives up after a timeout.
