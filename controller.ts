@@ -245,13 +245,15 @@ async function call(config: Config, { verb, method = 'GET', path, query, body, s
   // A PATCH is a JSON merge patch: what it names is set, what it leaves out stays.
   const contentType = method === 'PATCH' ? 'application/merge-patch+json' : 'application/json';
   const headers = { Accept: 'application/json', 'Content-Type': contentType, 'User-Agent': `${kind}-controller` }; // audit logs name us
-  const options: https.RequestOptions = { method, signal, headers };
+  // A request other than a watch that hears nothing for 30 s is on a dead connection (a watch has its deadline).
+  const options: https.RequestOptions = { method, signal, headers, timeout: verb === 'watch' ? undefined : 30_000 };
   await config.kubeConfig.applyToHTTPSOptions(options); // on every request: exec and OIDC credentials refresh here
   // client-node's agent closes the connection after each request; the runtime's global agent keeps it
   // open, sparing a TLS handshake per request. Only a proxy-url in the kubeconfig needs client-node's.
   if (!config.kubeConfig.getCurrentCluster()?.proxyUrl) options.agent = undefined;
   const response = await new Promise<http.IncomingMessage>((resolve, reject) =>
     (url.protocol === 'http:' ? http : https).request(url, options, resolve).on('error', reject)
+      .on('timeout', function (this: http.ClientRequest) { this.destroy(new Error(`${config.server} did not answer for 30s`)); })
       .end(body === undefined ? undefined : JSON.stringify(body)));
   if (signal.aborted) { // Deno lets a response in after its request was aborted
     response.destroy();
@@ -608,7 +610,8 @@ async function work(books: Books, output: Output, reconcileBook: Reconcile, sign
     if (signal.aborted) return;
     if (!entry.book && !entry.reconciled) books.entries.delete(key);
     // A book that changed meanwhile is due again: its status waits for the reconcile of its latest state.
-    const statusFailure = entry.book === book ? await writeStatus(books, entry, failure).catch((err: unknown) => err) : undefined;
+    const statusFailure = entry.book === book ? await writeStatus(books, entry, failure, signal).catch((err: unknown) => err) : undefined;
+    if (signal.aborted) return;
     const retrying = `retrying in ${inSeconds(books.done(key, Boolean(failure ?? statusFailure)))}`;
     if (failure) console.error(`reconcile of ${kind} ${name} failed: ${messageOf(failure)}; ${retrying}`);
     else if (statusFailure) console.error(`cannot write the status of ${kind} ${name} (${messageOf(statusFailure)}); ${retrying}`);
@@ -631,7 +634,7 @@ function readyCondition(object: unknown): { ready: number | string; since: numbe
 }
 
 /** Writes the book's Ready condition, unless it already says exactly that. */
-async function writeStatus(books: Books, entry: Entry, failure: unknown): Promise<void> {
+async function writeStatus(books: Books, entry: Entry, failure: unknown, signal: AbortSignal): Promise<void> {
   const { metadata } = entry.book ?? {};
   if (!metadata || books.statusForbidden || typeof metadata.generation !== 'number') return;
   const condition = failure === undefined
@@ -645,7 +648,7 @@ async function writeStatus(books: Books, entry: Entry, failure: unknown): Promis
   const body = { status: { observedGeneration: metadata.generation, conditions: [{ ...condition, lastTransitionTime }] } };
   const path = `${booksPath(metadata.namespace)}/${metadata.name}/status`;
   try {
-    await readAll(await call(books.config, { verb: 'patch', method: 'PATCH', path, body, signal: AbortSignal.timeout(30_000) }));
+    await readAll(await call(books.config, { verb: 'patch', method: 'PATCH', path, body, signal }));
     Object.assign(entry, { ready, since });
   } catch (err) {
     if (isApiError(err, 404)) return; // the book is gone: nothing to say
