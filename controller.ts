@@ -361,7 +361,7 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
   let resourceVersion = ''; // where the next watch starts; empty: get the initial state first
   let streaming = true; // get it as a watch (KEP-3157: one request, no large list bodies) until a server says no
   let failures = 0; // in a row, for the backoff
-  let routine = false; // the last failure was routine, which it is only once in a row
+  let routine: number | undefined; // the code of the last failure, if routine: it is so only once in a row
   const timeoutSeconds = String(config.watchTimeoutSeconds);
 
   while (!signal.aborted) {
@@ -404,7 +404,7 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
           }
           // The initial events come in no order of resourceVersion: resume from them only once complete.
           if (!listed) resourceVersion = event.object.metadata.resourceVersion;
-          (events++, failures = 0, routine = false, health.progress());
+          (events++, failures = 0, routine = undefined, health.progress());
         }
       }
       if (listed) throw new NoStreamingList('the watch ended before the initial state was complete');
@@ -420,11 +420,13 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
       // continue token expired). Only a new list tells what changed meanwhile. Once is routine, so quiet;
       // so is a 429 that asks for a second (a server filling its cache after a restart or a new CRD).
+      // A 410 is also the server's answer after an outage: relist soon, not after the outage's backoff.
+      if (isApiError(err, 410) && routine !== 410) failures = 0;
       const delayMs = retryDelayMs(failures++, err);
-      const wasRoutine = routine;
-      routine = isApiError(err, 410) || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
-      if (!routine || wasRoutine) console.error(explain(err, config, delayMs));
-      if (isApiError(err, 410)) resourceVersion = '';
+      const code = isApiError(err, 410) || (isApiError(err, 429) && err.retryAfterSeconds <= 1) ? err.code : undefined;
+      if (code === undefined || code === routine) console.error(explain(err, config, delayMs));
+      routine = code;
+      if (code === 410) resourceVersion = '';
       await sleep(delayMs, undefined, { signal }).catch(() => {});
     }
   }
