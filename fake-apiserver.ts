@@ -60,12 +60,14 @@ itzEqcRcmPV7iNyE3FG+OQxN3wYwa/B6q7d8nIzfKVKThv/isiJO5eWc
 `;
 
 /** Writes a kubeconfig for a server (with the CA, not insecure) to a fresh temp dir; returns its path. */
-export function writeKubeconfig(options: { server: string; namespace?: string; token?: string; ca?: string }): string {
+/** With `insecure`, no CA at all and `insecure-skip-tls-verify: true`, as some kubeconfigs have. */
+export function writeKubeconfig(options: { server: string; namespace?: string; token?: string; ca?: string; insecure?: boolean }): string {
   const file = join(mkdtempSync(join(tmpdir(), 'book-controller-')), 'kubeconfig');
+  const trust = options.insecure ? { 'insecure-skip-tls-verify': true } : { 'certificate-authority-data': btoa(options.ca ?? CA_CERT) };
   writeFileSync(file, JSON.stringify({
     apiVersion: 'v1',
     kind: 'Config',
-    clusters: [{ name: 'fake', cluster: { server: options.server, 'certificate-authority-data': btoa(options.ca ?? CA_CERT) } }],
+    clusters: [{ name: 'fake', cluster: { server: options.server, ...trust } }],
     users: [{ name: 'reader', user: { token: options.token ?? TOKEN } }],
     contexts: [{ name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: options.namespace } }],
     'current-context': 'fake',
@@ -117,6 +119,7 @@ export interface ApiRequest {
   query: Record<string, string>;
   body?: unknown; // parsed JSON, for writes
   contentType?: string;
+  token: string; // the bearer token it carried: tells apart two controllers sharing one fake
   at: number; // performance.now() on arrival, to assert the time between requests
 }
 
@@ -167,10 +170,14 @@ export class FakeApiServer {
   private oldestWatchable = 0; // a watch from an older resourceVersion gets 410 Gone
   private readonly watches = new Set<OpenWatch>();
   private readonly continueTokens = new Map<string, StoredBook[]>(); // token → the rest of that list's snapshot
+  private issuedTokens = 0;
   private readonly faults: { match: FaultOptions; response: () => Response }[] = [];
   private readonly refusedHolders = new Set<string>();
+  private initialEventsFault: Record<string, unknown> | undefined; // a Status for the next streaming list to end with
   private held: (() => void)[] | undefined;
   readonly requests: ApiRequest[] = [];
+  /** The bearer tokens it accepts; anything else gets 401. Add one per controller to tell their requests apart. */
+  readonly tokens = new Set([TOKEN]);
 
   /** Called on every request and every change: tests wait on it instead of sleeping. */
   onActivity: () => void;
@@ -184,10 +191,17 @@ export class FakeApiServer {
   watchList = true; // the WatchList feature (streaming lists); false: 422, as servers before 1.34 answer
   stallWatches = false; // answer a watch, then send nothing: a half-open connection
   neverAnswerLists = false; // take a list request and never answer it
-  goneForever = false; // answer every watch with 410 Gone
+  goneForever = false; // answer every watch from a resourceVersion with 410 Gone
   endWatchesAtOnce = false;
-  goneAsHttp = false; // answer a too-old watch with HTTP 410, not an ERROR event in a 200 stream
+  // A defensive case: the real server answers a too-old watch with HTTP 200 and an ERROR event (the
+  // default here); HTTP 410 comes from lists. This answers the watch with HTTP 410 instead.
+  goneAsHttp = false;
   expireNextContinueToken = false;
+  // The next N requests for books get 429 'storage is (re)initializing' with Retry-After: 1, as a real
+  // server answers for a moment after a CRD is established or after it restarts (its watch cache fills).
+  storageInitializing = 0;
+  // A streaming list sends its ADDEDs, then ends the stream without the initial-events-end bookmark.
+  endInitialEventsEarly = false;
 
   private readonly handlers = [
     http.get(`*/apis/${GROUP_VERSION}/namespaces/:namespace/books`, ({ request, params }) =>
@@ -258,8 +272,9 @@ export class FakeApiServer {
    * Synchronous from here to the answer (or to a wait a knob asks for), so that a test reacting to
    * the request's activity cannot change the knobs under it.
    */
-  private admit(request: Request, entry: Omit<ApiRequest, 'query' | 'at' | 'body' | 'contentType'>, text = ''): Response | ApiRequest {
-    const logged: ApiRequest = { ...entry, query: Object.fromEntries(new URL(request.url).searchParams), at: performance.now() };
+  private admit(request: Request, entry: Omit<ApiRequest, 'query' | 'at' | 'body' | 'contentType' | 'token'>, text = ''): Response | ApiRequest {
+    const token = (request.headers.get('authorization') ?? '').replace(/^Bearer /, '');
+    const logged: ApiRequest = { ...entry, query: Object.fromEntries(new URL(request.url).searchParams), token, at: performance.now() };
     let notJson = '';
     if (request.method !== 'GET') {
       logged.contentType = request.headers.get('content-type') ?? undefined;
@@ -271,7 +286,9 @@ export class FakeApiServer {
     }
     this.requests.push(logged);
     this.onActivity();
-    if (request.headers.get('authorization') !== `Bearer ${TOKEN}`) return statusResponse(401, 'Unauthorized', 'Unauthorized');
+    if (!request.headers.get('authorization')?.startsWith('Bearer ') || !this.tokens.has(token)) {
+      return statusResponse(401, 'Unauthorized', 'Unauthorized');
+    }
     const fault = this.faults.findIndex(({ match }) =>
       (!match.verb || match.verb === logged.verb) && (!match.resource || match.resource === logged.resource));
     if (fault >= 0) return this.faults.splice(fault, 1)[0]?.response() ?? Response.error();
@@ -289,6 +306,10 @@ export class FakeApiServer {
     const { query } = admitted;
     const refused = this.refuseBooks(verb, namespace);
     if (refused) return refused;
+    if (this.storageInitializing > 0) {
+      this.storageInitializing--;
+      return statusResponse(429, 'TooManyRequests', 'storage is (re)initializing', { retryAfterSeconds: 1 }, { 'Retry-After': '1' });
+    }
     const selector = parseSelector(query.labelSelector ?? '');
     if (typeof selector === 'string') return statusResponse(400, 'BadRequest', selector);
     if (verb === 'list' && this.neverAnswerLists) await new Promise(() => {});
@@ -299,9 +320,12 @@ export class FakeApiServer {
     return this.watch(namespace, selector, query);
   }
 
-  /** 404 when the CRD is missing, 403 when the user may not: the same for every books endpoint. */
+  /**
+   * 404 when the CRD is missing, 403 when the user may not: the same for every books endpoint.
+   * A missing CRD is no Status: the real server answers its unknown paths in plain text.
+   */
   private refuseBooks(verb: Verb, namespace: string | undefined, name?: string, resource: Resource = 'books'): Response | undefined {
-    if (!this.crdInstalled) return statusResponse(404, 'NotFound', 'the server could not find the requested resource');
+    if (!this.crdInstalled) return new Response('404 page not found\n', { status: 404, headers: { 'Content-Type': 'text/plain; charset=utf-8' } });
     const forbidden = resource === 'books/status' ? this.forbidStatus : this.forbidden;
     if (!forbidden) return undefined;
     const where = namespace ? ` in the namespace "${namespace}"` : ' at the cluster scope';
@@ -316,8 +340,16 @@ export class FakeApiServer {
       const rest = this.expireNextContinueToken ? undefined : this.continueTokens.get(query.continue);
       this.expireNextContinueToken = false;
       if (!rest) {
-        return statusResponse(410, 'Expired', 'The provided continue parameter is too old to display a consistent list result. ' +
-          'You can start a new list without the continue parameter.');
+        // The real 410 carries a token to go on with, inconsistently (rv -1); a careful client lists again instead.
+        const inconsistent = `inconsistent-${query.continue}`;
+        this.continueTokens.set(inconsistent, [...this.books.values()].filter((book) => this.visible(book, namespace, selector)));
+        return HttpResponse.json({
+          ...status(410, 'Expired', 'The provided continue parameter is too old to display a consistent list result. ' +
+            'You can start a new list without the continue parameter, or use the continue token in this response to ' +
+            'retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - ' +
+            'objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.'),
+          metadata: { continue: inconsistent },
+        }, { status: 410 });
       }
       items = rest;
     }
@@ -325,7 +357,7 @@ export class FakeApiServer {
     const metadata: { resourceVersion: string; continue?: string; remainingItemCount?: number } =
       { resourceVersion: String(this.resourceVersion) };
     if (items.length > limit) {
-      metadata.continue = `token-${this.continueTokens.size}`;
+      metadata.continue = `token-${this.issuedTokens++}`;
       metadata.remainingItemCount = items.length - limit;
       this.continueTokens.set(metadata.continue, items.slice(limit));
     }
@@ -334,7 +366,8 @@ export class FakeApiServer {
 
   /**
    * Streaming lists (KEP-3157): `sendInitialEvents=true` needs `resourceVersionMatch=NotOlderThan`
-   * and `allowWatchBookmarks=true`; a server without the WatchList feature refuses it outright.
+   * (else 422); a server without the WatchList feature refuses it outright. Without
+   * `allowWatchBookmarks=true` the real server accepts it, but never sends the end bookmark.
    */
   private checkWatchOptions(query: Record<string, string>) {
     const forbid = (field: string, why: string) => ({ field, message: `Forbidden: ${why}` });
@@ -344,9 +377,6 @@ export class FakeApiServer {
     } else if (query.sendInitialEvents === 'true') {
       if (query.resourceVersionMatch !== 'NotOlderThan') {
         causes.push(forbid('resourceVersionMatch', 'sendInitialEvents requires setting resourceVersionMatch to NotOlderThan'));
-      }
-      if (query.allowWatchBookmarks !== 'true') {
-        causes.push(forbid('allowWatchBookmarks', 'sendInitialEvents requires setting allowWatchBookmarks to true'));
       }
     } else if (query.resourceVersionMatch) {
       causes.push(forbid('resourceVersionMatch', 'resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided'));
@@ -396,8 +426,18 @@ export class FakeApiServer {
         if (fromNow) {
           replay = [...this.books.values()].filter((book) => this.visible(book, namespace, selector))
             .map((book) => eventLine('ADDED', book));
-          // The initial state is complete: a bookmark at the snapshot's resourceVersion says so.
-          if (streamingList) replay.push(this.bookmarkLine({ 'k8s.io/initial-events-end': 'true' }));
+          // The initial state is complete: a bookmark at the snapshot's resourceVersion says so (only
+          // to a client that asked for bookmarks), or a fault a test queued ends the stream instead.
+          const fault = streamingList ? this.initialEventsFault : undefined;
+          this.initialEventsFault = undefined;
+          if (fault) replay.push(eventLine('ERROR', fault));
+          else if (streamingList && query.allowWatchBookmarks === 'true' && !this.endInitialEventsEarly) {
+            replay.push(this.bookmarkLine({ 'k8s.io/initial-events-end': 'true' }));
+          }
+          if (fault || (streamingList && this.endInitialEventsEarly)) {
+            watch.send(replay.join(''));
+            return stream.close();
+          }
         } else {
           replay = this.history.filter((event) => event.resourceVersion > from).map((event) => this.lineFor(watch, event));
         }
@@ -517,13 +557,18 @@ export class FakeApiServer {
     if (checked.name !== name) {
       return statusResponse(400, 'BadRequest', `the name of the object (${checked.name}) does not match the name on the URL (${name})`);
     }
+    if (checked.resourceVersion === undefined) {
+      return statusResponse(422, 'Invalid', `leases.coordination.k8s.io "${name}" is invalid: metadata.resourceVersion: ` +
+        'Invalid value: 0: must be specified for an update', { name, group: 'coordination.k8s.io', kind: 'leases',
+        causes: [{ reason: 'FieldValueInvalid', message: 'Invalid value: 0: must be specified for an update', field: 'metadata.resourceVersion' }] });
+    }
     if (this.refusedHolders.has(checked.spec.holderIdentity ?? '')) {
       return statusResponse(500, 'InternalError', 'Internal error occurred: etcdserver: request timed out');
     }
     const before = this.leases.get(`${namespace}/${name}`);
     if (!before) return leaseNotFound(name);
     // Optimistic concurrency: an update based on an older read loses, and must read again.
-    if (checked.resourceVersion !== undefined && checked.resourceVersion !== before.metadata.resourceVersion) {
+    if (checked.resourceVersion !== before.metadata.resourceVersion) {
       return conflict('leases.coordination.k8s.io', name, leaseDetails(name));
     }
     return HttpResponse.json(this.putLease(name, checked.spec, namespace));
@@ -653,6 +698,10 @@ export class FakeApiServer {
   failNext(code: number, reason: string, message: string, options: FaultOptions = {}) {
     const details = options.retryAfterSeconds === undefined ? undefined : { retryAfterSeconds: options.retryAfterSeconds };
     this.faults.push({ match: options, response: () => statusResponse(code, reason, message, details, options.headers) });
+  }
+  /** The next streaming list sends its ADDEDs, then this error as an ERROR event instead of its end bookmark, and ends. */
+  failInitialEvents(code: number, reason: string, message: string) {
+    this.initialEventsFault = status(code, reason, message);
   }
   /** Watch requests wait (a slow server) until release(). */
   hold() {
