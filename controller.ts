@@ -248,9 +248,9 @@ async function call(config: Config, { verb, method = 'GET', path, query, body, s
   // A request other than a watch that hears nothing for 30 s is on a dead connection (a watch has its deadline).
   const options: https.RequestOptions = { method, signal, headers, timeout: verb === 'watch' ? undefined : 30_000 };
   await config.kubeConfig.applyToHTTPSOptions(options); // on every request: exec and OIDC credentials refresh here
-  // client-node's agent closes the connection after each request; the runtime's global agent keeps it
-  // open, sparing a TLS handshake per request. Only a proxy-url in the kubeconfig needs client-node's.
-  if (!config.kubeConfig.getCurrentCluster()?.proxyUrl) options.agent = undefined;
+  // client-node's agent closes the connection after each request; ours keeps it open, sparing a TLS
+  // handshake per request. Only a proxy-url in the kubeconfig needs client-node's.
+  if (!config.kubeConfig.getCurrentCluster()?.proxyUrl) options.agent = url.protocol === 'http:' ? agents.http : agents.https;
   const response = await new Promise<http.IncomingMessage>((resolve, reject) =>
     (url.protocol === 'http:' ? http : https).request(url, options, resolve).on('error', reject)
       .on('timeout', function (this: http.ClientRequest) { this.destroy(new Error(`${config.server} did not answer for 30s`)); })
@@ -268,6 +268,9 @@ async function call(config: Config, { verb, method = 'GET', path, query, body, s
   const retryAfter = Number(header) || (header ? (Date.parse(header) - Date.now()) / 1000 : 0) || status.details?.retryAfterSeconds;
   throw apiError(code, status.message ?? `HTTP ${code}`, verb, Math.max(0, retryAfter || 0));
 }
+
+// Not the runtime's global agents: they drop a connection after 5 s without a byte, which is every idle watch.
+const agents = { http: new http.Agent({ keepAlive: true }), https: new https.Agent({ keepAlive: true }) };
 
 async function readAll(response: http.IncomingMessage): Promise<string> {
   let body = '';
@@ -762,26 +765,31 @@ class LeaderElection {
 
   /** Waits until this replica leads; returns a signal that aborts if it stops leading, with why. */
   async lead(health: Health, signal: AbortSignal): Promise<AbortSignal> {
-    const tryOnce = (attempt: AbortSignal) => this.tryAcquireOrRenew(attempt).catch((err) => {
-      const hint = isApiError(err, 403) ? ' — grant get, create and update on leases.coordination.k8s.io (see deploy.yaml)' : '';
-      if (!signal.aborted) console.error(`cannot get or write ${this.where} (${messageOf(err)}); retrying in ${RETRY_PERIOD_MS / 1000}s${hint}`);
-      return false;
-    });
+    const attempt = (limit: AbortSignal) => this.tryAcquireOrRenew(limit).catch((err: unknown) => ({ err }));
     health.following();
-    for (let waiting = false; !(await tryOnce(signal)); await sleep(RETRY_PERIOD_MS, undefined, { signal })) {
+    for (let waiting = false, held = await attempt(signal); held !== true; held = await attempt(signal)) {
+      if (typeof held === 'object' && !signal.aborted) {
+        const hint = isApiError(held.err, 403) ? ' — grant get, create and update on leases.coordination.k8s.io (see deploy.yaml)' : '';
+        console.error(`cannot get or write ${this.where} (${messageOf(held.err)}); retrying in ${RETRY_PERIOD_MS / 1000}s${hint}`);
+      }
       if (!waiting && this.holder) console.error(`waiting to lead: ${this.where} is held by ${this.holder}`);
       waiting ||= Boolean(this.holder);
       health.progress();
+      await sleep(RETRY_PERIOD_MS, undefined, { signal });
     }
     console.error(`leading as ${this.identity} (${this.where})`);
     health.leading();
     const lost = new AbortController();
-    void (async () => {
+    void (async () => { // renews quietly: if it cannot for the renew deadline, the one line comes from main
       for (let renewed = Date.now(); !signal.aborted; await sleep(RETRY_PERIOD_MS, undefined, { signal }).catch(() => {})) {
-        if (await tryOnce(AbortSignal.any([signal, AbortSignal.timeout(RENEW_DEADLINE_MS)]))) (renewed = Date.now(), health.progress());
-        else if (signal.aborted) return;
-        else if (this.holder !== this.identity) return lost.abort(new Error(`${this.where} is now held by ${this.holder || 'no one'}`));
-        else if (Date.now() - renewed > RENEW_DEADLINE_MS) return lost.abort(new Error(`could not renew ${this.where} for ${RENEW_DEADLINE_MS / 1000}s`));
+        const held = await attempt(AbortSignal.any([signal, AbortSignal.timeout(RENEW_DEADLINE_MS)]));
+        if (signal.aborted) return;
+        if (held === true) (renewed = Date.now(), health.progress());
+        else if (!held && this.holder !== this.identity) return lost.abort(new Error(`${this.where} is now held by ${this.holder || 'no one'}`));
+        else if (Date.now() - renewed > RENEW_DEADLINE_MS) {
+          const why = typeof held === 'object' ? ` (${messageOf(held.err)})` : '';
+          return lost.abort(new Error(`could not renew ${this.where} for ${RENEW_DEADLINE_MS / 1000}s${why}`));
+        }
       }
     })();
     return lost.signal;
