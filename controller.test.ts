@@ -109,8 +109,10 @@ function retryingMs(line: string | undefined): number {
 const SLACK_MS = 60;
 
 // Controller bugs found by this suite and not fixed yet (reported to the lead): the test runs, its failure is not counted.
+// Seen on Deno only, not explained yet: an extra identical request, a few ms after the first, with nothing on stderr.
+const DENO_EXTRA_REQUEST = process.versions.deno ? { todo: 'Deno: an identical request sent twice a few ms apart (a second status PATCH, a third list): unexplained, reported' } : {};
 const ECHO_CUTS_BACKOFF = { todo: "controller bug: the echo of the controller's own False status (lastTransitionTime in whole seconds, compared with Date.now()) marks the book due and cuts its backoff" };
-const IDLE_WATCH_RESET = { todo: "controller bug since 47f8b2b: the 'timeout' listener on every request meets the global agent's 5 s socket timeout: idle watches are destroyed (ECONNRESET)" };
+
 
 /** The requests for books (not status, not leases), as verb and query. */
 const bookRequests = () => fake.requests.filter((r) => r.resource === 'books');
@@ -206,7 +208,7 @@ describe('the seed walkthrough', () => {
 });
 
 describe('status: written back, never echoed', () => {
-  test("the controller's own status writes print nothing", async () => {
+  test("the controller's own status writes print nothing", DENO_EXTRA_REQUEST, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick Ready', () => isReady('moby-dick'));
@@ -599,7 +601,7 @@ describe('resuming and relisting', () => {
     assert.equal(fake.listRequests().length, 0);
   });
 
-  test('keeps an idle watch open, quietly, while nothing changes for longer than a keep-alive timeout', { timeout: 30_000, ...IDLE_WATCH_RESET }, async () => {
+  test('keeps an idle watch open, quietly, while nothing changes for longer than a keep-alive timeout', { timeout: 30_000 }, async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
     await sleep(6000); // the behaviour under test: six quiet seconds (Node's global agent times sockets out after 5)
@@ -674,7 +676,7 @@ describe('resuming and relisting', () => {
     });
   }
 
-  test('abandons a list or a watch that sends nothing past the watch timeout + 5 s, and starts over', { timeout: 40_000, ...IDLE_WATCH_RESET }, async () => {
+  test('abandons a list or a watch that sends nothing past the watch timeout + 5 s, and starts over', { timeout: 40_000, ...DENO_EXTRA_REQUEST }, async () => {
     fake.watchList = false;
     fake.neverAnswerLists = true; // not even the response headers
     const controller = start(['--watch-timeout', '1']);
@@ -1105,7 +1107,7 @@ describe('leader election (--leader-elect)', () => {
   });
 
   test('a leader that cannot renew stops acting and returns 1 with one line', { timeout: 30_000,
-    todo: 'controller bug: a line per failed renewal (contract: one line), and idle-watch ECONNRESET lines (47f8b2b)' }, async () => {
+    todo: 'controller bug: a line per failed renewal, where the contract says one line' }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const leader = startReplica('token-a');
     await until('a leader', () => leader.lines.length === 1);

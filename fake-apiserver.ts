@@ -218,7 +218,11 @@ export class FakeApiServer {
     http.put('*/apis/coordination.k8s.io/v1/namespaces/:namespace/leases/:name', ({ request, params }) =>
       this.updateLease(request, String(params.namespace), String(params.name))),
   ];
-  private readonly tls = https.createServer({ key: SERVER_KEY, cert: SERVER_CERT }, (req, res) => void this.bridge(req, res));
+  private readonly tls = https.createServer({ key: SERVER_KEY, cert: SERVER_CERT }, (req, res) => {
+    // A client may hang up at any time, even while sending its body: that ends this request, not the fake.
+    req.on('error', () => res.destroy());
+    this.bridge(req, res).catch(() => res.destroy());
+  });
   url = '';
 
   constructor(options: { onActivity?: () => void } = {}) {
