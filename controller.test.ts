@@ -111,7 +111,6 @@ const SLACK_MS = 60;
 // Controller bugs found by this suite and not fixed yet (reported to the lead): the test runs, its failure is not counted.
 // Seen on Deno only, not explained yet: an extra identical request, a few ms after the first, with nothing on stderr.
 const DENO_EXTRA_REQUEST = process.versions.deno ? { todo: 'Deno: an identical request sent twice a few ms apart (a second status PATCH, a third list): unexplained, reported' } : {};
-const ECHO_CUTS_BACKOFF = { todo: "controller bug: the echo of the controller's own False status (lastTransitionTime in whole seconds, compared with Date.now()) marks the book due and cuts its backoff" };
 
 
 /** The requests for books (not status, not leases), as verb and query. */
@@ -281,7 +280,7 @@ describe('status: written back, never echoed', () => {
 });
 
 describe('reconcile: the reader’s function, run by workers', () => {
-  test('a reconcile that throws is retried with growing delays while other books go on, then the book is Ready', { timeout: 30_000, ...ECHO_CUTS_BACKOFF }, async () => {
+  test('a reconcile that throws is retried with growing delays while other books go on, then the book is Ready', { timeout: 30_000 }, async () => {
     const attempts: number[] = [];
     const failedStatus: unknown[] = [];
     const reconcile: Reconcile = async (_change, _book, name) => {
@@ -312,7 +311,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
     assert.ok((delay1 ?? 0) >= 500 && (delay2 ?? 0) >= (delay1 ?? 0), `delays ${delay1} then ${delay2}`);
   });
 
-  test('a new change to a failing book reconciles it at once, cutting its backoff short', ECHO_CUTS_BACKOFF, async () => {
+  test('a new change to a failing book reconciles it at once, cutting its backoff short', async () => {
     const seen: string[] = [];
     const reconcile: Reconcile = async (_change, book) => {
       seen.push(book.spec.title);
@@ -1106,8 +1105,7 @@ describe('leader election (--leader-elect)', () => {
     assert.equal(fake.lease('kube-system', 'book-controller')?.spec.leaseTransitions, 1);
   });
 
-  test('a leader that cannot renew stops acting and returns 1 with one line', { timeout: 30_000,
-    todo: 'controller bug: a line per failed renewal, where the contract says one line' }, async () => {
+  test('a leader that cannot renew stops acting and returns 1 with one line', { timeout: 30_000 }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const leader = startReplica('token-a');
     await until('a leader', () => leader.lines.length === 1);
@@ -1117,22 +1115,20 @@ describe('leader election (--leader-elect)', () => {
     assert.equal(await leader.exited, 1);
     assert.ok(performance.now() - refusedAt >= 8000, `gave up after ${performance.now() - refusedAt} ms`);
     const stopLines = stderr.filter((line) => line.startsWith('stopped leading'));
-    assert.deepEqual(stopLines, ['stopped leading: could not renew the Lease default/book-controller for 10s — exiting, so that a new replica starts clean']);
+    assert.equal(stopLines.length, 1);
+    assert.match(stopLines[0] ?? '', /^stopped leading: could not renew the Lease default\/book-controller for 10s \(.+\) — exiting, so that a new replica starts clean$/);
     assert.deepEqual(stderr.filter((line) => !line.startsWith('leading as ')), stopLines, 'one line');
   });
 });
 
-// The health port listens on all interfaces; `npm run test:deno` allows the network on 127.0.0.1 only.
-const allInterfacesAllowed = process.versions.deno ? false : true;
-const skipOnDeno = allInterfacesAllowed ? {} : { skip: 'deno test runs with --allow-net=127.0.0.1; the health port listens on all interfaces' };
-
+// The health port listens on all interfaces: `npm run test:deno` allows 0.0.0.0 and [::] for it, besides 127.0.0.1.
 describe('health endpoints (--health-port)', () => {
   const get = async (port: number, path: string) => {
     const response = await fetch(`http://127.0.0.1:${port}${path}`);
     return [response.status, (await response.text()).trim()] as const;
   };
 
-  test('/healthz 200; /readyz 503 until the initial state is in, then 200; anything else 404', skipOnDeno, async () => {
+  test('/healthz 200; /readyz 503 until the initial state is in, then 200; anything else 404', async () => {
     const port = await freePort();
     fake.create('moby-dick', MOBY_DICK);
     fake.hold(); // the streaming list waits
@@ -1147,7 +1143,7 @@ describe('health endpoints (--health-port)', () => {
     await controller.stop();
   });
 
-  test('/readyz is 200 while following', skipOnDeno, async () => {
+  test('/readyz is 200 while following', async () => {
     const port = await freePort();
     fake.tokens.add('token-a');
     writeKubeconfig({ token: 'token-a' });

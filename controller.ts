@@ -648,8 +648,9 @@ async function writeStatus(books: Books, entry: Entry, failure: unknown, signal:
   const ready = failure === undefined ? metadata.generation : `${condition.status} ${condition.reason} ${metadata.generation} ${condition.message}`;
   if (entry.ready === ready) return;
   const was = typeof entry.ready === 'number' ? 'True' : entry.ready.split(' ')[0];
-  const since = was === condition.status && entry.since ? entry.since : Date.now(); // it changes only on a flip
-  const lastTransitionTime = new Date(since).toISOString().replace(/\.\d+Z$/, 'Z');
+  // It changes only on a flip, and in whole seconds, as the server keeps it (so its echo is no change).
+  const since = was === condition.status && entry.since ? entry.since : Math.floor(Date.now() / 1000) * 1000;
+  const lastTransitionTime = new Date(since).toISOString().replace('.000Z', 'Z');
   const body = { status: { observedGeneration: metadata.generation, conditions: [{ ...condition, lastTransitionTime }] } };
   const path = `${booksPath(metadata.namespace)}/${metadata.name}/status`;
   try {
