@@ -66,7 +66,8 @@ export function describe(change: Change, book: Book, name: string): string {
  * Called by a worker when a book changed since its last successful reconcile: Added, Modified (its
  * spec changed: metadata.generation), or Deleted (with the last book seen). Never twice at once for
  * one book. When it returns, the change is printed and the book's status says Ready. If it throws, the
- * status says why and the book is tried again later, with backoff. `signal` aborts when the controller stops.
+ * status says why and the book is tried again later, with backoff. `signal` aborts when the controller stops
+ * or stops leading: stop then, since another replica takes over.
  */
 export async function reconcile(change: Change, book: Book, name: string, signal: AbortSignal): Promise<void> {
   switch (change) {
@@ -242,7 +243,7 @@ interface Call { verb: string; method?: string; path: string; query?: URLSearchP
 
 async function call(config: Config, { verb, method = 'GET', path, query, body, signal }: Call): Promise<http.IncomingMessage> {
   const url = new URL(`${config.server}${path}${query ? `?${query}` : ''}`);
-  // A PATCH is a JSON merge patch: what it names is set, what it leaves out stays.
+  // A PATCH is a JSON merge patch: what it names is set, what it leaves out stays; a list (conditions) is replaced whole.
   const contentType = method === 'PATCH' ? 'application/merge-patch+json' : 'application/json';
   const headers = { Accept: 'application/json', 'Content-Type': contentType, 'User-Agent': `${kind}-controller` }; // audit logs name us
   // A request other than a watch that hears nothing for 30 s is on a dead connection (a watch has its deadline).
@@ -296,7 +297,7 @@ type WatchEvent =
 
 /**
  * A connection can die without a word (a half-open TCP connection) and leave us waiting for ever. The
- * server answers a list, and ends a watch, within the watch timeout: past that, plus a grace, start over.
+ * server ends a watch at the watch timeout, and we give a list as long: past that, plus a grace, start over.
  */
 function deadline(config: Config, verb: string, signal: AbortSignal) {
   const seconds = config.watchTimeoutSeconds + 5;
@@ -360,7 +361,7 @@ class NoStreamingList extends Error {}
  * resourceVersion, marking every book that changed as due. Returns only when `signal` aborts; every
  * failure is reported and retried.
  */
-async function listAndWatch(config: Config, books: Books, output: Output, health: Health, signal: AbortSignal): Promise<void> {
+async function listAndWatch(config: Config, books: Books, stdout: Writable, health: Health, signal: AbortSignal): Promise<void> {
   let resourceVersion = ''; // where the next watch starts; empty: get the initial state first
   let streaming = true; // get it as a watch (KEP-3157: one request, no large list bodies) until a server says no
   let failures = 0; // in a row, for the backoff
@@ -368,30 +369,29 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
   const timeoutSeconds = String(config.watchTimeoutSeconds);
 
   while (!signal.aborted) {
-    let listed: Set<string> | undefined; // while the initial state comes in: the books in it
+    let listed: Set<string> | undefined; // while the initial state streams in: the books in it
     try {
       if (!resourceVersion && !streaming) {
-        listed = new Set();
+        const inList = new Set<string>();
+        let listedAt = '';
         for await (const page of listBooks(config, signal)) {
-          for (const object of page.items ?? []) books.update(object, listed);
-          resourceVersion = page.metadata.resourceVersion;
+          for (const object of page.items ?? []) books.update(object, inList);
+          listedAt = page.metadata.resourceVersion;
           health.progress();
         }
-        books.removeAllBut(listed);
-        health.synced();
-        listed = undefined;
-        failures = 0;
+        books.removeAllBut(inList); // only a whole list is a starting point: after a failed page, list again
+        (resourceVersion = listedAt, health.ready = true, failures = 0);
       }
       // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At timeoutSeconds
       // the server ends the watch, and we resume: a connection is never trusted for ever.
-      const params = resourceVersion
-        ? query(config, { watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds })
-        : query(config, { watch: 'true', sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan', allowWatchBookmarks: 'true', timeoutSeconds });
+      const from: Record<string, string> = resourceVersion ? { resourceVersion } : { sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan' };
+      const params = query(config, { watch: 'true', ...from, allowWatchBookmarks: 'true', timeoutSeconds });
       listed = resourceVersion ? undefined : new Set();
       const started = Date.now();
       let events = 0;
       for await (const chunk of watchBooks(config, params, signal)) {
-        await output.ready; // stdout is full: stop reading, so that the server waits on TCP
+        // stdout is full: stop reading, so that the server waits on TCP
+        if (stdout.writableNeedDrain) await once(stdout, 'drain', { signal });
         for (const event of chunk) {
           if (event.type === 'ERROR') {
             const { code = 500, message = 'ERROR event', details } = event.object;
@@ -402,8 +402,7 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
           else if (event.type !== 'BOOKMARK') books.update(event.object, listed);
           else if (listed && event.object.metadata.annotations?.['k8s.io/initial-events-end'] === 'true') {
             books.removeAllBut(listed); // the initial state is complete
-            health.synced();
-            listed = undefined;
+            (health.ready = true, listed = undefined);
           }
           // The initial events come in no order of resourceVersion: resume from them only once complete.
           if (!listed) resourceVersion = event.object.metadata.resourceVersion;
@@ -437,7 +436,7 @@ async function listAndWatch(config: Config, books: Books, output: Output, health
 
 const MAX_RETRY_AFTER_MS = 5 * 60_000;
 
-/** Exponential backoff from ~0.5 s to 30 s with jitter (so that restarted controllers spread out), or what the server asked. */
+/** Exponential backoff with jitter (so that restarted controllers spread out), or what the server asked. */
 function retryDelayMs(failures: number, err: unknown): number {
   if (isApiError(err) && err.retryAfterSeconds > 0) return Math.min(err.retryAfterSeconds * 1000, MAX_RETRY_AFTER_MS);
   return jitter(Math.min(30_000, 500 * 2 ** failures));
@@ -522,6 +521,7 @@ class Books {
     const { ready, since } = readyCondition(object);
     const { uid, generation } = entry?.book?.metadata ?? {};
     // Nothing a reconcile acts on changed (a label, our own status write coming back, a relist): not due.
+    // A Ready condition other than the one we wrote does make it due, and the worker writes ours again.
     if (uid === book.metadata.uid && generation === book.metadata.generation && entry?.ready === ready && entry.since === since) return;
     if (entry) Object.assign(entry, { book, ready, since });
     else this.entries.set(key, { book, reconciled: undefined, ready, since });
@@ -586,40 +586,40 @@ class Books {
 }
 
 /** Takes due books and reconciles them, one at a time, until `signal` aborts. `--concurrency` workers run side by side. */
-async function work(books: Books, output: Output, reconcileBook: Reconcile, signal: AbortSignal) {
-  for (let key = await books.next(signal); key !== undefined; key = await books.next(signal)) {
+async function work(books: Books, print: Print, reconcileBook: Reconcile, signal: AbortSignal) {
+  for (let name = await books.next(signal); name !== undefined; name = await books.next(signal)) {
+    const key = name; // the cache's key is the name users see
     const entry = books.entries.get(key);
-    if (!entry) {
+    if (!entry) { // deleted and reconciled while it was due again
       books.done(key, false);
       continue;
     }
     const { book, reconciled } = entry;
-    const name = key;
     let failure: unknown;
     try {
       // What changed since the last successful reconcile. A new uid under the same name: deleted and created again.
       if (reconciled && (!book || book.metadata.uid !== reconciled.metadata.uid)) {
         await reconcileBook('Deleted', reconciled, name, signal);
         entry.reconciled = undefined;
-        await output.print('Deleted', reconciled, name, signal);
+        await print('Deleted', reconciled, name, signal);
       }
       if (book && book.metadata.generation !== entry.reconciled?.metadata.generation) {
         const change = entry.reconciled ? 'Modified' : 'Added';
         await reconcileBook(change, book, name, signal);
         entry.reconciled = book;
-        await output.print(change, book, name, signal);
+        await print(change, book, name, signal);
       }
     } catch (err) {
-      failure = err;
+      failure = err ?? new Error(`threw ${err}`);
     }
     if (signal.aborted) return;
     if (!entry.book && !entry.reconciled) books.entries.delete(key);
     // A book that changed meanwhile is due again: its status waits for the reconcile of its latest state.
     const statusFailure = entry.book === book ? await writeStatus(books, entry, failure, signal).catch((err: unknown) => err) : undefined;
     if (signal.aborted) return;
-    const retrying = `retrying in ${inSeconds(books.done(key, Boolean(failure ?? statusFailure)))}`;
-    if (failure) console.error(`reconcile of ${kind} ${name} failed: ${messageOf(failure)}; ${retrying}`);
-    else if (statusFailure) console.error(`cannot write the status of ${kind} ${name} (${messageOf(statusFailure)}); ${retrying}`);
+    const retrying = `retrying in ${inSeconds(books.done(key, failure !== undefined || statusFailure !== undefined))}`;
+    if (failure !== undefined) console.error(`reconcile of ${kind} ${name} failed: ${messageOf(failure)}; ${retrying}`);
+    else if (statusFailure !== undefined) console.error(`cannot write the status of ${kind} ${name} (${messageOf(statusFailure)}); ${retrying}`);
   }
 }
 
@@ -645,7 +645,7 @@ async function writeStatus(books: Books, entry: Entry, failure: unknown, signal:
   const condition = failure === undefined
     ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '', observedGeneration: metadata.generation }
     : { type: 'Ready', status: 'False', reason: 'ReconcileFailed', message: messageOf(failure), observedGeneration: metadata.generation };
-  const ready = failure === undefined ? metadata.generation : `${condition.status} ${condition.reason} ${metadata.generation} ${condition.message}`;
+  const { ready } = readyCondition({ status: { observedGeneration: metadata.generation, conditions: [condition] } });
   if (entry.ready === ready) return;
   const was = typeof entry.ready === 'number' ? 'True' : entry.ready.split(' ')[0];
   // It changes only on a flip, and in whole seconds, as the server keeps it (so its echo is no change).
@@ -655,10 +655,12 @@ async function writeStatus(books: Books, entry: Entry, failure: unknown, signal:
   const path = `${booksPath(metadata.namespace)}/${metadata.name}/status`;
   try {
     await readAll(await call(books.config, { verb: 'patch', method: 'PATCH', path, body, signal }));
-    Object.assign(entry, { ready, since });
+    // Unless the book changed meanwhile (created again, or another writer): then it is due again.
+    if (entry.book?.metadata === metadata) Object.assign(entry, { ready, since });
   } catch (err) {
     if (isApiError(err, 404)) return; // the book is gone: nothing to say
     if (!isApiError(err, 403)) throw err;
+    if (books.statusForbidden) return; // another worker said so already
     books.statusForbidden = true;
     console.error(`not allowed to patch ${PLURAL}/status in namespace ${metadata.namespace} (403: ${err.message}); going on without status` +
       ` — grant patch on ${PLURAL}/status (kubectl auth can-i patch ${resource} --subresource=status -n ${metadata.namespace})`);
@@ -668,28 +670,17 @@ async function writeStatus(books: Books, entry: Entry, failure: unknown, signal:
 // ---------------------------------------------------------------------------------------------
 // Output: stdout is the product, so a pipe gets every line, in order, and a slow reader slows us down.
 
-class Output {
-  ready = Promise.resolve(); // settles when stdout can take more
-  private corked = false;
-  private readonly stdout: Writable;
-  private readonly json: boolean;
+type Print = (change: Change, book: Book, name: string, signal: AbortSignal) => Promise<void>;
 
-  constructor(stdout: Writable, json: boolean) {
-    this.stdout = stdout;
-    this.json = json;
-  }
-
-  async print(change: Change, book: Book, name: string, signal: AbortSignal) {
+/** One line per change. While stdout is full it waits, so that a slow reader slows the workers and the watch. */
+function printer(stdout: Writable, json: boolean): Print {
+  return async (change, book, name, signal) => {
     signal.throwIfAborted(); // once stopped, not one more line
     const { namespace, name: bookName } = book.metadata;
-    const line = this.json ? JSON.stringify({ type: change, namespace, name: bookName, spec: book.spec }) : describe(change, book, name);
-    if (!this.corked) { // a speed trick: the lines printed in one tick leave in one write
-      this.corked = true;
-      this.stdout.cork();
-      process.nextTick(() => (this.corked = false, this.stdout.uncork()));
-    }
-    if (!this.stdout.write(line + '\n')) await (this.ready = once(this.stdout, 'drain').then(() => {}));
-  }
+    const line = json ? JSON.stringify({ type: change, namespace, name: bookName, spec: book.spec }) : describe(change, book, name);
+    if (!stdout.writableCorked) (stdout.cork(), process.nextTick(() => stdout.uncork())); // a speed trick: a tick's lines, one write
+    if (!stdout.write(line + '\n')) await once(stdout, 'drain', { signal });
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -697,7 +688,7 @@ class Output {
 
 const LEASE_NAME = 'book-controller';
 const LEASE_SECONDS = 15;
-const RENEW_DEADLINE_MS = 10_000;
+const RENEW_DEADLINE_MS = 10_000; // shorter than the lease: a leader that cannot renew stops before anyone may take over
 const RETRY_PERIOD_MS = 2_000;
 
 interface LeaseSpec { holderIdentity?: string; leaseDurationSeconds?: number; acquireTime?: string; renewTime?: string; leaseTransitions?: number }
@@ -722,9 +713,9 @@ class LeaderElection {
 
   /** One round of client-go's tryAcquireOrRenew: true if we hold the lease now. */
   async tryAcquireOrRenew(signal: AbortSignal): Promise<boolean> {
-    const now = Date.now();
     const lease = await callJson<Lease>(this.config, { verb: 'get', path: `${this.path}/${LEASE_NAME}`, signal })
       .catch((err) => (isApiError(err, 404) ? undefined : Promise.reject(err)));
+    const now = Date.now(); // when we saw it: after the GET, so that a slow answer does not shorten the lease
     const spec = lease?.spec ?? {};
     if (JSON.stringify(spec) !== this.observed.spec) this.observed = { spec: JSON.stringify(spec), at: now };
     this.holder = spec.holderIdentity ?? '';
@@ -767,7 +758,7 @@ class LeaderElection {
   /** Waits until this replica leads; returns a signal that aborts if it stops leading, with why. */
   async lead(health: Health, signal: AbortSignal): Promise<AbortSignal> {
     const attempt = (limit: AbortSignal) => this.tryAcquireOrRenew(limit).catch((err: unknown) => ({ err }));
-    health.following();
+    health.ready = true; // following is all a follower should do
     for (let waiting = false, held = await attempt(signal); held !== true; held = await attempt(signal)) {
       if (typeof held === 'object' && !signal.aborted) {
         const hint = isApiError(held.err, 403) ? ' — grant get, create and update on leases.coordination.k8s.io (see deploy.yaml)' : '';
@@ -775,20 +766,22 @@ class LeaderElection {
       }
       if (!waiting && this.holder) console.error(`waiting to lead: ${this.where} is held by ${this.holder}`);
       waiting ||= Boolean(this.holder);
-      health.progress();
+      if (held === false) health.progress(); // the lease was read: following is going as it should
       await sleep(RETRY_PERIOD_MS, undefined, { signal });
     }
     console.error(`leading as ${this.identity} (${this.where})`);
-    health.leading();
+    health.ready = false; // until the initial state is in
     const lost = new AbortController();
     void (async () => { // renews quietly: if it cannot for the renew deadline, the one line comes from main
       for (let renewed = Date.now(); !signal.aborted; await sleep(RETRY_PERIOD_MS, undefined, { signal }).catch(() => {})) {
-        const held = await attempt(AbortSignal.any([signal, AbortSignal.timeout(RENEW_DEADLINE_MS)]));
+        // No renewal may outlive the renew deadline, which ends before any follower may take over.
+        const held = await attempt(AbortSignal.any([signal, AbortSignal.timeout(Math.max(1, renewed + RENEW_DEADLINE_MS - Date.now()))]));
         if (signal.aborted) return;
         if (held === true) (renewed = Date.now(), health.progress());
         else if (!held && this.holder !== this.identity) return lost.abort(new Error(`${this.where} is now held by ${this.holder || 'no one'}`));
         else if (Date.now() - renewed > RENEW_DEADLINE_MS) {
-          const why = typeof held === 'object' ? ` (${messageOf(held.err)})` : '';
+          const timedOut = typeof held === 'object' && /^(TimeoutError|AbortError)$/.test(String((held.err as Error)?.name));
+          const why = typeof held !== 'object' ? '' : timedOut ? ' (no answer before the renew deadline)' : ` (${messageOf(held.err)})`;
           return lost.abort(new Error(`could not renew ${this.where} for ${RENEW_DEADLINE_MS / 1000}s${why}`));
         }
       }
@@ -801,25 +794,19 @@ class LeaderElection {
 // Health: what the kubelet asks before it restarts us (/healthz) or counts us in (/readyz).
 
 class Health {
-  private lastProgress = Date.now();
-  private ready = false;
-  private readonly staleAfterMs: number;
+  lastProgress = Date.now(); // a list page, a watch event or its clean end, a lease renewed or checked
+  ready = false; // following, or leading with the initial state in
 
-  constructor(staleAfterMs: number) {
-    this.staleAfterMs = staleAfterMs;
+  progress() {
+    this.lastProgress = Date.now();
   }
 
-  progress() { this.lastProgress = Date.now(); } // a list page, a watch event or its clean end, a lease renewed or checked
-  synced() { this.ready = true; } // the initial state is in
-  following() { this.ready = true; }
-  leading() { this.ready = false; } // until synced
-
   /** Serves /healthz and /readyz on `port`; resolves once listening. */
-  async serve(port: number): Promise<http.Server> {
+  async serve(port: number, staleAfterMs: number): Promise<http.Server> {
     const server = http.createServer((request, response) => {
-      const stale = Date.now() - this.lastProgress > this.staleAfterMs;
+      const stale = Date.now() - this.lastProgress > staleAfterMs;
       const [code, text] =
-        request.url === '/healthz' ? (stale ? [500, `no list page, watch event or lease renewal for ${this.staleAfterMs / 1000}s`] : [200, 'ok'])
+        request.url === '/healthz' ? (stale ? [500, `no list page, watch event or lease renewal for ${staleAfterMs / 1000}s`] : [200, 'ok'])
         : request.url === '/readyz' ? (this.ready ? [200, 'ok'] : [503, 'the initial list is not handled yet'])
         : [404, 'not found: try /healthz or /readyz'];
       response.writeHead(code, { 'Content-Type': 'text/plain' }).end(`${text}\n`);
@@ -835,18 +822,20 @@ class Health {
 /** Runs the controller until `signal` aborts; returns the process exit code. */
 export async function main(args: string[], signal: AbortSignal, options: { reconcile?: Reconcile; stdout?: Writable } = {}): Promise<number> {
   let server: http.Server | undefined;
+  let election: LeaderElection | undefined;
   try {
     const config = await loadConfig(args);
     if (typeof config === 'number') return config;
-    const health = new Health((config.watchTimeoutSeconds + 30) * 1000);
-    if (config.healthPort !== undefined) server = await health.serve(config.healthPort);
-    const election = config.leaseNamespace === undefined ? undefined : new LeaderElection(config, config.leaseNamespace);
+    const health = new Health();
+    if (config.healthPort !== undefined) server = await health.serve(config.healthPort, (config.watchTimeoutSeconds + 30) * 1000);
+    election = config.leaseNamespace === undefined ? undefined : new LeaderElection(config, config.leaseNamespace);
     const lost = (await election?.lead(health, signal)) ?? new AbortController().signal;
     const running = AbortSignal.any([signal, lost]);
     const books = new Books(config);
-    const output = new Output(options.stdout ?? process.stdout, config.json);
-    const workers = Array.from({ length: config.concurrency }, () => work(books, output, options.reconcile ?? reconcile, running));
-    await listAndWatch(config, books, output, health, running);
+    const stdout = options.stdout ?? process.stdout;
+    const print = printer(stdout, config.json);
+    const workers = Array.from({ length: config.concurrency }, () => work(books, print, options.reconcile ?? reconcile, running));
+    await listAndWatch(config, books, stdout, health, running);
     books.stop();
     if (lost.aborted) return fail(1, `stopped leading: ${messageOf(lost.reason)} — exiting, so that a new replica starts clean`);
     await Promise.race([Promise.all(workers), sleep(300)]); // in-flight reconciles were told to stop; wait briefly
@@ -854,7 +843,10 @@ export async function main(args: string[], signal: AbortSignal, options: { recon
     return 0;
   } catch (err) {
     const { name, code } = err as { name?: string; code?: string };
-    if (signal.aborted) return 0; // stopped while waiting to lead
+    if (signal.aborted) { // stopped while waiting to lead, or just as it won
+      await election?.release().catch(() => {});
+      return 0;
+    }
     if (name === 'NotCapable' || name === 'PermissionDenied') {
       return fail(2, `Deno needs more permissions (${messageOf(err)}) — run deno run --allow-env --allow-read --allow-net --allow-sys controller.ts`);
     }
@@ -884,8 +876,9 @@ if (isEntryPoint) {
   process.once('SIGINT', () => stop.abort());
   process.once('SIGTERM', () => stop.abort());
   process.stdout.on('error', () => stop.abort()); // EPIPE: the reader is gone (| head -1), and so are we, quietly
+  stop.signal.addEventListener('abort', () => setTimeout(() => process.exit(0), 1000).unref()); // even if the reader is stuck
   const exitCode = await main(process.argv.slice(2), stop.signal);
-  process.stdout.write('', () => process.exit(exitCode)); // every line printed reaches the pipe first
+  process.stdout.write('', () => process.exit(exitCode)); // every line printed reaches the pipe first (within that second)
 }
 
 // Where to go next: owner references and finalizers for what reconcile creates; Events for kubectl describe;
