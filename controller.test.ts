@@ -262,6 +262,19 @@ describe('status: written back, never echoed', () => {
     assert.equal(fake.patches().length, 1);
   });
 
+  test('a book deleted and created again while its status write is on the way gets its own status', async () => {
+    fake.statusAnswerDelayMs = 300;
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until('the first status written, its answer on the way', () => isReady('moby-dick'));
+    fake.recreate('moby-dick', MOBY_DICK); // same name and generation, new uid, no status: before the first write answers
+    await until('Deleted, then Added again', () => stdout.length === 3);
+    await until('the new moby-dick Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), deleted('moby-dick'), added('moby-dick', 'Moby Dick')]);
+    assert.deepEqual(stderr, []);
+  });
+
   test('a status write that fails with 500 is retried after a backoff, without running reconcile again or printing twice', async () => {
     fake.failNext(500, 'InternalError', 'etcdserver: request timed out', { verb: 'patch' });
     const calls: string[] = [];
@@ -521,6 +534,21 @@ describe('the initial state: a streaming list, else pages', () => {
     await controller.stop();
     assert.deepEqual(bookRequests().slice(0, 3).map((r) => [r.verb, isStreamingList(r)]), [['watch', true], ['list', false], ['watch', false]]);
     assert.equal(bookRequests().filter(isStreamingList).length, 1);
+  });
+
+  test('a list that fails after its first page lists again from the first: every book Added once, then the watch', async () => {
+    fake.watchList = false;
+    for (let i = 0; i < 600; i++) fake.create(`book-${String(i).padStart(3, '0')}`, { title: `Book ${i}` });
+    const controller = start();
+    await until('the first page asked', () => fake.listRequests().length === 1);
+    fake.failNext(500, 'InternalError', 'etcdserver: request timed out', { verb: 'list' }); // the second page
+    await until('600 books printed and a watch open', () => stdout.length === 600 && fake.watchRequests().length === 2);
+    await controller.stop();
+    assert.equal(new Set(stdout).size, 600);
+    assert.deepEqual(fake.listRequests().map((r) => r.query.continue === undefined ? 'first page' : 'next page'),
+      ['first page', 'next page', 'first page', 'next page']);
+    assert.equal(stderr.length, 1);
+    assert.match(stderr[0] ?? '', /failed to list books \(500: etcdserver: request timed out\); retrying in/);
   });
 
   test('lists in pages of 500 following continue, and starts over when a continue token expires', async () => {

@@ -188,6 +188,7 @@ export class FakeApiServer {
   forbidden = false; // 403 on lists and watches of books
   forbidStatus = false; // 403 on status patches
   statusLatencyMs = 0; // added to every status patch
+  statusAnswerDelayMs = 0; // added after a status patch is written, before it is answered (a slow network back)
   watchList = true; // the WatchList feature (streaming lists); false: 422, as servers before 1.34 answer
   stallWatches = false; // answer a watch, then send nothing: a half-open connection
   neverAnswerLists = false; // take a list request and never answer it
@@ -527,6 +528,7 @@ export class FakeApiServer {
     const book: StoredBook = { ...before, metadata: { ...before.metadata, resourceVersion: this.nextResourceVersion() }, status };
     this.books.set(`${namespace}/${name}`, book);
     this.record('MODIFIED', book, before);
+    if (this.statusAnswerDelayMs) await sleep(this.statusAnswerDelayMs);
     return HttpResponse.json(book);
   }
 
