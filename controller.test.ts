@@ -20,8 +20,23 @@ import { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, test } from 'node:test';
-import { checkBook, checkSpec, main, type Book, type Change, type Reconcile } from './controller.ts';
-import { CA_CERT, FakeApiServer, runDemo, SERVER_CERT, status, TOKEN, writeKubeconfig as writeKubeconfigFor } from './fake-apiserver.ts';
+import {
+  checkBook,
+  checkSpec,
+  main,
+  type Book,
+  type Change,
+  type Reconcile,
+} from './controller.ts';
+import {
+  CA_CERT,
+  FakeApiServer,
+  runDemo,
+  SERVER_CERT,
+  status,
+  TOKEN,
+  writeKubeconfig as writeKubeconfigFor,
+} from './fake-apiserver.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Waiting on events, never on the clock: every output line and every request wakes the waiters.
@@ -32,7 +47,13 @@ const wake = () => waiters.forEach((check) => check());
 /** Resolves once `condition` holds; rejects after `seconds`, naming what it waited for. */
 function until(description: string, condition: () => boolean, seconds = 10): Promise<void> {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => (waiters.delete(check), reject(new Error(`timed out after ${seconds}s waiting for: ${description}`))), seconds * 1000);
+    const timer = setTimeout(
+      () => (
+        waiters.delete(check),
+        reject(new Error(`timed out after ${seconds}s waiting for: ${description}`))
+      ),
+      seconds * 1000,
+    );
     const check = () => condition() && (waiters.delete(check), clearTimeout(timer), resolve());
     waiters.add(check);
     check();
@@ -68,16 +89,31 @@ const running: { stop: AbortController; exited: Promise<number> }[] = [];
 const children: { pid?: number; exitCode: number | null; signalCode: string | null }[] = []; // killed by afterEach if a test failed midway
 
 /** Points KUBECONFIG at a fresh kubeconfig for the fake (or for the server, CA, token and namespace given). */
-function writeKubeconfig(options: { server?: string; namespace?: string; token?: string; ca?: string; insecure?: boolean } = {}) {
+function writeKubeconfig(
+  options: {
+    server?: string;
+    namespace?: string;
+    token?: string;
+    ca?: string;
+    insecure?: boolean;
+  } = {},
+) {
   const file = writeKubeconfigFor({ ...options, server: options.server ?? fake.url });
   process.env.KUBECONFIG = file;
   return file;
 }
 
-interface Controller { lines: string[]; exited: Promise<number>; stop: () => Promise<number> }
+interface Controller {
+  lines: string[];
+  exited: Promise<number>;
+  stop: () => Promise<number>;
+}
 
 /** Runs the controller in this process until the test stops it (or afterEach does). */
-function start(args: string[] = [], options: { reconcile?: Reconcile; lines?: string[] } = {}): Controller {
+function start(
+  args: string[] = [],
+  options: { reconcile?: Reconcile; lines?: string[] } = {},
+): Controller {
   const stop = new AbortController();
   const lines = options.lines ?? stdout;
   const exited = main(args, stop.signal, { reconcile: options.reconcile, stdout: linesOf(lines) });
@@ -94,10 +130,13 @@ const SERVER = /https:\/\/127\.0\.0\.1:\d+/.source;
 
 /** The Ready condition the fake stores for a book, if any. */
 function ready(name: string, namespace = 'default') {
-  const conditions = fake.get(name, namespace)?.status?.conditions as Record<string, unknown>[] | undefined;
+  const conditions = fake.get(name, namespace)?.status?.conditions as
+    | Record<string, unknown>[]
+    | undefined;
   return conditions?.find((condition) => condition.type === 'Ready');
 }
-const isReady = (name: string, generation = 1) => ready(name)?.status === 'True' && ready(name)?.observedGeneration === generation;
+const isReady = (name: string, generation = 1) =>
+  ready(name)?.status === 'True' && ready(name)?.observedGeneration === generation;
 
 /** The number N in the last "retrying in N.Ns" of a line, in milliseconds. */
 function retryingMs(line: string | undefined): number {
@@ -110,14 +149,23 @@ const SLACK_MS = 60;
 
 // Controller bugs found by this suite and not fixed yet (reported to the lead): the test runs, its failure is not counted.
 // Seen on Deno only, not explained yet: an extra identical request, a few ms after the first, with nothing on stderr.
-const DENO_EXTRA_REQUEST = process.versions.deno ? { todo: 'Deno: an identical request sent twice a few ms apart (a second status PATCH, a third list): unexplained, reported' } : {};
-
+const DENO_EXTRA_REQUEST = process.versions.deno
+  ? {
+      todo: 'Deno: an identical request sent twice a few ms apart (a second status PATCH, a third list): unexplained, reported',
+    }
+  : {};
 
 /** The requests for books (not status, not leases), as verb and query. */
 const bookRequests = () => fake.requests.filter((r) => r.resource === 'books');
-const streamingQuery = (timeoutSeconds = '300') =>
-  ({ watch: 'true', sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan', allowWatchBookmarks: 'true', timeoutSeconds });
-const isStreamingList = (r: { query: Record<string, string> }) => r.query.sendInitialEvents === 'true';
+const streamingQuery = (timeoutSeconds = '300') => ({
+  watch: 'true',
+  sendInitialEvents: 'true',
+  resourceVersionMatch: 'NotOlderThan',
+  allowWatchBookmarks: 'true',
+  timeoutSeconds,
+});
+const isStreamingList = (r: { query: Record<string, string> }) =>
+  r.query.sendInitialEvents === 'true';
 
 /** A port nobody listens on now: bound by us on port 0, then let go. */
 async function freePort(): Promise<number> {
@@ -134,7 +182,9 @@ beforeEach(async () => {
   stderrAt = [];
   helpText = [];
   console.log = (...args: unknown[]) => (helpText.push(args.join(' ')), wake());
-  console.error = (...args: unknown[]) => (stderr.push(args.join(' ')), stderrAt.push(performance.now()), wake());
+  console.error = (...args: unknown[]) => (
+    stderr.push(args.join(' ')), stderrAt.push(performance.now()), wake()
+  );
   fake = await new FakeApiServer({ onActivity: wake }).listen();
   writeKubeconfig();
 });
@@ -145,7 +195,8 @@ afterEach(async () => {
     await exited.catch(() => {});
   }
   for (const child of children.splice(0)) {
-    if (child.exitCode === null && child.signalCode === null) process.kill(child.pid ?? 0, 'SIGKILL');
+    if (child.exitCode === null && child.signalCode === null)
+      process.kill(child.pid ?? 0, 'SIGKILL');
   }
   fake.close();
   waiters.clear();
@@ -158,7 +209,10 @@ describe('the seed walkthrough', () => {
   test('prints exactly its four lines, nothing on stderr, and leaves moby-dick Ready', async () => {
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
-    await until('the listed book is printed and Ready', () => stdout.length === 1 && isReady('moby-dick'));
+    await until(
+      'the listed book is printed and Ready',
+      () => stdout.length === 1 && isReady('moby-dick'),
+    );
     fake.create('hamlet', { title: 'Hamlet', authors: ['William Shakespeare'] });
     await until('hamlet printed', () => stdout.length === 2);
     fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] });
@@ -169,7 +223,16 @@ describe('the seed walkthrough', () => {
     assert.match(String(lastTransitionTime), /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
     assert.deepEqual(stored, {
       observedGeneration: 2,
-      conditions: [{ type: 'Ready', status: 'True', reason: 'Reconciled', message: '', observedGeneration: 2, lastTransitionTime }],
+      conditions: [
+        {
+          type: 'Ready',
+          status: 'True',
+          reason: 'Reconciled',
+          message: '',
+          observedGeneration: 2,
+          lastTransitionTime,
+        },
+      ],
     });
     const patch = fake.patches().find((p) => p.name === 'moby-dick');
     assert.equal(patch?.contentType, 'application/merge-patch+json');
@@ -186,22 +249,32 @@ describe('the seed walkthrough', () => {
     ]);
     assert.deepEqual(stderr, []);
     // The initial state comes as one streaming list, which then carries on as the watch: no list, no second watch.
-    assert.deepEqual(bookRequests().map(({ verb, namespace, query }) => ({ verb, namespace, query })), [
-      { verb: 'watch', namespace: 'default', query: streamingQuery() },
-    ]);
+    assert.deepEqual(
+      bookRequests().map(({ verb, namespace, query }) => ({ verb, namespace, query })),
+      [{ verb: 'watch', namespace: 'default', query: streamingQuery() }],
+    );
   });
 
-  test('the demo (npm run demo) plays the walkthrough against the real controller.ts and ends by itself', { timeout: 60_000 }, async () => {
+  test('the demo (npm run demo) plays the walkthrough against the real controller.ts and ends by itself', {
+    timeout: 60_000,
+  }, async () => {
     let text = '';
     const narration: string[] = [];
-    const { exitCode, requests } = await runDemo({ stdout: (chunk) => (text += chunk), narrate: (line) => narration.push(line), stepMs: 200 });
+    const { exitCode, requests } = await runDemo({
+      stdout: (chunk) => (text += chunk),
+      narrate: (line) => narration.push(line),
+      stepMs: 200,
+    });
     assert.equal(exitCode, 0);
     assert.deepEqual(text.split('\n').filter(Boolean), [
       added('moby-dick', 'Moby Dick'),
       modified('moby-dick', 'Moby-Dick; or, The Whale'),
       deleted('moby-dick'),
     ]);
-    assert.ok(narration.some((line) => line.startsWith('kubectl apply -f book.yaml')), narration.join('\n'));
+    assert.ok(
+      narration.some((line) => line.startsWith('kubectl apply -f book.yaml')),
+      narration.join('\n'),
+    );
     assert.ok(requests.some((r) => r.verb === 'patch'));
   });
 });
@@ -215,7 +288,10 @@ describe('status: written back, never echoed', () => {
     await until('hamlet Ready', () => isReady('hamlet'));
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
-    assert.deepEqual(fake.patches().map((p) => p.name), ['moby-dick', 'hamlet']); // one each: the echo is not written again
+    assert.deepEqual(
+      fake.patches().map((p) => p.name),
+      ['moby-dick', 'hamlet'],
+    ); // one each: the echo is not written again
     assert.deepEqual(stderr, []);
   });
 
@@ -228,7 +304,13 @@ describe('status: written back, never echoed', () => {
     await until('hamlet printed', () => stdout.length === 2);
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
-    assert.deepEqual(fake.patches().map((p) => p.name).filter((name) => name === 'moby-dick'), ['moby-dick']);
+    assert.deepEqual(
+      fake
+        .patches()
+        .map((p) => p.name)
+        .filter((name) => name === 'moby-dick'),
+      ['moby-dick'],
+    );
   });
 
   test('a restart writes no status for books already Ready at their generation', async () => {
@@ -242,7 +324,13 @@ describe('status: written back, never echoed', () => {
     fake.create('c', { title: 'C' });
     await until('c Ready', () => isReady('c'));
     await controller.stop();
-    assert.deepEqual(fake.patches().slice(before).map((p) => p.name), ['c']);
+    assert.deepEqual(
+      fake
+        .patches()
+        .slice(before)
+        .map((p) => p.name),
+      ['c'],
+    );
     // A new process knows nothing yet: it reports what it finds.
     assert.deepEqual(stdout.slice(2), [added('a', 'A'), added('b', 'B'), added('c', 'C')]);
   });
@@ -258,7 +346,10 @@ describe('status: written back, never echoed', () => {
     await controller.stop();
     assert.deepEqual(stdout, [added('a', 'A'), added('b', 'B'), added('c', 'C')]);
     assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', /^not allowed to patch books\/status in namespace default \(403: .*cannot patch resource "books\/status".*\); going on without status — grant patch on books\/status \(kubectl auth can-i patch books\.example\.technosophos\.com --subresource=status -n default\)$/);
+    assert.match(
+      stderr[0] ?? '',
+      /^not allowed to patch books\/status in namespace default \(403: .*cannot patch resource "books\/status".*\); going on without status — grant patch on books\/status \(kubectl auth can-i patch books\.example\.technosophos\.com --subresource=status -n default\)$/,
+    );
     assert.equal(fake.patches().length, 1);
   });
 
@@ -271,7 +362,11 @@ describe('status: written back, never echoed', () => {
     await until('Deleted, then Added again', () => stdout.length === 3);
     await until('the new moby-dick Ready', () => isReady('moby-dick'));
     await controller.stop();
-    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), deleted('moby-dick'), added('moby-dick', 'Moby Dick')]);
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby Dick'),
+    ]);
     assert.deepEqual(stderr, []);
   });
 
@@ -279,21 +374,31 @@ describe('status: written back, never echoed', () => {
     fake.failNext(500, 'InternalError', 'etcdserver: request timed out', { verb: 'patch' });
     const calls: string[] = [];
     fake.create('moby-dick', MOBY_DICK);
-    const controller = start([], { reconcile: async (change, _book, name) => void calls.push(`${change} ${name}`) });
+    const controller = start([], {
+      reconcile: async (change, _book, name) => void calls.push(`${change} ${name}`),
+    });
     await until('moby-dick Ready', () => isReady('moby-dick'));
     await controller.stop();
     assert.deepEqual(calls, ['Added moby-dick']);
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
     assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', /^cannot write the status of book moby-dick \(etcdserver: request timed out\); retrying in \d+\.\ds$/);
+    assert.match(
+      stderr[0] ?? '',
+      /^cannot write the status of book moby-dick \(etcdserver: request timed out\); retrying in \d+\.\ds$/,
+    );
     const [first, second] = fake.patches();
     assert.ok(first && second);
-    assert.ok(second.at - first.at >= retryingMs(stderr[0]) - SLACK_MS, `the second patch came ${second.at - first.at} ms after the first`);
+    assert.ok(
+      second.at - first.at >= retryingMs(stderr[0]) - SLACK_MS,
+      `the second patch came ${second.at - first.at} ms after the first`,
+    );
   });
 });
 
 describe('reconcile: the reader’s function, run by workers', () => {
-  test('a reconcile that throws is retried with growing delays while other books go on, then the book is Ready', { timeout: 30_000 }, async () => {
+  test('a reconcile that throws is retried with growing delays while other books go on, then the book is Ready', {
+    timeout: 30_000,
+  }, async () => {
     const attempts: number[] = [];
     const failedStatus: unknown[] = [];
     const reconcile: Reconcile = async (_change, _book, name) => {
@@ -303,7 +408,10 @@ describe('reconcile: the reader’s function, run by workers', () => {
     };
     fake.create('cursed', { title: 'Cursed' });
     const controller = start([], { reconcile });
-    await until('the first failure reported and written', () => stderr.length === 1 && ready('cursed')?.status === 'False');
+    await until(
+      'the first failure reported and written',
+      () => stderr.length === 1 && ready('cursed')?.status === 'False',
+    );
     failedStatus.push(ready('cursed'));
     fake.create('hamlet', { title: 'Hamlet' }); // while cursed waits for its retry
     await until('hamlet printed', () => stdout.includes(added('hamlet', 'Hamlet')));
@@ -313,15 +421,34 @@ describe('reconcile: the reader’s function, run by workers', () => {
 
     assert.deepEqual(stdout, [added('hamlet', 'Hamlet'), added('cursed', 'Cursed')]);
     assert.equal(stderr.length, 2);
-    for (const line of stderr) assert.match(line, /^reconcile of book cursed failed: the ink is wet; retrying in \d+\.\ds$/);
-    assert.deepEqual({ ...(failedStatus[0] as object), lastTransitionTime: '' },
-      { type: 'Ready', status: 'False', reason: 'ReconcileFailed', message: 'the ink is wet', observedGeneration: 1, lastTransitionTime: '' });
+    for (const line of stderr)
+      assert.match(line, /^reconcile of book cursed failed: the ink is wet; retrying in \d+\.\ds$/);
+    assert.deepEqual(
+      { ...(failedStatus[0] as object), lastTransitionTime: '' },
+      {
+        type: 'Ready',
+        status: 'False',
+        reason: 'ReconcileFailed',
+        message: 'the ink is wet',
+        observedGeneration: 1,
+        lastTransitionTime: '',
+      },
+    );
     // The retries really wait: each at least the delay the line announced, the second longer than the first.
     const [first = 0, second = 0, third = 0] = attempts;
     const [delay1, delay2] = stderr.map(retryingMs);
-    assert.ok(second - first >= (delay1 ?? 0) - SLACK_MS, `second attempt ${second - first} ms after the first; announced ${delay1} ms`);
-    assert.ok(third - second >= (delay2 ?? 0) - SLACK_MS, `third attempt ${third - second} ms after the second; announced ${delay2} ms`);
-    assert.ok((delay1 ?? 0) >= 500 && (delay2 ?? 0) >= (delay1 ?? 0), `delays ${delay1} then ${delay2}`);
+    assert.ok(
+      second - first >= (delay1 ?? 0) - SLACK_MS,
+      `second attempt ${second - first} ms after the first; announced ${delay1} ms`,
+    );
+    assert.ok(
+      third - second >= (delay2 ?? 0) - SLACK_MS,
+      `third attempt ${third - second} ms after the second; announced ${delay2} ms`,
+    );
+    assert.ok(
+      (delay1 ?? 0) >= 500 && (delay2 ?? 0) >= (delay1 ?? 0),
+      `delays ${delay1} then ${delay2}`,
+    );
   });
 
   test('a new change to a failing book reconciles it at once, cutting its backoff short', async () => {
@@ -340,7 +467,10 @@ describe('reconcile: the reader’s function, run by workers', () => {
     await controller.stop();
     assert.deepEqual(seen, ['Wet ink', 'Dry ink']);
     assert.deepEqual(stdout, [added('cursed', 'Dry ink')]);
-    assert.ok(fixedAfter < retryingMs(stderr[0]), `reconciled ${fixedAfter} ms after the change, not before its backoff of ${stderr[0]}`);
+    assert.ok(
+      fixedAfter < retryingMs(stderr[0]),
+      `reconciled ${fixedAfter} ms after the change, not before its backoff of ${stderr[0]}`,
+    );
   });
 
   test('a slow reconcile (300 ms) under a burst of 40 events leaves the watch open and ends in the latest state', async () => {
@@ -352,9 +482,16 @@ describe('reconcile: the reader’s function, run by workers', () => {
     await until('a Ready at its last generation', () => isReady('a', 41));
     await controller.stop();
     assert.equal(stdout.at(-1), modified('a', 'Title 40'));
-    assert.ok(stdout.length <= 6, `the changes merged while the book waited: ${stdout.length} lines`);
+    assert.ok(
+      stdout.length <= 6,
+      `the changes merged while the book waited: ${stdout.length} lines`,
+    );
     const titles = stdout.slice(1).map((line) => Number(/Title (\d+)/.exec(line)?.[1]));
-    assert.deepEqual(titles, [...titles].sort((x, y) => x - y), 'in order');
+    assert.deepEqual(
+      titles,
+      [...titles].sort((x, y) => x - y),
+      'in order',
+    );
     assert.equal(bookRequests().length, 1, 'one watch, never blocked past its deadline');
     assert.deepEqual(stderr, []);
   });
@@ -380,7 +517,11 @@ describe('reconcile: the reader’s function, run by workers', () => {
     assert.equal(most, 4);
     assert.deepEqual(overlaps, []);
     // Each book's last line is its latest state (books not reconciled before the update are Added with it).
-    for (const name of names) assert.match(stdout.findLast((line) => line.includes(`book ${name} `)) ?? '', new RegExp(`title '${name}2'$`));
+    for (const name of names)
+      assert.match(
+        stdout.findLast((line) => line.includes(`book ${name} `)) ?? '',
+        new RegExp(`title '${name}2'$`),
+      );
   });
 
   test('a book deleted and created again under its name (new uid) is reported Deleted, then Added', async () => {
@@ -395,23 +536,33 @@ describe('reconcile: the reader’s function, run by workers', () => {
     await until('three lines', () => stdout.length === 3);
     await until('the new moby-dick Ready', () => isReady('moby-dick'));
     await controller.stop();
-    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), deleted('moby-dick'), added('moby-dick', 'Moby Dick (2nd ed.)')]);
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby Dick (2nd ed.)'),
+    ]);
   });
 
   test('a stop aborts the signal of a reconcile in flight, and main returns 0 promptly', async () => {
     let aborted = false;
-    const reconcile: Reconcile = (_change, _book, _name, signal) => new Promise<void>((_resolve, reject) => {
-      signal.addEventListener('abort', () => (aborted = true, reject(signal.reason)));
-      wake();
-    });
+    const reconcile: Reconcile = (_change, _book, _name, signal) =>
+      new Promise<void>((_resolve, reject) => {
+        signal.addEventListener('abort', () => ((aborted = true), reject(signal.reason)));
+        wake();
+      });
     fake.create('moby-dick', MOBY_DICK);
     const calls: string[] = [];
-    const controller = start([], { reconcile: (...args) => (calls.push(args[2]), reconcile(...args)) });
+    const controller = start([], {
+      reconcile: (...args) => (calls.push(args[2]), reconcile(...args)),
+    });
     await until('the reconcile started', () => calls.length === 1);
     fake.create('hamlet', { title: 'Hamlet' });
     const stopped = performance.now();
     assert.equal(await controller.stop(), 0);
-    assert.ok(performance.now() - stopped < 1000, `main returned ${performance.now() - stopped} ms after the stop`);
+    assert.ok(
+      performance.now() - stopped < 1000,
+      `main returned ${performance.now() - stopped} ms after the stop`,
+    );
     assert.ok(aborted);
     assert.deepEqual(calls, ['moby-dick']); // nothing more once stopped
     assert.deepEqual(stdout, []);
@@ -420,7 +571,8 @@ describe('reconcile: the reader’s function, run by workers', () => {
 
 describe('reading the watch stream', () => {
   for (const chunkBytes of [1, 7, Infinity]) {
-    const how = chunkBytes === Infinity ? 'all events in one chunk' : `cut every ${chunkBytes} byte(s)`;
+    const how =
+      chunkBytes === Infinity ? 'all events in one chunk' : `cut every ${chunkBytes} byte(s)`;
     test(`decodes a stream ${how}, even inside '白鯨' and an emoji`, async () => {
       fake.chunkBytes = chunkBytes;
       const controller = start();
@@ -446,7 +598,10 @@ describe('reading the watch stream', () => {
     await until('moby-dick printed', () => stdout.length === 1);
     const lastGood = fake.resourceVersionNow;
     fake.sendRaw('{"type":"ADDED","object":{"metadata":<html>\n');
-    await until('the second watch open', () => bookRequests().length === 2 && fake.openWatches === 1);
+    await until(
+      'the second watch open',
+      () => bookRequests().length === 2 && fake.openWatches === 1,
+    );
     fake.sendRaw('{"kind":"Status"}\n'); // JSON, but not an event
     await until('a third watch', () => bookRequests().length === 3 && fake.openWatches === 1);
     fake.create('hamlet', { title: 'Hamlet' });
@@ -454,23 +609,38 @@ describe('reading the watch stream', () => {
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
     assert.equal(stderr.length, 2);
-    assert.match(stderr[0] ?? '', /^the watch sent a line that is not a watch event: \{"type":"ADDED".*retrying in \d+\.\ds$/);
-    assert.match(stderr[1] ?? '', /^the watch sent a line that is not a watch event: \{"kind":"Status"\}/);
-    assert.deepEqual(bookRequests().map((r) => r.query.resourceVersion), [undefined, lastGood, lastGood]);
+    assert.match(
+      stderr[0] ?? '',
+      /^the watch sent a line that is not a watch event: \{"type":"ADDED".*retrying in \d+\.\ds$/,
+    );
+    assert.match(
+      stderr[1] ?? '',
+      /^the watch sent a line that is not a watch event: \{"kind":"Status"\}/,
+    );
+    assert.deepEqual(
+      bookRequests().map((r) => r.query.resourceVersion),
+      [undefined, lastGood, lastGood],
+    );
   });
 
   test('skips a book that fails the check, with a stderr line naming it and the kubectl edit that fixes it', async () => {
     fake.create('no-title', { authors: ['Anonymous'] }, 'library');
     fake.create('moby-dick', MOBY_DICK, 'library');
     const controller = start(['-A']);
-    await until('moby-dick printed, no-title reported', () => stdout.length === 1 && stderr.length === 1);
+    await until(
+      'moby-dick printed, no-title reported',
+      () => stdout.length === 1 && stderr.length === 1,
+    );
     fake.update('no-title', { title: 42 }, 'library');
     fake.create('bad-authors', { title: 'Beowulf', authors: 'unknown' }, 'library');
     await until('two more reports', () => stderr.length === 3);
     fake.update('no-title', { title: 'The Cloud of Unknowing' }, 'library'); // fixed: news to the reconcile, so Added
     await until('no-title printed', () => stdout.length === 2);
     await controller.stop();
-    assert.deepEqual(stdout, [added('library/moby-dick', 'Moby Dick'), added('library/no-title', 'The Cloud of Unknowing')]);
+    assert.deepEqual(stdout, [
+      added('library/moby-dick', 'Moby Dick'),
+      added('library/no-title', 'The Cloud of Unknowing'),
+    ]);
     assert.deepEqual(stderr, [
       'ignoring book library/no-title: spec.title is not a string — fix it with kubectl edit book no-title -n library',
       'ignoring book library/no-title: spec.title is not a string — fix it with kubectl edit book no-title -n library',
@@ -489,7 +659,10 @@ describe('the initial state: a streaming list, else pages', () => {
     fake.advance(1);
     fake.compact(); // the server forgets: the next initial state is needed
     fake.endWatches();
-    await until('watching again after a relist', () => fake.listRequests().length === 2 && fake.openWatches === 1);
+    await until(
+      'watching again after a relist',
+      () => fake.listRequests().length === 2 && fake.openWatches === 1,
+    );
     await controller.stop();
     const [refused, list, ...rest] = bookRequests();
     assert.ok(refused && isStreamingList(refused)); // 422
@@ -504,11 +677,21 @@ describe('the initial state: a streaming list, else pages', () => {
     fake.endInitialEventsEarly = true;
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
-    await until('watching after a list', () => fake.listRequests().length === 1 && fake.openWatches === 1);
+    await until(
+      'watching after a list',
+      () => fake.listRequests().length === 1 && fake.openWatches === 1,
+    );
     fake.create('hamlet', { title: 'Hamlet' });
     await until('two lines', () => stdout.length === 2);
     await controller.stop();
-    assert.deepEqual(bookRequests().map((r) => [r.verb, isStreamingList(r)]), [['watch', true], ['list', false], ['watch', false]]);
+    assert.deepEqual(
+      bookRequests().map((r) => [r.verb, isStreamingList(r)]),
+      [
+        ['watch', true],
+        ['list', false],
+        ['watch', false],
+      ],
+    );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
     assert.deepEqual(stderr, []);
   });
@@ -517,10 +700,21 @@ describe('the initial state: a streaming list, else pages', () => {
     fake.failInitialEvents(410, 'Expired', 'too old resource version: 1 (2)');
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
-    await until('watching after a second streaming list', () => bookRequests().length === 2 && fake.openWatches === 1);
+    await until(
+      'watching after a second streaming list',
+      () => bookRequests().length === 2 && fake.openWatches === 1,
+    );
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
-    assert.deepEqual(bookRequests().slice(0, 2).map((r) => [r.verb, isStreamingList(r)]), [['watch', true], ['watch', true]]);
+    assert.deepEqual(
+      bookRequests()
+        .slice(0, 2)
+        .map((r) => [r.verb, isStreamingList(r)]),
+      [
+        ['watch', true],
+        ['watch', true],
+      ],
+    );
     assert.equal(fake.listRequests().length, 0);
     assert.deepEqual(stderr, []);
   });
@@ -530,25 +724,46 @@ describe('the initial state: a streaming list, else pages', () => {
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick printed', () => stdout.length === 1);
-    await until('watching after a list', () => fake.listRequests().length === 1 && fake.openWatches === 1);
+    await until(
+      'watching after a list',
+      () => fake.listRequests().length === 1 && fake.openWatches === 1,
+    );
     await controller.stop();
-    assert.deepEqual(bookRequests().slice(0, 3).map((r) => [r.verb, isStreamingList(r)]), [['watch', true], ['list', false], ['watch', false]]);
+    assert.deepEqual(
+      bookRequests()
+        .slice(0, 3)
+        .map((r) => [r.verb, isStreamingList(r)]),
+      [
+        ['watch', true],
+        ['list', false],
+        ['watch', false],
+      ],
+    );
     assert.equal(bookRequests().filter(isStreamingList).length, 1);
   });
 
   test('a list that fails after its first page lists again from the first: every book Added once, then the watch', async () => {
     fake.watchList = false;
-    for (let i = 0; i < 600; i++) fake.create(`book-${String(i).padStart(3, '0')}`, { title: `Book ${i}` });
+    for (let i = 0; i < 600; i++)
+      fake.create(`book-${String(i).padStart(3, '0')}`, { title: `Book ${i}` });
     const controller = start();
     await until('the first page asked', () => fake.listRequests().length === 1);
     fake.failNext(500, 'InternalError', 'etcdserver: request timed out', { verb: 'list' }); // the second page
-    await until('600 books printed and a watch open', () => stdout.length === 600 && fake.watchRequests().length === 2);
+    await until(
+      '600 books printed and a watch open',
+      () => stdout.length === 600 && fake.watchRequests().length === 2,
+    );
     await controller.stop();
     assert.equal(new Set(stdout).size, 600);
-    assert.deepEqual(fake.listRequests().map((r) => r.query.continue === undefined ? 'first page' : 'next page'),
-      ['first page', 'next page', 'first page', 'next page']);
+    assert.deepEqual(
+      fake.listRequests().map((r) => (r.query.continue === undefined ? 'first page' : 'next page')),
+      ['first page', 'next page', 'first page', 'next page'],
+    );
     assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', /failed to list books \(500: etcdserver: request timed out\); retrying in/);
+    assert.match(
+      stderr[0] ?? '',
+      /failed to list books \(500: etcdserver: request timed out\); retrying in/,
+    );
   });
 
   test('lists in pages of 500 following continue, and starts over when a continue token expires', async () => {
@@ -562,13 +777,16 @@ describe('the initial state: a streaming list, else pages', () => {
     assert.equal(new Set(stdout).size, 1200); // each book once, though its page was listed twice
     assert.equal(stdout[1199], added('book-1199', 'Book 1199'));
     assert.ok(isStreamingList(bookRequests()[0] ?? { query: {} }));
-    assert.deepEqual(fake.listRequests().map((r) => r.query), [
-      { limit: '500' },
-      { limit: '500', continue: 'token-0' }, // 410 Expired, with an inconsistent token we do not take
-      { limit: '500' },
-      { limit: '500', continue: 'token-1' },
-      { limit: '500', continue: 'token-2' },
-    ]);
+    assert.deepEqual(
+      fake.listRequests().map((r) => r.query),
+      [
+        { limit: '500' },
+        { limit: '500', continue: 'token-0' }, // 410 Expired, with an inconsistent token we do not take
+        { limit: '500' },
+        { limit: '500', continue: 'token-1' },
+        { limit: '500', continue: 'token-2' },
+      ],
+    );
     assert.deepEqual(stderr, []);
   });
 });
@@ -585,11 +803,22 @@ describe('resuming and relisting', () => {
       fake.createAndCutMidEvent('beowulf', { title: 'Beowulf' }, how);
       await until('three lines', () => stdout.length === 3);
       await controller.stop();
-      assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet'), added('beowulf', 'Beowulf')]);
-      assert.deepEqual(bookRequests().map((r) => r.query.resourceVersion), [undefined, lastSeen]);
+      assert.deepEqual(stdout, [
+        added('moby-dick', 'Moby Dick'),
+        added('hamlet', 'Hamlet'),
+        added('beowulf', 'Beowulf'),
+      ]);
+      assert.deepEqual(
+        bookRequests().map((r) => r.query.resourceVersion),
+        [undefined, lastSeen],
+      );
       assert.equal(stderr.length, 1); // the cut, once, with the retry
-      assert.match(stderr[0] ?? '', how === 'reset' ? new RegExp(`^lost the connection to ${SERVER} \\(ECONNRESET\\); retrying in`)
-        : new RegExp(`^the watch ended in the middle of an event \\(${SERVER}\\); retrying in`));
+      assert.match(
+        stderr[0] ?? '',
+        how === 'reset'
+          ? new RegExp(`^lost the connection to ${SERVER} \\(ECONNRESET\\); retrying in`)
+          : new RegExp(`^the watch ended in the middle of an event \\(${SERVER}\\); retrying in`),
+      );
     });
   }
 
@@ -606,7 +835,10 @@ describe('resuming and relisting', () => {
     await controller.stop();
     assert.equal(stderr.length, 1);
     assert.match(stderr[0] ?? '', /ECONNRESET/);
-    assert.deepEqual(bookRequests().map((r) => isStreamingList(r)), [true, false, true]);
+    assert.deepEqual(
+      bookRequests().map((r) => isStreamingList(r)),
+      [true, false, true],
+    );
   });
 
   test('backs off when the server ends every watch at once, instead of spinning', async () => {
@@ -617,18 +849,31 @@ describe('resuming and relisting', () => {
     await until('two reports', () => stderr.length === 2);
     await until('the watch after the second wait', () => bookRequests().length === 4);
     await controller.stop();
-    assert.match(stderr[0] ?? '', new RegExp(`^the watch ended at once, without any event \\(${SERVER}\\); retrying in 0\\.[2-5]s$`));
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^the watch ended at once, without any event \\(${SERVER}\\); retrying in 0\\.[2-5]s$`,
+      ),
+    );
     assert.match(stderr[1] ?? '', /retrying in (0\.[5-9]|1\.0)s$/); // doubling
     // The fake saw each next watch only after the announced wait.
     const [, , third, fourth] = bookRequests();
     assert.ok(third && fourth);
     const endedAt = stderrAt;
-    assert.ok(third.at - (endedAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS, `watch 3 came ${third.at - (endedAt[0] ?? 0)} ms after ${stderr[0]}`);
-    assert.ok(fourth.at - (endedAt[1] ?? 0) >= retryingMs(stderr[1]) - SLACK_MS, `watch 4 came ${fourth.at - (endedAt[1] ?? 0)} ms after ${stderr[1]}`);
+    assert.ok(
+      third.at - (endedAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS,
+      `watch 3 came ${third.at - (endedAt[0] ?? 0)} ms after ${stderr[0]}`,
+    );
+    assert.ok(
+      fourth.at - (endedAt[1] ?? 0) >= retryingMs(stderr[1]) - SLACK_MS,
+      `watch 4 came ${fourth.at - (endedAt[1] ?? 0)} ms after ${stderr[1]}`,
+    );
     assert.equal(fake.listRequests().length, 0);
   });
 
-  test('keeps an idle watch open, quietly, while nothing changes for longer than a keep-alive timeout', { timeout: 30_000 }, async () => {
+  test('keeps an idle watch open, quietly, while nothing changes for longer than a keep-alive timeout', {
+    timeout: 30_000,
+  }, async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
     await sleep(6000); // the behaviour under test: six quiet seconds (Node's global agent times sockets out after 5)
@@ -649,7 +894,13 @@ describe('resuming and relisting', () => {
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
     assert.deepEqual(stderr, []);
-    assert.deepEqual(bookRequests().map((r) => [isStreamingList(r), r.query.timeoutSeconds]), [[true, '1'], [false, '1']]);
+    assert.deepEqual(
+      bookRequests().map((r) => [isStreamingList(r), r.query.timeoutSeconds]),
+      [
+        [true, '1'],
+        [false, '1'],
+      ],
+    );
   });
 
   test('moves the resume point with bookmarks, and prints nothing for them', async () => {
@@ -666,13 +917,20 @@ describe('resuming and relisting', () => {
     await until('two lines', () => stdout.length === 2);
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
-    assert.deepEqual(bookRequests().map((r) => r.query.resourceVersion), [undefined, bookmarked]);
+    assert.deepEqual(
+      bookRequests().map((r) => r.query.resourceVersion),
+      [undefined, bookmarked],
+    );
     assert.deepEqual(stderr, []);
   });
 
   const gaps = [
     { form: 'an ERROR event', watchList: true, goneAsHttp: false },
-    { form: 'HTTP 410 (defensive: the real server sends the ERROR event)', watchList: true, goneAsHttp: true },
+    {
+      form: 'HTTP 410 (defensive: the real server sends the ERROR event)',
+      watchList: true,
+      goneAsHttp: true,
+    },
     { form: 'an ERROR event, with lists in pages', watchList: false, goneAsHttp: false },
   ];
   for (const { form, watchList, goneAsHttp } of gaps) {
@@ -681,7 +939,10 @@ describe('resuming and relisting', () => {
       fake.goneAsHttp = goneAsHttp;
       for (const name of ['a', 'b', 'c']) fake.create(name, { title: name.toUpperCase() });
       const controller = start();
-      await until('watching, all Ready', () => fake.openWatches === 1 && ['a', 'b', 'c'].every((name) => isReady(name)));
+      await until(
+        'watching, all Ready',
+        () => fake.openWatches === 1 && ['a', 'b', 'c'].every((name) => isReady(name)),
+      );
       fake.hold(); // the controller's next watch waits while the cluster changes and compacts
       fake.bookmark();
       fake.endWatches();
@@ -696,14 +957,25 @@ describe('resuming and relisting', () => {
       fake.create('e', { title: 'E' }); // and the new watch carries on from the new state
       await until('e printed', () => stdout.length === 7);
       await controller.stop();
-      assert.deepEqual(stdout.slice(3), [modified('b', 'B, second edition'), added('d', 'D'), deleted('a'), added('e', 'E')]);
+      assert.deepEqual(stdout.slice(3), [
+        modified('b', 'B, second edition'),
+        added('d', 'D'),
+        deleted('a'),
+        added('e', 'E'),
+      ]);
       assert.deepEqual(stderr, []); // one 410 is routine
       const initial = watchList ? ['watch'] : ['watch', 'list', 'watch'];
-      assert.deepEqual(bookRequests().map((r) => r.verb), [...initial, 'watch', ...initial.slice(-2)]);
+      assert.deepEqual(
+        bookRequests().map((r) => r.verb),
+        [...initial, 'watch', ...initial.slice(-2)],
+      );
     });
   }
 
-  test('abandons a list or a watch that sends nothing past the watch timeout + 5 s, and starts over', { timeout: 40_000, ...DENO_EXTRA_REQUEST }, async () => {
+  test('abandons a list or a watch that sends nothing past the watch timeout + 5 s, and starts over', {
+    timeout: 40_000,
+    ...DENO_EXTRA_REQUEST,
+  }, async () => {
     fake.watchList = false;
     fake.neverAnswerLists = true; // not even the response headers
     const controller = start(['--watch-timeout', '1']);
@@ -718,11 +990,20 @@ describe('resuming and relisting', () => {
     fake.create('moby-dick', MOBY_DICK);
     await until('moby-dick printed', () => stdout.length === 1);
     await controller.stop();
-    assert.ok(abandonedAfter >= 6000 - SLACK_MS, `the list was abandoned after ${abandonedAfter} ms`);
+    assert.ok(
+      abandonedAfter >= 6000 - SLACK_MS,
+      `the list was abandoned after ${abandonedAfter} ms`,
+    );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
     assert.equal(stderr.length, 2);
-    assert.match(stderr[0] ?? '', new RegExp(`^the list was not over after 6s \\(${SERVER}\\); retrying in \\d+\\.\\ds$`));
-    assert.match(stderr[1] ?? '', new RegExp(`^the watch was not over after 6s \\(${SERVER}\\); retrying in \\d+\\.\\ds$`));
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(`^the list was not over after 6s \\(${SERVER}\\); retrying in \\d+\\.\\ds$`),
+    );
+    assert.match(
+      stderr[1] ?? '',
+      new RegExp(`^the watch was not over after 6s \\(${SERVER}\\); retrying in \\d+\\.\\ds$`),
+    );
     assert.equal(fake.listRequests().length, 2);
   });
 
@@ -732,12 +1013,26 @@ describe('resuming and relisting', () => {
     fake.create('moby-dick', MOBY_DICK);
     fake.goneForever = true;
     const controller = start();
-    await until('a report, and the relist after it', () => stderr.length === 1 && fake.listRequests().length === 3);
+    await until(
+      'a report, and the relist after it',
+      () => stderr.length === 1 && fake.listRequests().length === 3,
+    );
     await controller.stop();
-    assert.match(stderr[0] ?? '', new RegExp(`^${SERVER} failed to watch books \\(410: too old resource version: \\d+ \\(\\d+\\)\\); retrying in \\d+\\.\\ds$`));
-    assert.deepEqual(bookRequests().map((r) => r.verb), ['watch', 'list', 'watch', 'list', 'watch', 'list']);
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^${SERVER} failed to watch books \\(410: too old resource version: \\d+ \\(\\d+\\)\\); retrying in \\d+\\.\\ds$`,
+      ),
+    );
+    assert.deepEqual(
+      bookRequests().map((r) => r.verb),
+      ['watch', 'list', 'watch', 'list', 'watch', 'list'],
+    );
     const relist = fake.listRequests()[2];
-    assert.ok(relist && relist.at - (stderrAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS, 'the relist waited');
+    assert.ok(
+      relist && relist.at - (stderrAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS,
+      'the relist waited',
+    );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]); // a relist of the same book prints nothing
   });
 
@@ -746,33 +1041,58 @@ describe('resuming and relisting', () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
     const synced = fake.resourceVersionNow;
-    fake.sendRaw(JSON.stringify({ type: 'ERROR', object: status(500, 'InternalError', 'etcdserver: leader changed') }) + '\n');
+    fake.sendRaw(
+      JSON.stringify({
+        type: 'ERROR',
+        object: status(500, 'InternalError', 'etcdserver: leader changed'),
+      }) + '\n',
+    );
     await until('the second watch', () => bookRequests().length === 2);
     await controller.stop();
     const [, ...resumes] = bookRequests();
-    assert.ok(resumes.every((r) => r.verb === 'watch' && r.query.resourceVersion === synced), 'resumed from where it was, no relist');
+    assert.ok(
+      resumes.every((r) => r.verb === 'watch' && r.query.resourceVersion === synced),
+      'resumed from where it was, no relist',
+    );
     assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', /failed to watch books \(500: etcdserver: leader changed\); retrying in \d+\.\ds$/);
+    assert.match(
+      stderr[0] ?? '',
+      /failed to watch books \(500: etcdserver: leader changed\); retrying in \d+\.\ds$/,
+    );
     const [first, second] = bookRequests();
-    assert.ok(first && second && second.at - (stderrAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS);
+    assert.ok(
+      first && second && second.at - (stderrAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS,
+    );
   });
 });
 
 describe('Retry-After and routine 429s', () => {
   test('429 with Retry-After in seconds: one line, and the next request waits that long', async () => {
-    fake.failNext(429, 'TooManyRequests', 'the server has received too many requests and has asked us to try again later', { headers: { 'Retry-After': '2' } });
+    fake.failNext(
+      429,
+      'TooManyRequests',
+      'the server has received too many requests and has asked us to try again later',
+      { headers: { 'Retry-After': '2' } },
+    );
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick printed', () => stdout.length === 1);
     await controller.stop();
-    assert.deepEqual(stderr, [`${fake.url} is busy (429: the server has received too many requests and has asked us to try again later); retrying in 2.0s`]);
+    assert.deepEqual(stderr, [
+      `${fake.url} is busy (429: the server has received too many requests and has asked us to try again later); retrying in 2.0s`,
+    ]);
     const [first, second] = bookRequests();
-    assert.ok(first && second && second.at - first.at >= 2000 - SLACK_MS, `the retry came ${(second?.at ?? 0) - (first?.at ?? 0)} ms later`);
+    assert.ok(
+      first && second && second.at - first.at >= 2000 - SLACK_MS,
+      `the retry came ${(second?.at ?? 0) - (first?.at ?? 0)} ms later`,
+    );
   });
 
   test('429 with Retry-After as an HTTP date waits until then', async () => {
     const when = new Date(Math.ceil(Date.now() / 1000) * 1000 + 3000); // whole seconds, as the header has
-    fake.failNext(429, 'TooManyRequests', 'slow down', { headers: { 'Retry-After': when.toUTCString() } });
+    fake.failNext(429, 'TooManyRequests', 'slow down', {
+      headers: { 'Retry-After': when.toUTCString() },
+    });
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick printed', () => stdout.length === 1);
@@ -797,7 +1117,12 @@ describe('Retry-After and routine 429s', () => {
   test('details.retryAfterSeconds in an ERROR event is honoured', async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
-    fake.sendRaw(JSON.stringify({ type: 'ERROR', object: status(429, 'TooManyRequests', 'slow down', { retryAfterSeconds: 2 }) }) + '\n');
+    fake.sendRaw(
+      JSON.stringify({
+        type: 'ERROR',
+        object: status(429, 'TooManyRequests', 'slow down', { retryAfterSeconds: 2 }),
+      }) + '\n',
+    );
     await until('the resume', () => bookRequests().length === 2);
     await controller.stop();
     assert.deepEqual(stderr, [`${fake.url} is busy (429: slow down); retrying in 2.0s`]);
@@ -822,7 +1147,9 @@ describe('Retry-After and routine 429s', () => {
     const controller = start();
     await until('moby-dick printed', () => stdout.length === 1);
     await controller.stop();
-    assert.deepEqual(stderr, [`${fake.url} is busy (429: storage is (re)initializing); retrying in 1.0s`]);
+    assert.deepEqual(stderr, [
+      `${fake.url} is busy (429: storage is (re)initializing); retrying in 1.0s`,
+    ]);
     assert.equal(bookRequests().length, 3);
   });
 
@@ -830,7 +1157,10 @@ describe('Retry-After and routine 429s', () => {
     fake.failNext(429, 'TooManyRequests', 'slow down', { headers: { 'Retry-After': '86400' } });
     const controller = start();
     await until('the report', () => stderr.length === 1);
-    assert.equal(stderr[0], `${fake.url} is busy (429: slow down); retrying in 300.0s (asked for 86400s; 5 minutes is the most we wait)`);
+    assert.equal(
+      stderr[0],
+      `${fake.url} is busy (429: slow down); retrying in 300.0s (asked for 86400s; 5 minutes is the most we wait)`,
+    );
     const stopped = performance.now();
     assert.equal(await controller.stop(), 0);
     assert.ok(performance.now() - stopped < 1000);
@@ -843,7 +1173,12 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     const controller = start();
     await until('the report', () => stderr.length === 1);
     await controller.stop();
-    assert.match(stderr[0] ?? '', new RegExp(`^${SERVER} does not accept our credentials \\(401 Unauthorized\\); retrying in \\d+\\.\\ds — refresh them in your kubeconfig \\(kubectl auth whoami\\)$`));
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^${SERVER} does not accept our credentials \\(401 Unauthorized\\); retrying in \\d+\\.\\ds — refresh them in your kubeconfig \\(kubectl auth whoami\\)$`,
+      ),
+    );
   });
 
   test('403: names watch, the verb a streaming list needs, and the can-i command', async () => {
@@ -851,7 +1186,10 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     const controller = start(['-n', 'library']);
     await until('the report', () => stderr.length === 1);
     await controller.stop();
-    assert.match(stderr[0] ?? '', /^not allowed to watch books in namespace library \(403: .*cannot watch resource "books".*\); retrying in \d+\.\ds — grant list and watch on books\.example\.technosophos\.com \(kubectl auth can-i watch books\.example\.technosophos\.com -n library\)$/);
+    assert.match(
+      stderr[0] ?? '',
+      /^not allowed to watch books in namespace library \(403: .*cannot watch resource "books".*\); retrying in \d+\.\ds — grant list and watch on books\.example\.technosophos\.com \(kubectl auth can-i watch books\.example\.technosophos\.com -n library\)$/,
+    );
   });
 
   test('404: the CRD is missing (a plain-text 404, on one line); once installed, picked up without a restart', async () => {
@@ -862,7 +1200,12 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     fake.crdInstalled = true;
     await until('moby-dick printed', () => stdout.length === 1);
     await controller.stop();
-    assert.match(stderr[0] ?? '', new RegExp(`^the Book CRD is not installed on ${SERVER} \\(404: 404 page not found\\); retrying in \\d+\\.\\ds — kubectl apply -f crd\\.yaml$`));
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^the Book CRD is not installed on ${SERVER} \\(404: 404 page not found\\); retrying in \\d+\\.\\ds — kubectl apply -f crd\\.yaml$`,
+      ),
+    );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
   });
 
@@ -873,7 +1216,10 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     await until('moby-dick printed', () => stdout.length === 1);
     await controller.stop();
     assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', /failed to watch books \(500: etcdserver: request timed out\); retrying in 0\.\ds$/);
+    assert.match(
+      stderr[0] ?? '',
+      /failed to watch books \(500: etcdserver: request timed out\); retrying in 0\.\ds$/,
+    );
     const [first, second] = bookRequests();
     assert.ok(first && second && second.at - first.at >= retryingMs(stderr[0]) - SLACK_MS);
   });
@@ -884,12 +1230,18 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     await until('three reports', () => stderr.length === 3);
     await controller.stop();
     // Backoff: the first wait is 0.25-0.5 s, the second 0.5-1 s (jittered).
-    assert.match(stderr[0] ?? '', /^cannot reach https:\/\/127\.0\.0\.1:1 \(ECONNREFUSED\); retrying in 0\.[2-5]s — is the cluster running\? \(kubectl cluster-info\)$/);
+    assert.match(
+      stderr[0] ?? '',
+      /^cannot reach https:\/\/127\.0\.0\.1:1 \(ECONNREFUSED\); retrying in 0\.[2-5]s — is the cluster running\? \(kubectl cluster-info\)$/,
+    );
     assert.match(stderr[1] ?? '', /retrying in (0\.[5-9]|1\.0)s/);
     // Nothing listens to see the attempts, but each report comes from the next attempt, after the wait.
     for (const i of [1, 2]) {
       const waited = (stderrAt[i] ?? 0) - (stderrAt[i - 1] ?? 0);
-      assert.ok(waited >= retryingMs(stderr[i - 1]) - SLACK_MS, `report ${i + 1} came ${waited} ms after ${stderr[i - 1]}`);
+      assert.ok(
+        waited >= retryingMs(stderr[i - 1]) - SLACK_MS,
+        `report ${i + 1} came ${waited} ms after ${stderr[i - 1]}`,
+      );
     }
   });
 
@@ -898,7 +1250,12 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     const controller = start();
     await until('the report', () => stderr.length === 1);
     await controller.stop();
-    assert.match(stderr[0] ?? '', new RegExp(`^the TLS certificate of ${SERVER} did not verify \\(\\w+\\); retrying in \\d\\.\\ds — check certificate-authority-data in your kubeconfig$`));
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^the TLS certificate of ${SERVER} did not verify \\(\\w+\\); retrying in \\d\\.\\ds — check certificate-authority-data in your kubeconfig$`,
+      ),
+    );
     assert.equal(fake.requests.length, 0);
   });
 
@@ -909,14 +1266,21 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     await until('moby-dick printed', () => stdout.length === 1);
     await controller.stop();
     assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', new RegExp(`^warning: insecure-skip-tls-verify is set, so the certificate of ${SERVER} is not checked — `));
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^warning: insecure-skip-tls-verify is set, so the certificate of ${SERVER} is not checked — `,
+      ),
+    );
   });
 
   test('a plain http:// server: one line saying kubectl refuses it too, exit 1', async () => {
     writeKubeconfig({ server: 'http://127.0.0.1:8080' });
     assert.equal(await main([], new AbortController().signal), 1);
-    assert.deepEqual(stderr, ['the kubeconfig\'s server http://127.0.0.1:8080 is plain HTTP, which kubectl refuses too' +
-      ' — use its https:// address, or set insecure-skip-tls-verify: true on the cluster to allow it']);
+    assert.deepEqual(stderr, [
+      "the kubeconfig's server http://127.0.0.1:8080 is plain HTTP, which kubectl refuses too" +
+        ' — use its https:// address, or set insecure-skip-tls-verify: true on the cluster to allow it',
+    ]);
   });
 
   test('no kubeconfig at all: one line saying how to get one, exit 1', async () => {
@@ -929,7 +1293,10 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
       process.env.HOME = home;
     }
     assert.equal(stderr.length, 1);
-    assert.match(stderr[0] ?? '', /^no kubeconfig found \(KUBECONFIG, ~\/\.kube\/config or a pod's service account\) — create a cluster \(kind create cluster\) or set KUBECONFIG; npm run demo shows the controller without one$/);
+    assert.match(
+      stderr[0] ?? '',
+      /^no kubeconfig found \(KUBECONFIG, ~\/\.kube\/config or a pod's service account\) — create a cluster \(kind create cluster\) or set KUBECONFIG; npm run demo shows the controller without one$/,
+    );
   });
 
   test('a kubeconfig that is missing, broken, or names no cluster: one line, exit 1', async () => {
@@ -937,15 +1304,34 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     const broken = join(dir, 'broken');
     writeFileSync(broken, 'clusters:\n  - name: fake\n   cluster: {\n');
     const noCluster = join(dir, 'no-cluster');
-    writeFileSync(noCluster, JSON.stringify({ apiVersion: 'v1', kind: 'Config', 'current-context': 'gone', contexts: [], clusters: [], users: [] }));
+    writeFileSync(
+      noCluster,
+      JSON.stringify({
+        apiVersion: 'v1',
+        kind: 'Config',
+        'current-context': 'gone',
+        contexts: [],
+        clusters: [],
+        users: [],
+      }),
+    );
     for (const file of [join(dir, 'missing'), broken, noCluster]) {
       process.env.KUBECONFIG = file;
       assert.equal(await main([], new AbortController().signal), 1);
     }
     assert.equal(stderr.length, 3);
-    assert.match(stderr[0] ?? '', /^cannot load the kubeconfig .*missing: ENOENT.* — check the file, or point --kubeconfig at another$/);
-    assert.match(stderr[1] ?? '', /^cannot load the kubeconfig .*broken: .+ — check the file, or point --kubeconfig at another$/);
-    assert.match(stderr[2] ?? '', /^the kubeconfig's context 'gone' names no cluster — pick another with kubectl config use-context NAME$/);
+    assert.match(
+      stderr[0] ?? '',
+      /^cannot load the kubeconfig .*missing: ENOENT.* — check the file, or point --kubeconfig at another$/,
+    );
+    assert.match(
+      stderr[1] ?? '',
+      /^cannot load the kubeconfig .*broken: .+ — check the file, or point --kubeconfig at another$/,
+    );
+    assert.match(
+      stderr[2] ?? '',
+      /^the kubeconfig's context 'gone' names no cluster — pick another with kubectl config use-context NAME$/,
+    );
   });
 });
 
@@ -964,7 +1350,10 @@ describe('flags, as kubectl has them', () => {
       deleted('theatre/moby-dick'),
     ]);
     assert.ok(bookRequests().every((r) => r.namespace === undefined));
-    assert.deepEqual(fake.patches().map((p) => p.namespace), ['library', 'theatre']);
+    assert.deepEqual(
+      fake.patches().map((p) => p.namespace),
+      ['library', 'theatre'],
+    );
   });
 
   test('the namespace comes from -n, else the kubeconfig context, else "default"', async () => {
@@ -980,11 +1369,21 @@ describe('flags, as kubectl has them', () => {
     for (const [which, args, setUp] of runs) {
       setUp();
       const controller = start(args);
-      await until(`a line for ${which}`, () => stdout.length === runs.findIndex(([w]) => w === which) + 1);
+      await until(
+        `a line for ${which}`,
+        () => stdout.length === runs.findIndex(([w]) => w === which) + 1,
+      );
       await controller.stop();
     }
-    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet'), added('beowulf', 'Beowulf')]);
-    assert.deepEqual(bookRequests().map((r) => r.namespace), ['library', 'theatre', 'default']);
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      added('hamlet', 'Hamlet'),
+      added('beowulf', 'Beowulf'),
+    ]);
+    assert.deepEqual(
+      bookRequests().map((r) => r.namespace),
+      ['library', 'theatre', 'default'],
+    );
   });
 
   test('-l sends the selector as labelSelector; a book relabelled out is Deleted, one relabelled in is Added', async () => {
@@ -1012,30 +1411,45 @@ describe('flags, as kubectl has them', () => {
     await until('three lines', () => stdout.length === 3);
     await controller.stop();
     const retitled = { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] };
-    assert.deepEqual(stdout.map((line) => JSON.parse(line)), [
-      { type: 'Added', namespace: 'default', name: 'moby-dick', spec: MOBY_DICK },
-      { type: 'Modified', namespace: 'default', name: 'moby-dick', spec: retitled },
-      { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: retitled },
-    ]);
-    assert.equal(stdout[0], '{"type":"Added","namespace":"default","name":"moby-dick","spec":{"title":"Moby Dick","authors":["Herman Melville"]}}');
+    assert.deepEqual(
+      stdout.map((line) => JSON.parse(line)),
+      [
+        { type: 'Added', namespace: 'default', name: 'moby-dick', spec: MOBY_DICK },
+        { type: 'Modified', namespace: 'default', name: 'moby-dick', spec: retitled },
+        { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: retitled },
+      ],
+    );
+    assert.equal(
+      stdout[0],
+      '{"type":"Added","namespace":"default","name":"moby-dick","spec":{"title":"Moby Dick","authors":["Herman Melville"]}}',
+    );
   });
 
   test('--kubeconfig and --context pick a context of a kubeconfig with two', async () => {
     const file = join(mkdtempSync(join(tmpdir(), 'two-contexts-')), 'config');
-    writeFileSync(file, JSON.stringify({
-      apiVersion: 'v1',
-      kind: 'Config',
-      clusters: [
-        { name: 'fake', cluster: { server: fake.url, 'certificate-authority-data': btoa(CA_CERT) } },
-        { name: 'gone', cluster: { server: 'https://127.0.0.1:1', 'certificate-authority-data': btoa(CA_CERT) } },
-      ],
-      users: [{ name: 'reader', user: { token: TOKEN } }],
-      contexts: [
-        { name: 'gone', context: { cluster: 'gone', user: 'reader', namespace: 'theatre' } },
-        { name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: 'library' } },
-      ],
-      'current-context': 'gone',
-    }));
+    writeFileSync(
+      file,
+      JSON.stringify({
+        apiVersion: 'v1',
+        kind: 'Config',
+        clusters: [
+          {
+            name: 'fake',
+            cluster: { server: fake.url, 'certificate-authority-data': btoa(CA_CERT) },
+          },
+          {
+            name: 'gone',
+            cluster: { server: 'https://127.0.0.1:1', 'certificate-authority-data': btoa(CA_CERT) },
+          },
+        ],
+        users: [{ name: 'reader', user: { token: TOKEN } }],
+        contexts: [
+          { name: 'gone', context: { cluster: 'gone', user: 'reader', namespace: 'theatre' } },
+          { name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: 'library' } },
+        ],
+        'current-context': 'gone',
+      }),
+    );
     process.env.KUBECONFIG = join(tmpdir(), 'no-such-kubeconfig'); // --kubeconfig wins over it
     fake.create('moby-dick', MOBY_DICK, 'library');
     const controller = start(['--kubeconfig', file, '--context', 'fake']);
@@ -1043,19 +1457,39 @@ describe('flags, as kubectl has them', () => {
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
     assert.deepEqual(stderr, []);
-    assert.equal(await main(['--kubeconfig', file, '--context', 'nosuch'], new AbortController().signal), 1);
-    assert.deepEqual(stderr, [`the kubeconfig ${file} has no context 'nosuch' — list them with kubectl config get-contexts`]);
+    assert.equal(
+      await main(['--kubeconfig', file, '--context', 'nosuch'], new AbortController().signal),
+      1,
+    );
+    assert.deepEqual(stderr, [
+      `the kubeconfig ${file} has no context 'nosuch' — list them with kubectl config get-contexts`,
+    ]);
   });
 
   test('--help prints the flags; a bad flag exits 2 with one line', async () => {
     assert.equal(await main(['--help'], new AbortController().signal), 0);
-    for (const flag of ['--namespace', '--all-namespaces', '--selector', '--output', '--context', '--kubeconfig', '--watch-timeout',
-      '--concurrency', '--leader-elect', '--health-port', '--help']) assert.ok(helpText.join('\n').includes(flag), flag);
+    for (const flag of [
+      '--namespace',
+      '--all-namespaces',
+      '--selector',
+      '--output',
+      '--context',
+      '--kubeconfig',
+      '--watch-timeout',
+      '--concurrency',
+      '--leader-elect',
+      '--health-port',
+      '--help',
+    ])
+      assert.ok(helpText.join('\n').includes(flag), flag);
     assert.equal(await main(['--colour'], new AbortController().signal), 2);
     assert.equal(await main(['--watch-timeout', 'soon'], new AbortController().signal), 2);
     assert.equal(stderr.length, 2);
     assert.match(stderr[0] ?? '', /^Unknown option '--colour'.* — see --help$/);
-    assert.equal(stderr[1], "--watch-timeout takes whole seconds from 1 to 86400, not 'soon' — see --help");
+    assert.equal(
+      stderr[1],
+      "--watch-timeout takes whole seconds from 1 to 86400, not 'soon' — see --help",
+    );
   });
 
   test('conflicting or out-of-range flags: one line each, exit 2, before the kubeconfig is read', async () => {
@@ -1063,9 +1497,15 @@ describe('flags, as kubectl has them', () => {
     const cases: [string[], RegExp][] = [
       [['-n', 'foo', '-A'], /^-n and -A cannot be used together — see --help$/],
       [['--watch-timeout', '-5'], /--watch-timeout.* — see --help$/],
-      [['--watch-timeout', '3000000'], /^--watch-timeout takes whole seconds from 1 to 86400, not '3000000' — see --help$/],
+      [
+        ['--watch-timeout', '3000000'],
+        /^--watch-timeout takes whole seconds from 1 to 86400, not '3000000' — see --help$/,
+      ],
       [['-o', 'yaml'], /^-o takes text or json, not 'yaml' — see --help$/],
-      [['--concurrency', '0'], /^--concurrency takes a whole number from 1 to 1000, not '0' — see --help$/],
+      [
+        ['--concurrency', '0'],
+        /^--concurrency takes a whole number from 1 to 1000, not '0' — see --help$/,
+      ],
     ];
     for (const [args, line] of cases) {
       stderr = [];
@@ -1100,16 +1540,26 @@ describe('leader election (--leader-elect)', () => {
     const leader = startReplica('token-a');
     await until('a leader', () => leader.lines.length === 1);
     const follower = startReplica('token-b');
-    await until('the follower waiting', () => stderr.some((line) => line.startsWith('waiting to lead')));
+    await until('the follower waiting', () =>
+      stderr.some((line) => line.startsWith('waiting to lead')),
+    );
     fake.create('hamlet', { title: 'Hamlet' });
     await until('hamlet printed', () => leader.lines.length === 2);
-    await until('the follower checked the lease again', () => fake.requests.filter((r) => r.token === 'token-b').length >= 3);
+    await until(
+      'the follower checked the lease again',
+      () => fake.requests.filter((r) => r.token === 'token-b').length >= 3,
+    );
     assert.deepEqual(leader.lines, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
     assert.deepEqual(follower.lines, []);
     const identity = identityIn(leadingLine());
-    assert.deepEqual(stderr, [`leading as ${identity} (the Lease default/book-controller)`,
-      `waiting to lead: the Lease default/book-controller is held by ${identity}`]);
-    assert.deepEqual(new Set(fake.requests.filter((r) => r.token === 'token-b').map((r) => r.resource)), new Set(['leases']));
+    assert.deepEqual(stderr, [
+      `leading as ${identity} (the Lease default/book-controller)`,
+      `waiting to lead: the Lease default/book-controller is held by ${identity}`,
+    ]);
+    assert.deepEqual(
+      new Set(fake.requests.filter((r) => r.token === 'token-b').map((r) => r.resource)),
+      new Set(['leases']),
+    );
     const lease = fake.lease('default', 'book-controller');
     assert.equal(lease?.spec.holderIdentity, identity);
     assert.equal(lease?.spec.leaseDurationSeconds, 15);
@@ -1122,7 +1572,9 @@ describe('leader election (--leader-elect)', () => {
     const leader = startReplica('token-a', ['--leader-elect-namespace', 'kube-system']);
     await until('a leader', () => leader.lines.length === 1);
     const follower = startReplica('token-b', ['--leader-elect-namespace', 'kube-system']);
-    await until('the follower waiting', () => stderr.some((line) => line.startsWith('waiting to lead')));
+    await until('the follower waiting', () =>
+      stderr.some((line) => line.startsWith('waiting to lead')),
+    );
     assert.equal(await leader.stop(), 0);
     const released = fake.lease('kube-system', 'book-controller')?.spec;
     assert.equal(released?.holderIdentity, '');
@@ -1133,7 +1585,9 @@ describe('leader election (--leader-elect)', () => {
     assert.equal(fake.lease('kube-system', 'book-controller')?.spec.leaseTransitions, 1);
   });
 
-  test('a leader that cannot renew stops acting and returns 1 with one line', { timeout: 30_000 }, async () => {
+  test('a leader that cannot renew stops acting and returns 1 with one line', {
+    timeout: 30_000,
+  }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const leader = startReplica('token-a');
     await until('a leader', () => leader.lines.length === 1);
@@ -1141,11 +1595,21 @@ describe('leader election (--leader-elect)', () => {
     fake.refuseLeaseUpdatesFrom(identity);
     const refusedAt = performance.now();
     assert.equal(await leader.exited, 1);
-    assert.ok(performance.now() - refusedAt >= 8000, `gave up after ${performance.now() - refusedAt} ms`);
+    assert.ok(
+      performance.now() - refusedAt >= 8000,
+      `gave up after ${performance.now() - refusedAt} ms`,
+    );
     const stopLines = stderr.filter((line) => line.startsWith('stopped leading'));
     assert.equal(stopLines.length, 1);
-    assert.match(stopLines[0] ?? '', /^stopped leading: could not renew the Lease default\/book-controller for 10s \(.+\) — exiting, so that a new replica starts clean$/);
-    assert.deepEqual(stderr.filter((line) => !line.startsWith('leading as ')), stopLines, 'one line');
+    assert.match(
+      stopLines[0] ?? '',
+      /^stopped leading: could not renew the Lease default\/book-controller for 10s \(.+\) — exiting, so that a new replica starts clean$/,
+    );
+    assert.deepEqual(
+      stderr.filter((line) => !line.startsWith('leading as ')),
+      stopLines,
+      'one line',
+    );
   });
 });
 
@@ -1178,7 +1642,9 @@ describe('health endpoints (--health-port)', () => {
     const leader = start(['--leader-elect'], { lines: [] });
     await until('a leader', () => stderr.some((line) => line.startsWith('leading as')));
     const follower = start(['--leader-elect', '--health-port', String(port)], { lines: [] });
-    await until('the follower waiting', () => stderr.some((line) => line.startsWith('waiting to lead')));
+    await until('the follower waiting', () =>
+      stderr.some((line) => line.startsWith('waiting to lead')),
+    );
     assert.deepEqual(await get(port, '/readyz'), [200, 'ok']);
     assert.deepEqual(await get(port, '/healthz'), [200, 'ok']);
     await follower.stop();
@@ -1191,10 +1657,20 @@ describe('checkBook and checkSpec', () => {
     const metadata = { name: 'm', namespace: 'default', uid: 'u', generation: 2 };
     const book: Book = { metadata, spec: { title: 'Moby Dick', authors: ['Herman Melville'] } };
     assert.deepEqual(checkBook({ ...book, metadata: { ...metadata, resourceVersion: '1' } }), book);
-    const fromServer = { apiVersion: 'example.technosophos.com/v1', kind: 'Book', metadata: { ...metadata, resourceVersion: '1', managedFields: [{}] }, spec: { title: 'x', extra: 1 }, status: {} };
+    const fromServer = {
+      apiVersion: 'example.technosophos.com/v1',
+      kind: 'Book',
+      metadata: { ...metadata, resourceVersion: '1', managedFields: [{}] },
+      spec: { title: 'x', extra: 1 },
+      status: {},
+    };
     assert.deepEqual(checkBook(fromServer), { metadata, spec: { title: 'x' } });
     // Without a generation (a server without it), the resourceVersion stands in for it.
-    assert.equal((checkBook({ metadata: { name: 'm', resourceVersion: '7' }, spec: { title: 'x' } }) as Book).metadata.generation, '7');
+    assert.equal(
+      (checkBook({ metadata: { name: 'm', resourceVersion: '7' }, spec: { title: 'x' } }) as Book)
+        .metadata.generation,
+      '7',
+    );
     assert.equal(checkBook({ metadata: { ...metadata, resourceVersion: '1' } }), 'it has no spec');
     assert.equal(checkBook({ metadata, spec: { title: 'x' } }), 'it has no metadata'); // no resourceVersion
     assert.equal(checkSpec({ authors: [] }), 'spec.title is not a string');
@@ -1219,28 +1695,46 @@ describe('checkBook and checkSpec', () => {
 describe('as a program, on this runtime', () => {
   const here = fileURLToPath(new URL('.', import.meta.url));
   // How a user starts it here: npx tsx controller.ts (Node), deno run …, bun controller.ts.
-  const command = (copied = false) => process.versions.deno
-    ? [process.execPath, 'run', '--allow-env', '--allow-read', '--allow-net', '--allow-sys', 'controller.ts']
-    : process.versions.bun
-      ? [process.execPath, ...(copied ? ['--no-install'] : []), 'controller.ts'] // else Bun installs a missing package itself
-      : [process.execPath, ...(copied ? [] : ['--import', 'tsx']), 'controller.ts']; // not tsx's CLI: under load it may SIGKILL its child
+  const command = (copied = false) =>
+    process.versions.deno
+      ? [
+          process.execPath,
+          'run',
+          '--allow-env',
+          '--allow-read',
+          '--allow-net',
+          '--allow-sys',
+          'controller.ts',
+        ]
+      : process.versions.bun
+        ? [process.execPath, ...(copied ? ['--no-install'] : []), 'controller.ts'] // else Bun installs a missing package itself
+        : [process.execPath, ...(copied ? [] : ['--import', 'tsx']), 'controller.ts']; // not tsx's CLI: under load it may SIGKILL its child
 
   function spawnController(args: string[] = [], options: { copiedTo?: string } = {}) {
     const [program = '', ...rest] = command(options.copiedTo !== undefined);
-    const child = spawn(program, [...rest, ...args], { cwd: options.copiedTo ?? here, env: process.env });
+    const child = spawn(program, [...rest, ...args], {
+      cwd: options.copiedTo ?? here,
+      env: process.env,
+    });
     children.push(child);
     const err: string[] = [];
     child.stderr.setEncoding('utf8').on('data', (text: string) => (err.push(text), wake()));
-    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    const exited = new Promise<number | null>((resolve) =>
+      child.on('exit', (code) => resolve(code)),
+    );
     let code: number | null | undefined;
-    void exited.then((c) => (code = c, wake()));
+    void exited.then((c) => ((code = c), wake()));
     return { child, err, exited, hasExited: () => code !== undefined };
   }
   const readLines = (child: ReturnType<typeof spawnController>['child'], out: string[]) =>
-    child.stdout.setEncoding('utf8').on('data', (text: string) => (out.push(...text.split('\n').filter(Boolean)), wake()));
+    child.stdout
+      .setEncoding('utf8')
+      .on('data', (text: string) => (out.push(...text.split('\n').filter(Boolean)), wake()));
 
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
-    test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, { timeout: 30_000 }, async () => {
+    test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, {
+      timeout: 30_000,
+    }, async () => {
       fake.create('moby-dick', MOBY_DICK);
       const { child, err, exited } = spawnController();
       const out: string[] = [];
@@ -1253,13 +1747,22 @@ describe('as a program, on this runtime', () => {
       const signalled = Date.now();
       process.kill(child.pid ?? 0, signal); // not child.kill(): Deno then reports the signal, not the exit code
       assert.equal(await exited, 0);
-      assert.ok(Date.now() - signalled < 1000, `exited ${Date.now() - signalled} ms after ${signal}`);
-      assert.deepEqual(out, [added('moby-dick', 'Moby Dick'), modified('moby-dick', 'Moby-Dick; or, The Whale'), deleted('moby-dick')]);
+      assert.ok(
+        Date.now() - signalled < 1000,
+        `exited ${Date.now() - signalled} ms after ${signal}`,
+      );
+      assert.deepEqual(out, [
+        added('moby-dick', 'Moby Dick'),
+        modified('moby-dick', 'Moby-Dick; or, The Whale'),
+        deleted('moby-dick'),
+      ]);
       assert.deepEqual(err, []);
     });
   }
 
-  test('after a large initial list and SIGTERM, every line it printed reaches a slow reader', { timeout: 60_000 }, async () => {
+  test('after a large initial list and SIGTERM, every line it printed reaches a slow reader', {
+    timeout: 60_000,
+  }, async () => {
     const long = 'x'.repeat(100); // so that the lines overflow the pipe while the reader waits
     for (let i = 0; i < 3000; i++) fake.create(`book-${i}`, { title: `Book ${i} ${long}` });
     const { child, err, exited } = spawnController();
@@ -1270,15 +1773,23 @@ describe('as a program, on this runtime', () => {
     readLines(child, out);
     assert.equal(await exited, 0);
     const patched = new Set(fake.patches().map((p) => p.name));
-    const printed = new Set(out.map((line) => /^Added a book (\S+) with title 'Book \d+ x+'$/.exec(line)?.[1]));
+    const printed = new Set(
+      out.map((line) => /^Added a book (\S+) with title 'Book \d+ x+'$/.exec(line)?.[1]),
+    );
     assert.ok(!printed.has(undefined), 'every line whole');
     const lost = [...patched].filter((name) => !printed.has(name));
-    assert.deepEqual(lost, [], `${lost.length} books were reconciled and written Ready but their lines never came`);
+    assert.deepEqual(
+      lost,
+      [],
+      `${lost.length} books were reconciled and written Ready but their lines never came`,
+    );
     assert.equal(printed.size, out.length);
     assert.deepEqual(err, []);
   });
 
-  test('stdout closed by the reader (| head -1): exits 0, quietly', { timeout: 30_000 }, async () => {
+  test('stdout closed by the reader (| head -1): exits 0, quietly', {
+    timeout: 30_000,
+  }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const { child, err, exited, hasExited } = spawnController();
     const out: string[] = [];
@@ -1287,13 +1798,18 @@ describe('as a program, on this runtime', () => {
     child.stdout.destroy(); // head -1 has its line and exits
     for (let i = 0; !hasExited() && i < 50; i++) {
       fake.create(`book-${i}`, { title: `Book ${i}` }); // the next line meets the closed pipe
-      await until('the book reconciled', () => fake.get(`book-${i}`)?.status !== undefined || hasExited());
+      await until(
+        'the book reconciled',
+        () => fake.get(`book-${i}`)?.status !== undefined || hasExited(),
+      );
     }
     assert.equal(await exited, 0);
     assert.deepEqual(err, []);
   });
 
-  test('copied without node_modules: says run npm ci first, exit 1', { timeout: 30_000 }, async () => {
+  test('copied without node_modules: says run npm ci first, exit 1', {
+    timeout: 30_000,
+  }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'copied-'));
     copyFileSync(join(here, 'controller.ts'), join(dir, 'controller.ts'));
     // Node strips the types itself there: tsx is not installed either.

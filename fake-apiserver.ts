@@ -61,17 +61,33 @@ itzEqcRcmPV7iNyE3FG+OQxN3wYwa/B6q7d8nIzfKVKThv/isiJO5eWc
 
 /** Writes a kubeconfig for a server (with the CA, not insecure) to a fresh temp dir; returns its path. */
 /** With `insecure`, no CA at all and `insecure-skip-tls-verify: true`, as some kubeconfigs have. */
-export function writeKubeconfig(options: { server: string; namespace?: string; token?: string; ca?: string; insecure?: boolean }): string {
+export function writeKubeconfig(options: {
+  server: string;
+  namespace?: string;
+  token?: string;
+  ca?: string;
+  insecure?: boolean;
+}): string {
   const file = join(mkdtempSync(join(tmpdir(), 'book-controller-')), 'kubeconfig');
-  const trust = options.insecure ? { 'insecure-skip-tls-verify': true } : { 'certificate-authority-data': btoa(options.ca ?? CA_CERT) };
-  writeFileSync(file, JSON.stringify({
-    apiVersion: 'v1',
-    kind: 'Config',
-    clusters: [{ name: 'fake', cluster: { server: options.server, ...trust } }],
-    users: [{ name: 'reader', user: { token: options.token ?? TOKEN } }],
-    contexts: [{ name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: options.namespace } }],
-    'current-context': 'fake',
-  }));
+  const trust = options.insecure
+    ? { 'insecure-skip-tls-verify': true }
+    : { 'certificate-authority-data': btoa(options.ca ?? CA_CERT) };
+  writeFileSync(
+    file,
+    JSON.stringify({
+      apiVersion: 'v1',
+      kind: 'Config',
+      clusters: [{ name: 'fake', cluster: { server: options.server, ...trust } }],
+      users: [{ name: 'reader', user: { token: options.token ?? TOKEN } }],
+      contexts: [
+        {
+          name: 'fake',
+          context: { cluster: 'fake', user: 'reader', namespace: options.namespace },
+        },
+      ],
+      'current-context': 'fake',
+    }),
+  );
   return file;
 }
 
@@ -132,10 +148,28 @@ export interface FaultOptions {
 }
 
 /** A Kubernetes Status body, the shape of every error the API server sends. */
-export const status = (code: number, reason: string, message: string, details?: Record<string, unknown>) =>
-  ({ kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', message, reason, ...(details && { details }), code });
-const statusResponse = (code: number, reason: string, message: string, details?: Record<string, unknown>, headers?: Record<string, string>) =>
-  HttpResponse.json(status(code, reason, message, details), { status: code, headers });
+export const status = (
+  code: number,
+  reason: string,
+  message: string,
+  details?: Record<string, unknown>,
+) => ({
+  kind: 'Status',
+  apiVersion: 'v1',
+  metadata: {},
+  status: 'Failure',
+  message,
+  reason,
+  ...(details && { details }),
+  code,
+});
+const statusResponse = (
+  code: number,
+  reason: string,
+  message: string,
+  details?: Record<string, unknown>,
+  headers?: Record<string, string>,
+) => HttpResponse.json(status(code, reason, message, details), { status: code, headers });
 
 const bookDetails = (name: string) => ({ name, group: GROUP, kind: 'books' });
 const leaseDetails = (name: string) => ({ name, group: 'coordination.k8s.io', kind: 'leases' });
@@ -206,18 +240,32 @@ export class FakeApiServer {
 
   private readonly handlers = [
     http.get(`*/apis/${GROUP_VERSION}/namespaces/:namespace/books`, ({ request, params }) =>
-      this.listOrWatch(request, String(params.namespace))),
-    http.get(`*/apis/${GROUP_VERSION}/books`, ({ request }) => this.listOrWatch(request, undefined)),
+      this.listOrWatch(request, String(params.namespace)),
+    ),
+    http.get(`*/apis/${GROUP_VERSION}/books`, ({ request }) =>
+      this.listOrWatch(request, undefined),
+    ),
     http.get(`*/apis/${GROUP_VERSION}/namespaces/:namespace/books/:name`, ({ request, params }) =>
-      this.getBook(request, String(params.namespace), String(params.name))),
-    http.patch(`*/apis/${GROUP_VERSION}/namespaces/:namespace/books/:name/status`, ({ request, params }) =>
-      this.patchStatus(request, String(params.namespace), String(params.name))),
-    http.get('*/apis/coordination.k8s.io/v1/namespaces/:namespace/leases/:name', ({ request, params }) =>
-      this.getLease(request, String(params.namespace), String(params.name))),
+      this.getBook(request, String(params.namespace), String(params.name)),
+    ),
+    http.patch(
+      `*/apis/${GROUP_VERSION}/namespaces/:namespace/books/:name/status`,
+      ({ request, params }) =>
+        this.patchStatus(request, String(params.namespace), String(params.name)),
+    ),
+    http.get(
+      '*/apis/coordination.k8s.io/v1/namespaces/:namespace/leases/:name',
+      ({ request, params }) =>
+        this.getLease(request, String(params.namespace), String(params.name)),
+    ),
     http.post('*/apis/coordination.k8s.io/v1/namespaces/:namespace/leases', ({ request, params }) =>
-      this.createLease(request, String(params.namespace))),
-    http.put('*/apis/coordination.k8s.io/v1/namespaces/:namespace/leases/:name', ({ request, params }) =>
-      this.updateLease(request, String(params.namespace), String(params.name))),
+      this.createLease(request, String(params.namespace)),
+    ),
+    http.put(
+      '*/apis/coordination.k8s.io/v1/namespaces/:namespace/leases/:name',
+      ({ request, params }) =>
+        this.updateLease(request, String(params.namespace), String(params.name)),
+    ),
   ];
   private readonly tls = https.createServer({ key: SERVER_KEY, cert: SERVER_CERT }, (req, res) => {
     // A client may hang up at any time, even while sending its body: that ends this request, not the fake.
@@ -248,7 +296,8 @@ export class FakeApiServer {
   private async bridge(req: IncomingMessage, res: ServerResponse) {
     req.socket.setNoDelay(true);
     const headers = new Headers();
-    for (const [name, value] of Object.entries(req.headers)) if (typeof value === 'string') headers.set(name, value);
+    for (const [name, value] of Object.entries(req.headers))
+      if (typeof value === 'string') headers.set(name, value);
     const method = req.method ?? 'GET';
     let body: string | undefined;
     if (method !== 'GET' && method !== 'HEAD') {
@@ -257,14 +306,16 @@ export class FakeApiServer {
       body = Buffer.concat(chunks).toString('utf8');
     }
     const request = new Request(new URL(req.url ?? '/', this.url), { method, headers, body });
-    const response = (await getResponse(this.handlers, request)) ??
+    const response =
+      (await getResponse(this.handlers, request)) ??
       statusResponse(404, 'NotFound', 'the server could not find the requested resource');
     res.writeHead(response.status, Object.fromEntries(response.headers));
     res.flushHeaders();
     const reader = response.body?.getReader();
     res.on('close', () => void reader?.cancel().catch(() => {}));
     try {
-      for (let chunk = await reader?.read(); chunk && !chunk.done; chunk = await reader?.read()) res.write(chunk.value);
+      for (let chunk = await reader?.read(); chunk && !chunk.done; chunk = await reader?.read())
+        res.write(chunk.value);
       res.end();
     } catch {
       res.destroy(); // the stream failed: drop the connection, as a crashing server or a broken network does
@@ -277,9 +328,18 @@ export class FakeApiServer {
    * Synchronous from here to the answer (or to a wait a knob asks for), so that a test reacting to
    * the request's activity cannot change the knobs under it.
    */
-  private admit(request: Request, entry: Omit<ApiRequest, 'query' | 'at' | 'body' | 'contentType' | 'token'>, text = ''): Response | ApiRequest {
+  private admit(
+    request: Request,
+    entry: Omit<ApiRequest, 'query' | 'at' | 'body' | 'contentType' | 'token'>,
+    text = '',
+  ): Response | ApiRequest {
     const token = (request.headers.get('authorization') ?? '').replace(/^Bearer /, '');
-    const logged: ApiRequest = { ...entry, query: Object.fromEntries(new URL(request.url).searchParams), token, at: performance.now() };
+    const logged: ApiRequest = {
+      ...entry,
+      query: Object.fromEntries(new URL(request.url).searchParams),
+      token,
+      at: performance.now(),
+    };
     let notJson = '';
     if (request.method !== 'GET') {
       logged.contentType = request.headers.get('content-type') ?? undefined;
@@ -294,10 +354,18 @@ export class FakeApiServer {
     if (!request.headers.get('authorization')?.startsWith('Bearer ') || !this.tokens.has(token)) {
       return statusResponse(401, 'Unauthorized', 'Unauthorized');
     }
-    const fault = this.faults.findIndex(({ match }) =>
-      (!match.verb || match.verb === logged.verb) && (!match.resource || match.resource === logged.resource));
+    const fault = this.faults.findIndex(
+      ({ match }) =>
+        (!match.verb || match.verb === logged.verb) &&
+        (!match.resource || match.resource === logged.resource),
+    );
     if (fault >= 0) return this.faults.splice(fault, 1)[0]?.response() ?? Response.error();
-    if (notJson) return statusResponse(400, 'BadRequest', `the body of the request is not JSON: ${notJson.slice(0, 60)}`);
+    if (notJson)
+      return statusResponse(
+        400,
+        'BadRequest',
+        `the body of the request is not JSON: ${notJson.slice(0, 60)}`,
+      );
     return logged;
   }
 
@@ -313,7 +381,13 @@ export class FakeApiServer {
     if (refused) return refused;
     if (this.storageInitializing > 0) {
       this.storageInitializing--;
-      return statusResponse(429, 'TooManyRequests', 'storage is (re)initializing', { retryAfterSeconds: 1 }, { 'Retry-After': '1' });
+      return statusResponse(
+        429,
+        'TooManyRequests',
+        'storage is (re)initializing',
+        { retryAfterSeconds: 1 },
+        { 'Retry-After': '1' },
+      );
     }
     const selector = parseSelector(query.labelSelector ?? '');
     if (typeof selector === 'string') return statusResponse(400, 'BadRequest', selector);
@@ -329,44 +403,79 @@ export class FakeApiServer {
    * 404 when the CRD is missing, 403 when the user may not: the same for every books endpoint.
    * A missing CRD is no Status: the real server answers its unknown paths in plain text.
    */
-  private refuseBooks(verb: Verb, namespace: string | undefined, name?: string, resource: Resource = 'books'): Response | undefined {
-    if (!this.crdInstalled) return new Response('404 page not found\n', { status: 404, headers: { 'Content-Type': 'text/plain; charset=utf-8' } });
+  private refuseBooks(
+    verb: Verb,
+    namespace: string | undefined,
+    name?: string,
+    resource: Resource = 'books',
+  ): Response | undefined {
+    if (!this.crdInstalled)
+      return new Response('404 page not found\n', {
+        status: 404,
+        headers: { 'Content-Type': 'text/plain; charset=utf-8' },
+      });
     const forbidden = resource === 'books/status' ? this.forbidStatus : this.forbidden;
     if (!forbidden) return undefined;
     const where = namespace ? ` in the namespace "${namespace}"` : ' at the cluster scope';
-    return statusResponse(403, 'Forbidden', `books.${GROUP}${name ? ` "${name}"` : ''} is forbidden: ` +
-      `User "system:serviceaccount:default:reader" cannot ${verb} resource "${resource}" in API group "${GROUP}"${where}`,
-    { ...(name && { name }), group: GROUP, kind: 'books' });
+    return statusResponse(
+      403,
+      'Forbidden',
+      `books.${GROUP}${name ? ` "${name}"` : ''} is forbidden: ` +
+        `User "system:serviceaccount:default:reader" cannot ${verb} resource "${resource}" in API group "${GROUP}"${where}`,
+      { ...(name && { name }), group: GROUP, kind: 'books' },
+    );
   }
 
-  private list(namespace: string | undefined, selector: Selector, query: Record<string, string>): Response {
+  private list(
+    namespace: string | undefined,
+    selector: Selector,
+    query: Record<string, string>,
+  ): Response {
     let items = [...this.books.values()].filter((book) => this.visible(book, namespace, selector));
     if (query.continue) {
-      const rest = this.expireNextContinueToken ? undefined : this.continueTokens.get(query.continue);
+      const rest = this.expireNextContinueToken
+        ? undefined
+        : this.continueTokens.get(query.continue);
       this.expireNextContinueToken = false;
       if (!rest) {
         // The real 410 carries a token to go on with, inconsistently (rv -1); a careful client lists again instead.
         const inconsistent = `inconsistent-${query.continue}`;
-        this.continueTokens.set(inconsistent, [...this.books.values()].filter((book) => this.visible(book, namespace, selector)));
-        return HttpResponse.json({
-          ...status(410, 'Expired', 'The provided continue parameter is too old to display a consistent list result. ' +
-            'You can start a new list without the continue parameter, or use the continue token in this response to ' +
-            'retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - ' +
-            'objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.'),
-          metadata: { continue: inconsistent },
-        }, { status: 410 });
+        this.continueTokens.set(
+          inconsistent,
+          [...this.books.values()].filter((book) => this.visible(book, namespace, selector)),
+        );
+        return HttpResponse.json(
+          {
+            ...status(
+              410,
+              'Expired',
+              'The provided continue parameter is too old to display a consistent list result. ' +
+                'You can start a new list without the continue parameter, or use the continue token in this response to ' +
+                'retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - ' +
+                'objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.',
+            ),
+            metadata: { continue: inconsistent },
+          },
+          { status: 410 },
+        );
       }
       items = rest;
     }
     const limit = Number(query.limit) || items.length;
-    const metadata: { resourceVersion: string; continue?: string; remainingItemCount?: number } =
-      { resourceVersion: String(this.resourceVersion) };
+    const metadata: { resourceVersion: string; continue?: string; remainingItemCount?: number } = {
+      resourceVersion: String(this.resourceVersion),
+    };
     if (items.length > limit) {
       metadata.continue = `token-${this.issuedTokens++}`;
       metadata.remainingItemCount = items.length - limit;
       this.continueTokens.set(metadata.continue, items.slice(limit));
     }
-    return HttpResponse.json({ apiVersion: GROUP_VERSION, kind: 'BookList', metadata, items: items.slice(0, limit) });
+    return HttpResponse.json({
+      apiVersion: GROUP_VERSION,
+      kind: 'BookList',
+      metadata,
+      items: items.slice(0, limit),
+    });
   }
 
   /**
@@ -378,32 +487,60 @@ export class FakeApiServer {
     const forbid = (field: string, why: string) => ({ field, message: `Forbidden: ${why}` });
     const causes: { field: string; message: string }[] = [];
     if (query.sendInitialEvents === 'true' && !this.watchList) {
-      causes.push(forbid('sendInitialEvents', 'sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled'));
+      causes.push(
+        forbid(
+          'sendInitialEvents',
+          'sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled',
+        ),
+      );
     } else if (query.sendInitialEvents === 'true') {
       if (query.resourceVersionMatch !== 'NotOlderThan') {
-        causes.push(forbid('resourceVersionMatch', 'sendInitialEvents requires setting resourceVersionMatch to NotOlderThan'));
+        causes.push(
+          forbid(
+            'resourceVersionMatch',
+            'sendInitialEvents requires setting resourceVersionMatch to NotOlderThan',
+          ),
+        );
       }
     } else if (query.resourceVersionMatch) {
-      causes.push(forbid('resourceVersionMatch', 'resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided'));
+      causes.push(
+        forbid(
+          'resourceVersionMatch',
+          'resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided',
+        ),
+      );
     }
     if (!causes.length) return undefined;
     const each = causes.map((cause) => `${cause.field}: ${cause.message}`);
     return {
-      ...status(422, 'Invalid', `ListOptions.meta.k8s.io "" is invalid: ${each.length > 1 ? `[${each.join(', ')}]` : each[0]}`, {
-        group: 'meta.k8s.io',
-        kind: 'ListOptions',
-        causes: causes.map((cause) => ({ reason: 'FieldValueForbidden', ...cause })),
-      }),
+      ...status(
+        422,
+        'Invalid',
+        `ListOptions.meta.k8s.io "" is invalid: ${each.length > 1 ? `[${each.join(', ')}]` : each[0]}`,
+        {
+          group: 'meta.k8s.io',
+          kind: 'ListOptions',
+          causes: causes.map((cause) => ({ reason: 'FieldValueForbidden', ...cause })),
+        },
+      ),
     };
   }
 
-  private watch(namespace: string | undefined, selector: Selector, query: Record<string, string>): Response {
+  private watch(
+    namespace: string | undefined,
+    selector: Selector,
+    query: Record<string, string>,
+  ): Response {
     const streamingList = query.sendInitialEvents === 'true';
     // No resourceVersion (or "0"): start from the current state, sent as ADDED events.
     const fromNow = streamingList || !query.resourceVersion || query.resourceVersion === '0';
     const from = fromNow ? this.resourceVersion : Number(query.resourceVersion);
     if (!fromNow && (from < this.oldestWatchable || this.goneForever)) {
-      const gone = status(410, 'Expired', `too old resource version: ${from} (${this.oldestWatchable})`);
+      const gone = status(
+        410,
+        'Expired',
+        `too old resource version: ${from} (${this.oldestWatchable})`,
+      );
       if (this.goneAsHttp) return HttpResponse.json(gone, { status: 410 });
       return new Response(JSON.stringify({ type: 'ERROR', object: gone }) + '\n');
     }
@@ -411,7 +548,7 @@ export class FakeApiServer {
     const encoder = new TextEncoder();
     const watches = this.watches;
     let watch: OpenWatch | undefined;
-    const forget = () => (watch && watches.delete(watch), clearTimeout(timer), watch = undefined);
+    const forget = () => (watch && watches.delete(watch), clearTimeout(timer), (watch = undefined));
     const body = new ReadableStream<Uint8Array>({
       start: (stream) => {
         watch = {
@@ -420,7 +557,8 @@ export class FakeApiServer {
           bookmarks: query.allowWatchBookmarks === 'true',
           send: (text) => {
             const bytes = encoder.encode(text);
-            for (let at = 0; at < bytes.length; at += this.chunkBytes) stream.enqueue(bytes.slice(at, at + this.chunkBytes));
+            for (let at = 0; at < bytes.length; at += this.chunkBytes)
+              stream.enqueue(bytes.slice(at, at + this.chunkBytes));
           },
           end: () => (forget(), stream.close()),
           drop: () => (forget(), stream.error(new Error('dropped'))),
@@ -429,14 +567,19 @@ export class FakeApiServer {
         if (this.endWatchesAtOnce) return stream.close();
         let replay: string[];
         if (fromNow) {
-          replay = [...this.books.values()].filter((book) => this.visible(book, namespace, selector))
+          replay = [...this.books.values()]
+            .filter((book) => this.visible(book, namespace, selector))
             .map((book) => eventLine('ADDED', book));
           // The initial state is complete: a bookmark at the snapshot's resourceVersion says so (only
           // to a client that asked for bookmarks), or a fault a test queued ends the stream instead.
           const fault = streamingList ? this.initialEventsFault : undefined;
           this.initialEventsFault = undefined;
           if (fault) replay.push(eventLine('ERROR', fault));
-          else if (streamingList && query.allowWatchBookmarks === 'true' && !this.endInitialEventsEarly) {
+          else if (
+            streamingList &&
+            query.allowWatchBookmarks === 'true' &&
+            !this.endInitialEventsEarly
+          ) {
             replay.push(this.bookmarkLine({ 'k8s.io/initial-events-end': 'true' }));
           }
           if (fault || (streamingList && this.endInitialEventsEarly)) {
@@ -444,7 +587,9 @@ export class FakeApiServer {
             return stream.close();
           }
         } else {
-          replay = this.history.filter((event) => event.resourceVersion > from).map((event) => this.lineFor(watch, event));
+          replay = this.history
+            .filter((event) => event.resourceVersion > from)
+            .map((event) => this.lineFor(watch, event));
         }
         watch.send(replay.join(''));
         watches.add(watch);
@@ -457,7 +602,9 @@ export class FakeApiServer {
   }
 
   private visible(book: StoredBook, namespace: string | undefined, selector: Selector) {
-    return (!namespace || book.metadata.namespace === namespace) && selector(book.metadata.labels ?? {});
+    return (
+      (!namespace || book.metadata.namespace === namespace) && selector(book.metadata.labels ?? {})
+    );
   }
 
   /**
@@ -466,26 +613,45 @@ export class FakeApiServer {
    */
   private lineFor(watch: OpenWatch | undefined, event: BookEvent): string {
     if (!watch) return '';
-    const is = event.type !== 'DELETED' && this.visible(event.object, watch.namespace, watch.selector);
-    const was = event.type === 'DELETED' ? this.visible(event.object, watch.namespace, watch.selector)
-      : event.before !== undefined && this.visible(event.before, watch.namespace, watch.selector);
+    const is =
+      event.type !== 'DELETED' && this.visible(event.object, watch.namespace, watch.selector);
+    const was =
+      event.type === 'DELETED'
+        ? this.visible(event.object, watch.namespace, watch.selector)
+        : event.before !== undefined && this.visible(event.before, watch.namespace, watch.selector);
     if (event.type === 'DELETED') return was ? eventLine('DELETED', event.object) : '';
     if (is) return eventLine(was ? 'MODIFIED' : 'ADDED', event.object);
     if (was && event.before) {
       // The object as the watch last matched it, at the resourceVersion of the change.
       const { before } = event;
-      return eventLine('DELETED', { ...before, metadata: { ...before.metadata, resourceVersion: event.object.metadata.resourceVersion } });
+      return eventLine('DELETED', {
+        ...before,
+        metadata: { ...before.metadata, resourceVersion: event.object.metadata.resourceVersion },
+      });
     }
     return '';
   }
 
   private bookmarkLine(annotations?: Record<string, string>) {
-    const metadata = { resourceVersion: String(this.resourceVersion), ...(annotations && { annotations }) };
-    return JSON.stringify({ type: 'BOOKMARK', object: { kind: 'Book', apiVersion: GROUP_VERSION, metadata } }) + '\n';
+    const metadata = {
+      resourceVersion: String(this.resourceVersion),
+      ...(annotations && { annotations }),
+    };
+    return (
+      JSON.stringify({
+        type: 'BOOKMARK',
+        object: { kind: 'Book', apiVersion: GROUP_VERSION, metadata },
+      }) + '\n'
+    );
   }
 
   private record(type: BookEvent['type'], object: StoredBook, before?: StoredBook) {
-    const event: BookEvent = { resourceVersion: Number(object.metadata.resourceVersion), type, object, before };
+    const event: BookEvent = {
+      resourceVersion: Number(object.metadata.resourceVersion),
+      type,
+      object,
+      before,
+    };
     this.history.push(event);
     for (const watch of this.watches) watch.send(this.lineFor(watch, event));
     this.onActivity();
@@ -497,7 +663,13 @@ export class FakeApiServer {
     const refused = this.refuseBooks('get', namespace, name);
     if (refused) return refused;
     const book = this.books.get(`${namespace}/${name}`);
-    if (!book) return statusResponse(404, 'NotFound', `books.${GROUP} "${name}" not found`, bookDetails(name));
+    if (!book)
+      return statusResponse(
+        404,
+        'NotFound',
+        `books.${GROUP} "${name}" not found`,
+        bookDetails(name),
+      );
     return HttpResponse.json(book);
   }
 
@@ -507,25 +679,45 @@ export class FakeApiServer {
    * The resourceVersion moves and watches get MODIFIED; the generation does not move.
    */
   private async patchStatus(request: Request, namespace: string, name: string): Promise<Response> {
-    const admitted = this.admit(request, { verb: 'patch', resource: 'books/status', namespace, name }, await request.text());
+    const admitted = this.admit(
+      request,
+      { verb: 'patch', resource: 'books/status', namespace, name },
+      await request.text(),
+    );
     if (admitted instanceof Response) return admitted;
     if (this.statusLatencyMs) await sleep(this.statusLatencyMs);
     const refused = this.refuseBooks('patch', namespace, name, 'books/status');
     if (refused) return refused;
     if (admitted.contentType?.split(';')[0]?.trim() !== 'application/merge-patch+json') {
-      return statusResponse(415, 'UnsupportedMediaType', `the body of the request was in an unknown format - ` +
-        `accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml`);
+      return statusResponse(
+        415,
+        'UnsupportedMediaType',
+        `the body of the request was in an unknown format - ` +
+          `accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml`,
+      );
     }
     const patch = admitted.body;
-    if (!isObject(patch)) return statusResponse(400, 'BadRequest', 'the patch is not a JSON object');
+    if (!isObject(patch))
+      return statusResponse(400, 'BadRequest', 'the patch is not a JSON object');
     const before = this.books.get(`${namespace}/${name}`);
-    if (!before) return statusResponse(404, 'NotFound', `books.${GROUP} "${name}" not found`, bookDetails(name));
+    if (!before)
+      return statusResponse(
+        404,
+        'NotFound',
+        `books.${GROUP} "${name}" not found`,
+        bookDetails(name),
+      );
     const precondition = isObject(patch.metadata) ? patch.metadata.resourceVersion : undefined;
-    if (precondition !== undefined && precondition !== before.metadata.resourceVersion) return conflict('books', name, bookDetails(name));
+    if (precondition !== undefined && precondition !== before.metadata.resourceVersion)
+      return conflict('books', name, bookDetails(name));
     const merged = mergePatch(before.status ?? {}, patch.status ?? {});
     const status = isObject(merged) ? merged : {};
     if (isDeepStrictEqual(status, before.status ?? {})) return HttpResponse.json(before); // no change: no write, no event
-    const book: StoredBook = { ...before, metadata: { ...before.metadata, resourceVersion: this.nextResourceVersion() }, status };
+    const book: StoredBook = {
+      ...before,
+      metadata: { ...before.metadata, resourceVersion: this.nextResourceVersion() },
+      status,
+    };
     this.books.set(`${namespace}/${name}`, book);
     this.record('MODIFIED', book, before);
     if (this.statusAnswerDelayMs) await sleep(this.statusAnswerDelayMs);
@@ -543,33 +735,69 @@ export class FakeApiServer {
   }
 
   private async createLease(request: Request, namespace: string): Promise<Response> {
-    const admitted = this.admit(request, { verb: 'create', resource: 'leases', namespace }, await request.text());
+    const admitted = this.admit(
+      request,
+      { verb: 'create', resource: 'leases', namespace },
+      await request.text(),
+    );
     if (admitted instanceof Response) return admitted;
     const checked = checkLease(admitted.body);
     if (typeof checked === 'string') return statusResponse(400, 'BadRequest', checked);
     const { name, spec } = checked;
     admitted.name = name;
     if (this.leases.has(`${namespace}/${name}`)) {
-      return statusResponse(409, 'AlreadyExists', `leases.coordination.k8s.io "${name}" already exists`, leaseDetails(name));
+      return statusResponse(
+        409,
+        'AlreadyExists',
+        `leases.coordination.k8s.io "${name}" already exists`,
+        leaseDetails(name),
+      );
     }
     return HttpResponse.json(this.putLease(name, spec, namespace), { status: 201 });
   }
 
   private async updateLease(request: Request, namespace: string, name: string): Promise<Response> {
-    const admitted = this.admit(request, { verb: 'update', resource: 'leases', namespace, name }, await request.text());
+    const admitted = this.admit(
+      request,
+      { verb: 'update', resource: 'leases', namespace, name },
+      await request.text(),
+    );
     if (admitted instanceof Response) return admitted;
     const checked = checkLease(admitted.body);
     if (typeof checked === 'string') return statusResponse(400, 'BadRequest', checked);
     if (checked.name !== name) {
-      return statusResponse(400, 'BadRequest', `the name of the object (${checked.name}) does not match the name on the URL (${name})`);
+      return statusResponse(
+        400,
+        'BadRequest',
+        `the name of the object (${checked.name}) does not match the name on the URL (${name})`,
+      );
     }
     if (checked.resourceVersion === undefined) {
-      return statusResponse(422, 'Invalid', `leases.coordination.k8s.io "${name}" is invalid: metadata.resourceVersion: ` +
-        'Invalid value: 0: must be specified for an update', { name, group: 'coordination.k8s.io', kind: 'leases',
-        causes: [{ reason: 'FieldValueInvalid', message: 'Invalid value: 0: must be specified for an update', field: 'metadata.resourceVersion' }] });
+      return statusResponse(
+        422,
+        'Invalid',
+        `leases.coordination.k8s.io "${name}" is invalid: metadata.resourceVersion: ` +
+          'Invalid value: 0: must be specified for an update',
+        {
+          name,
+          group: 'coordination.k8s.io',
+          kind: 'leases',
+          causes: [
+            {
+              reason: 'FieldValueInvalid',
+              message: 'Invalid value: 0: must be specified for an update',
+              field: 'metadata.resourceVersion',
+            },
+          ],
+        },
+      );
     }
     if (this.refusedHolders.has(checked.spec.holderIdentity ?? '')) {
-      return statusResponse(500, 'InternalError', 'Internal error occurred: etcdserver: request timed out');
+      return statusResponse(
+        500,
+        'InternalError',
+        'Internal error occurred: etcdserver: request timed out',
+      );
     }
     const before = this.leases.get(`${namespace}/${name}`);
     if (!before) return leaseNotFound(name);
@@ -592,8 +820,13 @@ export class FakeApiServer {
       apiVersion: GROUP_VERSION,
       kind: 'Book',
       metadata: {
-        name, namespace, resourceVersion: this.nextResourceVersion(), uid: crypto.randomUUID(),
-        creationTimestamp: new Date().toISOString().replace(/\.\d+Z$/, 'Z'), generation: 1, ...(labels && { labels }),
+        name,
+        namespace,
+        resourceVersion: this.nextResourceVersion(),
+        uid: crypto.randomUUID(),
+        creationTimestamp: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
+        generation: 1,
+        ...(labels && { labels }),
       },
       spec,
     };
@@ -612,7 +845,10 @@ export class FakeApiServer {
   remove(name: string, namespace = 'default') {
     const before = this.mustGet(name, namespace);
     this.books.delete(`${namespace}/${name}`);
-    this.record('DELETED', { ...before, metadata: { ...before.metadata, resourceVersion: this.nextResourceVersion() } });
+    this.record('DELETED', {
+      ...before,
+      metadata: { ...before.metadata, resourceVersion: this.nextResourceVersion() },
+    });
   }
   /** Deleted and created again under the same name: a new uid, generation 1, no status. */
   recreate(name: string, spec?: Spec, namespace = 'default'): StoredBook {
@@ -634,8 +870,12 @@ export class FakeApiServer {
     const before = this.mustGet(name, namespace);
     const after = edit(before);
     if (isDeepStrictEqual(after, before)) return; // the real server writes nothing for a no-op
-    const generation = before.metadata.generation + (isDeepStrictEqual(after.spec, before.spec) ? 0 : 1);
-    const book = { ...after, metadata: { ...after.metadata, generation, resourceVersion: this.nextResourceVersion() } };
+    const generation =
+      before.metadata.generation + (isDeepStrictEqual(after.spec, before.spec) ? 0 : 1);
+    const book = {
+      ...after,
+      metadata: { ...after.metadata, generation, resourceVersion: this.nextResourceVersion() },
+    };
     this.books.set(`${namespace}/${name}`, book);
     this.record('MODIFIED', book, before);
   }
@@ -647,8 +887,12 @@ export class FakeApiServer {
       apiVersion: 'coordination.k8s.io/v1',
       kind: 'Lease',
       metadata: {
-        name, namespace, resourceVersion: this.nextResourceVersion(), uid: before?.metadata.uid ?? crypto.randomUUID(),
-        creationTimestamp: before?.metadata.creationTimestamp ?? new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
+        name,
+        namespace,
+        resourceVersion: this.nextResourceVersion(),
+        uid: before?.metadata.uid ?? crypto.randomUUID(),
+        creationTimestamp:
+          before?.metadata.creationTimestamp ?? new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
       },
       spec,
     };
@@ -702,8 +946,14 @@ export class FakeApiServer {
    * instead, as a Status body, with `options.headers` (say Retry-After) and `details.retryAfterSeconds`.
    */
   failNext(code: number, reason: string, message: string, options: FaultOptions = {}) {
-    const details = options.retryAfterSeconds === undefined ? undefined : { retryAfterSeconds: options.retryAfterSeconds };
-    this.faults.push({ match: options, response: () => statusResponse(code, reason, message, details, options.headers) });
+    const details =
+      options.retryAfterSeconds === undefined
+        ? undefined
+        : { retryAfterSeconds: options.retryAfterSeconds };
+    this.faults.push({
+      match: options,
+      response: () => statusResponse(code, reason, message, details, options.headers),
+    });
   }
   /** The next streaming list sends its ADDEDs, then this error as an ERROR event instead of its end bookmark, and ends. */
   failInitialEvents(code: number, reason: string, message: string) {
@@ -761,27 +1011,50 @@ export function mergePatch(target: unknown, patch: unknown): unknown {
 }
 
 const conflict = (resource: string, name: string, details: Record<string, unknown>) =>
-  statusResponse(409, 'Conflict', `Operation cannot be fulfilled on ${resource} "${name}": the object has been modified; ` +
-    'please apply your changes to the latest version and try again', details);
+  statusResponse(
+    409,
+    'Conflict',
+    `Operation cannot be fulfilled on ${resource} "${name}": the object has been modified; ` +
+      'please apply your changes to the latest version and try again',
+    details,
+  );
 const leaseNotFound = (name: string) =>
-  statusResponse(404, 'NotFound', `leases.coordination.k8s.io "${name}" not found`, leaseDetails(name));
+  statusResponse(
+    404,
+    'NotFound',
+    `leases.coordination.k8s.io "${name}" not found`,
+    leaseDetails(name),
+  );
 
 // MicroTime is RFC 3339 with exactly six fractional digits; the server cannot decode anything else.
 const MICRO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$/;
 
 /** A Lease body as the server decodes it, or the 400 message it answers. */
-function checkLease(body: unknown): { name: string; resourceVersion?: string; spec: LeaseSpec } | string {
+function checkLease(
+  body: unknown,
+): { name: string; resourceVersion?: string; spec: LeaseSpec } | string {
   const cannot = (why: string) => `Lease in version "v1" cannot be handled as a Lease: ${why}`;
-  if (!isObject(body) || !isObject(body.metadata) || typeof body.metadata.name !== 'string') return cannot('metadata.name is missing');
+  if (!isObject(body) || !isObject(body.metadata) || typeof body.metadata.name !== 'string')
+    return cannot('metadata.name is missing');
   const spec = isObject(body.spec) ? body.spec : {};
   for (const field of ['acquireTime', 'renewTime'] as const) {
     const value = spec[field];
-    if (value !== undefined && value !== null && (typeof value !== 'string' || !MICRO_TIME.test(value))) {
-      return cannot(`parsing time ${JSON.stringify(value)} as "2006-01-02T15:04:05.000000Z07:00": cannot parse as MicroTime (spec.${field})`);
+    if (
+      value !== undefined &&
+      value !== null &&
+      (typeof value !== 'string' || !MICRO_TIME.test(value))
+    ) {
+      return cannot(
+        `parsing time ${JSON.stringify(value)} as "2006-01-02T15:04:05.000000Z07:00": cannot parse as MicroTime (spec.${field})`,
+      );
     }
   }
   const resourceVersion = body.metadata.resourceVersion;
-  return { name: body.metadata.name, resourceVersion: typeof resourceVersion === 'string' ? resourceVersion : undefined, spec };
+  return {
+    name: body.metadata.name,
+    resourceVersion: typeof resourceVersion === 'string' ? resourceVersion : undefined,
+    spec,
+  };
 }
 
 type Selector = (labels: Labels) => boolean;
@@ -793,14 +1066,21 @@ type Selector = (labels: Labels) => boolean;
 export function parseSelector(text: string): Selector | string {
   const has = (labels: Labels, key: string) => Object.hasOwn(labels, key);
   const tests: Selector[] = [];
-  for (const term of text.split(/,(?![^(]*\))/).map((t) => t.trim()).filter(Boolean)) {
+  for (const term of text
+    .split(/,(?![^(]*\))/)
+    .map((t) => t.trim())
+    .filter(Boolean)) {
     const set = /^([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)$/.exec(term);
     const equality = /^([\w./-]+)\s*(==|=|!=)\s*([\w.-]*)$/.exec(term);
     const exists = /^(!?)\s*([\w./-]+)$/.exec(term);
     if (set) {
       const [, key = '', op, list = ''] = set;
       const values = list.split(',').map((v) => v.trim());
-      tests.push(op === 'in' ? (l) => has(l, key) && values.includes(l[key] ?? '') : (l) => !has(l, key) || !values.includes(l[key] ?? ''));
+      tests.push(
+        op === 'in'
+          ? (l) => has(l, key) && values.includes(l[key] ?? '')
+          : (l) => !has(l, key) || !values.includes(l[key] ?? ''),
+      );
     } else if (equality) {
       const [, key = '', op, value] = equality;
       tests.push(op === '!=' ? (l) => l[key] !== value : (l) => has(l, key) && l[key] === value);
@@ -820,11 +1100,22 @@ export function parseSelector(text: string): Selector | string {
 /** How to start controller.ts with the runtime (and loader) this process runs on. */
 function controllerCommand(): string[] {
   const versions = process.versions as Record<string, string | undefined>;
-  if (versions.deno) return [process.execPath, 'run', '--allow-env', '--allow-read', '--allow-net', '--allow-sys', 'controller.ts'];
+  if (versions.deno)
+    return [
+      process.execPath,
+      'run',
+      '--allow-env',
+      '--allow-read',
+      '--allow-net',
+      '--allow-sys',
+      'controller.ts',
+    ];
   if (versions.bun) return [process.execPath, 'controller.ts'];
   // Under tsx (npx tsx fake-apiserver.ts), its loader; under plain node, Node strips the types itself.
   const underTsx = process.execArgv.some((arg) => arg.includes('tsx'));
-  return underTsx ? [process.execPath, '--import', 'tsx', 'controller.ts'] : [process.execPath, 'controller.ts'];
+  return underTsx
+    ? [process.execPath, '--import', 'tsx', 'controller.ts']
+    : [process.execPath, 'controller.ts'];
 }
 
 /**
@@ -833,19 +1124,25 @@ function controllerCommand(): string[] {
  * stderr (or `narrate`). Ends by stopping the controller with SIGTERM; returns its exit code and
  * the requests it made.
  */
-export async function runDemo(options: {
-  stdout?: (text: string) => void;
-  narrate?: (line: string) => void;
-  signal?: AbortSignal;
-  stepMs?: number;
-} = {}): Promise<{ exitCode: number | null; requests: ApiRequest[] }> {
+export async function runDemo(
+  options: {
+    stdout?: (text: string) => void;
+    narrate?: (line: string) => void;
+    signal?: AbortSignal;
+    stepMs?: number;
+  } = {},
+): Promise<{ exitCode: number | null; requests: ApiRequest[] }> {
   const { signal = new AbortController().signal, stepMs = 1000 } = options;
   const narrate = options.narrate ?? ((line: string) => console.error(`demo: ${line}`));
   const waiters = new Set<() => void>();
-  const fake = await new FakeApiServer({ onActivity: () => waiters.forEach((check) => check()) }).listen();
+  const fake = await new FakeApiServer({
+    onActivity: () => waiters.forEach((check) => check()),
+  }).listen();
   const kubeconfig = writeKubeconfig({ server: fake.url });
   const [program = '', ...args] = controllerCommand();
-  narrate(`a fake API server is listening on ${fake.url}; starting the controller: KUBECONFIG=${kubeconfig} ${[basename(program), ...args].join(' ')}`);
+  narrate(
+    `a fake API server is listening on ${fake.url}; starting the controller: KUBECONFIG=${kubeconfig} ${[basename(program), ...args].join(' ')}`,
+  );
   const child = spawn(program, args, {
     cwd: fileURLToPath(new URL('.', import.meta.url)),
     env: { ...process.env, KUBECONFIG: kubeconfig },
@@ -854,21 +1151,32 @@ export async function runDemo(options: {
   child.stdout?.setEncoding('utf8').on('data', (text: string) => options.stdout?.(text));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   let over = false;
-  void exited.then(() => (over = true, waiters.forEach((check) => check())));
+  void exited.then(() => ((over = true), waiters.forEach((check) => check())));
   const stop = AbortSignal.any([signal, AbortSignal.timeout(20_000)]);
-  const until = (condition: () => boolean) => new Promise<void>((resolve) => {
-    const check = () => (condition() || over || stop.aborted) && (waiters.delete(check), resolve());
-    waiters.add(check);
-    stop.addEventListener('abort', check, { once: true });
-    check();
-  });
+  const until = (condition: () => boolean) =>
+    new Promise<void>((resolve) => {
+      const check = () =>
+        (condition() || over || stop.aborted) && (waiters.delete(check), resolve());
+      waiters.add(check);
+      stop.addEventListener('abort', check, { once: true });
+      check();
+    });
   const pause = () => sleep(stepMs, undefined, { signal }).catch(() => {});
   try {
     await until(() => fake.openWatches > 0); // the controller has its initial state and is watching
     const steps: [string, () => void][] = [
-      ['kubectl apply -f book.yaml', () => fake.create('moby-dick', { title: 'Moby Dick', authors: ['Herman Melville'] })],
-      [`kubectl patch book moby-dick --type merge -p '{"spec":{"title":"Moby-Dick; or, The Whale"}}'`,
-        () => fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] })],
+      [
+        'kubectl apply -f book.yaml',
+        () => fake.create('moby-dick', { title: 'Moby Dick', authors: ['Herman Melville'] }),
+      ],
+      [
+        `kubectl patch book moby-dick --type merge -p '{"spec":{"title":"Moby-Dick; or, The Whale"}}'`,
+        () =>
+          fake.update('moby-dick', {
+            title: 'Moby-Dick; or, The Whale',
+            authors: ['Herman Melville'],
+          }),
+      ],
       ['kubectl delete book moby-dick', () => fake.remove('moby-dick')],
     ];
     for (const [command, step] of steps) {
@@ -888,12 +1196,13 @@ export async function runDemo(options: {
 }
 
 // Runs only as the entry point, not when imported by the tests. Node 22 and tsx lack import.meta.main.
-const isEntryPoint = (import.meta as { main?: boolean }).main ?? process.argv[1] === fileURLToPath(import.meta.url);
+const isEntryPoint =
+  (import.meta as { main?: boolean }).main ?? process.argv[1] === fileURLToPath(import.meta.url);
 if (isEntryPoint) {
   const stop = new AbortController();
   // `on`, not `once`: Ctrl-C may arrive twice (from the terminal, and relayed by tsx's CLI).
   process.on('SIGINT', () => stop.abort());
   process.on('SIGTERM', () => stop.abort());
   const { exitCode } = await runDemo({ signal: stop.signal });
-  process.exit(stop.signal.aborted ? 0 : exitCode ?? 1);
+  process.exit(stop.signal.aborted ? 0 : (exitCode ?? 1));
 }

@@ -65,8 +65,12 @@ const { values: flags } = parseArgs({
     pin: { type: 'boolean', default: false },
   },
 });
-const N = Number(flags.books), M = Number(flags.events), R = Number(flags.runs);
-const MB = Number(flags['memory-books']), RB = Number(flags['ready-books']), LAT = Number(flags.latency);
+const N = Number(flags.books),
+  M = Number(flags.events),
+  R = Number(flags.runs);
+const MB = Number(flags['memory-books']),
+  RB = Number(flags['ready-books']),
+  LAT = Number(flags.latency);
 const R_READY = Number(flags['ready-runs']);
 const CONCURRENCY = flags.concurrency.split(',').map(Number);
 const R_STARTUP = Math.min(R, 3);
@@ -76,7 +80,9 @@ const CONTROLLER = flags.controller;
 const FLOOR = join(BENCH, 'floor.ts');
 const PROBE = join(BENCH, 'memprobe.ts');
 if (!existsSync(CONTROLLER)) {
-  console.error(`bench: ${CONTROLLER} does not exist; pass --controller FILE (e.g. bench/floor.ts) to test the harness`);
+  console.error(
+    `bench: ${CONTROLLER} does not exist; pass --controller FILE (e.g. bench/floor.ts) to test the harness`,
+  );
   process.exit(1);
 }
 
@@ -84,30 +90,85 @@ if (!existsSync(CONTROLLER)) {
 type Launcher = 'tsx' | 'npx' | 'strip' | 'deno' | 'bun';
 const NODE = process.execPath;
 /** The command line; `probe` preloads memprobe.ts with a GC the probe can force. */
-function command(launcher: Launcher, file: string, args: string[] = [], nodeFlags: string[] = [], probe = false): string[] {
+function command(
+  launcher: Launcher,
+  file: string,
+  args: string[] = [],
+  nodeFlags: string[] = [],
+  probe = false,
+): string[] {
   const pre = probe ? ['--expose-gc', '--import', pathToFileURL(PROBE).href] : [];
   switch (launcher) {
-    case 'tsx': return [NODE, ...nodeFlags, '--import', 'tsx', ...pre, file, ...args];
-    case 'strip': return [NODE, ...nodeFlags, ...pre, file, ...args];
-    case 'npx': return probe ? command('tsx', file, args, nodeFlags, probe) : ['npx', 'tsx', file, ...args];
-    case 'deno': return ['deno', 'run', '-A', '--no-lock', ...(probe ? ['--v8-flags=--expose-gc', '--preload', PROBE] : []), file, ...args];
-    case 'bun': return ['bun', ...(probe ? ['--preload', PROBE] : []), file, ...args];
+    case 'tsx':
+      return [NODE, ...nodeFlags, '--import', 'tsx', ...pre, file, ...args];
+    case 'strip':
+      return [NODE, ...nodeFlags, ...pre, file, ...args];
+    case 'npx':
+      return probe ? command('tsx', file, args, nodeFlags, probe) : ['npx', 'tsx', file, ...args];
+    case 'deno':
+      return [
+        'deno',
+        'run',
+        '-A',
+        '--no-lock',
+        ...(probe ? ['--v8-flags=--expose-gc', '--preload', PROBE] : []),
+        file,
+        ...args,
+      ];
+    case 'bun':
+      return ['bun', ...(probe ? ['--preload', PROBE] : []), file, ...args];
   }
 }
 const LAUNCHER_NAME: Record<Launcher, string> = {
-  tsx: 'node --import tsx', npx: 'npx tsx', strip: 'node (type stripping)', deno: 'deno run -A', bun: 'bun',
+  tsx: 'node --import tsx',
+  npx: 'npx tsx',
+  strip: 'node (type stripping)',
+  deno: 'deno run -A',
+  bun: 'bun',
 };
-const MAIN: Launcher = flags.runtime === 'node' ? (flags.launcher as Launcher) : (flags.runtime as Launcher);
+const MAIN: Launcher =
+  flags.runtime === 'node' ? (flags.launcher as Launcher) : (flags.runtime as Launcher);
 
 // ---------- TLS, kubeconfig, server ----------
 const tmp = mkdtempSync(join(tmpdir(), 'book-bench-'));
 function makeCerts() {
   const ssl = (...a: string[]) => execFileSync('openssl', a, { cwd: tmp, stdio: 'pipe' });
   const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  ssl('req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '1', '-subj', '/CN=book-bench-ca');
+  ssl(
+    'req',
+    '-x509',
+    ...ec,
+    '-keyout',
+    'ca.key',
+    '-out',
+    'ca.crt',
+    '-days',
+    '1',
+    '-subj',
+    '/CN=book-bench-ca',
+  );
   ssl('req', ...ec, '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=127.0.0.1');
-  writeFileSync(join(tmp, 'ext.cnf'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n');
-  ssl('x509', '-req', '-in', 'server.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'server.crt', '-days', '1', '-extfile', 'ext.cnf');
+  writeFileSync(
+    join(tmp, 'ext.cnf'),
+    'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n',
+  );
+  ssl(
+    'x509',
+    '-req',
+    '-in',
+    'server.csr',
+    '-CA',
+    'ca.crt',
+    '-CAkey',
+    'ca.key',
+    '-CAcreateserial',
+    '-out',
+    'server.crt',
+    '-days',
+    '1',
+    '-extfile',
+    'ext.cnf',
+  );
 }
 makeCerts();
 const TOKEN = 'bench-token-' + Math.random().toString(36).slice(2);
@@ -115,36 +176,94 @@ const CA = readFileSync(join(tmp, 'ca.crt'));
 const control = new https.Agent({ keepAlive: true, ca: CA, maxSockets: 1 });
 
 interface ServerStats {
-  listPages: number; watches: number; streamingLists: number; rejectedStreamingLists: number; statusPatches: number;
-  statusPatches404: number; other: number; unauthorized: number; connections: number; books: number; notReady: number;
-  openWatches: number; created: number; createdReady: number; readyMs: number; sinceFirstMs: number; lastPatchAt: number;
+  listPages: number;
+  watches: number;
+  streamingLists: number;
+  rejectedStreamingLists: number;
+  statusPatches: number;
+  statusPatches404: number;
+  other: number;
+  unauthorized: number;
+  connections: number;
+  books: number;
+  notReady: number;
+  openWatches: number;
+  created: number;
+  createdReady: number;
+  readyMs: number;
+  sinceFirstMs: number;
+  lastPatchAt: number;
 }
 interface Server {
-  proc: ChildProcess; kubeconfig: string;
+  proc: ChildProcess;
+  kubeconfig: string;
   call: (path: string, query?: Record<string, string | number>) => Promise<ServerStats>;
   stop: () => void;
 }
 async function startServer(books: number, events: number): Promise<Server> {
-  const proc = spawn(flags.pin ? 'taskset' : NODE, [...(flags.pin ? ['-c', '0', NODE] : []), join(BENCH, 'server.ts'), String(books), String(events), join(tmp, 'server.crt'), join(tmp, 'server.key'), TOKEN], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const proc = spawn(
+    flags.pin ? 'taskset' : NODE,
+    [
+      ...(flags.pin ? ['-c', '0', NODE] : []),
+      join(BENCH, 'server.ts'),
+      String(books),
+      String(events),
+      join(tmp, 'server.crt'),
+      join(tmp, 'server.key'),
+      TOKEN,
+    ],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
   const port = await new Promise<number>((resolve, reject) => {
     proc.stdout?.once('data', (d: Buffer) => resolve(JSON.parse(d.toString()).port));
     proc.once('exit', (c) => reject(new Error(`server exited (${c})`)));
   });
   // JSON is YAML, so client-node reads it and the bare floor can JSON.parse it
   const kubeconfig = join(tmp, `kubeconfig-${port}.json`);
-  writeFileSync(kubeconfig, JSON.stringify({
-    apiVersion: 'v1', kind: 'Config', 'current-context': 'bench',
-    clusters: [{ name: 'bench', cluster: { server: `https://127.0.0.1:${port}`, 'certificate-authority-data': CA.toString('base64') } }],
-    users: [{ name: 'bench', user: { token: TOKEN } }],
-    contexts: [{ name: 'bench', context: { cluster: 'bench', user: 'bench', namespace: 'default' } }],
-  }, null, 2));
-  const call = (path: string, query: Record<string, string | number> = {}) => new Promise<ServerStats>((resolve, reject) => {
-    const q = new URLSearchParams(Object.entries(query).map(([k, v]) => [k, String(v)]));
-    https.request(`https://127.0.0.1:${port}/bench/${path}?${q}`, { agent: control, method: path === 'stats' ? 'GET' : 'POST' }, (res) => {
-      let body = '';
-      res.on('data', (c) => { body += c; }).on('end', () => resolve(JSON.parse(body)));
-    }).on('error', reject).end();
-  });
+  writeFileSync(
+    kubeconfig,
+    JSON.stringify(
+      {
+        apiVersion: 'v1',
+        kind: 'Config',
+        'current-context': 'bench',
+        clusters: [
+          {
+            name: 'bench',
+            cluster: {
+              server: `https://127.0.0.1:${port}`,
+              'certificate-authority-data': CA.toString('base64'),
+            },
+          },
+        ],
+        users: [{ name: 'bench', user: { token: TOKEN } }],
+        contexts: [
+          { name: 'bench', context: { cluster: 'bench', user: 'bench', namespace: 'default' } },
+        ],
+      },
+      null,
+      2,
+    ),
+  );
+  const call = (path: string, query: Record<string, string | number> = {}) =>
+    new Promise<ServerStats>((resolve, reject) => {
+      const q = new URLSearchParams(Object.entries(query).map(([k, v]) => [k, String(v)]));
+      https
+        .request(
+          `https://127.0.0.1:${port}/bench/${path}?${q}`,
+          { agent: control, method: path === 'stats' ? 'GET' : 'POST' },
+          (res) => {
+            let body = '';
+            res
+              .on('data', (c) => {
+                body += c;
+              })
+              .on('end', () => resolve(JSON.parse(body)));
+          },
+        )
+        .on('error', reject)
+        .end();
+    });
   return { proc, kubeconfig, call, stop: () => proc.kill('SIGTERM') };
 }
 
@@ -153,18 +272,28 @@ function descendants(pid: number): number[] {
   const out: number[] = [];
   try {
     for (const tid of readdirSync(`/proc/${pid}/task`)) {
-      for (const c of readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').split(' ').filter(Boolean)) {
+      for (const c of readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8')
+        .split(' ')
+        .filter(Boolean)) {
         out.push(Number(c), ...descendants(Number(c)));
       }
     }
-  } catch { /* gone */ }
+  } catch {
+    /* gone */
+  }
   return out;
 }
 // The process running the code: the deepest one whose command line names the
 // file (npx and the tsx CLI are wrappers; tsx may also start an esbuild child).
 function codePid(pid: number, file: string): number {
   const named = [pid, ...descendants(pid)].filter((p) => {
-    try { return readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').some((a) => a.endsWith(file.split('/').pop() ?? file)); } catch { return false; }
+    try {
+      return readFileSync(`/proc/${p}/cmdline`, 'utf8')
+        .split('\0')
+        .some((a) => a.endsWith(file.split('/').pop() ?? file));
+    } catch {
+      return false;
+    }
   });
   return named.at(-1) ?? pid;
 }
@@ -173,8 +302,13 @@ function procStats(pid: number): { rssMB: number; cpuS: number } {
     const hwm = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields from #3 on
-    return { rssMB: hwm ? Number(hwm[1]) / 1024 : NaN, cpuS: (Number(f[11]) + Number(f[12])) / 100 };
-  } catch { return { rssMB: NaN, cpuS: NaN }; }
+    return {
+      rssMB: hwm ? Number(hwm[1]) / 1024 : NaN,
+      cpuS: (Number(f[11]) + Number(f[12])) / 100,
+    };
+  } catch {
+    return { rssMB: NaN, cpuS: NaN };
+  }
 }
 
 // ---------- a child under test ----------
@@ -193,28 +327,57 @@ class Child {
   exitCode: number | string | undefined;
   exited: Promise<number | string>;
   subject: Subject;
-  constructor(subject: Subject, cmd: string[], kubeconfig: string, env: Record<string, string> = {}) {
+  constructor(
+    subject: Subject,
+    cmd: string[],
+    kubeconfig: string,
+    env: Record<string, string> = {},
+  ) {
     this.subject = subject;
     if (flags.pin) cmd = ['taskset', '-c', '1', ...cmd];
     this.proc = spawn(cmd[0], cmd.slice(1), {
-      cwd: ROOT, env: { ...process.env, ...env, KUBECONFIG: kubeconfig, PATH: `${dirname(NODE)}:${process.env.PATH}` },
-      stdio: ['ignore', 'pipe', 'pipe'], detached: true,
+      cwd: ROOT,
+      env: {
+        ...process.env,
+        ...env,
+        KUBECONFIG: kubeconfig,
+        PATH: `${dirname(NODE)}:${process.env.PATH}`,
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
     });
-    this.exited = new Promise((res) => this.proc.on('exit', (code, sig) => res((this.exitCode = code ?? sig ?? '?'))));
+    this.exited = new Promise((res) =>
+      this.proc.on('exit', (code, sig) => res((this.exitCode = code ?? sig ?? '?'))),
+    );
     this.proc.stdout?.on('data', (c: Buffer) => {
       const t = performance.now();
       this.lastOutput = t;
       this.chunks.push(c);
       for (let i = c.indexOf(10); i !== -1; i = c.indexOf(10, i + 1)) this.times.push(t);
     });
-    this.proc.stderr?.on('data', (c: Buffer) => { this.stderr = (this.stderr + c.toString()).slice(-4000); });
+    this.proc.stderr?.on('data', (c: Buffer) => {
+      this.stderr = (this.stderr + c.toString()).slice(-4000);
+    });
   }
-  get lines() { return this.times.length; }
-  get pid() { return codePid(this.proc.pid ?? 0, this.subject.file); }
-  text(): string[] { const s = Buffer.concat(this.chunks).toString('utf8').split('\n'); s.pop(); return s; }
-  lastStderr(n = 2) { return this.stderr.trim().split('\n').slice(-n).join(' | ').slice(0, 400); }
+  get lines() {
+    return this.times.length;
+  }
+  get pid() {
+    return codePid(this.proc.pid ?? 0, this.subject.file);
+  }
+  text(): string[] {
+    const s = Buffer.concat(this.chunks).toString('utf8').split('\n');
+    s.pop();
+    return s;
+  }
+  lastStderr(n = 2) {
+    return this.stderr.trim().split('\n').slice(-n).join(' | ').slice(0, 400);
+  }
   /** Until `done()` (checked every 20 ms), the child exits, or the timeout. */
-  async until(done: () => boolean | Promise<boolean>, timeoutMs: number): Promise<'done' | 'exit' | 'timeout'> {
+  async until(
+    done: () => boolean | Promise<boolean>,
+    timeoutMs: number,
+  ): Promise<'done' | 'exit' | 'timeout'> {
     const end = performance.now() + timeoutMs;
     while (performance.now() < end) {
       if (await done()) return 'done';
@@ -225,25 +388,64 @@ class Child {
   }
   /** `lines` lines; or output that stopped for `quietMs` after at least `minLines`. */
   waitLines(lines: number, quietMs: number, timeoutMs: number, minLines = 1) {
-    return this.until(() => this.lines >= lines || (this.lines >= minLines && performance.now() - this.lastOutput > quietMs), timeoutMs);
+    return this.until(
+      () =>
+        this.lines >= lines ||
+        (this.lines >= minLines && performance.now() - this.lastOutput > quietMs),
+      timeoutMs,
+    );
   }
   async stop(): Promise<number | string> {
     if (this.exitCode === undefined) {
-      try { process.kill(this.pid, 'SIGTERM'); } catch { /* gone */ }
+      try {
+        process.kill(this.pid, 'SIGTERM');
+      } catch {
+        /* gone */
+      }
     }
-    const kill = setTimeout(() => { try { process.kill(-(this.proc.pid ?? 0), 'SIGKILL'); } catch { /* gone */ } }, 5000);
+    const kill = setTimeout(() => {
+      try {
+        process.kill(-(this.proc.pid ?? 0), 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }, 5000);
     const code = await this.exited;
     clearTimeout(kill);
     return code;
   }
 }
-const spawnSubject = (s: Subject, server: Server, launcher = MAIN, opts: { args?: string[]; nodeFlags?: string[]; probe?: boolean; env?: Record<string, string> } = {}) =>
-  new Child(s, command(launcher, s.file, [...(s.args ?? []), ...(s === CTRL ? opts.args ?? [] : [])], opts.nodeFlags, opts.probe), server.kubeconfig, opts.env);
+const spawnSubject = (
+  s: Subject,
+  server: Server,
+  launcher = MAIN,
+  opts: {
+    args?: string[];
+    nodeFlags?: string[];
+    probe?: boolean;
+    env?: Record<string, string>;
+  } = {},
+) =>
+  new Child(
+    s,
+    command(
+      launcher,
+      s.file,
+      [...(s.args ?? []), ...(s === CTRL ? (opts.args ?? []) : [])],
+      opts.nodeFlags,
+      opts.probe,
+    ),
+    server.kubeconfig,
+    opts.env,
+  );
 /** The controller refused a flag (exit 2): rows that need it are n/a. */
-const refused = (c: Child) => c.exitCode === 2 ? `n/a: exit 2 (${c.lastStderr(1)})` : undefined;
+const refused = (c: Child) => (c.exitCode === 2 ? `n/a: exit 2 (${c.lastStderr(1)})` : undefined);
 
 // ---------- stats and formatting ----------
-const median = (xs: number[]) => { const s = xs.filter((x) => !Number.isNaN(x)).sort((a, b) => a - b); return s.length ? s[(s.length - 1) >> 1] : NaN; };
+const median = (xs: number[]) => {
+  const s = xs.filter((x) => !Number.isNaN(x)).sort((a, b) => a - b);
+  return s.length ? s[(s.length - 1) >> 1] : NaN;
+};
 const fmt = (x: number, d = 0) => (Number.isNaN(x) ? '–' : x.toFixed(d));
 function cell(xs: number[], d = 0): string {
   const ok = xs.filter((x) => !Number.isNaN(x));
@@ -251,14 +453,33 @@ function cell(xs: number[], d = 0): string {
   return `${fmt(median(xs), d)} [${fmt(Math.min(...ok), d)}–${fmt(Math.max(...ok), d)}]`;
 }
 const mark = (ok: boolean | undefined) => (ok === undefined ? 'n/a' : ok ? '✅' : '❌');
-interface Row { measure: string; controller: string; reference: string; ratio: string; target: string; ok: boolean | undefined }
+interface Row {
+  measure: string;
+  controller: string;
+  reference: string;
+  ratio: string;
+  target: string;
+  ok: boolean | undefined;
+}
 const SUMMARY: Row[] = [];
 const NOTES: string[] = [];
-function ratioRow(measure: string, c: number[], ref: number[], refName: string, d: number, limit: number, na?: string) {
+function ratioRow(
+  measure: string,
+  c: number[],
+  ref: number[],
+  refName: string,
+  d: number,
+  limit: number,
+  na?: string,
+) {
   const ratio = median(c) / median(ref);
   const row: Row = {
-    measure, controller: na ?? cell(c, d), reference: `${refName} ${cell(ref, d)}`, ratio: na ? '–' : fmt(ratio, 2),
-    target: `≤ ${limit}x`, ok: na || Number.isNaN(ratio) ? undefined : ratio <= limit,
+    measure,
+    controller: na ?? cell(c, d),
+    reference: `${refName} ${cell(ref, d)}`,
+    ratio: na ? '–' : fmt(ratio, 2),
+    target: `≤ ${limit}x`,
+    ok: na || Number.isNaN(ratio) ? undefined : ratio <= limit,
   };
   SUMMARY.push(row);
   return row;
@@ -266,18 +487,39 @@ function ratioRow(measure: string, c: number[], ref: number[], refName: string, 
 const printRows = (rows: Row[]) => {
   console.log('| measure | controller | floor or ideal | ratio | target | |');
   console.log('|---|---|---|---|---|---|');
-  for (const r of rows) console.log(`| ${r.measure} | ${r.controller} | ${r.reference} | ${r.ratio} | ${r.target} | ${mark(r.ok)} |`);
+  for (const r of rows)
+    console.log(
+      `| ${r.measure} | ${r.controller} | ${r.reference} | ${r.ratio} | ${r.target} | ${mark(r.ok)} |`,
+    );
 };
 const progress = (s = '.') => process.stderr.write(s);
 
 // ---------- scenario: sync + watch ----------
 type Mode = 'streaming' | 'paginated';
 interface SyncRun {
-  syncMs: number; watchMs: number; rssMB: number; cpuS: number; lines: number; merged: number;
-  requests: ServerStats; error?: string; na?: string;
+  syncMs: number;
+  watchMs: number;
+  rssMB: number;
+  cpuS: number;
+  lines: number;
+  merged: number;
+  requests: ServerStats;
+  error?: string;
+  na?: string;
 }
-async function syncRun(server: Server, s: Subject, mode: Mode, launcher = MAIN, nodeFlags: string[] = []): Promise<SyncRun> {
-  await server.call('reset', { books: N, events: 1, watchlist: mode === 'streaming' ? 1 : 0, latency: 0 });
+async function syncRun(
+  server: Server,
+  s: Subject,
+  mode: Mode,
+  launcher = MAIN,
+  nodeFlags: string[] = [],
+): Promise<SyncRun> {
+  await server.call('reset', {
+    books: N,
+    events: 1,
+    watchlist: mode === 'streaming' ? 1 : 0,
+    latency: 0,
+  });
   const c = spawnSubject(s, server, launcher, { nodeFlags });
   const writes = s !== RAW; // the raw floor writes no status: never Ready
   const limit = 180_000 + (N + M) * 5;
@@ -285,7 +527,16 @@ async function syncRun(server: Server, s: Subject, mode: Mode, launcher = MAIN, 
   // in sync: every book printed (N lines; fewer if it merged, then 2 s of silence) and Ready
   let how = await c.waitLines(N, 2000, limit);
   if (how === 'done') how = await c.until(inSync, limit);
-  const run: SyncRun = { syncMs: NaN, watchMs: NaN, rssMB: NaN, cpuS: NaN, lines: 0, merged: 0, requests: await server.call('stats'), na: refused(c) };
+  const run: SyncRun = {
+    syncMs: NaN,
+    watchMs: NaN,
+    rssMB: NaN,
+    cpuS: NaN,
+    lines: 0,
+    merged: 0,
+    requests: await server.call('stats'),
+    na: refused(c),
+  };
   if (how === 'done') {
     const linesAtSync = c.lines;
     const burst = performance.now();
@@ -297,7 +548,8 @@ async function syncRun(server: Server, s: Subject, mode: Mode, launcher = MAIN, 
     run.requests = await server.call('stats');
     // in sync after the burst: the last line, or the last status write if later
     const lastPatch = run.requests.lastPatchAt - performance.timeOrigin;
-    run.watchMs = Math.max(c.times[c.times.length - 1], Number.isNaN(lastPatch) ? 0 : lastPatch) - burst;
+    run.watchMs =
+      Math.max(c.times[c.times.length - 1], Number.isNaN(lastPatch) ? 0 : lastPatch) - burst;
   }
   const exit = await c.stop();
   const lines = c.text();
@@ -305,25 +557,36 @@ async function syncRun(server: Server, s: Subject, mode: Mode, launcher = MAIN, 
   const listed = new Set<string>();
   for (let i = 0; i < lines.length; i++) {
     const m = /^Added a book (book-\d+) /.exec(lines[i]);
-    if (m) { listed.add(m[1]); if (listed.size === N) { run.syncMs = c.times[i] - c.t0; break; } }
+    if (m) {
+      listed.add(m[1]);
+      if (listed.size === N) {
+        run.syncMs = c.times[i] - c.t0;
+        break;
+      }
+    }
   }
   run.lines = lines.length;
   const { problems, merged } = checkLines(N, M, lines);
   run.merged = merged;
-  if (how !== 'done') run.error = `${how} after ${lines.length} lines, exit ${exit}: ${c.lastStderr()}`;
+  if (how !== 'done')
+    run.error = `${how} after ${lines.length} lines, exit ${exit}: ${c.lastStderr()}`;
   else if (problems.length) run.error = problems.join('; ');
   else if (exit !== 0) run.error = `exit ${exit} after SIGTERM (want 0): ${c.lastStderr()}`;
-  if (c.stderr.trim() && !run.error) NOTES.push(`${s.name} (${mode}) wrote to stderr: ${c.lastStderr()}`);
+  if (c.stderr.trim() && !run.error)
+    NOTES.push(`${s.name} (${mode}) wrote to stderr: ${c.lastStderr()}`);
   return run;
 }
 
 function requestText(r: ServerStats) {
   const parts = [];
-  if (r.streamingLists) parts.push(`${r.streamingLists} streaming list${r.streamingLists > 1 ? 's' : ''}`);
+  if (r.streamingLists)
+    parts.push(`${r.streamingLists} streaming list${r.streamingLists > 1 ? 's' : ''}`);
   if (r.rejectedStreamingLists) parts.push(`${r.rejectedStreamingLists} refused (422)`);
   if (r.listPages) parts.push(`${r.listPages} list pages`);
   if (r.watches) parts.push(`${r.watches} watch${r.watches > 1 ? 'es' : ''}`);
-  parts.push(`${r.statusPatches} status patches${r.statusPatches404 ? ` (${r.statusPatches404} 404)` : ''}`);
+  parts.push(
+    `${r.statusPatches} status patches${r.statusPatches404 ? ` (${r.statusPatches404} 404)` : ''}`,
+  );
   if (r.other) parts.push(`${r.other} other`);
   if (r.unauthorized) parts.push(`${r.unauthorized} 401`);
   parts.push(`${r.connections} conn.`);
@@ -333,7 +596,9 @@ function requestText(r: ServerStats) {
 async function syncTable() {
   const subjects = [CTRL, FLOORS, RAW];
   const modes: Mode[] = ['streaming', 'paginated'];
-  console.log(`\n## initial sync and watch: N=${N} books (none Ready yet), then M=${M} watch events; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`);
+  console.log(
+    `\n## initial sync and watch: N=${N} books (none Ready yet), then M=${M} watch events; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`,
+  );
   const server = await startServer(N, M);
   const res = new Map<string, SyncRun[]>();
   const errors: string[] = [];
@@ -354,14 +619,18 @@ async function syncTable() {
     server.stop();
     progress('\n');
   }
-  const get = (s: Subject, mode: Mode, f: (r: SyncRun) => number) => (res.get(`${s.name}/${mode}`) ?? []).map(f);
+  const get = (s: Subject, mode: Mode, f: (r: SyncRun) => number) =>
+    (res.get(`${s.name}/${mode}`) ?? []).map(f);
   const na = (mode: Mode) => res.get(`controller/${mode}`)?.find((r) => r.na)?.na;
   console.log('| metric | mode | controller | floor | ratio | raw floor (no status, no cache) |');
   console.log('|---|---|---|---|---|---|');
   const detail = (metric: string, f: (r: SyncRun) => number, d = 0) => {
     for (const mode of modes) {
-      const c = get(CTRL, mode, f), fl = get(FLOORS, mode, f);
-      console.log(`| ${metric} | ${mode} | ${cell(c, d)} | ${cell(fl, d)} | ${fmt(median(c) / median(fl), 2)} | ${cell(get(RAW, mode, f), d)} |`);
+      const c = get(CTRL, mode, f),
+        fl = get(FLOORS, mode, f);
+      console.log(
+        `| ${metric} | ${mode} | ${cell(c, d)} | ${cell(fl, d)} | ${fmt(median(c) / median(fl), 2)} | ${cell(get(RAW, mode, f), d)} |`,
+      );
     }
   };
   detail('spawn → N-th book Added (ms)', (r) => r.syncMs);
@@ -373,53 +642,125 @@ async function syncTable() {
   detail('status patches', (r) => r.requests.statusPatches);
   detail('books not Ready at the end', (r) => r.requests.notReady);
   console.log('\nrequests of the last run of each (counted by the server):\n');
-  for (const mode of modes) for (const s of subjects) {
-    const last = res.get(`${s.name}/${mode}`)?.at(-1);
-    if (last) console.log(`- ${s.name}, ${mode}: ${requestText(last.requests)}`);
-  }
+  for (const mode of modes)
+    for (const s of subjects) {
+      const last = res.get(`${s.name}/${mode}`)?.at(-1);
+      if (last) console.log(`- ${s.name}, ${mode}: ${requestText(last.requests)}`);
+    }
   for (const e of errors) console.log(`\n⚠️ ${e}`);
 
-  for (const mode of modes) ratioRow(`initial sync of ${N} books, ${mode} (spawn → N-th Added, ms)`, get(CTRL, mode, (r) => r.syncMs), get(FLOORS, mode, (r) => r.syncMs), 'floor', 0, 1.2, na(mode));
-  for (const mode of modes) ratioRow(`watch of ${M} events, ${mode} (ms)`, get(CTRL, mode, (r) => r.watchMs), get(FLOORS, mode, (r) => r.watchMs), 'floor', 0, 1.25, na(mode));
+  for (const mode of modes)
+    ratioRow(
+      `initial sync of ${N} books, ${mode} (spawn → N-th Added, ms)`,
+      get(CTRL, mode, (r) => r.syncMs),
+      get(FLOORS, mode, (r) => r.syncMs),
+      'floor',
+      0,
+      1.2,
+      na(mode),
+    );
+  for (const mode of modes)
+    ratioRow(
+      `watch of ${M} events, ${mode} (ms)`,
+      get(CTRL, mode, (r) => r.watchMs),
+      get(FLOORS, mode, (r) => r.watchMs),
+      'floor',
+      0,
+      1.25,
+      na(mode),
+    );
   // requests: what the contract needs, and no more
   const changes = N + 2 * Math.ceil(M / 3); // one status write per book and per spec change
   for (const mode of modes) {
     const runs = res.get(`controller/${mode}`) ?? [];
     const last = runs.at(-1);
-    const want = mode === 'streaming'
-      ? { streamingLists: 1, listPages: 0, watches: 0, rejectedStreamingLists: 0 }
-      : { streamingLists: 0, listPages: Math.max(1, Math.ceil(N / 500)), watches: 1, rejectedStreamingLists: 1 };
-    const ok = last && !na(mode) ? runs.every((r) => r.requests.statusPatches <= changes && r.requests.notReady === 0 && r.requests.other === 0 &&
-      Object.entries(want).every(([k, v]) => r.requests[k as keyof ServerStats] === v)) : undefined;
+    const want =
+      mode === 'streaming'
+        ? { streamingLists: 1, listPages: 0, watches: 0, rejectedStreamingLists: 0 }
+        : {
+            streamingLists: 0,
+            listPages: Math.max(1, Math.ceil(N / 500)),
+            watches: 1,
+            rejectedStreamingLists: 1,
+          };
+    const ok =
+      last && !na(mode)
+        ? runs.every(
+            (r) =>
+              r.requests.statusPatches <= changes &&
+              r.requests.notReady === 0 &&
+              r.requests.other === 0 &&
+              Object.entries(want).every(([k, v]) => r.requests[k as keyof ServerStats] === v),
+          )
+        : undefined;
     const fl = res.get(`floor/${mode}`)?.at(-1);
     SUMMARY.push({
-      measure: `requests, sync + watch, ${mode}`, controller: na(mode) ?? (last ? `${requestText(last.requests)}; ${last.requests.notReady} not Ready` : '–'),
-      reference: fl ? `floor: ${requestText(fl.requests)}` : '', ratio: '–',
-      target: `${mode === 'streaming' ? '1 streaming list' : '1 refused streaming list, 40 pages, 1 watch'}; ≤ ${changes} status patches (one per change); 0 not Ready`, ok,
+      measure: `requests, sync + watch, ${mode}`,
+      controller:
+        na(mode) ??
+        (last ? `${requestText(last.requests)}; ${last.requests.notReady} not Ready` : '–'),
+      reference: fl ? `floor: ${requestText(fl.requests)}` : '',
+      ratio: '–',
+      target: `${mode === 'streaming' ? '1 streaming list' : '1 refused streaming list, 40 pages, 1 watch'}; ≤ ${changes} status patches (one per change); 0 not Ready`,
+      ok,
     });
   }
-  for (const mode of modes) ratioRow(`peak RSS, ${mode} (MB)`, get(CTRL, mode, (r) => r.rssMB), get(FLOORS, mode, (r) => r.rssMB), 'floor', 0, 1.15, na(mode));
+  for (const mode of modes)
+    ratioRow(
+      `peak RSS, ${mode} (MB)`,
+      get(CTRL, mode, (r) => r.rssMB),
+      get(FLOORS, mode, (r) => r.rssMB),
+      'floor',
+      0,
+      1.15,
+      na(mode),
+    );
 }
 
 // ---------- scenario: memory per cached book ----------
-interface MemRun { heapUsed: number; rss: number; hwm: number; patches: number; gc: boolean; error?: string; na?: string }
-async function memRun(server: Server, s: Subject, books: number, launcher = MAIN, nodeFlags: string[] = []): Promise<MemRun> {
+interface MemRun {
+  heapUsed: number;
+  rss: number;
+  hwm: number;
+  patches: number;
+  gc: boolean;
+  error?: string;
+  na?: string;
+}
+async function memRun(
+  server: Server,
+  s: Subject,
+  books: number,
+  launcher = MAIN,
+  nodeFlags: string[] = [],
+): Promise<MemRun> {
   await server.call('reset', { books, events: 0, watchlist: 1, ready: 1, latency: 0 });
   const file = join(tmp, `mem-${Math.random().toString(36).slice(2)}.json`);
-  const c = spawnSubject(s, server, launcher, { probe: true, env: { BENCH_MEMORY_FILE: file }, nodeFlags });
+  const c = spawnSubject(s, server, launcher, {
+    probe: true,
+    env: { BENCH_MEMORY_FILE: file },
+    nodeFlags,
+  });
   const timeout = 60_000 + books;
-  const how = books > 0
-    ? await c.waitLines(books, 3000, timeout)
-    : await c.until(async () => (await server.call('stats')).openWatches > 0, timeout);
+  const how =
+    books > 0
+      ? await c.waitLines(books, 3000, timeout)
+      : await c.until(async () => (await server.call('stats')).openWatches > 0, timeout);
   const run: MemRun = { heapUsed: NaN, rss: NaN, hwm: NaN, patches: NaN, gc: false };
   if (how === 'done') {
     await sleep(500);
-    try { process.kill(c.pid, 'SIGUSR2'); } catch { /* gone */ }
+    try {
+      process.kill(c.pid, 'SIGUSR2');
+    } catch {
+      /* gone */
+    }
     await c.until(() => existsSync(file), 10_000);
     try {
       const m = JSON.parse(readFileSync(file, 'utf8'));
       Object.assign(run, { heapUsed: m.heapUsed, rss: m.rss / 1048576, gc: m.gc });
-    } catch { run.error = 'no memory report after SIGUSR2'; }
+    } catch {
+      run.error = 'no memory report after SIGUSR2';
+    }
     run.hwm = procStats(c.pid).rssMB;
   } else run.error = `${how} after ${c.lines} lines: ${c.lastStderr()}`;
   const exit = await c.stop();
@@ -432,7 +773,9 @@ async function memRun(server: Server, s: Subject, books: number, launcher = MAIN
 
 async function memoryTable() {
   const subjects = [CTRL, FLOORS, RAW];
-  console.log(`\n## memory per cached book: ${MB} books already Ready (a restart), streaming list; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`);
+  console.log(
+    `\n## memory per cached book: ${MB} books already Ready (a restart), streaming list; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`,
+  );
   const server = await startServer(MB, 0);
   const res = new Map<string, MemRun[]>();
   const errors: string[] = [];
@@ -453,44 +796,77 @@ async function memoryTable() {
     server.stop();
     progress('\n');
   }
-  const get = (s: Subject, books: number, f: (r: MemRun) => number) => (res.get(`${s.name}/${books}`) ?? []).map(f);
+  const get = (s: Subject, books: number, f: (r: MemRun) => number) =>
+    (res.get(`${s.name}/${books}`) ?? []).map(f);
   // per book: each run's full heap minus the median empty heap of the same subject
-  const perBook = (s: Subject) => { const none = median(get(s, 0, (r) => r.heapUsed)); return get(s, MB, (r) => (r.heapUsed - none) / MB); };
-  console.log(`| metric | controller | floor (generation per book) | raw floor (nothing per book) |`);
+  const perBook = (s: Subject) => {
+    const none = median(get(s, 0, (r) => r.heapUsed));
+    return get(s, MB, (r) => (r.heapUsed - none) / MB);
+  };
+  console.log(
+    `| metric | controller | floor (generation per book) | raw floor (nothing per book) |`,
+  );
   console.log('|---|---|---|---|');
-  const line = (metric: string, f: (s: Subject) => number[], d = 0) => console.log(`| ${metric} | ${subjects.map((s) => cell(f(s), d)).join(' | ')} |`);
+  const line = (metric: string, f: (s: Subject) => number[], d = 0) =>
+    console.log(`| ${metric} | ${subjects.map((s) => cell(f(s), d)).join(' | ')} |`);
   line('heap used after GC, no books (MB)', (s) => get(s, 0, (r) => r.heapUsed / 1048576), 1);
   line(`heap used after GC, ${MB} books (MB)`, (s) => get(s, MB, (r) => r.heapUsed / 1048576), 1);
   line('bytes per cached book', perBook);
   line(`RSS after GC, ${MB} books (MB)`, (s) => get(s, MB, (r) => r.rss));
   line(`peak RSS, ${MB} books (MB)`, (s) => get(s, MB, (r) => r.hwm));
   line(`status patches over ${MB} Ready books`, (s) => get(s, MB, (r) => r.patches));
-  if (!res.get(`controller/${MB}`)?.some((r) => r.gc)) errors.push('the runtime offered no forced GC: heap numbers include garbage');
+  if (!res.get(`controller/${MB}`)?.some((r) => r.gc))
+    errors.push('the runtime offered no forced GC: heap numbers include garbage');
   for (const e of errors) console.log(`\n⚠️ ${e}`);
   const na = res.get(`controller/${MB}`)?.find((r) => r.na)?.na;
   const pb = median(perBook(CTRL));
   SUMMARY.push({
-    measure: `memory per cached book (heap after GC, ${MB} books − none, / ${MB}; bytes)`, controller: na ?? cell(perBook(CTRL)),
-    reference: `floor ${cell(perBook(FLOORS))}, raw floor ${cell(perBook(RAW))}`, ratio: '–', target: '≤ 500 bytes',
+    measure: `memory per cached book (heap after GC, ${MB} books − none, / ${MB}; bytes)`,
+    controller: na ?? cell(perBook(CTRL)),
+    reference: `floor ${cell(perBook(FLOORS))}, raw floor ${cell(perBook(RAW))}`,
+    ratio: '–',
+    target: '≤ 500 bytes',
     ok: na || Number.isNaN(pb) ? undefined : pb <= 500,
   });
   SUMMARY.push({
-    measure: `RSS at ${MB} books, after GC (MB)`, controller: na ?? cell(get(CTRL, MB, (r) => r.rss)),
-    reference: `floor ${cell(get(FLOORS, MB, (r) => r.rss))}`, ratio: fmt(median(get(CTRL, MB, (r) => r.rss)) / median(get(FLOORS, MB, (r) => r.rss)), 2),
-    target: 'beside it', ok: undefined,
+    measure: `RSS at ${MB} books, after GC (MB)`,
+    controller: na ?? cell(get(CTRL, MB, (r) => r.rss)),
+    reference: `floor ${cell(get(FLOORS, MB, (r) => r.rss))}`,
+    ratio: fmt(median(get(CTRL, MB, (r) => r.rss)) / median(get(FLOORS, MB, (r) => r.rss)), 2),
+    target: 'beside it',
+    ok: undefined,
   });
   const patches = get(CTRL, MB, (r) => r.patches);
   SUMMARY.push({
-    measure: `requests, restart over ${MB} books already Ready (status patches)`, controller: na ?? cell(patches),
-    reference: `floor ${cell(get(FLOORS, MB, (r) => r.patches))}`, ratio: '–', target: '0', ok: na || !patches.length ? undefined : patches.every((p) => p === 0),
+    measure: `requests, restart over ${MB} books already Ready (status patches)`,
+    controller: na ?? cell(patches),
+    reference: `floor ${cell(get(FLOORS, MB, (r) => r.patches))}`,
+    ratio: '–',
+    target: '0',
+    ok: na || !patches.length ? undefined : patches.every((p) => p === 0),
   });
 }
 
 // ---------- scenario: books Ready ----------
-interface ReadyRun { readyMs: number; patches: number; lines: number; error?: string; na?: string; stats?: ServerStats }
-async function readyRun(server: Server, concurrency: number, launcher = MAIN, nodeFlags: string[] = []): Promise<ReadyRun> {
+interface ReadyRun {
+  readyMs: number;
+  patches: number;
+  lines: number;
+  error?: string;
+  na?: string;
+  stats?: ServerStats;
+}
+async function readyRun(
+  server: Server,
+  concurrency: number,
+  launcher = MAIN,
+  nodeFlags: string[] = [],
+): Promise<ReadyRun> {
   await server.call('reset', { books: 0, events: 0, watchlist: 1, latency: LAT });
-  const c = spawnSubject(CTRL, server, launcher, { args: ['--concurrency', String(concurrency)], nodeFlags });
+  const c = spawnSubject(CTRL, server, launcher, {
+    args: ['--concurrency', String(concurrency)],
+    nodeFlags,
+  });
   const run: ReadyRun = { readyMs: NaN, patches: NaN, lines: 0 };
   let how = await c.until(async () => (await server.call('stats')).openWatches > 0, 60_000);
   if (how === 'done') {
@@ -502,14 +878,23 @@ async function readyRun(server: Server, concurrency: number, launcher = MAIN, no
   }
   const stats = await server.call('stats');
   const exit = await c.stop();
-  Object.assign(run, { readyMs: stats.readyMs, patches: stats.statusPatches, lines: c.lines, na: refused(c), stats });
-  if (how !== 'done') run.error = `${how}: ${stats.createdReady} of ${RB} Ready, ${c.lines} lines: ${c.lastStderr()}`;
+  Object.assign(run, {
+    readyMs: stats.readyMs,
+    patches: stats.statusPatches,
+    lines: c.lines,
+    na: refused(c),
+    stats,
+  });
+  if (how !== 'done')
+    run.error = `${how}: ${stats.createdReady} of ${RB} Ready, ${c.lines} lines: ${c.lastStderr()}`;
   else if (exit !== 0) run.error = `exit ${exit} after SIGTERM: ${c.lastStderr()}`;
   return run;
 }
 
 async function readyTable() {
-  console.log(`\n## books Ready: ${RB} new books, ${LAT} ms per status patch; ${LAUNCHER_NAME[MAIN]}, ${R_READY} run(s) each\n`);
+  console.log(
+    `\n## books Ready: ${RB} new books, ${LAT} ms per status patch; ${LAUNCHER_NAME[MAIN]}, ${R_READY} run(s) each\n`,
+  );
   const server = await startServer(0, 0);
   const res = new Map<number, ReadyRun[]>();
   const errors: string[] = [];
@@ -526,18 +911,34 @@ async function readyTable() {
     server.stop();
     progress('\n');
   }
-  console.log('| --concurrency | time until the last is Ready (ms) | ideal (ms) | ratio | status patches | lines printed |');
+  console.log(
+    '| --concurrency | time until the last is Ready (ms) | ideal (ms) | ratio | status patches | lines printed |',
+  );
   console.log('|---|---|---|---|---|---|');
   for (const cc of CONCURRENCY) {
     const runs = res.get(cc) ?? [];
     const ideal = (RB * LAT) / cc;
     const na = runs.find((r) => r.na)?.na;
-    console.log(`| ${cc} | ${na ?? cell(runs.map((r) => r.readyMs))} | ${ideal} | ${fmt(median(runs.map((r) => r.readyMs)) / ideal, 2)} | ${cell(runs.map((r) => r.patches))} | ${cell(runs.map((r) => r.lines))} |`);
-    ratioRow(`books Ready: ${RB} new books, ${LAT} ms per patch, --concurrency ${cc} (ms)`, runs.map((r) => r.readyMs), [ideal], 'ideal', 0, 1.2, na);
+    console.log(
+      `| ${cc} | ${na ?? cell(runs.map((r) => r.readyMs))} | ${ideal} | ${fmt(median(runs.map((r) => r.readyMs)) / ideal, 2)} | ${cell(runs.map((r) => r.patches))} | ${cell(runs.map((r) => r.lines))} |`,
+    );
+    ratioRow(
+      `books Ready: ${RB} new books, ${LAT} ms per patch, --concurrency ${cc} (ms)`,
+      runs.map((r) => r.readyMs),
+      [ideal],
+      'ideal',
+      0,
+      1.2,
+      na,
+    );
     const patches = runs.map((r) => r.patches);
     SUMMARY.push({
-      measure: `requests, ${RB} new books at --concurrency ${cc} (status patches)`, controller: na ?? cell(patches), reference: '', ratio: '–',
-      target: `${RB} (one per new book)`, ok: na || !runs.length ? undefined : patches.every((p) => p === RB),
+      measure: `requests, ${RB} new books at --concurrency ${cc} (status patches)`,
+      controller: na ?? cell(patches),
+      reference: '',
+      ratio: '–',
+      target: `${RB} (one per new book)`,
+      ok: na || !runs.length ? undefined : patches.every((p) => p === RB),
     });
   }
   for (const e of errors) console.log(`\n⚠️ ${e}`);
@@ -545,14 +946,23 @@ async function readyTable() {
 
 // ---------- scenario: idle with a short watch timeout ----------
 async function idleTable() {
-  const seconds = 5, timeout = 1, books = 10;
-  console.log(`\n## idle: ${books} books already Ready, --watch-timeout ${timeout}, ${seconds} s after sync; ${LAUNCHER_NAME[MAIN]}\n`);
+  const seconds = 5,
+    timeout = 1,
+    books = 10;
+  console.log(
+    `\n## idle: ${books} books already Ready, --watch-timeout ${timeout}, ${seconds} s after sync; ${LAUNCHER_NAME[MAIN]}\n`,
+  );
   const server = await startServer(books, 0);
   console.log('| mode | requests (counted by the server) | watches per timeout |');
   console.log('|---|---|---|');
   try {
     for (const mode of ['streaming', 'paginated'] as Mode[]) {
-      await server.call('reset', { books, events: 0, watchlist: mode === 'streaming' ? 1 : 0, ready: 1 });
+      await server.call('reset', {
+        books,
+        events: 0,
+        watchlist: mode === 'streaming' ? 1 : 0,
+        ready: 1,
+      });
       const c = spawnSubject(CTRL, server, MAIN, { args: ['--watch-timeout', String(timeout)] });
       const how = await c.waitLines(books, 3000, 60_000);
       await sleep(seconds * 1000);
@@ -562,11 +972,21 @@ async function idleTable() {
       const watches = st.watches + st.streamingLists;
       const allowed = Math.ceil(st.sinceFirstMs / 1000 / timeout) + 1;
       const lists = mode === 'streaming' ? 0 : 1;
-      console.log(`| ${mode} | ${requestText(st)} over ${fmt(st.sinceFirstMs / 1000, 1)} s | ${fmt(watches / (st.sinceFirstMs / 1000 / timeout), 2)} |`);
+      console.log(
+        `| ${mode} | ${requestText(st)} over ${fmt(st.sinceFirstMs / 1000, 1)} s | ${fmt(watches / (st.sinceFirstMs / 1000 / timeout), 2)} |`,
+      );
       SUMMARY.push({
-        measure: `requests, idle ${fmt(st.sinceFirstMs / 1000, 1)} s with --watch-timeout ${timeout}, ${mode}`, controller: na ?? requestText(st), reference: '', ratio: '–',
+        measure: `requests, idle ${fmt(st.sinceFirstMs / 1000, 1)} s with --watch-timeout ${timeout}, ${mode}`,
+        controller: na ?? requestText(st),
+        reference: '',
+        ratio: '–',
         target: `≤ ${allowed} watches (one per timeout), ${lists} list pages, 0 status patches`,
-        ok: na ? undefined : watches <= allowed && st.listPages === lists && st.statusPatches === 0 && st.other === 0,
+        ok: na
+          ? undefined
+          : watches <= allowed &&
+            st.listPages === lists &&
+            st.statusPatches === 0 &&
+            st.other === 0,
       });
       progress();
     }
@@ -580,15 +1000,20 @@ async function idleTable() {
 async function launcherTable() {
   const books = 500;
   const launchers: Launcher[] = ['tsx', 'npx', 'strip', 'deno', 'bun'];
-  console.log(`\n## start-up by launcher: ${books} books already Ready, ${R_STARTUP} runs (spawn → ${books}-th Added, peak RSS)\n`);
-  console.log('| launcher | controller (ms) | floor (ms) | controller RSS (MB) | floor RSS (MB) | notes |');
+  console.log(
+    `\n## start-up by launcher: ${books} books already Ready, ${R_STARTUP} runs (spawn → ${books}-th Added, peak RSS)\n`,
+  );
+  console.log(
+    '| launcher | controller (ms) | floor (ms) | controller RSS (MB) | floor RSS (MB) | notes |',
+  );
   console.log('|---|---|---|---|---|---|');
   const server = await startServer(books, 0);
   try {
     for (const l of launchers) {
       const res = new Map<string, { ms: number; rss: number }[]>();
       const notes = new Set<string>();
-      for (let r = -1; r < R_STARTUP; r++) { // r = -1: warm-up
+      for (let r = -1; r < R_STARTUP; r++) {
+        // r = -1: warm-up
         for (const s of [CTRL, FLOORS]) {
           await server.call('reset', { books, events: 0, watchlist: 1, ready: 1 });
           const c = spawnSubject(s, server, l);
@@ -596,12 +1021,16 @@ async function launcherTable() {
           const rss = procStats(c.pid).rssMB;
           await c.stop();
           if (how !== 'done') notes.add(`${s.name}: ${how} ${c.lastStderr(1)}`);
-          if (r >= 0) res.set(s.name, [...(res.get(s.name) ?? []), { ms: c.times[books - 1] - c.t0, rss }]);
+          if (r >= 0)
+            res.set(s.name, [...(res.get(s.name) ?? []), { ms: c.times[books - 1] - c.t0, rss }]);
           progress();
         }
       }
-      const c = res.get('controller') ?? [], f = res.get('floor') ?? [];
-      console.log(`| ${LAUNCHER_NAME[l]} | ${cell(c.map((x) => x.ms))} | ${cell(f.map((x) => x.ms))} | ${cell(c.map((x) => x.rss))} | ${cell(f.map((x) => x.rss))} | ${[...notes].join('; ').slice(0, 300)} |`);
+      const c = res.get('controller') ?? [],
+        f = res.get('floor') ?? [];
+      console.log(
+        `| ${LAUNCHER_NAME[l]} | ${cell(c.map((x) => x.ms))} | ${cell(f.map((x) => x.ms))} | ${cell(c.map((x) => x.rss))} | ${cell(f.map((x) => x.rss))} | ${[...notes].join('; ').slice(0, 300)} |`,
+      );
     }
   } finally {
     server.stop();
@@ -612,25 +1041,47 @@ async function launcherTable() {
 function dependencies(file: string): string[] {
   const src = readFileSync(file, 'utf8');
   const specs = new Set<string>(['@kubernetes/client-node']);
-  for (const m of src.matchAll(/(?:^|\s)(?:import|export)\s[^'"]*?from\s*['"]([^'"]+)['"]|import\s*\(\s*['"]([^'"]+)['"]\s*\)|^import\s+['"]([^'"]+)['"]/gm)) {
+  for (const m of src.matchAll(
+    /(?:^|\s)(?:import|export)\s[^'"]*?from\s*['"]([^'"]+)['"]|import\s*\(\s*['"]([^'"]+)['"]\s*\)|^import\s+['"]([^'"]+)['"]/gm,
+  )) {
     const s = m[1] ?? m[2] ?? m[3];
-    if (!s || s.startsWith('.') || s.startsWith('/') || s.startsWith('node:') || builtinModules.includes(s)) continue;
+    if (
+      !s ||
+      s.startsWith('.') ||
+      s.startsWith('/') ||
+      s.startsWith('node:') ||
+      builtinModules.includes(s)
+    )
+      continue;
     specs.add(s);
   }
   return [...specs];
 }
 
-function probe(launcher: Launcher, spec?: string): Promise<{ wallMs: number; importMs: number; rssMB: number }> {
+function probe(
+  launcher: Launcher,
+  spec?: string,
+): Promise<{ wallMs: number; importMs: number; rssMB: number }> {
   return new Promise((resolve) => {
     const t0 = performance.now();
     const env = { ...process.env, PATH: `${dirname(NODE)}:${process.env.PATH}` };
     const cmd = command(launcher, join(BENCH, 'import-probe.ts'), spec ? [spec] : []);
-    const child = spawn(cmd[0], cmd.slice(1), { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(cmd[0], cmd.slice(1), {
+      cwd: ROOT,
+      env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let out = '';
-    child.stdout.on('data', (d) => { out += d; });
+    child.stdout.on('data', (d) => {
+      out += d;
+    });
     child.on('exit', () => {
       const wallMs = performance.now() - t0;
-      try { resolve({ wallMs, ...JSON.parse(out) }); } catch { resolve({ wallMs: NaN, importMs: NaN, rssMB: NaN }); }
+      try {
+        resolve({ wallMs, ...JSON.parse(out) });
+      } catch {
+        resolve({ wallMs: NaN, importMs: NaN, rssMB: NaN });
+      }
     });
   });
 }
@@ -638,20 +1089,30 @@ function probe(launcher: Launcher, spec?: string): Promise<{ wallMs: number; imp
 async function importTable() {
   const deps = dependencies(CONTROLLER);
   const launchers: Launcher[] = ['strip', 'tsx', 'npx', 'deno', 'bun'];
-  console.log(`\n## import cost (medians of ${R_STARTUP}): in-process \`await import(dep)\` time; whole process wall time and RSS\n`);
-  console.log(`| launcher | empty .ts process: wall (ms) / RSS (MB) | ${deps.map((d) => `import('${d}') (ms)`).join(' | ')} | process with all deps: wall (ms) / RSS (MB) |`);
+  console.log(
+    `\n## import cost (medians of ${R_STARTUP}): in-process \`await import(dep)\` time; whole process wall time and RSS\n`,
+  );
+  console.log(
+    `| launcher | empty .ts process: wall (ms) / RSS (MB) | ${deps.map((d) => `import('${d}') (ms)`).join(' | ')} | process with all deps: wall (ms) / RSS (MB) |`,
+  );
   console.log(`|---|---|${deps.map(() => '---|').join('')}---|`);
   for (const l of launchers) {
     const take = async (spec?: string) => {
       const rs = [];
       for (let r = 0; r < R_STARTUP; r++) rs.push(await probe(l, spec));
-      return { wallMs: median(rs.map((x) => x.wallMs)), importMs: median(rs.map((x) => x.importMs)), rssMB: median(rs.map((x) => x.rssMB)) };
+      return {
+        wallMs: median(rs.map((x) => x.wallMs)),
+        importMs: median(rs.map((x) => x.importMs)),
+        rssMB: median(rs.map((x) => x.rssMB)),
+      };
     };
     const empty = await take();
     const each = [];
     for (const d of deps) each.push(await take(d));
     const all = await take(deps.join(','));
-    console.log(`| ${LAUNCHER_NAME[l]} | ${fmt(empty.wallMs)} / ${fmt(empty.rssMB)} | ${each.map((e) => fmt(e.importMs)).join(' | ')} | ${fmt(all.wallMs)} / ${fmt(all.rssMB)} |`);
+    console.log(
+      `| ${LAUNCHER_NAME[l]} | ${fmt(empty.wallMs)} / ${fmt(empty.rssMB)} | ${each.map((e) => fmt(e.importMs)).join(' | ')} | ${fmt(all.wallMs)} / ${fmt(all.rssMB)} |`,
+    );
   }
 }
 
@@ -664,7 +1125,13 @@ async function profile(file: string, scenario: string) {
   // Node's own type stripping keeps line numbers exact (tsx's output is one line).
   if (scenario === 'stream' || scenario === 'paged') {
     const server = await startServer(N, M);
-    const run = await syncRun(server, s, scenario === 'stream' ? 'streaming' : 'paginated', 'strip', nodeFlags);
+    const run = await syncRun(
+      server,
+      s,
+      scenario === 'stream' ? 'streaming' : 'paginated',
+      'strip',
+      nodeFlags,
+    );
     server.stop();
     what = `sync+watch ${scenario}, N=${N}, M=${M}: sync ${fmt(run.syncMs)} ms, watch ${fmt(run.watchMs)} ms, ${requestText(run.requests)}${run.error ? `; ${run.error}` : ''}`;
   } else if (scenario.startsWith('ready')) {
@@ -683,13 +1150,25 @@ async function profile(file: string, scenario: string) {
   const files = existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.cpuprofile')) : [];
   // CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile: thread 0 is the main thread
   const main = files.find((f) => f.split('.')[4] === '0') ?? files[0];
-  if (!main) { console.log('no .cpuprofile written (did the process exit through process.exit on SIGTERM?)'); return; }
+  if (!main) {
+    console.log('no .cpuprofile written (did the process exit through process.exit on SIGTERM?)');
+    return;
+  }
   type Node = { id: number; callFrame: { functionName: string; url: string; lineNumber: number } };
-  const p = JSON.parse(readFileSync(join(dir, main), 'utf8')) as { nodes: Node[]; samples: number[]; timeDeltas: number[] };
+  const p = JSON.parse(readFileSync(join(dir, main), 'utf8')) as {
+    nodes: Node[];
+    samples: number[];
+    timeDeltas: number[];
+  };
   const byId = new Map(p.nodes.map((n) => [n.id, n]));
-  const self = new Map<string, number>(), byFile = new Map<string, number>();
+  const self = new Map<string, number>(),
+    byFile = new Map<string, number>();
   let total = 0;
-  const short = (url: string) => url.replace(`file://${ROOT}/`, '').replace(/^.*node_modules\//, '').replace(/^file:\/\//, '');
+  const short = (url: string) =>
+    url
+      .replace(`file://${ROOT}/`, '')
+      .replace(/^.*node_modules\//, '')
+      .replace(/^file:\/\//, '');
   p.samples.forEach((id, i) => {
     const cf = byId.get(id)?.callFrame;
     const dt = p.timeDeltas[i] ?? 0;
@@ -701,9 +1180,18 @@ async function profile(file: string, scenario: string) {
     byFile.set(f, (byFile.get(f) ?? 0) + dt);
   });
   const top = (m: Map<string, number>, n: number) => [...m].sort((a, b) => b[1] - a[1]).slice(0, n);
-  console.log(`| self time (ms) | % of busy ${fmt(total / 1000)} ms | function url:line |\n|---|---|---|`);
-  for (const [k, v] of top(self, 12)) console.log(`| ${fmt(v / 1000, 1)} | ${fmt((100 * v) / total, 1)} | ${k.replaceAll('|', '\\|')} |`);
-  console.log(`\nby package / file: ${top(byFile, 8).map(([k, v]) => `${k} ${fmt((100 * v) / total, 1)}%`).join(', ')}`);
+  console.log(
+    `| self time (ms) | % of busy ${fmt(total / 1000)} ms | function url:line |\n|---|---|---|`,
+  );
+  for (const [k, v] of top(self, 12))
+    console.log(
+      `| ${fmt(v / 1000, 1)} | ${fmt((100 * v) / total, 1)} | ${k.replaceAll('|', '\\|')} |`,
+    );
+  console.log(
+    `\nby package / file: ${top(byFile, 8)
+      .map(([k, v]) => `${k} ${fmt((100 * v) / total, 1)}%`)
+      .join(', ')}`,
+  );
   console.log(`(profile: ${join(dir, main)}; other threads: ${files.length - 1} file(s))`);
 }
 
@@ -725,7 +1213,9 @@ async function warmUp() {
 // ---------- main ----------
 if (flags.pin) execFileSync('taskset', ['-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
 const started = performance.now();
-console.log(`# Book controller benchmark — ${new Date().toISOString()}, ${hostname()}: ${cpus().length} × ${cpus()[0]?.model ?? '?'}; bench on node ${process.version}; subjects on ${LAUNCHER_NAME[MAIN]}; controller ${CONTROLLER}`);
+console.log(
+  `# Book controller benchmark — ${new Date().toISOString()}, ${hostname()}: ${cpus().length} × ${cpus()[0]?.model ?? '?'}; bench on node ${process.version}; subjects on ${LAUNCHER_NAME[MAIN]}; controller ${CONTROLLER}`,
+);
 try {
   if (flags.profile) {
     await profile(CONTROLLER, flags.scenario);
@@ -737,7 +1227,9 @@ try {
     if (!SKIP.has('idle')) await idleTable();
     if (EXTRA.has('launchers')) await launcherTable();
     if (EXTRA.has('imports')) await importTable();
-    console.log(`\n## issue 12's table (${LAUNCHER_NAME[MAIN]}, ${R} interleaved runs, medians [min–max])\n`);
+    console.log(
+      `\n## issue 12's table (${LAUNCHER_NAME[MAIN]}, ${R} interleaved runs, medians [min–max])\n`,
+    );
     printRows(SUMMARY);
     for (const n of NOTES.slice(0, 5)) console.log(`\nnote: ${n}`);
     console.log(`\n(bench took ${fmt((performance.now() - started) / 1000)} s)`);

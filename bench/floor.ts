@@ -49,10 +49,12 @@ process.on('SIGTERM', () => process.exit(0));
 
 function get(query: string): Promise<IncomingMessage> {
   return new Promise((resolve, reject) => {
-    https.get(`${server}${PATH}?${query}`, { agent, headers }, (res) => {
-      res.setEncoding('utf8');
-      resolve(res);
-    }).on('error', reject);
+    https
+      .get(`${server}${PATH}?${query}`, { agent, headers }, (res) => {
+        res.setEncoding('utf8');
+        resolve(res);
+      })
+      .on('error', reject);
   });
 }
 
@@ -60,17 +62,38 @@ function patchStatus(name: string, generation: number): Promise<void> {
   const body = JSON.stringify({
     status: {
       observedGeneration: generation,
-      conditions: [{ type: 'Ready', status: 'True', reason: 'Reconciled', message: '', observedGeneration: generation, lastTransitionTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z') }],
+      conditions: [
+        {
+          type: 'Ready',
+          status: 'True',
+          reason: 'Reconciled',
+          message: '',
+          observedGeneration: generation,
+          lastTransitionTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
+        },
+      ],
     },
   });
   return new Promise((resolve, reject) => {
-    https.request(`${server}${PATH}/${name}/status`, {
-      agent, method: 'PATCH',
-      headers: { ...headers, 'Content-Type': 'application/merge-patch+json', 'Content-Length': Buffer.byteLength(body) },
-    }, (res) => {
-      res.resume(); // 404: the book is gone, nothing to do
-      res.on('end', resolve);
-    }).on('error', reject).end(body);
+    https
+      .request(
+        `${server}${PATH}/${name}/status`,
+        {
+          agent,
+          method: 'PATCH',
+          headers: {
+            ...headers,
+            'Content-Type': 'application/merge-patch+json',
+            'Content-Length': Buffer.byteLength(body),
+          },
+        },
+        (res) => {
+          res.resume(); // 404: the book is gone, nothing to do
+          res.on('end', resolve);
+        },
+      )
+      .on('error', reject)
+      .end(body);
   });
 }
 
@@ -92,9 +115,12 @@ async function seen(type: string, b: Obj) {
   const before = generations.get(name);
   if (before === generation) return; // a status or metadata change: our own echo
   generations.set(name, generation);
-  out(`${before === undefined ? 'Added' : 'Modified'} a book ${name} with title '${b.spec?.title}'`);
+  out(
+    `${before === undefined ? 'Added' : 'Modified'} a book ${name} with title '${b.spec?.title}'`,
+  );
   const ready = b.status?.conditions?.find((c) => c.type === 'Ready');
-  if (ready?.status !== 'True' || ready.observedGeneration !== generation) await patchStatus(name, generation);
+  if (ready?.status !== 'True' || ready.observedGeneration !== generation)
+    await patchStatus(name, generation);
 }
 
 async function follow(res: IncomingMessage) {
@@ -111,7 +137,9 @@ async function follow(res: IncomingMessage) {
 }
 
 const timeout = 'allowWatchBookmarks=true&timeoutSeconds=300';
-const streaming = await get(`watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&${timeout}`);
+const streaming = await get(
+  `watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&${timeout}`,
+);
 if (streaming.statusCode === 200) {
   await follow(streaming);
 } else {
@@ -120,7 +148,10 @@ if (streaming.statusCode === 200) {
   let cont = '';
   do {
     let body = '';
-    for await (const chunk of await get(`limit=500${cont ? `&continue=${encodeURIComponent(cont)}` : ''}`)) body += chunk;
+    for await (const chunk of await get(
+      `limit=500${cont ? `&continue=${encodeURIComponent(cont)}` : ''}`,
+    ))
+      body += chunk;
     const list = JSON.parse(body);
     for (const b of list.items as Obj[]) await seen('ADDED', b);
     rv = list.metadata.resourceVersion;

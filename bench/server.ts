@@ -43,16 +43,36 @@ const API_VERSION = 'example.technosophos.com/v1';
 // ---- objects: kept as JSON pieces so that a change costs a string concatenation ----
 // A book's JSON is  head + RV + '"},"spec":' + spec + (status ? ',"status":' + status : '') + '}'
 // where head ends inside metadata, just before the resourceVersion's value.
-interface Entry { name: string; head: string; spec: string; gen: number; rv: number; status: string; readyGen: number }
-const json = (e: Entry) => `${e.head}${e.rv}"},"spec":${e.spec}${e.status ? `,"status":${e.status}` : ''}}`;
+interface Entry {
+  name: string;
+  head: string;
+  spec: string;
+  gen: number;
+  rv: number;
+  status: string;
+  readyGen: number;
+}
+const json = (e: Entry) =>
+  `${e.head}${e.rv}"},"spec":${e.spec}${e.status ? `,"status":${e.status}` : ''}}`;
 const head = (name: string, uid: string, gen: number) =>
   `{"apiVersion":"${API_VERSION}","kind":"Book","metadata":{"name":"${name}","namespace":"default","uid":"${uid}",` +
   `"creationTimestamp":"2026-11-25T10:00:00Z","generation":${gen},"resourceVersion":"`;
-const uid = (prefix: string, i: number) => `0b00c0de-${prefix}-4000-8000-${String(i).padStart(12, '0')}`;
-const readyStatus = (gen: number) => JSON.stringify({
-  observedGeneration: gen,
-  conditions: [{ type: 'Ready', status: 'True', reason: 'Reconciled', message: '', observedGeneration: gen, lastTransitionTime: '2026-11-25T10:00:01Z' }],
-});
+const uid = (prefix: string, i: number) =>
+  `0b00c0de-${prefix}-4000-8000-${String(i).padStart(12, '0')}`;
+const readyStatus = (gen: number) =>
+  JSON.stringify({
+    observedGeneration: gen,
+    conditions: [
+      {
+        type: 'Ready',
+        status: 'True',
+        reason: 'Reconciled',
+        message: '',
+        observedGeneration: gen,
+        lastTransitionTime: '2026-11-25T10:00:01Z',
+      },
+    ],
+  });
 /** The generation a status says the book is Ready at, or -1. */
 function readyAt(status: Record<string, unknown> | undefined): number {
   const conditions = status?.conditions;
@@ -62,10 +82,17 @@ function readyAt(status: Record<string, unknown> | undefined): number {
 }
 
 const names = bookNames(N);
-const initial = names.map((name, i): Entry => ({
-  name, head: head(name, uid('0000', i), 1), spec: JSON.stringify({ title: listTitle(name, i), authors: authors(i) }),
-  gen: 1, rv: i + 1, status: '', readyGen: -1,
-}));
+const initial = names.map(
+  (name, i): Entry => ({
+    name,
+    head: head(name, uid('0000', i), 1),
+    spec: JSON.stringify({ title: listTitle(name, i), authors: authors(i) }),
+    gen: 1,
+    rv: i + 1,
+    status: '',
+    readyGen: -1,
+  }),
+);
 const READY1 = readyStatus(1);
 // the list's items, serialized once per variant (ready or not) and kept: every run starts from them
 const itemsCache = new Map<boolean, string[]>();
@@ -80,7 +107,13 @@ const items = (ready: boolean) => {
 items(false);
 
 // The workload's events, as changes to apply: what each sets (or deletes).
-interface Step { type: 'ADDED' | 'MODIFIED' | 'DELETED'; name: string; head: string; spec: string; gen: number }
+interface Step {
+  type: 'ADDED' | 'MODIFIED' | 'DELETED';
+  name: string;
+  head: string;
+  spec: string;
+  gen: number;
+}
 const steps: Step[] = [];
 {
   const gens = new Map<string, number>(names.map((n) => [n, 1]));
@@ -90,13 +123,25 @@ const steps: Step[] = [];
       const h = head(e.name, uid('0001', e.index), 1);
       heads.set(e.name, h);
       gens.set(e.name, 1);
-      steps.push({ type: 'ADDED', name: e.name, head: h, spec: JSON.stringify({ title: e.title, authors: authors(e.index) }), gen: 1 });
+      steps.push({
+        type: 'ADDED',
+        name: e.name,
+        head: h,
+        spec: JSON.stringify({ title: e.title, authors: authors(e.index) }),
+        gen: 1,
+      });
     } else if (e.type === 'MODIFIED') {
       const gen = (gens.get(e.name) ?? 1) + 1;
       gens.set(e.name, gen);
       const listed = e.name.startsWith('book-');
       const i = listed ? Number(e.name.slice(5)) : Number(e.name.slice(4));
-      steps.push({ type: 'MODIFIED', name: e.name, head: head(e.name, uid(listed ? '0000' : '0001', i), gen), spec: JSON.stringify({ title: e.title, authors: authors(i) }), gen });
+      steps.push({
+        type: 'MODIFIED',
+        name: e.name,
+        head: head(e.name, uid(listed ? '0000' : '0001', i), gen),
+        spec: JSON.stringify({ title: e.title, authors: authors(i) }),
+        gen,
+      });
     } else {
       steps.push({ type: 'DELETED', name: e.name, head: '', spec: '', gen: gens.get(e.name) ?? 1 });
     }
@@ -104,7 +149,12 @@ const steps: Step[] = [];
 }
 
 // ---- the world of one run ----
-interface Watcher { res: ServerResponse; pos: number; pending: string; blocked: boolean }
+interface Watcher {
+  res: ServerResponse;
+  pos: number;
+  pending: string;
+  blocked: boolean;
+}
 let state = new Map<string, Entry>();
 let log: string[] = []; // log[i] has RV base + 1 + i; every RV bump appends one event
 let base = 0; // RV of the initial state (the paginated list's RV)
@@ -115,7 +165,17 @@ let latencyMs = 0;
 let watchList = true;
 let watchers = new Set<Watcher>();
 let created = { n: 0, t0: 0, ready: 0, tReady: 0, names: new Set<string>() };
-const zero = () => ({ listPages: 0, watches: 0, streamingLists: 0, rejectedStreamingLists: 0, statusPatches: 0, statusPatches404: 0, other: 0, unauthorized: 0, connections: 0 });
+const zero = () => ({
+  listPages: 0,
+  watches: 0,
+  streamingLists: 0,
+  rejectedStreamingLists: 0,
+  statusPatches: 0,
+  statusPatches404: 0,
+  other: 0,
+  unauthorized: 0,
+  connections: 0,
+});
 let counts = zero();
 let tFirst = 0; // the run's first client request
 let lastPatchAt = NaN; // epoch ms
@@ -161,7 +221,15 @@ function applyWorkload() {
       continue;
     }
     // a spec change keeps the status the book has (its conditions are now stale)
-    const e: Entry = { name: s.name, head: s.head, spec: s.spec, gen: s.gen, rv: ++rv, status: before?.status ?? '', readyGen: before?.readyGen ?? -1 };
+    const e: Entry = {
+      name: s.name,
+      head: s.head,
+      spec: s.spec,
+      gen: s.gen,
+      rv: ++rv,
+      status: before?.status ?? '',
+      readyGen: before?.readyGen ?? -1,
+    };
     state.set(s.name, e);
     log.push(`{"type":"${s.type}","object":${json(e)}}\n`);
   }
@@ -178,7 +246,10 @@ function pump(w: Watcher) {
     while (out.length < CHUNK && w.pos < log.length) out += log[w.pos++];
     if (!w.res.write(out)) {
       w.blocked = true;
-      w.res.once('drain', () => { w.blocked = false; pump(w); });
+      w.res.once('drain', () => {
+        w.blocked = false;
+        pump(w);
+      });
       return;
     }
   }
@@ -188,13 +259,27 @@ function watch(req: IncomingMessage, res: ServerResponse, q: URLSearchParams) {
   const streaming = q.get('sendInitialEvents') === 'true';
   if (streaming && !watchList) {
     counts.rejectedStreamingLists++;
-    return status(res, 422, 'Invalid', 'Watch.meta.k8s.io "" is invalid: sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled');
+    return status(
+      res,
+      422,
+      'Invalid',
+      'Watch.meta.k8s.io "" is invalid: sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled',
+    );
   }
-  if (streaming && (q.get('resourceVersionMatch') !== 'NotOlderThan' || q.get('allowWatchBookmarks') !== 'true')) {
+  if (
+    streaming &&
+    (q.get('resourceVersionMatch') !== 'NotOlderThan' || q.get('allowWatchBookmarks') !== 'true')
+  ) {
     counts.other++;
-    return status(res, 422, 'Invalid', 'sendInitialEvents requires resourceVersionMatch=NotOlderThan and allowWatchBookmarks=true');
+    return status(
+      res,
+      422,
+      'Invalid',
+      'sendInitialEvents requires resourceVersionMatch=NotOlderThan and allowWatchBookmarks=true',
+    );
   }
-  if (streaming) counts.streamingLists++; else counts.watches++;
+  if (streaming) counts.streamingLists++;
+  else counts.watches++;
   const timeout = Number(q.get('timeoutSeconds') || 1800);
   res.writeHead(200, { 'content-type': 'application/json', 'transfer-encoding': 'chunked' });
   const w: Watcher = { res, pos: log.length, pending: '', blocked: false };
@@ -202,10 +287,19 @@ function watch(req: IncomingMessage, res: ServerResponse, q: URLSearchParams) {
     // the current state as ADDED events, then the bookmark at the current RV
     const parts: string[] = [];
     for (const e of state.values()) parts.push(`{"type":"ADDED","object":${json(e)}}\n`);
-    parts.push(JSON.stringify({
-      type: 'BOOKMARK',
-      object: { apiVersion: API_VERSION, kind: 'Book', metadata: { resourceVersion: String(rv), annotations: { 'k8s.io/initial-events-end': 'true' } } },
-    }) + '\n');
+    parts.push(
+      JSON.stringify({
+        type: 'BOOKMARK',
+        object: {
+          apiVersion: API_VERSION,
+          kind: 'Book',
+          metadata: {
+            resourceVersion: String(rv),
+            annotations: { 'k8s.io/initial-events-end': 'true' },
+          },
+        },
+      }) + '\n',
+    );
     w.pending = parts.join('');
   } else {
     const from = Number(q.get('resourceVersion') || rv);
@@ -215,13 +309,18 @@ function watch(req: IncomingMessage, res: ServerResponse, q: URLSearchParams) {
   pump(w);
   // after the log, hold the watch open until its timeout, as a quiet server does
   const timer = setTimeout(() => res.end(), timeout * 1000);
-  res.on('close', () => { clearTimeout(timer); watchers.delete(w); });
+  res.on('close', () => {
+    clearTimeout(timer);
+    watchers.delete(w);
+  });
 }
 
 // ---- status ----
-function merge(target: unknown, patch: unknown): unknown { // RFC 7386
+function merge(target: unknown, patch: unknown): unknown {
+  // RFC 7386
   if (typeof patch !== 'object' || patch === null || Array.isArray(patch)) return patch;
-  const out: Record<string, unknown> = typeof target === 'object' && target !== null && !Array.isArray(target) ? { ...target } : {};
+  const out: Record<string, unknown> =
+    typeof target === 'object' && target !== null && !Array.isArray(target) ? { ...target } : {};
   for (const [k, v] of Object.entries(patch)) {
     if (v === null) delete out[k];
     else out[k] = merge(out[k], v);
@@ -232,11 +331,18 @@ function merge(target: unknown, patch: unknown): unknown { // RFC 7386
 function patchStatus(req: IncomingMessage, res: ServerResponse, name: string) {
   let body = '';
   req.setEncoding('utf8');
-  req.on('data', (c) => { body += c; });
+  req.on('data', (c) => {
+    body += c;
+  });
   const answer = () => {
     counts.statusPatches++;
     if (!String(req.headers['content-type']).startsWith('application/merge-patch+json')) {
-      return status(res, 415, 'UnsupportedMediaType', `the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml`);
+      return status(
+        res,
+        415,
+        'UnsupportedMediaType',
+        `the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml`,
+      );
     }
     const e = state.get(name);
     if (!e) {
@@ -244,8 +350,15 @@ function patchStatus(req: IncomingMessage, res: ServerResponse, name: string) {
       return status(res, 404, 'NotFound', `books.example.technosophos.com "${name}" not found`);
     }
     let patch: { status?: unknown };
-    try { patch = JSON.parse(body); } catch { return status(res, 400, 'BadRequest', 'the body is not JSON'); }
-    const next = merge(e.status ? JSON.parse(e.status) : {}, patch.status ?? {}) as Record<string, unknown>;
+    try {
+      patch = JSON.parse(body);
+    } catch {
+      return status(res, 400, 'BadRequest', 'the body is not JSON');
+    }
+    const next = merge(e.status ? JSON.parse(e.status) : {}, patch.status ?? {}) as Record<
+      string,
+      unknown
+    >;
     e.status = JSON.stringify(next);
     e.readyGen = readyAt(next);
     e.rv = ++rv;
@@ -255,7 +368,10 @@ function patchStatus(req: IncomingMessage, res: ServerResponse, name: string) {
     }
     const obj = json(e);
     lastPatchAt = performance.timeOrigin + performance.now();
-    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(obj) });
+    res.writeHead(200, {
+      'content-type': 'application/json',
+      'content-length': Buffer.byteLength(obj),
+    });
     res.end(obj);
     append('MODIFIED', e);
   };
@@ -266,7 +382,17 @@ function patchStatus(req: IncomingMessage, res: ServerResponse, name: string) {
 // ---- HTTP ----
 function status(res: ServerResponse, code: number, reason: string, message: string) {
   res.writeHead(code, { 'content-type': 'application/json' });
-  res.end(JSON.stringify({ kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', message, reason, code }));
+  res.end(
+    JSON.stringify({
+      kind: 'Status',
+      apiVersion: 'v1',
+      metadata: {},
+      status: 'Failure',
+      message,
+      reason,
+      code,
+    }),
+  );
 }
 
 function page(q: URLSearchParams): string {
@@ -283,56 +409,96 @@ function stats() {
   let notReady = 0;
   for (const e of state.values()) if (e.readyGen !== e.gen) notReady++;
   return {
-    ...counts, books: state.size, notReady, openWatches: watchers.size, rv,
-    created: created.n, createdReady: created.ready, readyMs: created.tReady ? created.tReady - created.t0 : NaN,
-    sinceFirstMs: tFirst ? performance.now() - tFirst : NaN, lastPatchAt,
+    ...counts,
+    books: state.size,
+    notReady,
+    openWatches: watchers.size,
+    rv,
+    created: created.n,
+    createdReady: created.ready,
+    readyMs: created.tReady ? created.tReady - created.t0 : NaN,
+    sinceFirstMs: tFirst ? performance.now() - tFirst : NaN,
+    lastPatchAt,
   };
 }
 
-const server = createServer({ cert: readFileSync(certFile), key: readFileSync(keyFile), keepAlive: true }, (req, res) => {
-  const url = new URL(req.url ?? '/', 'https://x');
-  const q = url.searchParams;
-  switch (url.pathname) {
-    case '/bench/stats': return res.end(JSON.stringify(stats()));
-    case '/bench/reset': reset(q); return res.end('{}');
-    case '/bench/burst': applyWorkload(); return res.end('{}');
-    case '/bench/create': {
-      const n = Number(q.get('n'));
-      created = { n, t0: performance.now(), ready: 0, tReady: 0, names: new Set() };
-      for (let i = 0; i < n; i++) {
-        const name = `ready-${String(i).padStart(6, '0')}`;
-        const e: Entry = { name, head: head(name, uid('0002', i), 1), spec: JSON.stringify({ title: listTitle(name, i), authors: authors(i) }), gen: 1, rv: ++rv, status: '', readyGen: -1 };
-        state.set(name, e);
-        created.names.add(name);
-        log.push(`{"type":"ADDED","object":${json(e)}}\n`);
+const server = createServer(
+  { cert: readFileSync(certFile), key: readFileSync(keyFile), keepAlive: true },
+  (req, res) => {
+    const url = new URL(req.url ?? '/', 'https://x');
+    const q = url.searchParams;
+    switch (url.pathname) {
+      case '/bench/stats':
+        return res.end(JSON.stringify(stats()));
+      case '/bench/reset':
+        reset(q);
+        return res.end('{}');
+      case '/bench/burst':
+        applyWorkload();
+        return res.end('{}');
+      case '/bench/create': {
+        const n = Number(q.get('n'));
+        created = { n, t0: performance.now(), ready: 0, tReady: 0, names: new Set() };
+        for (let i = 0; i < n; i++) {
+          const name = `ready-${String(i).padStart(6, '0')}`;
+          const e: Entry = {
+            name,
+            head: head(name, uid('0002', i), 1),
+            spec: JSON.stringify({ title: listTitle(name, i), authors: authors(i) }),
+            gen: 1,
+            rv: ++rv,
+            status: '',
+            readyGen: -1,
+          };
+          state.set(name, e);
+          created.names.add(name);
+          log.push(`{"type":"ADDED","object":${json(e)}}\n`);
+        }
+        for (const w of watchers) pump(w);
+        return res.end('{}');
       }
-      for (const w of watchers) pump(w);
-      return res.end('{}');
     }
-  }
-  if (req.headers.authorization !== `Bearer ${token}`) {
-    counts.unauthorized++;
-    return status(res, 401, 'Unauthorized', 'Unauthorized');
-  }
-  if (!tFirst) tFirst = performance.now();
-  if (!clientSockets.has(req.socket)) { clientSockets.add(req.socket); counts.connections++; }
-  if (req.method === 'PATCH' && url.pathname.startsWith(`${BASE}/`) && url.pathname.endsWith('/status')) {
-    const name = url.pathname.slice(BASE.length + 1, -'/status'.length);
-    if (!name.includes('/')) return patchStatus(req, res, decodeURIComponent(name));
-  }
-  if (req.method !== 'GET' || url.pathname !== BASE) {
-    counts.other++;
-    return status(res, 404, 'NotFound', `the server could not find the requested resource (${req.method} ${url.pathname})`);
-  }
-  if (q.get('watch') === 'true' || q.get('watch') === '1') return watch(req, res, q);
-  counts.listPages++;
-  const body = page(q);
-  res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
-  res.end(body);
-});
+    if (req.headers.authorization !== `Bearer ${token}`) {
+      counts.unauthorized++;
+      return status(res, 401, 'Unauthorized', 'Unauthorized');
+    }
+    if (!tFirst) tFirst = performance.now();
+    if (!clientSockets.has(req.socket)) {
+      clientSockets.add(req.socket);
+      counts.connections++;
+    }
+    if (
+      req.method === 'PATCH' &&
+      url.pathname.startsWith(`${BASE}/`) &&
+      url.pathname.endsWith('/status')
+    ) {
+      const name = url.pathname.slice(BASE.length + 1, -'/status'.length);
+      if (!name.includes('/')) return patchStatus(req, res, decodeURIComponent(name));
+    }
+    if (req.method !== 'GET' || url.pathname !== BASE) {
+      counts.other++;
+      return status(
+        res,
+        404,
+        'NotFound',
+        `the server could not find the requested resource (${req.method} ${url.pathname})`,
+      );
+    }
+    if (q.get('watch') === 'true' || q.get('watch') === '1') return watch(req, res, q);
+    counts.listPages++;
+    const body = page(q);
+    res.writeHead(200, {
+      'content-type': 'application/json',
+      'content-length': Buffer.byteLength(body),
+    });
+    res.end(body);
+  },
+);
 server.keepAliveTimeout = 60_000;
 server.listen(0, '127.0.0.1', () => {
   const addr = server.address();
-  process.stdout.write(JSON.stringify({ port: typeof addr === 'object' && addr ? addr.port : 0 }) + '\n');
+  process.stdout.write(
+    JSON.stringify({ port: typeof addr === 'object' && addr ? addr.port : 0 }) + '\n',
+  );
 });
 process.on('SIGTERM', () => process.exit(0));

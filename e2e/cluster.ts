@@ -13,7 +13,15 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import * as https from 'node:https';
 import * as net from 'node:net';
 import { homedir, tmpdir } from 'node:os';
@@ -26,14 +34,22 @@ export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 /** Where e2e/build.sh puts the binaries: the versions come from the wrapper modules. */
 export function binDir(): string {
   const version = (file: string, module: string) =>
-    readFileSync(join(ROOT, 'e2e', file), 'utf8').match(new RegExp(`^require ${module} (\\S+)`, 'm'))?.[1];
+    readFileSync(join(ROOT, 'e2e', file), 'utf8').match(
+      new RegExp(`^require ${module} (\\S+)`, 'm'),
+    )?.[1];
   const k8s = version('apiserver/go.mod', 'k8s.io/kubernetes');
   const etcd = version('etcd/go.mod', 'go.etcd.io/etcd/server/v3');
-  const cache = process.env.E2E_CACHE ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'book-controller-e2e');
+  const cache =
+    process.env.E2E_CACHE ??
+    join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'book-controller-e2e');
   return join(cache, `kubernetes-${k8s}-etcd-${etcd}`);
 }
 
-export interface KubectlResult { code: number | null; stdout: string; stderr: string }
+export interface KubectlResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
 
 export interface Cluster {
   /** true with E2E_EXISTING_CLUSTER=1: no restarts, no audit log. */
@@ -50,11 +66,18 @@ export interface Cluster {
   auditLog: string | undefined;
   dir: string;
   /** Runs the real kubectl, as a user would (admin unless another kubeconfig is given). */
-  kubectl(args: string[], options?: { kubeconfig?: string; input?: string }): Promise<KubectlResult>;
+  kubectl(
+    args: string[],
+    options?: { kubeconfig?: string; input?: string },
+  ): Promise<KubectlResult>;
   /** The same, failing with kubectl's own message unless it exits 0; returns its stdout. */
   kubectlOk(args: string[], options?: { kubeconfig?: string; input?: string }): Promise<string>;
   /** An authenticated HTTPS request straight to the server, for what kubectl does not show. */
-  request(method: string, path: string, options?: { body?: string; contentType?: string; token?: string }): Promise<{ status: number; body: string }>;
+  request(
+    method: string,
+    path: string,
+    options?: { body?: string; contentType?: string; token?: string },
+  ): Promise<{ status: number; body: string }>;
   /** Stops kube-apiserver (etcd keeps running), and starts it again on the same port. */
   stopApiserver(): Promise<void>;
   startApiserver(): Promise<void>;
@@ -93,11 +116,21 @@ class Daemon {
     writeFileSync(log, `$ ${program} ${args.join(' ')}\n`);
     const out = openSync(log, 'a'); // the child writes its log itself
     this.child = spawn(program, args, { stdio: ['ignore', out, out] });
-    this.exited = new Promise((resolve) => this.child.on('exit', (code, signal) => resolve(code ?? (signal ? -1 : null))));
+    this.exited = new Promise((resolve) =>
+      this.child.on('exit', (code, signal) => resolve(code ?? (signal ? -1 : null))),
+    );
     running.add(this);
     // If this process dies without stopping us (SIGKILL, a runner's timeout), a watchdog ends the daemon.
-    spawn('sh', ['-c', 'while kill -0 "$0" 2>/dev/null && kill -0 "$1" 2>/dev/null; do sleep 1; done; kill -9 "$1" 2>/dev/null', String(process.pid), String(this.child.pid)],
-      { stdio: 'ignore', detached: true }).unref();
+    spawn(
+      'sh',
+      [
+        '-c',
+        'while kill -0 "$0" 2>/dev/null && kill -0 "$1" 2>/dev/null; do sleep 1; done; kill -9 "$1" 2>/dev/null',
+        String(process.pid),
+        String(this.child.pid),
+      ],
+      { stdio: 'ignore', detached: true },
+    ).unref();
   }
 
   get alive() {
@@ -118,7 +151,11 @@ class Daemon {
     this.sampleRss();
     // process.kill, not child.kill: Deno's child.kill does nothing once it has sent one signal.
     // kube-apiserver waits up to 60 s for open HTTP/2 streams (Deno's watches) on SIGTERM: 5 s is plenty here.
-    const kill = (signal: NodeJS.Signals) => { try { process.kill(this.child.pid ?? 0, signal); } catch {} };
+    const kill = (signal: NodeJS.Signals) => {
+      try {
+        process.kill(this.child.pid ?? 0, signal);
+      } catch {}
+    };
     kill('SIGTERM');
     const timer = setTimeout(() => kill('SIGKILL'), 5_000);
     await this.exited;
@@ -134,7 +171,6 @@ class Daemon {
     }
   }
 }
-
 
 // Whatever happens to the test run (a failed assertion, an uncaught error), no daemon outlives it.
 const running = new Set<Daemon>();
@@ -152,7 +188,11 @@ for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
 export class GiveUp extends Error {}
 
 /** Polls until fn returns a value, or fails naming what it waited for. */
-export async function waitFor<T>(what: string, fn: () => Promise<T | undefined> | T | undefined, timeoutMs = 60_000): Promise<T> {
+export async function waitFor<T>(
+  what: string,
+  fn: () => Promise<T | undefined> | T | undefined,
+  timeoutMs = 60_000,
+): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   let last: unknown;
   for (;;) {
@@ -163,39 +203,82 @@ export async function waitFor<T>(what: string, fn: () => Promise<T | undefined> 
       if (err instanceof GiveUp) throw err;
       last = err;
     }
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs / 1000}s waiting for ${what}${last ? ` (last error: ${String(last)})` : ''}`);
+    if (Date.now() > deadline)
+      throw new Error(
+        `timed out after ${timeoutMs / 1000}s waiting for ${what}${last ? ` (last error: ${String(last)})` : ''}`,
+      );
     await sleep(100);
   }
 }
 
-function httpsRequest(url: string, ca: string, token: string, method = 'GET', body?: string, contentType = 'application/json') {
+function httpsRequest(
+  url: string,
+  ca: string,
+  token: string,
+  method = 'GET',
+  body?: string,
+  contentType = 'application/json',
+) {
   return new Promise<{ status: number; body: string }>((resolve, reject) => {
-    const request = https.request(url, {
-      method, ca, headers: { authorization: `Bearer ${token}`, ...(body === undefined ? {} : { 'content-type': contentType }) },
-      timeout: 10_000,
-    }, (response) => {
-      let text = '';
-      response.setEncoding('utf8').on('data', (chunk: string) => (text += chunk)).on('end', () => resolve({ status: response.statusCode ?? 0, body: text }));
-    });
-    request.on('error', reject).on('timeout', () => request.destroy(new Error(`${method} ${url}: no answer in 10s`)));
+    const request = https.request(
+      url,
+      {
+        method,
+        ca,
+        headers: {
+          authorization: `Bearer ${token}`,
+          ...(body === undefined ? {} : { 'content-type': contentType }),
+        },
+        timeout: 10_000,
+      },
+      (response) => {
+        let text = '';
+        response
+          .setEncoding('utf8')
+          .on('data', (chunk: string) => (text += chunk))
+          .on('end', () => resolve({ status: response.statusCode ?? 0, body: text }));
+      },
+    );
+    request
+      .on('error', reject)
+      .on('timeout', () => request.destroy(new Error(`${method} ${url}: no answer in 10s`)));
     request.end(body);
   });
 }
 
 function kubeconfigFor(server: string, ca: string, user: string, token: string): string {
   // JSON is YAML: kubectl and client-node read it alike.
-  return JSON.stringify({
-    apiVersion: 'v1', kind: 'Config',
-    clusters: [{ name: 'e2e', cluster: { server, 'certificate-authority-data': Buffer.from(ca).toString('base64') } }],
-    users: [{ name: user, user: { token } }],
-    contexts: [{ name: user, context: { cluster: 'e2e', user, namespace: 'default' } }],
-    'current-context': user,
-  }, null, 2);
+  return JSON.stringify(
+    {
+      apiVersion: 'v1',
+      kind: 'Config',
+      clusters: [
+        {
+          name: 'e2e',
+          cluster: { server, 'certificate-authority-data': Buffer.from(ca).toString('base64') },
+        },
+      ],
+      users: [{ name: user, user: { token } }],
+      contexts: [{ name: user, context: { cluster: 'e2e', user, namespace: 'default' } }],
+      'current-context': user,
+    },
+    null,
+    2,
+  );
 }
 
-function runKubectl(kubectl: string, kubeconfig: string, args: string[], input?: string): Promise<KubectlResult> {
+function runKubectl(
+  kubectl: string,
+  kubeconfig: string,
+  args: string[],
+  input?: string,
+): Promise<KubectlResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(kubectl, args, { env: { ...process.env, KUBECONFIG: kubeconfig }, cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn(kubectl, args, {
+      env: { ...process.env, KUBECONFIG: kubeconfig },
+      cwd: ROOT,
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => (stdout += text));
@@ -211,7 +294,8 @@ function withKubectl(kubectl: string, defaultKubeconfig: () => string) {
     runKubectl(kubectl, options.kubeconfig ?? defaultKubeconfig(), args, options.input);
   const ok = async (args: string[], options: { kubeconfig?: string; input?: string } = {}) => {
     const result = await run(args, options);
-    if (result.code !== 0) throw new Error(`kubectl ${args.join(' ')} exited ${result.code}: ${result.stderr.trim()}`);
+    if (result.code !== 0)
+      throw new Error(`kubectl ${args.join(' ')} exited ${result.code}: ${result.stderr.trim()}`);
     return result.stdout;
   };
   return { kubectl: run, kubectlOk: ok };
@@ -224,7 +308,10 @@ export async function startCluster(): Promise<Cluster> {
 async function ownCluster(): Promise<Cluster> {
   const bin = binDir();
   for (const name of ['etcd', 'kube-apiserver', 'kubectl']) {
-    if (!existsSync(join(bin, name))) throw new Error(`no ${join(bin, name)}: build the control plane first with bash e2e/build.sh`);
+    if (!existsSync(join(bin, name)))
+      throw new Error(
+        `no ${join(bin, name)}: build the control plane first with bash e2e/build.sh`,
+      );
   }
   const dir = mkdtempSync(join(tmpdir(), 'book-e2e-'));
   const started = Date.now();
@@ -233,40 +320,79 @@ async function ownCluster(): Promise<Cluster> {
   const [clientPort, peerPort] = [await freePort(), await freePort()];
   const etcdUrl = `http://127.0.0.1:${clientPort}`;
   const peerUrl = `http://127.0.0.1:${peerPort}`;
-  const etcd = new Daemon('etcd', join(bin, 'etcd'), [
-    '--name=e2e', `--data-dir=${join(dir, 'etcd')}`, '--unsafe-no-fsync', '--log-level=warn',
-    `--listen-client-urls=${etcdUrl}`, `--advertise-client-urls=${etcdUrl}`,
-    `--listen-peer-urls=${peerUrl}`, `--initial-advertise-peer-urls=${peerUrl}`, `--initial-cluster=e2e=${peerUrl}`,
-  ], join(dir, 'etcd.log'));
-  await waitFor('etcd to answer /health', async () => {
-    if (!etcd.alive) throw new GiveUp(`etcd exited:\n${etcd.tail()}`);
-    const response = await fetch(`${etcdUrl}/health`).catch(() => undefined);
-    return response?.ok ? true : undefined;
-  }, 30_000).catch((err) => { etcd.stop(); throw err; });
+  const etcd = new Daemon(
+    'etcd',
+    join(bin, 'etcd'),
+    [
+      '--name=e2e',
+      `--data-dir=${join(dir, 'etcd')}`,
+      '--unsafe-no-fsync',
+      '--log-level=warn',
+      `--listen-client-urls=${etcdUrl}`,
+      `--advertise-client-urls=${etcdUrl}`,
+      `--listen-peer-urls=${peerUrl}`,
+      `--initial-advertise-peer-urls=${peerUrl}`,
+      `--initial-cluster=e2e=${peerUrl}`,
+    ],
+    join(dir, 'etcd.log'),
+  );
+  await waitFor(
+    'etcd to answer /health',
+    async () => {
+      if (!etcd.alive) throw new GiveUp(`etcd exited:\n${etcd.tail()}`);
+      const response = await fetch(`${etcdUrl}/health`).catch(() => undefined);
+      return response?.ok ? true : undefined;
+    },
+    30_000,
+  ).catch((err) => {
+    etcd.stop();
+    throw err;
+  });
 
   // kube-apiserver's inputs: tokens, service-account keys, an audit policy.
-  writeFileSync(join(dir, 'tokens.csv'), `${ADMIN_TOKEN},admin,admin-uid,"system:masters"\n${NOBODY_TOKEN},nobody,nobody-uid\n`);
+  writeFileSync(
+    join(dir, 'tokens.csv'),
+    `${ADMIN_TOKEN},admin,admin-uid,"system:masters"\n${NOBODY_TOKEN},nobody,nobody-uid\n`,
+  );
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
   writeFileSync(join(dir, 'sa.key'), privateKey.export({ type: 'pkcs8', format: 'pem' }));
   writeFileSync(join(dir, 'sa.pub'), publicKey.export({ type: 'spki', format: 'pem' }));
   // Metadata for books and leases: each request's URI (with the resourceVersion asked for), verb, user and status.
-  writeFileSync(join(dir, 'audit-policy.yaml'), [
-    'apiVersion: audit.k8s.io/v1', 'kind: Policy', 'omitStages: [RequestReceived]', 'rules:',
-    '  - level: Metadata', '    resources: [{group: example.technosophos.com}, {group: coordination.k8s.io, resources: [leases]}]',
-    '  - level: None', '',
-  ].join('\n'));
+  writeFileSync(
+    join(dir, 'audit-policy.yaml'),
+    [
+      'apiVersion: audit.k8s.io/v1',
+      'kind: Policy',
+      'omitStages: [RequestReceived]',
+      'rules:',
+      '  - level: Metadata',
+      '    resources: [{group: example.technosophos.com}, {group: coordination.k8s.io, resources: [leases]}]',
+      '  - level: None',
+      '',
+    ].join('\n'),
+  );
   const auditLog = join(dir, 'audit.log');
   const certDir = join(dir, 'certs');
   mkdirSync(certDir);
 
   const apiserverArgs = (port: number, name: string) => [
-    '--bind-address=127.0.0.1', '--advertise-address=127.0.0.1', `--secure-port=${port}`, `--cert-dir=${certDir}`,
-    `--etcd-servers=${etcdUrl}`, '--etcd-compaction-interval=10s',
-    `--token-auth-file=${join(dir, 'tokens.csv')}`, '--authorization-mode=RBAC', '--anonymous-auth=false',
-    `--service-account-key-file=${join(dir, 'sa.pub')}`, `--service-account-signing-key-file=${join(dir, 'sa.key')}`,
-    '--service-account-issuer=https://kubernetes.default.svc', '--service-cluster-ip-range=10.0.0.0/24',
-    `--audit-policy-file=${join(dir, 'audit-policy.yaml')}`, `--audit-log-path=${name === 'kube-apiserver' ? auditLog : join(dir, `${name}-audit.log`)}`,
-    '--audit-log-mode=blocking', '--v=0',
+    '--bind-address=127.0.0.1',
+    '--advertise-address=127.0.0.1',
+    `--secure-port=${port}`,
+    `--cert-dir=${certDir}`,
+    `--etcd-servers=${etcdUrl}`,
+    '--etcd-compaction-interval=10s',
+    `--token-auth-file=${join(dir, 'tokens.csv')}`,
+    '--authorization-mode=RBAC',
+    '--anonymous-auth=false',
+    `--service-account-key-file=${join(dir, 'sa.pub')}`,
+    `--service-account-signing-key-file=${join(dir, 'sa.key')}`,
+    '--service-account-issuer=https://kubernetes.default.svc',
+    '--service-cluster-ip-range=10.0.0.0/24',
+    `--audit-policy-file=${join(dir, 'audit-policy.yaml')}`,
+    `--audit-log-path=${name === 'kube-apiserver' ? auditLog : join(dir, `${name}-audit.log`)}`,
+    '--audit-log-mode=blocking',
+    '--v=0',
     // The default reconciler refuses a loopback address; with no Endpoints for `kubernetes` nothing here misses it.
     '--endpoint-reconciler-type=none',
   ];
@@ -277,16 +403,30 @@ async function ownCluster(): Promise<Cluster> {
   let apiserverPeakKiB = 0;
   let ca = '';
   const startOne = async (name: string, port: number): Promise<Daemon> => {
-    const daemon = new Daemon(name, join(bin, 'kube-apiserver'), apiserverArgs(port, name), join(dir, `${name}.log`));
+    const daemon = new Daemon(
+      name,
+      join(bin, 'kube-apiserver'),
+      apiserverArgs(port, name),
+      join(dir, `${name}.log`),
+    );
     // The self-signed apiserver.crt in --cert-dir holds the serving certificate and the CA that signed it.
     const url = `https://127.0.0.1:${port}`;
-    await waitFor(`${name} on ${url} to answer /readyz with 200`, async () => {
-      if (!daemon.alive) throw new GiveUp(`${name} exited:\n${daemon.tail()}`);
-      if (!existsSync(join(certDir, 'apiserver.crt'))) return undefined;
-      ca = readFileSync(join(certDir, 'apiserver.crt'), 'utf8');
-      const { status } = await httpsRequest(`${url}/readyz`, ca, ADMIN_TOKEN).catch(() => ({ status: 0 }));
-      return status === 200 ? true : undefined;
-    }, 90_000).catch(async (err) => { await daemon.stop(); throw err; });
+    await waitFor(
+      `${name} on ${url} to answer /readyz with 200`,
+      async () => {
+        if (!daemon.alive) throw new GiveUp(`${name} exited:\n${daemon.tail()}`);
+        if (!existsSync(join(certDir, 'apiserver.crt'))) return undefined;
+        ca = readFileSync(join(certDir, 'apiserver.crt'), 'utf8');
+        const { status } = await httpsRequest(`${url}/readyz`, ca, ADMIN_TOKEN).catch(() => ({
+          status: 0,
+        }));
+        return status === 200 ? true : undefined;
+      },
+      90_000,
+    ).catch(async (err) => {
+      await daemon.stop();
+      throw err;
+    });
     return daemon;
   };
   const startApiserver = async () => {
@@ -309,13 +449,31 @@ async function ownCluster(): Promise<Cluster> {
   const nobodyKubeconfig = join(dir, 'nobody.kubeconfig');
   writeFileSync(kubeconfig, kubeconfigFor(server, ca, 'admin', ADMIN_TOKEN));
   writeFileSync(nobodyKubeconfig, kubeconfigFor(server, ca, 'nobody', NOBODY_TOKEN));
-  console.error(`e2e: etcd ${etcdUrl} and kube-apiserver ${server} ready in ${((Date.now() - started) / 1000).toFixed(1)}s (${dir})`);
+  console.error(
+    `e2e: etcd ${etcdUrl} and kube-apiserver ${server} ready in ${((Date.now() - started) / 1000).toFixed(1)}s (${dir})`,
+  );
 
   return {
-    existing: false, kubeconfig, nobodyKubeconfig, server, ca, token: ADMIN_TOKEN, auditLog, dir,
+    existing: false,
+    kubeconfig,
+    nobodyKubeconfig,
+    server,
+    ca,
+    token: ADMIN_TOKEN,
+    auditLog,
+    dir,
     ...withKubectl(join(bin, 'kubectl'), () => kubeconfig),
-    request: (method, path, options = {}) => httpsRequest(server + path, ca, options.token ?? ADMIN_TOKEN, method, options.body, options.contentType),
-    stopApiserver, startApiserver,
+    request: (method, path, options = {}) =>
+      httpsRequest(
+        server + path,
+        ca,
+        options.token ?? ADMIN_TOKEN,
+        method,
+        options.body,
+        options.contentType,
+      ),
+    stopApiserver,
+    startApiserver,
     async startSecondApiserver() {
       const port = await freePort();
       const second = await startOne('kube-apiserver-2', port);
@@ -326,11 +484,18 @@ async function ownCluster(): Promise<Cluster> {
     async compact() {
       // etcd's gRPC gateway: the current revision, then a physical compaction up to it.
       const post = async (path: string, body: object) => {
-        const response = await fetch(etcdUrl + path, { method: 'POST', body: JSON.stringify(body) });
-        if (!response.ok) throw new Error(`etcd ${path}: ${response.status} ${await response.text()}`);
+        const response = await fetch(etcdUrl + path, {
+          method: 'POST',
+          body: JSON.stringify(body),
+        });
+        if (!response.ok)
+          throw new Error(`etcd ${path}: ${response.status} ${await response.text()}`);
         return response.json() as Promise<{ header: { revision: string } }>;
       };
-      const { header } = await post('/v3/kv/range', { key: Buffer.from('/').toString('base64'), limit: 1 });
+      const { header } = await post('/v3/kv/range', {
+        key: Buffer.from('/').toString('base64'),
+        limit: 1,
+      });
       await post('/v3/kv/compaction', { revision: header.revision, physical: true });
       return Number(header.revision);
     },
@@ -338,8 +503,13 @@ async function ownCluster(): Promise<Cluster> {
       etcd.sampleRss();
       await stopApiserver();
       await etcd.stop();
-      const mib = (kib: number) => (kib ? `${(kib / 1024).toFixed(0)} MiB` : 'unknown (/proc/PID/status unreadable: Deno needs -A)');
-      console.error(`e2e: peak RSS (VmHWM) kube-apiserver ${mib(apiserverPeakKiB)}, etcd ${mib(etcd.peakRssKiB)}; up ${((Date.now() - started) / 1000).toFixed(0)}s`);
+      const mib = (kib: number) =>
+        kib
+          ? `${(kib / 1024).toFixed(0)} MiB`
+          : 'unknown (/proc/PID/status unreadable: Deno needs -A)';
+      console.error(
+        `e2e: peak RSS (VmHWM) kube-apiserver ${mib(apiserverPeakKiB)}, etcd ${mib(etcd.peakRssKiB)}; up ${((Date.now() - started) / 1000).toFixed(0)}s`,
+      );
       if (process.env.E2E_KEEP === '1') console.error(`e2e: kept ${dir}`);
       else rmSync(dir, { recursive: true, force: true });
     },
@@ -354,31 +524,74 @@ async function existingCluster(): Promise<Cluster> {
   const kubectlPath = existsSync(local) ? local : 'kubectl';
   const dir = mkdtempSync(join(tmpdir(), 'book-e2e-'));
   const tools = withKubectl(kubectlPath, () => kubeconfig);
-  const view = JSON.parse(await tools.kubectlOk(['config', 'view', '--minify', '--raw', '-o', 'json']));
+  const view = JSON.parse(
+    await tools.kubectlOk(['config', 'view', '--minify', '--raw', '-o', 'json']),
+  );
   const server: string = view.clusters[0].cluster.server;
   const caData: string | undefined = view.clusters[0].cluster['certificate-authority-data'];
-  const ca = caData ? Buffer.from(caData, 'base64').toString() : readFileSync(view.clusters[0].cluster['certificate-authority'], 'utf8');
+  const ca = caData
+    ? Buffer.from(caData, 'base64').toString()
+    : readFileSync(view.clusters[0].cluster['certificate-authority'], 'utf8');
   // A user with no rights: a fresh ServiceAccount, with a short-lived token.
   await tools.kubectl(['create', 'serviceaccount', 'e2e-nobody', '-n', 'default']);
-  const nobodyToken = (await tools.kubectlOk(['create', 'token', 'e2e-nobody', '-n', 'default', '--duration=1h'])).trim();
+  const nobodyToken = (
+    await tools.kubectlOk(['create', 'token', 'e2e-nobody', '-n', 'default', '--duration=1h'])
+  ).trim();
   const nobodyKubeconfig = join(dir, 'nobody.kubeconfig');
   writeFileSync(nobodyKubeconfig, kubeconfigFor(server, ca, 'nobody', nobodyToken));
   const token: string = view.users[0]?.user?.token ?? '';
-  const unsupported = async () => { throw new Error('not with E2E_EXISTING_CLUSTER=1'); };
+  const unsupported = async () => {
+    throw new Error('not with E2E_EXISTING_CLUSTER=1');
+  };
   return {
-    existing: true, kubeconfig, nobodyKubeconfig, server, ca, token, auditLog: undefined, dir,
+    existing: true,
+    kubeconfig,
+    nobodyKubeconfig,
+    server,
+    ca,
+    token,
+    auditLog: undefined,
+    dir,
     ...tools,
-    request: (method, path, options = {}) => httpsRequest(server + path, ca, options.token ?? token, method, options.body, options.contentType),
-    stopApiserver: unsupported, startApiserver: unsupported, startSecondApiserver: unsupported, compact: unsupported,
+    request: (method, path, options = {}) =>
+      httpsRequest(
+        server + path,
+        ca,
+        options.token ?? token,
+        method,
+        options.body,
+        options.contentType,
+      ),
+    stopApiserver: unsupported,
+    startApiserver: unsupported,
+    startSecondApiserver: unsupported,
+    compact: unsupported,
     async stop() {
-      await tools.kubectl(['delete', 'serviceaccount', 'e2e-nobody', '-n', 'default', '--ignore-not-found']);
+      await tools.kubectl([
+        'delete',
+        'serviceaccount',
+        'e2e-nobody',
+        '-n',
+        'default',
+        '--ignore-not-found',
+      ]);
       rmSync(dir, { recursive: true, force: true });
     },
   };
 }
 
 /** The audit log's events, parsed: which requests the server saw, in order. */
-export interface AuditEvent { verb: string; requestURI: string; stage: string; user: { username: string }; userAgent?: string; responseStatus?: { code?: number } }
+export interface AuditEvent {
+  verb: string;
+  requestURI: string;
+  stage: string;
+  user: { username: string };
+  userAgent?: string;
+  responseStatus?: { code?: number };
+}
 export function readAudit(path: string): AuditEvent[] {
-  return readFileSync(path, 'utf8').split('\n').filter(Boolean).map((line) => JSON.parse(line) as AuditEvent);
+  return readFileSync(path, 'utf8')
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => JSON.parse(line) as AuditEvent);
 }

@@ -21,18 +21,45 @@ import { readAudit, ROOT, startCluster, waitFor, type Cluster } from './cluster.
 
 const runtime = process.versions.deno ? 'deno' : process.versions.bun ? 'bun' : 'node';
 // How a user starts the controller on this runtime (Node >= 22.18 strips the types itself).
-const command = runtime === 'deno'
-  ? [process.execPath, 'run', '--allow-env', '--allow-read', '--allow-net', '--allow-sys', '--allow-run', 'controller.ts']
-  : [process.execPath, 'controller.ts'];
+const command =
+  runtime === 'deno'
+    ? [
+        process.execPath,
+        'run',
+        '--allow-env',
+        '--allow-read',
+        '--allow-net',
+        '--allow-sys',
+        '--allow-run',
+        'controller.ts',
+      ]
+    : [process.execPath, 'controller.ts'];
 
 const EXISTING = process.env.E2E_EXISTING_CLUSTER === '1';
-const NEEDS_OWN = EXISTING ? 'E2E_EXISTING_CLUSTER=1: this case restarts kube-apiserver or reads its audit log, which only our own control plane allows' : false;
-const HAS_DEPLOY = existsSync(join(ROOT, 'deploy.yaml')) ? false : 'no deploy.yaml in the repository yet';
+const NEEDS_OWN = EXISTING
+  ? 'E2E_EXISTING_CLUSTER=1: this case restarts kube-apiserver or reads its audit log, which only our own control plane allows'
+  : false;
+const HAS_DEPLOY = existsSync(join(ROOT, 'deploy.yaml'))
+  ? false
+  : 'no deploy.yaml in the repository yet';
 
 // E2E_ONLY=REGEX runs only the cases whose names match (the three runners filter subtests differently).
 const only = process.env.E2E_ONLY ? new RegExp(process.env.E2E_ONLY) : undefined;
-const test = (name: string, options: { skip?: string | false; timeout?: number }, fn: () => Promise<void>) =>
-  nodeTest(name, { ...options, skip: options.skip || (only && !only.test(name) ? `not matched by E2E_ONLY=${only.source}` : false) }, fn);
+const test = (
+  name: string,
+  options: { skip?: string | false; timeout?: number },
+  fn: () => Promise<void>,
+) =>
+  nodeTest(
+    name,
+    {
+      ...options,
+      skip:
+        options.skip ||
+        (only && !only.test(name) ? `not matched by E2E_ONLY=${only.source}` : false),
+    },
+    fn,
+  );
 
 const added = (name: string, title: string) => `Added a book ${name} with title '${title}'`;
 const modified = (name: string, title: string) => `Modified a book ${name} with title '${title}'`;
@@ -40,7 +67,9 @@ const deleted = (name: string) => `Deleted a book ${name}`;
 
 function bookYaml(name: string, title: string | undefined, labels: Record<string, string> = {}) {
   return JSON.stringify({
-    apiVersion: 'example.technosophos.com/v1', kind: 'Book', metadata: { name, labels },
+    apiVersion: 'example.technosophos.com/v1',
+    kind: 'Book',
+    metadata: { name, labels },
     spec: title === undefined ? { authors: ['Nobody'] } : { title, authors: ['Herman Melville'] },
   });
 }
@@ -58,10 +87,18 @@ class Controller {
   constructor(name: string, args: string[], kubeconfig: string, env: Record<string, string> = {}) {
     this.name = name;
     const [program = '', ...rest] = command;
-    const childEnv: Record<string, string | undefined> = { ...process.env, KUBECONFIG: kubeconfig, ...env };
+    const childEnv: Record<string, string | undefined> = {
+      ...process.env,
+      KUBECONFIG: kubeconfig,
+      ...env,
+    };
     delete childEnv.NODE_OPTIONS; // what the test runner loads is not what a user runs
     delete childEnv.NODE_TEST_CONTEXT;
-    this.child = spawn(program, [...rest, ...args], { cwd: ROOT, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child = spawn(program, [...rest, ...args], {
+      cwd: ROOT,
+      env: childEnv,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     this.child.stdout!.setEncoding('utf8').on('data', (text: string) => {
       const lines = (this.partial + text).split('\n');
       this.partial = lines.pop() ?? '';
@@ -72,7 +109,9 @@ class Controller {
       this.err += text;
       this.poke();
     });
-    this.exit = new Promise((resolve) => this.child.on('exit', (code) => (resolve(code), this.poke())));
+    this.exit = new Promise((resolve) =>
+      this.child.on('exit', (code) => (resolve(code), this.poke())),
+    );
     started.add(this);
   }
 
@@ -89,14 +128,26 @@ class Controller {
     return new Promise((resolve, reject) => {
       const check = () => {
         if (done()) return finish();
-        if (this.exited) return finish(new Error(`${this.name} exited (${this.child.exitCode ?? this.child.signalCode}) before ${what}`));
+        if (this.exited)
+          return finish(
+            new Error(
+              `${this.name} exited (${this.child.exitCode ?? this.child.signalCode}) before ${what}`,
+            ),
+          );
       };
-      const timer = setTimeout(() => finish(new Error(`timed out after ${timeoutMs / 1000}s waiting for ${what}`)), timeoutMs);
+      const timer = setTimeout(
+        () => finish(new Error(`timed out after ${timeoutMs / 1000}s waiting for ${what}`)),
+        timeoutMs,
+      );
       const finish = (err?: Error) => {
         clearTimeout(timer);
         this.wake.delete(check);
         if (!err) return resolve();
-        reject(new Error(`${this.name}: ${err.message}\n--- its stdout:\n${this.out.join('\n')}\n--- its stderr:\n${this.err}`));
+        reject(
+          new Error(
+            `${this.name}: ${err.message}\n--- its stdout:\n${this.out.join('\n')}\n--- its stderr:\n${this.err}`,
+          ),
+        );
       };
       this.wake.add(check);
       check();
@@ -116,7 +167,11 @@ class Controller {
 
   async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
     if (!this.exited) process.kill(this.child.pid ?? 0, signal); // not child.kill(): Deno then reports the signal
-    const timer = setTimeout(() => { try { process.kill(this.child.pid ?? 0, 'SIGKILL'); } catch {} }, 5_000);
+    const timer = setTimeout(() => {
+      try {
+        process.kill(this.child.pid ?? 0, 'SIGKILL');
+      } catch {}
+    }, 5_000);
     const code = await this.exit;
     clearTimeout(timer);
     started.delete(this);
@@ -128,26 +183,39 @@ const started = new Set<Controller>();
 let cluster: Cluster;
 const suiteStart = Date.now();
 
-before(async () => {
-  cluster = await startCluster();
-}, { timeout: 120_000 });
+before(
+  async () => {
+    cluster = await startCluster();
+  },
+  { timeout: 120_000 },
+);
 
 afterEach(async () => {
   for (const controller of [...started]) await controller.stop('SIGKILL');
 });
 
-after(async () => {
-  for (const controller of [...started]) await controller.stop('SIGKILL');
-  await cluster?.stop();
-  console.error(`e2e: the suite took ${((Date.now() - suiteStart) / 1000).toFixed(1)}s on ${runtime}`);
-}, { timeout: 60_000 });
+after(
+  async () => {
+    for (const controller of [...started]) await controller.stop('SIGKILL');
+    await cluster?.stop();
+    console.error(
+      `e2e: the suite took ${((Date.now() - suiteStart) / 1000).toFixed(1)}s on ${runtime}`,
+    );
+  },
+  { timeout: 60_000 },
+);
 
 let crd: Promise<void> | undefined;
 /** kubectl apply -f crd.yaml, once, and wait until the server serves books. */
 function installCrd() {
   crd ??= (async () => {
     await cluster.kubectlOk(['apply', '-f', 'crd.yaml']);
-    await cluster.kubectlOk(['wait', '--for=condition=Established', 'crd/books.example.technosophos.com', '--timeout=30s']);
+    await cluster.kubectlOk([
+      'wait',
+      '--for=condition=Established',
+      'crd/books.example.technosophos.com',
+      '--timeout=30s',
+    ]);
   })();
   return crd;
 }
@@ -160,12 +228,24 @@ async function namespace(name: string) {
   if (result.code !== 0) await cluster.kubectlOk(['delete', 'books', '--all', '-n', name]);
 }
 
-async function applyBook(ns: string, name: string, title: string | undefined, labels?: Record<string, string>, kubeconfig?: string) {
-  return cluster.kubectl(['apply', '-n', ns, '-f', '-'], { input: bookYaml(name, title, labels), kubeconfig });
+async function applyBook(
+  ns: string,
+  name: string,
+  title: string | undefined,
+  labels?: Record<string, string>,
+  kubeconfig?: string,
+) {
+  return cluster.kubectl(['apply', '-n', ns, '-f', '-'], {
+    input: bookYaml(name, title, labels),
+    kubeconfig,
+  });
 }
 
 async function setTitle(ns: string, name: string, title: string, kubeconfig?: string) {
-  await cluster.kubectlOk(['patch', 'book', name, '-n', ns, '--type=merge', '-p', JSON.stringify({ spec: { title } })], { kubeconfig });
+  await cluster.kubectlOk(
+    ['patch', 'book', name, '-n', ns, '--type=merge', '-p', JSON.stringify({ spec: { title } })],
+    { kubeconfig },
+  );
 }
 
 /** The audit log's requests for the books of one namespace (not kubectl's), as the server saw them. */
@@ -174,13 +254,18 @@ function bookRequests(ns: string) {
   return readAudit(cluster.auditLog!)
     .filter((event) => event.stage === 'ResponseStarted' || event.stage === 'ResponseComplete')
     .filter((event) => !event.userAgent?.startsWith('kubectl'))
-    .filter((event) => event.requestURI === collection || event.requestURI.startsWith(`${collection}?`))
+    .filter(
+      (event) => event.requestURI === collection || event.requestURI.startsWith(`${collection}?`),
+    )
     .map((event) => ({ ...event, query: new URL(event.requestURI, 'https://x').searchParams }));
 }
 
 describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
-  test('before crd.yaml: the 404 line; after kubectl apply -f crd.yaml: picked up without a restart', { timeout: 120_000 }, async () => {
-    const crdThere = (await cluster.kubectl(['get', 'crd', 'books.example.technosophos.com'])).code === 0;
+  test('before crd.yaml: the 404 line; after kubectl apply -f crd.yaml: picked up without a restart', {
+    timeout: 120_000,
+  }, async () => {
+    const crdThere =
+      (await cluster.kubectl(['get', 'crd', 'books.example.technosophos.com'])).code === 0;
     await cluster.kubectl(['create', 'namespace', 'e2e-crd']); // not namespace(): that installs the CRD
     const controller = new Controller('controller', ['-n', 'e2e-crd'], cluster.kubeconfig);
     let line404 = '';
@@ -190,17 +275,32 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       console.error('e2e: the CRD is already installed: the 404 half of this case is skipped');
     }
     await installCrd(); // before asserting on the line: every later case needs the CRD
-    await applyBook('e2e-crd', 'moby-dick', 'Moby Dick').then((r) => assert.equal(r.code, 0, r.stderr));
+    await applyBook('e2e-crd', 'moby-dick', 'Moby Dick').then((r) =>
+      assert.equal(r.code, 0, r.stderr),
+    );
     // The controller retries with backoff (up to 30 s), so it may take a while to look again.
     await controller.line(added('moby-dick', 'Moby Dick'), 60_000);
     assert.equal(await controller.stop(), 0);
     assert.deepEqual(controller.out, [added('moby-dick', 'Moby Dick')]);
     // One line per diagnostic: the real server's 404 for an unknown group is text/plain "404 page not found\n".
-    if (!crdThere) assert.match(line404, new RegExp(`^the Book CRD is not installed on ${cluster.server.replace(/[.]/g, '\\.')} \\(404: `));
-    if (!crdThere) assert.match(line404, /retrying in [0-9.]+s — kubectl apply -f crd\.yaml$/, `the 404 diagnostic is one line; stderr was:\n${controller.err}`);
+    if (!crdThere)
+      assert.match(
+        line404,
+        new RegExp(
+          `^the Book CRD is not installed on ${cluster.server.replace(/[.]/g, '\\.')} \\(404: `,
+        ),
+      );
+    if (!crdThere)
+      assert.match(
+        line404,
+        /retrying in [0-9.]+s — kubectl apply -f crd\.yaml$/,
+        `the 404 diagnostic is one line; stderr was:\n${controller.err}`,
+      );
   });
 
-  test('the seed walkthrough: apply, a title change, delete: exactly these lines, and nothing else', { timeout: 60_000 }, async () => {
+  test('the seed walkthrough: apply, a title change, delete: exactly these lines, and nothing else', {
+    timeout: 60_000,
+  }, async () => {
     await namespace('e2e-seed');
     const controller = new Controller('controller', ['-n', 'e2e-seed'], cluster.kubeconfig);
     await cluster.kubectlOk(['apply', '-n', 'e2e-seed', '-f', 'book.yaml']);
@@ -210,23 +310,36 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     await cluster.kubectlOk(['delete', '-n', 'e2e-seed', '-f', 'book.yaml']);
     await controller.line(deleted('moby-dick'));
     assert.equal(await controller.stop(), 0);
-    assert.deepEqual(controller.out, [added('moby-dick', 'Moby Dick'), modified('moby-dick', 'Moby-Dick; or, The Whale'), deleted('moby-dick')]);
+    assert.deepEqual(controller.out, [
+      added('moby-dick', 'Moby Dick'),
+      modified('moby-dick', 'Moby-Dick; or, The Whale'),
+      deleted('moby-dick'),
+    ]);
     assert.equal(controller.err, '', 'stderr is quiet when all is well');
   });
 
-  test('the initial state comes from the streaming list: sendInitialEvents=true, and no paginated list', { skip: NEEDS_OWN, timeout: 30_000 }, async () => {
+  test('the initial state comes from the streaming list: sendInitialEvents=true, and no paginated list', {
+    skip: NEEDS_OWN,
+    timeout: 30_000,
+  }, async () => {
     // The walkthrough above ran against this server: look at what it asked for.
     const requests = bookRequests('e2e-seed');
     const first = requests[0];
-    assert.ok(first, 'the audit log has the controller\'s requests');
+    assert.ok(first, "the audit log has the controller's requests");
     assert.equal(first.query.get('sendInitialEvents'), 'true', first.requestURI);
     assert.equal(first.query.get('resourceVersionMatch'), 'NotOlderThan', first.requestURI);
     assert.equal(first.verb, 'watch', first.requestURI);
     const lists = requests.filter((event) => event.verb === 'list');
-    assert.deepEqual(lists.map((event) => event.requestURI), [], 'no limit=500 list: the server accepted the streaming list');
+    assert.deepEqual(
+      lists.map((event) => event.requestURI),
+      [],
+      'no limit=500 list: the server accepted the streaming list',
+    );
   });
 
-  test('a book the schema rejects: kubectl apply fails with the server\'s message, and the controller prints nothing', { timeout: 60_000 }, async () => {
+  test("a book the schema rejects: kubectl apply fails with the server's message, and the controller prints nothing", {
+    timeout: 60_000,
+  }, async () => {
     await namespace('e2e-invalid');
     const controller = new Controller('controller', ['-n', 'e2e-invalid'], cluster.kubeconfig);
     const result = await applyBook('e2e-invalid', 'no-title', undefined);
@@ -239,65 +352,144 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     assert.equal(controller.err, '');
   });
 
-  test('status: kubectl wait --for=condition=Ready succeeds and kubectl get books shows Ready True', { timeout: 60_000 }, async () => {
+  test('status: kubectl wait --for=condition=Ready succeeds and kubectl get books shows Ready True', {
+    timeout: 60_000,
+  }, async () => {
     await namespace('e2e-status');
     const controller = new Controller('controller', ['-n', 'e2e-status'], cluster.kubeconfig);
     await cluster.kubectlOk(['apply', '-n', 'e2e-status', '-f', 'book.yaml']);
     await controller.line(added('moby-dick', 'Moby Dick'));
-    await cluster.kubectlOk(['wait', '--for=condition=Ready', 'book/moby-dick', '-n', 'e2e-status', '--timeout=30s']);
-    const table = (await cluster.kubectlOk(['get', 'books', '-n', 'e2e-status'])).trim().split('\n');
+    await cluster.kubectlOk([
+      'wait',
+      '--for=condition=Ready',
+      'book/moby-dick',
+      '-n',
+      'e2e-status',
+      '--timeout=30s',
+    ]);
+    const table = (await cluster.kubectlOk(['get', 'books', '-n', 'e2e-status']))
+      .trim()
+      .split('\n');
     assert.match(table[0] ?? '', /READY/);
     assert.match(table[1] ?? '', /^moby-dick\s+Moby Dick\s+\["Herman Melville"\]\s+True\s/);
-    const status = JSON.parse(await cluster.kubectlOk(['get', 'book', 'moby-dick', '-n', 'e2e-status', '-o', 'json'])).status;
+    const status = JSON.parse(
+      await cluster.kubectlOk(['get', 'book', 'moby-dick', '-n', 'e2e-status', '-o', 'json']),
+    ).status;
     assert.equal(status.observedGeneration, 1);
     // A title change: generation 2, reconciled, and the status follows.
     await setTitle('e2e-status', 'moby-dick', 'The Whale');
     await controller.line(modified('moby-dick', 'The Whale'));
-    await cluster.kubectlOk(['wait', '--for=jsonpath={.status.observedGeneration}=2', 'book/moby-dick', '-n', 'e2e-status', '--timeout=30s']);
-    assert.deepEqual(controller.out, [added('moby-dick', 'Moby Dick'), modified('moby-dick', 'The Whale')], 'its own status writes print nothing');
+    await cluster.kubectlOk([
+      'wait',
+      '--for=jsonpath={.status.observedGeneration}=2',
+      'book/moby-dick',
+      '-n',
+      'e2e-status',
+      '--timeout=30s',
+    ]);
+    assert.deepEqual(
+      controller.out,
+      [added('moby-dick', 'Moby Dick'), modified('moby-dick', 'The Whale')],
+      'its own status writes print nothing',
+    );
     assert.equal(controller.err, '');
   });
 
-  test('the user nobody: the 403 line names the verb and the resource; a Role granting list and watch, and it goes on by itself', { timeout: 120_000 }, async () => {
+  test('the user nobody: the 403 line names the verb and the resource; a Role granting list and watch, and it goes on by itself', {
+    timeout: 120_000,
+  }, async () => {
     await namespace('e2e-rbac');
     await applyBook('e2e-rbac', 'moby-dick', 'Moby Dick');
     const controller = new Controller('controller', ['-n', 'e2e-rbac'], cluster.nobodyKubeconfig);
     const line = await controller.stderr(/not allowed to/);
-    assert.match(line, /^not allowed to (list|watch) books in namespace e2e-rbac \(403: .*\); retrying in [0-9.]+s — grant .* \(kubectl auth can-i (list|watch) books\.example\.technosophos\.com -n e2e-rbac\)$/);
+    assert.match(
+      line,
+      /^not allowed to (list|watch) books in namespace e2e-rbac \(403: .*\); retrying in [0-9.]+s — grant .* \(kubectl auth can-i (list|watch) books\.example\.technosophos\.com -n e2e-rbac\)$/,
+    );
     const user = cluster.existing ? 'system:serviceaccount:default:e2e-nobody' : 'nobody';
     const subject = cluster.existing ? '--serviceaccount=default:e2e-nobody' : `--user=${user}`;
-    await cluster.kubectlOk(['create', 'role', 'book-reader', '-n', 'e2e-rbac', '--verb=get,list,watch', '--resource=books.example.technosophos.com']);
-    await cluster.kubectlOk(['create', 'rolebinding', 'book-reader', '-n', 'e2e-rbac', '--role=book-reader', subject]);
+    await cluster.kubectlOk([
+      'create',
+      'role',
+      'book-reader',
+      '-n',
+      'e2e-rbac',
+      '--verb=get,list,watch',
+      '--resource=books.example.technosophos.com',
+    ]);
+    await cluster.kubectlOk([
+      'create',
+      'rolebinding',
+      'book-reader',
+      '-n',
+      'e2e-rbac',
+      '--role=book-reader',
+      subject,
+    ]);
     await controller.line(added('moby-dick', 'Moby Dick'), 60_000);
     // Without patch on books/status, it says so in one line naming what to grant.
     const status = await controller.stderr(/books\/status/, 30_000);
     assert.match(status, /patch/);
-    assert.match(status, /kubectl auth can-i patch books\.example\.technosophos\.com --subresource=status -n e2e-rbac/);
+    assert.match(
+      status,
+      /kubectl auth can-i patch books\.example\.technosophos\.com --subresource=status -n e2e-rbac/,
+    );
     assert.deepEqual(controller.out, [added('moby-dick', 'Moby Dick')]);
   });
 
-  test('bookmarks: with --watch-timeout 5 the server sends one before the timeout, and the next watch resumes from it', { skip: NEEDS_OWN, timeout: 60_000 }, async () => {
+  test('bookmarks: with --watch-timeout 5 the server sends one before the timeout, and the next watch resumes from it', {
+    skip: NEEDS_OWN,
+    timeout: 60_000,
+  }, async () => {
     await namespace('e2e-bookmark');
     await namespace('e2e-elsewhere');
     // What the server sends an idle watch: a BOOKMARK shortly before timeoutSeconds ends it.
-    const watched = await watchFor('/apis/example.technosophos.com/v1/namespaces/e2e-bookmark/books?watch=true&allowWatchBookmarks=true&timeoutSeconds=5&resourceVersion=0');
-    assert.ok(watched.some((event) => event.type === 'BOOKMARK'), `a BOOKMARK in ${JSON.stringify(watched)}`);
-    const controller = new Controller('controller', ['-n', 'e2e-bookmark', '--watch-timeout', '5'], cluster.kubeconfig);
-    await waitFor('the controller\'s first watch in the audit log', () => (bookRequests('e2e-bookmark').length ? true : undefined), 30_000);
+    const watched = await watchFor(
+      '/apis/example.technosophos.com/v1/namespaces/e2e-bookmark/books?watch=true&allowWatchBookmarks=true&timeoutSeconds=5&resourceVersion=0',
+    );
+    assert.ok(
+      watched.some((event) => event.type === 'BOOKMARK'),
+      `a BOOKMARK in ${JSON.stringify(watched)}`,
+    );
+    const controller = new Controller(
+      'controller',
+      ['-n', 'e2e-bookmark', '--watch-timeout', '5'],
+      cluster.kubeconfig,
+    );
+    await waitFor(
+      "the controller's first watch in the audit log",
+      () => (bookRequests('e2e-bookmark').length ? true : undefined),
+      30_000,
+    );
     // A book in another namespace moves the resourceVersion on; this watch only learns of it from a bookmark.
     await applyBook('e2e-elsewhere', 'elsewhere', 'Elsewhere');
-    const rv = JSON.parse(await cluster.kubectlOk(['get', 'book', 'elsewhere', '-n', 'e2e-elsewhere', '-o', 'json'])).metadata.resourceVersion as string;
+    const rv = JSON.parse(
+      await cluster.kubectlOk(['get', 'book', 'elsewhere', '-n', 'e2e-elsewhere', '-o', 'json']),
+    ).metadata.resourceVersion as string;
     // etcd's revisions are numbers: comparing them is fine for a test, never for a client.
-    const resumed = await waitFor(`a watch resuming from a resourceVersion >= ${rv}, learnt from a bookmark`, () =>
-      bookRequests('e2e-bookmark').find((event) => Number(event.query.get('resourceVersion') ?? 0) >= Number(rv)), 30_000);
+    const resumed = await waitFor(
+      `a watch resuming from a resourceVersion >= ${rv}, learnt from a bookmark`,
+      () =>
+        bookRequests('e2e-bookmark').find(
+          (event) => Number(event.query.get('resourceVersion') ?? 0) >= Number(rv),
+        ),
+      30_000,
+    );
     assert.equal(resumed.query.get('allowWatchBookmarks'), 'true');
     assert.equal(resumed.query.get('timeoutSeconds'), '5');
-    assert.equal(bookRequests('e2e-bookmark').filter((event) => event.verb === 'list').length, 0, 'no relist');
+    assert.equal(
+      bookRequests('e2e-bookmark').filter((event) => event.verb === 'list').length,
+      0,
+      'no relist',
+    );
     assert.deepEqual(controller.out, []);
     assert.equal(controller.err, '', 'bookmarks and timeouts are routine: quiet');
   });
 
-  test('history lost: the server restarts on a compacted etcd; on reconnect the controller prints exactly the gap', { skip: NEEDS_OWN, timeout: 180_000 }, async () => {
+  test('history lost: the server restarts on a compacted etcd; on reconnect the controller prints exactly the gap', {
+    skip: NEEDS_OWN,
+    timeout: 180_000,
+  }, async () => {
     await namespace('e2e-history');
     for (const name of ['a', 'b', 'c']) await applyBook('e2e-history', name, `Book ${name}`);
     const controller = new Controller('controller', ['-n', 'e2e-history'], cluster.kubeconfig);
@@ -307,14 +499,18 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     // replay them: only a new list tells what changed.
     let phase = Date.now();
     const phases: string[] = [];
-    const done = (what: string) => (phases.push(`${what} ${Date.now() - phase} ms`), (phase = Date.now()));
+    const done = (what: string) => (
+      phases.push(`${what} ${Date.now() - phase} ms`), (phase = Date.now())
+    );
     await cluster.stopApiserver();
     done('stop');
     const second = await cluster.startSecondApiserver();
     done('second apiserver up');
     try {
       await setTitle('e2e-history', 'a', 'Book a, revised', second.kubeconfig);
-      await cluster.kubectlOk(['delete', 'book', 'b', '-n', 'e2e-history'], { kubeconfig: second.kubeconfig });
+      await cluster.kubectlOk(['delete', 'book', 'b', '-n', 'e2e-history'], {
+        kubeconfig: second.kubeconfig,
+      });
       await applyBook('e2e-history', 'd', 'Book d', undefined, second.kubeconfig);
       await cluster.compact();
       done('changes and compaction');
@@ -327,109 +523,259 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     console.error(`e2e: history lost: ${phases.join(', ')}`);
     const restarted = Date.now();
     const gap = [modified('a', 'Book a, revised'), deleted('b'), added('d', 'Book d')];
-    await controller.until(`the gap: ${gap.join(' / ')}`, () => gap.every((line) => controller.out.includes(line)), 90_000);
-    console.error(`e2e: history lost: the gap printed ${Date.now() - restarted} ms after kube-apiserver was back; the controller's stderr meanwhile:\n${controller.err.trimEnd().replace(/^/gm, '  | ')}`);
+    await controller.until(
+      `the gap: ${gap.join(' / ')}`,
+      () => gap.every((line) => controller.out.includes(line)),
+      90_000,
+    );
+    console.error(
+      `e2e: history lost: the gap printed ${Date.now() - restarted} ms after kube-apiserver was back; the controller's stderr meanwhile:\n${controller.err.trimEnd().replace(/^/gm, '  | ')}`,
+    );
     await applyBook('e2e-history', 'e', 'Book e'); // then nothing else came before this one
     await controller.line(added('e', 'Book e'));
-    assert.deepEqual(controller.out.slice(0, 3), ['a', 'b', 'c'].map((name) => added(name, `Book ${name}`)));
+    assert.deepEqual(
+      controller.out.slice(0, 3),
+      ['a', 'b', 'c'].map((name) => added(name, `Book ${name}`)),
+    );
     assert.deepEqual([...controller.out.slice(3, 6)].sort(), [...gap].sort());
     assert.deepEqual(controller.out.slice(6), [added('e', 'Book e')]);
     // The request that found the history gone, as the server logged it.
     const watches = bookRequests('e2e-history').filter((event) => event.verb === 'watch');
-    console.error(`e2e: history lost: the controller's watch requests: ${watches.map((event) => `${event.requestURI} -> ${event.responseStatus?.code}`).join(', ')}`);
+    console.error(
+      `e2e: history lost: the controller's watch requests: ${watches.map((event) => `${event.requestURI} -> ${event.responseStatus?.code}`).join(', ')}`,
+    );
   });
 
-  test('-l: a book relabelled out of the selector prints Deleted, back in prints Added', { timeout: 60_000 }, async () => {
+  test('-l: a book relabelled out of the selector prints Deleted, back in prints Added', {
+    timeout: 60_000,
+  }, async () => {
     await namespace('e2e-label');
-    const controller = new Controller('controller', ['-n', 'e2e-label', '-l', 'shelf=fiction'], cluster.kubeconfig);
+    const controller = new Controller(
+      'controller',
+      ['-n', 'e2e-label', '-l', 'shelf=fiction'],
+      cluster.kubeconfig,
+    );
     await applyBook('e2e-label', 'moby-dick', 'Moby Dick', { shelf: 'fiction' });
     await applyBook('e2e-label', 'leaves', 'Leaves of Grass', { shelf: 'poetry' });
     await controller.line(added('moby-dick', 'Moby Dick'));
-    await cluster.kubectlOk(['label', 'book', 'moby-dick', '-n', 'e2e-label', 'shelf=poetry', '--overwrite']);
+    await cluster.kubectlOk([
+      'label',
+      'book',
+      'moby-dick',
+      '-n',
+      'e2e-label',
+      'shelf=poetry',
+      '--overwrite',
+    ]);
     await controller.line(deleted('moby-dick'));
-    await cluster.kubectlOk(['label', 'book', 'leaves', '-n', 'e2e-label', 'shelf=fiction', '--overwrite']);
+    await cluster.kubectlOk([
+      'label',
+      'book',
+      'leaves',
+      '-n',
+      'e2e-label',
+      'shelf=fiction',
+      '--overwrite',
+    ]);
     await controller.line(added('leaves', 'Leaves of Grass'));
-    assert.deepEqual(controller.out, [added('moby-dick', 'Moby Dick'), deleted('moby-dick'), added('leaves', 'Leaves of Grass')]);
+    assert.deepEqual(controller.out, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('leaves', 'Leaves of Grass'),
+    ]);
   });
 
-  test('two replicas with --leader-elect: one prints; SIGKILL the leader and the other prints the next change within 15 s + 2 × 2 s', { timeout: 120_000 }, async () => {
+  test('two replicas with --leader-elect: one prints; SIGKILL the leader and the other prints the next change within 15 s + 2 × 2 s', {
+    timeout: 120_000,
+  }, async () => {
     await namespace('e2e-leader');
     const args = ['-n', 'e2e-leader', '--leader-elect', '--leader-elect-namespace', 'e2e-leader'];
     const one = new Controller('replica 1', args, cluster.kubeconfig);
     const two = new Controller('replica 2', args, cluster.kubeconfig);
     await applyBook('e2e-leader', 'moby-dick', 'Moby Dick');
     const line = added('moby-dick', 'Moby Dick');
-    await one.until('one replica to print the book', () => one.out.includes(line) || two.out.includes(line), 60_000)
-      .catch((err) => { throw new Error(`${err.message}\n--- replica 2 (${two.exited ? `exited ${two.child.exitCode ?? two.child.signalCode}` : 'running'}): stdout:\n${two.out.join('\n')}\n--- stderr:\n${two.err}`); });
+    await one
+      .until(
+        'one replica to print the book',
+        () => one.out.includes(line) || two.out.includes(line),
+        60_000,
+      )
+      .catch((err) => {
+        throw new Error(
+          `${err.message}\n--- replica 2 (${two.exited ? `exited ${two.child.exitCode ?? two.child.signalCode}` : 'running'}): stdout:\n${two.out.join('\n')}\n--- stderr:\n${two.err}`,
+        );
+      });
     const [leader, follower] = one.out.includes(line) ? [one, two] : [two, one];
     await follower.stderr(/./, 30_000); // its one line: waiting, naming the holder
     assert.deepEqual(follower.out, [], 'the follower prints nothing');
-    const holder = JSON.parse(await cluster.kubectlOk(['get', 'lease', 'book-controller', '-n', 'e2e-leader', '-o', 'json'])).spec;
-    assert.match(follower.err, new RegExp(holder.holderIdentity.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+    const holder = JSON.parse(
+      await cluster.kubectlOk([
+        'get',
+        'lease',
+        'book-controller',
+        '-n',
+        'e2e-leader',
+        '-o',
+        'json',
+      ]),
+    ).spec;
+    assert.match(
+      follower.err,
+      new RegExp(holder.holderIdentity.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')),
+    );
     assert.equal(holder.leaseDurationSeconds, 15);
     const killed = Date.now();
     await leader.stop('SIGKILL');
     await setTitle('e2e-leader', 'moby-dick', 'The Whale');
     // The new leader lists afresh: the book comes as Added with its new title (it never saw it before).
-    await follower.until('the follower to take over and print the change', () => follower.out.length > 0, 25_000);
+    await follower.until(
+      'the follower to take over and print the change',
+      () => follower.out.length > 0,
+      25_000,
+    );
     const takeover = Date.now() - killed;
-    console.error(`e2e: SIGKILL takeover: the follower printed ${JSON.stringify(follower.out[0])} ${takeover} ms after the leader was killed`);
+    console.error(
+      `e2e: SIGKILL takeover: the follower printed ${JSON.stringify(follower.out[0])} ${takeover} ms after the leader was killed`,
+    );
     // The issue asks for lease duration + a retry period (17 s). The worst case is a retry period more: the follower
     // polls every 2 s, so it may see the leader's last renewal up to 2 s after it happened, and judges expiry from
     // then (client-go does the same). Measured: 14.6-16.1 s on Node and Bun, 18.1 s once on Deno.
-    assert.ok(takeover <= 15_000 + 2 * 2_000 + 1_000, `took over in ${takeover} ms, more than lease duration + 2 retry periods + 1 s`);
-    assert.match(follower.out[0] ?? '', /^(Added|Modified) a book moby-dick with title 'The Whale'$/);
+    assert.ok(
+      takeover <= 15_000 + 2 * 2_000 + 1_000,
+      `took over in ${takeover} ms, more than lease duration + 2 retry periods + 1 s`,
+    );
+    assert.match(
+      follower.out[0] ?? '',
+      /^(Added|Modified) a book moby-dick with title 'The Whale'$/,
+    );
   });
 
-  test('deploy.yaml: kubectl apply --dry-run=server accepts it', { skip: HAS_DEPLOY, timeout: 60_000 }, async () => {
+  test('deploy.yaml: kubectl apply --dry-run=server accepts it', {
+    skip: HAS_DEPLOY,
+    timeout: 60_000,
+  }, async () => {
     // A server dry run creates nothing, not even deploy.yaml's Namespace: on a cluster without it, every
     // object in it fails with NotFound (namespaces "book-controller" not found). So the namespace first.
     await cluster.kubectl(['create', 'namespace', 'book-controller']);
-    const result = await cluster.kubectl(['apply', '--dry-run=server', '-f', 'crd.yaml', '-f', 'deploy.yaml']);
+    const result = await cluster.kubectl([
+      'apply',
+      '--dry-run=server',
+      '-f',
+      'crd.yaml',
+      '-f',
+      'deploy.yaml',
+    ]);
     assert.equal(result.code, 0, result.stderr);
-    assert.match(result.stdout, /deployment\.apps\/book-controller (created|configured|unchanged) \(server dry run\)/);
+    assert.match(
+      result.stdout,
+      /deployment\.apps\/book-controller (created|configured|unchanged) \(server dry run\)/,
+    );
   });
 
-  test('deploy.yaml\'s ServiceAccount token: it works with exactly those permissions, and without patch on books/status says so', { skip: HAS_DEPLOY, timeout: 120_000 }, async () => {
+  test("deploy.yaml's ServiceAccount token: it works with exactly those permissions, and without patch on books/status says so", {
+    skip: HAS_DEPLOY,
+    timeout: 120_000,
+  }, async () => {
     await cluster.kubectlOk(['apply', '-f', 'deploy.yaml']); // no controller-manager here: the Deployment never runs a pod
     await namespace('e2e-sa');
-    const token = (await cluster.kubectlOk(['create', 'token', 'book-controller', '-n', 'book-controller', '--duration=1h'])).trim();
+    const token = (
+      await cluster.kubectlOk([
+        'create',
+        'token',
+        'book-controller',
+        '-n',
+        'book-controller',
+        '--duration=1h',
+      ])
+    ).trim();
     const kubeconfig = join(cluster.dir, 'sa.kubeconfig');
-    const view = JSON.parse(await cluster.kubectlOk(['config', 'view', '--minify', '--raw', '-o', 'json']));
+    const view = JSON.parse(
+      await cluster.kubectlOk(['config', 'view', '--minify', '--raw', '-o', 'json']),
+    );
     view.users = [{ name: 'sa', user: { token } }];
     view.contexts = [{ name: 'sa', context: { cluster: view.clusters[0].name, user: 'sa' } }];
     view['current-context'] = 'sa';
     writeFileSync(kubeconfig, JSON.stringify(view));
     // As the Deployment runs it: -A --leader-elect, the Lease in POD_NAMESPACE.
-    const controller = new Controller('controller (service account)', ['-A', '--leader-elect'], kubeconfig, { POD_NAMESPACE: 'book-controller' });
+    const controller = new Controller(
+      'controller (service account)',
+      ['-A', '--leader-elect'],
+      kubeconfig,
+      { POD_NAMESPACE: 'book-controller' },
+    );
     await applyBook('e2e-sa', 'moby-dick', 'Moby Dick');
     await controller.line(added('e2e-sa/moby-dick', 'Moby Dick'), 60_000);
-    await cluster.kubectlOk(['wait', '--for=condition=Ready', 'book/moby-dick', '-n', 'e2e-sa', '--timeout=30s']);
+    await cluster.kubectlOk([
+      'wait',
+      '--for=condition=Ready',
+      'book/moby-dick',
+      '-n',
+      'e2e-sa',
+      '--timeout=30s',
+    ]);
     // Take patch on books/status away: a title change is still reconciled, and one line names what is missing.
-    const role = JSON.parse(await cluster.kubectlOk(['get', 'clusterrole', 'book-controller', '-o', 'json']));
-    const without = role.rules.filter((rule: { resources: string[] }) => !rule.resources.includes('books/status'));
-    await cluster.kubectlOk(['patch', 'clusterrole', 'book-controller', '--type=merge', '-p', JSON.stringify({ rules: without })]);
+    const role = JSON.parse(
+      await cluster.kubectlOk(['get', 'clusterrole', 'book-controller', '-o', 'json']),
+    );
+    const without = role.rules.filter(
+      (rule: { resources: string[] }) => !rule.resources.includes('books/status'),
+    );
+    await cluster.kubectlOk([
+      'patch',
+      'clusterrole',
+      'book-controller',
+      '--type=merge',
+      '-p',
+      JSON.stringify({ rules: without }),
+    ]);
     try {
       await setTitle('e2e-sa', 'moby-dick', 'The Whale');
       await controller.line(modified('e2e-sa/moby-dick', 'The Whale'));
       const line = await controller.stderr(/books\/status/);
       assert.match(line, /patch/);
-      assert.match(line, /kubectl auth can-i patch books\.example\.technosophos\.com --subresource=status -n e2e-sa/);
+      assert.match(
+        line,
+        /kubectl auth can-i patch books\.example\.technosophos\.com --subresource=status -n e2e-sa/,
+      );
     } finally {
       await cluster.kubectlOk(['apply', '-f', 'deploy.yaml']);
     }
-    assert.deepEqual(controller.out.filter((line) => line.includes('e2e-sa/')), [added('e2e-sa/moby-dick', 'Moby Dick'), modified('e2e-sa/moby-dick', 'The Whale')]);
+    assert.deepEqual(
+      controller.out.filter((line) => line.includes('e2e-sa/')),
+      [added('e2e-sa/moby-dick', 'Moby Dick'), modified('e2e-sa/moby-dick', 'The Whale')],
+    );
   });
 });
 
 /** A raw watch request (the server ends it at its timeoutSeconds): the events it sent. */
-function watchFor(path: string): Promise<{ type: string; object: { metadata?: { resourceVersion?: string; annotations?: Record<string, string> } } }[]> {
+function watchFor(
+  path: string,
+): Promise<
+  {
+    type: string;
+    object: { metadata?: { resourceVersion?: string; annotations?: Record<string, string> } };
+  }[]
+> {
   return new Promise((resolve, reject) => {
-    https.get(cluster.server + path, { ca: cluster.ca, headers: { authorization: `Bearer ${cluster.token}` } }, (response) => {
-      let text = '';
-      response.setEncoding('utf8').on('data', (chunk: string) => (text += chunk)).on('end', () => {
-        resolve(text.split('\n').filter(Boolean).map((line) => JSON.parse(line)));
-      });
-    }).on('error', reject);
+    https
+      .get(
+        cluster.server + path,
+        { ca: cluster.ca, headers: { authorization: `Bearer ${cluster.token}` } },
+        (response) => {
+          let text = '';
+          response
+            .setEncoding('utf8')
+            .on('data', (chunk: string) => (text += chunk))
+            .on('end', () => {
+              resolve(
+                text
+                  .split('\n')
+                  .filter(Boolean)
+                  .map((line) => JSON.parse(line)),
+              );
+            });
+        },
+      )
+      .on('error', reject);
   });
 }
