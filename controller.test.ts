@@ -42,19 +42,23 @@ import {
 // Waiting on events, never on the clock: every output line and every request wakes the waiters.
 
 const waiters = new Set<() => void>();
-const wake = () => waiters.forEach((check) => check());
+const wake = () => {
+  for (const check of waiters) check();
+};
 
 /** Resolves once `condition` holds; rejects after `seconds`, naming what it waited for. */
 function until(description: string, condition: () => boolean, seconds = 10): Promise<void> {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(
-      () => (
-        waiters.delete(check),
-        reject(new Error(`timed out after ${seconds}s waiting for: ${description}`))
-      ),
-      seconds * 1000,
-    );
-    const check = () => condition() && (waiters.delete(check), clearTimeout(timer), resolve());
+    const timer = setTimeout(() => {
+      waiters.delete(check);
+      reject(new Error(`timed out after ${seconds}s waiting for: ${description}`));
+    }, seconds * 1000);
+    const check = () => {
+      if (!condition()) return;
+      waiters.delete(check);
+      clearTimeout(timer);
+      resolve();
+    };
     waiters.add(check);
     check();
   });
@@ -119,7 +123,11 @@ function start(
   const exited = main(args, stop.signal, { reconcile: options.reconcile, stdout: linesOf(lines) });
   void exited.then(wake);
   running.push({ stop, exited });
-  return { lines, exited, stop: () => (stop.abort(), exited) };
+  const stopIt = () => {
+    stop.abort();
+    return exited;
+  };
+  return { lines, exited, stop: stopIt };
 }
 
 const added = (name: string, title: string) => `Added a book ${name} with title '${title}'`;
@@ -181,10 +189,15 @@ beforeEach(async () => {
   stderr = [];
   stderrAt = [];
   helpText = [];
-  console.log = (...args: unknown[]) => (helpText.push(args.join(' ')), wake());
-  console.error = (...args: unknown[]) => (
-    stderr.push(args.join(' ')), stderrAt.push(performance.now()), wake()
-  );
+  console.log = (...args: unknown[]) => {
+    helpText.push(args.join(' '));
+    wake();
+  };
+  console.error = (...args: unknown[]) => {
+    stderr.push(args.join(' '));
+    stderrAt.push(performance.now());
+    wake();
+  };
   fake = await new FakeApiServer({ onActivity: wake }).listen();
   writeKubeconfig();
 });
@@ -547,13 +560,19 @@ describe('reconcile: the reader’s function, run by workers', () => {
     let aborted = false;
     const reconcile: Reconcile = (_change, _book, _name, signal) =>
       new Promise<void>((_resolve, reject) => {
-        signal.addEventListener('abort', () => ((aborted = true), reject(signal.reason)));
+        signal.addEventListener('abort', () => {
+          aborted = true;
+          reject(signal.reason);
+        });
         wake();
       });
     fake.create('moby-dick', MOBY_DICK);
     const calls: string[] = [];
     const controller = start([], {
-      reconcile: (...args) => (calls.push(args[2]), reconcile(...args)),
+      reconcile: (...args) => {
+        calls.push(args[2]);
+        return reconcile(...args);
+      },
     });
     await until('the reconcile started', () => calls.length === 1);
     fake.create('hamlet', { title: 'Hamlet' });
@@ -1042,10 +1061,10 @@ describe('resuming and relisting', () => {
     await until('watching', () => fake.openWatches === 1);
     const synced = fake.resourceVersionNow;
     fake.sendRaw(
-      JSON.stringify({
+      `${JSON.stringify({
         type: 'ERROR',
         object: status(500, 'InternalError', 'etcdserver: leader changed'),
-      }) + '\n',
+      })}\n`,
     );
     await until('the second watch', () => bookRequests().length === 2);
     await controller.stop();
@@ -1118,10 +1137,10 @@ describe('Retry-After and routine 429s', () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
     fake.sendRaw(
-      JSON.stringify({
+      `${JSON.stringify({
         type: 'ERROR',
         object: status(429, 'TooManyRequests', 'slow down', { retryAfterSeconds: 2 }),
-      }) + '\n',
+      })}\n`,
     );
     await until('the resume', () => bookRequests().length === 2);
     await controller.stop();
@@ -1718,18 +1737,25 @@ describe('as a program, on this runtime', () => {
     });
     children.push(child);
     const err: string[] = [];
-    child.stderr.setEncoding('utf8').on('data', (text: string) => (err.push(text), wake()));
+    child.stderr.setEncoding('utf8').on('data', (text: string) => {
+      err.push(text);
+      wake();
+    });
     const exited = new Promise<number | null>((resolve) =>
       child.on('exit', (code) => resolve(code)),
     );
     let code: number | null | undefined;
-    void exited.then((c) => ((code = c), wake()));
+    void exited.then((c) => {
+      code = c;
+      wake();
+    });
     return { child, err, exited, hasExited: () => code !== undefined };
   }
   const readLines = (child: ReturnType<typeof spawnController>['child'], out: string[]) =>
-    child.stdout
-      .setEncoding('utf8')
-      .on('data', (text: string) => (out.push(...text.split('\n').filter(Boolean)), wake()));
+    child.stdout.setEncoding('utf8').on('data', (text: string) => {
+      out.push(...text.split('\n').filter(Boolean));
+      wake();
+    });
 
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, {

@@ -73,9 +73,9 @@ export function describe(change: Change, book: Book, name: string): string {
  */
 export async function reconcile(
   change: Change,
-  book: Book,
-  name: string,
-  signal: AbortSignal,
+  _book: Book,
+  _name: string,
+  _signal: AbortSignal,
 ): Promise<void> {
   switch (change) {
     case 'Added':
@@ -154,32 +154,40 @@ Options:
 // client-node's HTTP stack (undici) needs Node 22.19; Deno and Bun bring their own.
 const NODE_NEEDED = '22.19';
 
+/** The command line's flags, as --help documents them; throws on an unknown or malformed one. */
+function parseFlags(args: string[]) {
+  const string = { type: 'string' } as const;
+  return parseArgs({
+    args,
+    options: {
+      namespace: { ...string, short: 'n' },
+      'all-namespaces': { type: 'boolean', short: 'A' },
+      selector: { ...string, short: 'l' },
+      output: { ...string, short: 'o', default: 'text' },
+      context: string,
+      kubeconfig: string,
+      'watch-timeout': { ...string, default: '300' },
+      concurrency: { ...string, default: '1' },
+      'leader-elect': { type: 'boolean' },
+      'leader-elect-namespace': string,
+      'health-port': string,
+      help: { type: 'boolean', short: 'h' },
+    },
+  }).values;
+}
+
 /** Reads the flags and the kubeconfig; returns the configuration, or the exit code when there is nothing to run. */
 export async function loadConfig(args: string[]): Promise<Config | number> {
-  const string = { type: 'string' } as const;
-  let flags;
+  let flags: ReturnType<typeof parseFlags>;
   try {
-    flags = parseArgs({
-      args,
-      options: {
-        namespace: { ...string, short: 'n' },
-        'all-namespaces': { type: 'boolean', short: 'A' },
-        selector: { ...string, short: 'l' },
-        output: { ...string, short: 'o', default: 'text' },
-        context: string,
-        kubeconfig: string,
-        'watch-timeout': { ...string, default: '300' },
-        concurrency: { ...string, default: '1' },
-        'leader-elect': { type: 'boolean' },
-        'leader-elect-namespace': string,
-        'health-port': string,
-        help: { type: 'boolean', short: 'h' },
-      },
-    }).values;
+    flags = parseFlags(args);
   } catch (err) {
     return fail(2, `${messageOf(err, ' ')} — see --help`); // parseArgs: an unknown or malformed flag
   }
-  if (flags.help) return (console.log(USAGE), 0);
+  if (flags.help) {
+    console.log(USAGE);
+    return 0;
+  }
   const whole = (value: string | undefined, low: number, high: number) =>
     Number.isInteger(Number(value)) && Number(value) >= low && Number(value) <= high
       ? Number(value)
@@ -512,7 +520,9 @@ async function listAndWatch(
           health.progress();
         }
         books.removeAllBut(inList); // only a whole list is a starting point: after a failed page, list again
-        (resourceVersion = listedAt), (health.ready = true), (failures = 0);
+        resourceVersion = listedAt;
+        health.ready = true;
+        failures = 0;
       }
       // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At timeoutSeconds
       // the server ends the watch, and we resume: a connection is never trusted for ever.
@@ -544,11 +554,15 @@ async function listAndWatch(
             event.object.metadata.annotations?.['k8s.io/initial-events-end'] === 'true'
           ) {
             books.removeAllBut(listed); // the initial state is complete
-            (health.ready = true), (listed = undefined);
+            health.ready = true;
+            listed = undefined;
           }
           // The initial events come in no order of resourceVersion: resume from them only once complete.
           if (!listed) resourceVersion = event.object.metadata.resourceVersion;
-          events++, (failures = 0), (routine = undefined), health.progress();
+          events++;
+          failures = 0;
+          routine = undefined;
+          health.progress();
         }
       }
       if (listed)
@@ -564,7 +578,9 @@ async function listAndWatch(
         listed &&
         (err instanceof NoStreamingList || isApiError(err, 400) || isApiError(err, 422))
       ) {
-        (streaming = false), (resourceVersion = ''); // an older server, or one without the WatchList feature
+        // an older server, or one without the WatchList feature
+        streaming = false;
+        resourceVersion = '';
         continue;
       }
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
@@ -702,7 +718,10 @@ class Books {
   remove(object: unknown) {
     const key = this.keyOf(object);
     const entry = this.entries.get(key);
-    if (entry?.book) (entry.book = undefined), this.add(key);
+    if (entry?.book) {
+      entry.book = undefined;
+      this.add(key);
+    }
   }
 
   /** After an initial state: every book we knew and it lacks was deleted while we were not watching. */
@@ -746,20 +765,22 @@ class Books {
     this.busy.delete(key);
     const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
     const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : 0; // about 1 s, doubling to 5 minutes
-    if (failed)
-      this.failures.set(key, failures),
-        this.timers.set(
-          key,
-          setTimeout(() => this.add(key), delayMs),
-        );
-    else this.failures.delete(key);
+    if (failed) {
+      this.failures.set(key, failures);
+      this.timers.set(
+        key,
+        setTimeout(() => this.add(key), delayMs),
+      );
+    } else {
+      this.failures.delete(key);
+    }
     if (this.again.delete(key)) this.add(key);
     return delayMs;
   }
 
   stop() {
-    this.timers.forEach(clearTimeout);
-    this.waiting.forEach((wake) => wake());
+    for (const timer of this.timers.values()) clearTimeout(timer);
+    for (const wake of this.waiting) wake();
   }
 }
 
@@ -912,8 +933,12 @@ function printer(stdout: Writable, json: boolean): Print {
     const line = json
       ? JSON.stringify({ type: change, namespace, name: bookName, spec: book.spec })
       : describe(change, book, name);
-    if (!stdout.writableCorked) stdout.cork(), process.nextTick(() => stdout.uncork()); // a speed trick: a tick's lines, one write
-    if (!stdout.write(line + '\n')) await once(stdout, 'drain', { signal });
+    // A speed trick: the lines of one tick go out in one write.
+    if (!stdout.writableCorked) {
+      stdout.cork();
+      process.nextTick(() => stdout.uncork());
+    }
+    if (!stdout.write(`${line}\n`)) await once(stdout, 'drain', { signal });
   };
 }
 
@@ -1072,8 +1097,10 @@ class LeaderElection {
           ]),
         );
         if (signal.aborted) return;
-        if (held === true) (renewed = Date.now()), health.progress();
-        else if (!held && this.holder !== this.identity)
+        if (held === true) {
+          renewed = Date.now();
+          health.progress();
+        } else if (!held && this.holder !== this.identity)
           return lost.abort(new Error(`${this.where} is now held by ${this.holder || 'no one'}`));
         else if (Date.now() - renewed > RENEW_DEADLINE_MS) {
           const timedOut =

@@ -287,7 +287,7 @@ export class FakeApiServer {
 
   close() {
     this.release();
-    this.watches.forEach((watch) => watch.end());
+    for (const watch of this.watches) watch.end();
     this.tls.closeAllConnections();
     this.tls.close();
   }
@@ -542,13 +542,17 @@ export class FakeApiServer {
         `too old resource version: ${from} (${this.oldestWatchable})`,
       );
       if (this.goneAsHttp) return HttpResponse.json(gone, { status: 410 });
-      return new Response(JSON.stringify({ type: 'ERROR', object: gone }) + '\n');
+      return new Response(`${JSON.stringify({ type: 'ERROR', object: gone })}\n`);
     }
     let timer: ReturnType<typeof setTimeout> | undefined;
     const encoder = new TextEncoder();
     const watches = this.watches;
     let watch: OpenWatch | undefined;
-    const forget = () => (watch && watches.delete(watch), clearTimeout(timer), (watch = undefined));
+    const forget = () => {
+      if (watch) watches.delete(watch);
+      clearTimeout(timer);
+      watch = undefined;
+    };
     const body = new ReadableStream<Uint8Array>({
       start: (stream) => {
         watch = {
@@ -560,8 +564,14 @@ export class FakeApiServer {
             for (let at = 0; at < bytes.length; at += this.chunkBytes)
               stream.enqueue(bytes.slice(at, at + this.chunkBytes));
           },
-          end: () => (forget(), stream.close()),
-          drop: () => (forget(), stream.error(new Error('dropped'))),
+          end: () => {
+            forget();
+            stream.close();
+          },
+          drop: () => {
+            forget();
+            stream.error(new Error('dropped'));
+          },
         };
         if (this.stallWatches) return;
         if (this.endWatchesAtOnce) return stream.close();
@@ -637,12 +647,10 @@ export class FakeApiServer {
       resourceVersion: String(this.resourceVersion),
       ...(annotations && { annotations }),
     };
-    return (
-      JSON.stringify({
-        type: 'BOOKMARK',
-        object: { kind: 'Book', apiVersion: GROUP_VERSION, metadata },
-      }) + '\n'
-    );
+    return `${JSON.stringify({
+      type: 'BOOKMARK',
+      object: { kind: 'Book', apiVersion: GROUP_VERSION, metadata },
+    })}\n`;
   }
 
   private record(type: BookEvent['type'], object: StoredBook, before?: StoredBook) {
@@ -923,11 +931,11 @@ export class FakeApiServer {
   }
   /** Writes raw text into every open watch stream. */
   sendRaw(text: string) {
-    this.watches.forEach((watch) => watch.send(text));
+    for (const watch of this.watches) watch.send(text);
   }
   /** Ends every open watch cleanly, as the server does at timeoutSeconds. */
   endWatches() {
-    this.watches.forEach((watch) => watch.end());
+    for (const watch of this.watches) watch.end();
   }
   /** Creates a book, but every open watch breaks off in the middle of its event: the connection resets, or ends. */
   createAndCutMidEvent(name: string, spec: Spec, how: 'reset' | 'end') {
@@ -966,7 +974,7 @@ export class FakeApiServer {
   release() {
     const held = this.held ?? [];
     this.held = undefined;
-    held.forEach((resolve) => resolve());
+    for (const resolve of held) resolve();
   }
 
   // What a test reads back.
@@ -994,7 +1002,7 @@ export class FakeApiServer {
 // ---------------------------------------------------------------------------------------------
 // The rules, as small functions.
 
-const eventLine = (type: string, object: unknown) => JSON.stringify({ type, object }) + '\n';
+const eventLine = (type: string, object: unknown) => `${JSON.stringify({ type, object })}\n`;
 
 const isObject = (value: unknown): value is Record<string, unknown> =>
   typeof value === 'object' && value !== null && !Array.isArray(value);
@@ -1136,7 +1144,9 @@ export async function runDemo(
   const narrate = options.narrate ?? ((line: string) => console.error(`demo: ${line}`));
   const waiters = new Set<() => void>();
   const fake = await new FakeApiServer({
-    onActivity: () => waiters.forEach((check) => check()),
+    onActivity: () => {
+      for (const check of waiters) check();
+    },
   }).listen();
   const kubeconfig = writeKubeconfig({ server: fake.url });
   const [program = '', ...args] = controllerCommand();
@@ -1151,12 +1161,18 @@ export async function runDemo(
   child.stdout?.setEncoding('utf8').on('data', (text: string) => options.stdout?.(text));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   let over = false;
-  void exited.then(() => ((over = true), waiters.forEach((check) => check())));
+  void exited.then(() => {
+    over = true;
+    for (const check of waiters) check();
+  });
   const stop = AbortSignal.any([signal, AbortSignal.timeout(20_000)]);
   const until = (condition: () => boolean) =>
     new Promise<void>((resolve) => {
-      const check = () =>
-        (condition() || over || stop.aborted) && (waiters.delete(check), resolve());
+      const check = () => {
+        if (!condition() && !over && !stop.aborted) return;
+        waiters.delete(check);
+        resolve();
+      };
       waiters.add(check);
       stop.addEventListener('abort', check, { once: true });
       check();

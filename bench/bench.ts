@@ -171,7 +171,7 @@ function makeCerts() {
   );
 }
 makeCerts();
-const TOKEN = 'bench-token-' + Math.random().toString(36).slice(2);
+const TOKEN = `bench-token-${Math.random().toString(36).slice(2)}`;
 const CA = readFileSync(join(tmp, 'ca.crt'));
 const control = new https.Agent({ keepAlive: true, ca: CA, maxSockets: 1 });
 
@@ -347,7 +347,10 @@ class Child {
       detached: true,
     });
     this.exited = new Promise((res) =>
-      this.proc.on('exit', (code, sig) => res((this.exitCode = code ?? sig ?? '?'))),
+      this.proc.on('exit', (code, sig) => {
+        this.exitCode = code ?? sig ?? '?';
+        res(this.exitCode);
+      }),
     );
     this.proc.stdout?.on('data', (c: Buffer) => {
       const t = performance.now();

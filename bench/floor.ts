@@ -44,7 +44,7 @@ if (process.argv.includes('--bare')) {
   headers = opts.headers as Record<string, string>;
 }
 const agent = new https.Agent({ keepAlive: true, ca });
-const out = (line: string) => process.stdout.write(line + '\n');
+const out = (line: string) => process.stdout.write(`${line}\n`);
 process.on('SIGTERM', () => process.exit(0));
 
 function get(query: string): Promise<IncomingMessage> {

@@ -255,7 +255,7 @@ function pump(w: Watcher) {
   }
 }
 
-function watch(req: IncomingMessage, res: ServerResponse, q: URLSearchParams) {
+function watch(_req: IncomingMessage, res: ServerResponse, q: URLSearchParams) {
   const streaming = q.get('sendInitialEvents') === 'true';
   if (streaming && !watchList) {
     counts.rejectedStreamingLists++;
@@ -288,7 +288,7 @@ function watch(req: IncomingMessage, res: ServerResponse, q: URLSearchParams) {
     const parts: string[] = [];
     for (const e of state.values()) parts.push(`{"type":"ADDED","object":${json(e)}}\n`);
     parts.push(
-      JSON.stringify({
+      `${JSON.stringify({
         type: 'BOOKMARK',
         object: {
           apiVersion: API_VERSION,
@@ -298,7 +298,7 @@ function watch(req: IncomingMessage, res: ServerResponse, q: URLSearchParams) {
             annotations: { 'k8s.io/initial-events-end': 'true' },
           },
         },
-      }) + '\n',
+      })}\n`,
     );
     w.pending = parts.join('');
   } else {
@@ -498,7 +498,7 @@ server.keepAliveTimeout = 60_000;
 server.listen(0, '127.0.0.1', () => {
   const addr = server.address();
   process.stdout.write(
-    JSON.stringify({ port: typeof addr === 'object' && addr ? addr.port : 0 }) + '\n',
+    `${JSON.stringify({ port: typeof addr === 'object' && addr ? addr.port : 0 })}\n`,
   );
 });
 process.on('SIGTERM', () => process.exit(0));

@@ -68,7 +68,7 @@ export function checkLines(
 ): { problems: string[]; merged: number } {
   // history per book: the titles it had, in order ('' = deleted)
   const history = new Map<string, string[]>();
-  bookNames(n).forEach((name, i) => history.set(name, [listTitle(name, i)]));
+  for (const [i, name] of bookNames(n).entries()) history.set(name, [listTitle(name, i)]);
   for (const e of watchEvents(n, m)) {
     const h = history.get(e.name) ?? [];
     h.push(e.type === 'DELETED' ? '' : (e.title ?? ''));

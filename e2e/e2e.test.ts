@@ -99,18 +99,21 @@ class Controller {
       env: childEnv,
       stdio: ['ignore', 'pipe', 'pipe'],
     });
-    this.child.stdout!.setEncoding('utf8').on('data', (text: string) => {
+    this.child.stdout?.setEncoding('utf8').on('data', (text: string) => {
       const lines = (this.partial + text).split('\n');
       this.partial = lines.pop() ?? '';
       this.out.push(...lines);
       this.poke();
     });
-    this.child.stderr!.setEncoding('utf8').on('data', (text: string) => {
+    this.child.stderr?.setEncoding('utf8').on('data', (text: string) => {
       this.err += text;
       this.poke();
     });
     this.exit = new Promise((resolve) =>
-      this.child.on('exit', (code) => (resolve(code), this.poke())),
+      this.child.on('exit', (code) => {
+        resolve(code);
+        this.poke();
+      }),
     );
     started.add(this);
   }
@@ -251,7 +254,7 @@ async function setTitle(ns: string, name: string, title: string, kubeconfig?: st
 /** The audit log's requests for the books of one namespace (not kubectl's), as the server saw them. */
 function bookRequests(ns: string) {
   const collection = `/apis/example.technosophos.com/v1/namespaces/${ns}/books`;
-  return readAudit(cluster.auditLog!)
+  return readAudit(cluster.auditLog ?? '')
     .filter((event) => event.stage === 'ResponseStarted' || event.stage === 'ResponseComplete')
     .filter((event) => !event.userAgent?.startsWith('kubectl'))
     .filter(
@@ -499,9 +502,10 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     // replay them: only a new list tells what changed.
     let phase = Date.now();
     const phases: string[] = [];
-    const done = (what: string) => (
-      phases.push(`${what} ${Date.now() - phase} ms`), (phase = Date.now())
-    );
+    const done = (what: string) => {
+      phases.push(`${what} ${Date.now() - phase} ms`);
+      phase = Date.now();
+    };
     await cluster.stopApiserver();
     done('stop');
     const second = await cluster.startSecondApiserver();
@@ -748,9 +752,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
 });
 
 /** A raw watch request (the server ends it at its timeoutSeconds): the events it sent. */
-function watchFor(
-  path: string,
-): Promise<
+function watchFor(path: string): Promise<
   {
     type: string;
     object: { metadata?: { resourceVersion?: string; annotations?: Record<string, string> } };
