@@ -1,27 +1,30 @@
 // A Kubernetes controller for Book resources, in one file.
 //
 // It keeps a cache of the books up to date (list, then watch), and reconciles each book that
-// changed: your `reconcile` below runs, one line is printed, and the book's status says how it went.
+// changed: your `reconcile` below runs, one line is printed, and the book's status says how it
+// went. The example reconcile keeps a ConfigMap per book, owned by the book.
 //
 //   Added a book moby-dick with title 'Moby Dick'
 //   Deleted a book moby-dick
 //
 // It resumes a dropped watch where it stopped, relists when the server has forgotten that point,
-// retries a failed reconcile with backoff, runs as replicas with one leader, and says on stderr
-// what is wrong and what fixes it.
+// retries a failed reconcile with backoff, repairs what reconcile made when someone else changes
+// it, runs as replicas with one leader, and says on stderr what is wrong and what fixes it.
 //
-//   npx tsx controller.ts [-n NAMESPACE | -A] [-l SELECTOR] [-o json] ...      (--help for all)
-//   npx -y deno@2 run --allow-env --allow-read --allow-net --allow-sys controller.ts     npx -y bun@1 controller.ts
+//   npx tsx controller.ts [-n NAMESPACE | -A] [-l SELECTOR] [-o json] ...   (--help for all)
+//   npx -y deno@2 run --allow-env --allow-read --allow-net --allow-sys controller.ts
+//   npx -y bun@1 controller.ts
 //
 // The protocol it follows: https://kubernetes.io/docs/reference/using-api/api-concepts/
 
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import { hostname } from 'node:os';
 import type { Writable } from 'node:stream';
+import { setInterval } from 'node:timers';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -30,11 +33,18 @@ import type { KubeConfig } from '@kubernetes/client-node';
 // =============================================================================================
 // What you change: the resource, its check, and what a reconcile does.
 
-// books.example.technosophos.com/v1, installed by crd.yaml. Every message below is worded from these.
+// books.example.technosophos.com/v1, installed by crd.yaml. Every message below is worded from
+// these, and so are the field manager, the Lease and the label on what reconcile makes.
 export const GROUP = 'example.technosophos.com';
 export const VERSION = 'v1';
 export const KIND = 'Book';
 export const PLURAL = 'books';
+export const CONTROLLER = `${KIND.toLowerCase()}-controller`;
+
+// Set a finalizer (say `${GROUP}/cleanup`) when Deleted must run even for a book deleted while no
+// controller ran: Kubernetes then keeps a deleted book until the controller has seen it go.
+// Empty, nothing holds up `kubectl delete`.
+export const FINALIZER = '';
 
 export interface BookSpec {
   title: string;
@@ -42,8 +52,8 @@ export interface BookSpec {
 }
 
 /**
- * Checks a book's spec once, where it comes in from the server: returns the spec, or why it is not one.
- * It keeps only the fields named here: a field added to BookSpec must be copied here too, or it is dropped.
+ * Checks a book's spec once, where it comes in from the server: the spec, or why it is not one.
+ * It keeps only the fields named here: a field added to BookSpec must be copied here too.
  */
 export function checkSpec(spec: Record<string, unknown>): BookSpec | string {
   const { title, authors } = spec;
@@ -55,34 +65,45 @@ export function checkSpec(spec: Record<string, unknown>): BookSpec | string {
   return { title, authors };
 }
 
-/** The line printed for each change a reconcile saw; with -o json, the same facts as one JSON object. */
+/** The line printed for each change a reconcile saw (-o json prints the same facts as JSON). */
 export function describe(change: Change, book: Book, name: string): string {
-  return change === 'Deleted'
-    ? `Deleted a ${kind} ${name}`
-    : `${change} a ${kind} ${name} with title '${book.spec.title}'`;
+  if (change === 'Deleted') return `Deleted a ${kind} ${name}`;
+  return `${change} a ${kind} ${name} with title '${book.spec.title}'`;
 }
+
+// What reconcile makes, watched (by this label) so that a change by someone else is repaired.
+export const OWNED = { apiVersion: 'v1', kind: 'ConfigMap', plural: 'configmaps' };
+export const MANAGED_BY = { 'app.kubernetes.io/managed-by': CONTROLLER };
 
 /**
  * Your code goes here: make the world match the book.
  *
- * Called by a worker when a book changed since its last successful reconcile: Added, Modified (its
- * spec changed: metadata.generation), or Deleted (with the last book seen). Never twice at once for
- * one book. When it returns, the change is printed and the book's status says Ready. If it throws, the
- * status says why and the book is tried again later, with backoff. `signal` aborts when the controller stops
- * or stops leading: stop then, since another replica takes over.
+ * Called by a worker for a book that changed since its last successful reconcile: Added,
+ * Modified (its spec changed, or someone changed what it made), or Deleted (with the last book
+ * seen). Never twice at once for one book. When it returns, the change is printed and the book's
+ * status says Ready. If it throws, the status says why and the book is tried again later, with
+ * backoff. `client` makes requests as the controller does; they stop when it stops or stops
+ * leading, since another replica takes over.
  */
-export async function reconcile(
-  change: Change,
-  _book: Book,
-  _name: string,
-  _signal: AbortSignal,
-): Promise<void> {
+export async function reconcile(change: Change, book: Book, { client }: Context): Promise<void> {
+  const { name, namespace } = book.metadata;
   switch (change) {
     case 'Added':
-    case 'Modified':
-      break; // e.g. create or update what the book describes, passing `signal` on to any request
+    case 'Modified': {
+      const { title, authors = [] } = book.spec;
+      const configMap = {
+        apiVersion: OWNED.apiVersion,
+        kind: OWNED.kind,
+        metadata: { name, namespace, labels: MANAGED_BY, ownerReferences: [ownerReference(book)] },
+        data: authors.length > 0 ? { title, authors: authors.join('\n') } : { title },
+      };
+      await client.apply(`/api/v1/namespaces/${namespace}/configmaps/${name}`, configMap);
+      break;
+    }
     case 'Deleted':
-      break; // e.g. clean up what it described
+      // The ConfigMap needs nothing: the book owns it, so Kubernetes' garbage collector deletes it.
+      // Clean up here what lives outside Kubernetes.
+      break;
     default: // a new kind of change must be handled above
       change satisfies never;
   }
@@ -93,16 +114,48 @@ export async function reconcile(
 
 const kind = KIND.toLowerCase();
 const resource = `${PLURAL}.${GROUP}`;
+const apiVersion = `${GROUP}/${VERSION}`;
 
 export type Change = 'Added' | 'Modified' | 'Deleted';
 export type Reconcile = typeof reconcile;
 
+/** What reconcile gets besides the book: its name as printed, and a client for the cluster. */
+export interface Context {
+  name: string; // NAME, or NAMESPACE/NAME with -A
+  signal: AbortSignal; // aborts when the controller stops or stops leading
+  client: Client;
+}
+
+/**
+ * Requests with the controller's own credentials and connection, for any resource path. An error
+ * from the server is thrown with its Status message.
+ */
+export interface Client {
+  get<T>(path: string): Promise<T | undefined>; // undefined: there is none
+  create<T>(path: string, object: object): Promise<T>;
+  apply(path: string, object: object): Promise<void>; // server-side apply, as CONTROLLER
+  delete(path: string): Promise<void>;
+}
+
 export interface Book {
-  metadata: { name: string; namespace: string; uid: string; generation: number | string };
+  metadata: {
+    name: string;
+    namespace: string;
+    uid: string;
+    generation: number | string;
+    finalizers?: string[];
+    deleting?: true; // it has a deletionTimestamp: Kubernetes waits for its finalizers
+  };
   spec: BookSpec;
 }
 
-/** Checks an object from the server: returns the Book in it, keeping only what the controller uses, or why there is none. */
+/** An owner reference to `book`, as the controller of what it is put on. */
+export function ownerReference(book: Book) {
+  const { name, uid } = book.metadata;
+  return { apiVersion, kind: KIND, name, uid, controller: true, blockOwnerDeletion: true };
+}
+
+/** Checks an object from the server: the Book in it, keeping only what is used, or why not. */
 export function checkBook(object: unknown): Book | string {
   const { metadata = {}, spec } = object as { metadata?: Record<string, unknown>; spec?: unknown };
   const { name, namespace = '', uid = '', generation, resourceVersion } = metadata;
@@ -112,10 +165,14 @@ export function checkBook(object: unknown): Book | string {
   if (typeof checked === 'string') return checked;
   // Where a server sets no generation, every change counts as a new spec (and no status is written).
   const version = typeof generation === 'number' ? generation : resourceVersion;
-  return {
+  const book: Book = {
     metadata: { name, namespace: String(namespace), uid: String(uid), generation: version },
     spec: checked,
   };
+  const { finalizers, deletionTimestamp } = metadata;
+  if (Array.isArray(finalizers) && finalizers.length > 0) book.metadata.finalizers = finalizers;
+  if (deletionTimestamp) book.metadata.deleting = true;
+  return book;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -146,7 +203,7 @@ Options:
       --kubeconfig FILE        the kubeconfig to use (default: KUBECONFIG, ~/.kube/config, or the pod's)
       --watch-timeout SECONDS  ask the server to end each watch after SECONDS, 1 to 86400; it resumes (default 300)
       --concurrency N          reconcile up to N ${PLURAL} at once, 1 to 1000 (default 1)
-      --leader-elect           act only while holding the Lease book-controller, so that replicas take turns
+      --leader-elect           act only while holding the Lease ${CONTROLLER}, so that replicas take turns
       --leader-elect-namespace NS  the Lease's namespace (default: POD_NAMESPACE, the pod's, the context's)
       --health-port PORT       serve GET /healthz and /readyz over HTTP on PORT
   -h, --help                   show this help`;
@@ -296,7 +353,8 @@ export async function loadConfig(args: string[]): Promise<Config | number> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Requests: node:https with the kubeconfig's CA and credentials, so that any runtime and any test server will do.
+// Requests: node:https with the kubeconfig's CA and credentials, so that any runtime and any test
+// server will do.
 
 interface Status {
   code?: number;
@@ -304,7 +362,7 @@ interface Status {
   details?: { retryAfterSeconds?: number };
 }
 
-/** An error response from the API server, or an ERROR event in a watch: its code, Status message and what failed. */
+/** An error response from the API server, or an ERROR event in a watch. */
 type ApiError = Error & { code: number; verb: string; retryAfterSeconds: number };
 const apiError = (code: number, message: string, verb: string, retryAfterSeconds = 0): ApiError =>
   Object.assign(new Error(message), { code, verb, retryAfterSeconds });
@@ -318,65 +376,113 @@ interface Call {
   path: string;
   query?: URLSearchParams;
   body?: unknown;
+  contentType?: string; // for a PATCH: which kind of patch the body is
   signal: AbortSignal;
 }
 
-async function call(
-  config: Config,
-  { verb, method = 'GET', path, query, body, signal }: Call,
-): Promise<http.IncomingMessage> {
-  const url = new URL(`${config.server}${path}${query ? `?${query}` : ''}`);
-  // A PATCH is a JSON merge patch: what it names is set, what it leaves out stays; a list (conditions) is replaced whole.
-  const contentType = method === 'PATCH' ? 'application/merge-patch+json' : 'application/json';
-  const headers = {
-    Accept: 'application/json',
-    'Content-Type': contentType,
-    'User-Agent': `${kind}-controller`,
-  }; // audit logs name us
-  // A request other than a watch that hears nothing for 30 s is on a dead connection (a watch has its deadline).
-  const options: https.RequestOptions = {
-    method,
-    signal,
-    headers,
-    timeout: verb === 'watch' ? undefined : 30_000,
+/** Sends requests to the server of `config`; every write first passes `fence` (leadership). */
+class Api {
+  readonly config: Config;
+  readonly metrics: Metrics;
+  fence = () => {};
+  // Not the runtime's global agents: they drop a connection after 5 s without a byte, which is
+  // every idle watch. Keep-alive spares a TLS handshake per request.
+  private readonly agents = {
+    http: new http.Agent({ keepAlive: true }),
+    https: new https.Agent({ keepAlive: true }),
   };
-  await config.kubeConfig.applyToHTTPSOptions(options); // on every request: exec and OIDC credentials refresh here
-  // client-node's agent closes the connection after each request; ours keeps it open, sparing a TLS
-  // handshake per request. Only a proxy-url in the kubeconfig needs client-node's.
-  if (!config.kubeConfig.getCurrentCluster()?.proxyUrl)
-    options.agent = url.protocol === 'http:' ? agents.http : agents.https;
-  const response = await new Promise<http.IncomingMessage>((resolve, reject) =>
-    (url.protocol === 'http:' ? http : https)
-      .request(url, options, resolve)
-      .on('error', reject)
-      .on('timeout', function (this: http.ClientRequest) {
-        this.destroy(new Error(`${config.server} did not answer for 30s`));
-      })
-      .end(body === undefined ? undefined : JSON.stringify(body)),
-  );
-  if (signal.aborted) {
-    // Deno lets a response in after its request was aborted
-    response.destroy();
-    throw signal.reason;
+
+  constructor(config: Config, metrics: Metrics) {
+    this.config = config;
+    this.metrics = metrics;
   }
-  response.setEncoding('utf8'); // decodes across chunk boundaries, even inside a multi-byte character
-  const code = response.statusCode ?? 0;
-  if (code < 300) return response;
-  const text = await readAll(response);
-  const status: Status = text.startsWith('{') ? JSON.parse(text) : { message: text.trim() }; // a missing CRD: "404 page not found\n"
-  const header = response.headers['retry-after']; // seconds, or an HTTP date
-  const retryAfter =
-    Number(header) ||
-    (header ? (Date.parse(header) - Date.now()) / 1000 : 0) ||
-    status.details?.retryAfterSeconds;
-  throw apiError(code, status.message ?? `HTTP ${code}`, verb, Math.max(0, retryAfter || 0));
+
+  async call(request: Call): Promise<http.IncomingMessage> {
+    const { verb, method = 'GET', path, query, body, signal } = request;
+    if (method !== 'GET' && !path.includes('/leases')) this.fence();
+    const { server, kubeConfig } = this.config;
+    const url = new URL(`${server}${path}${query ? `?${query}` : ''}`);
+    const headers = {
+      Accept: 'application/json',
+      'Content-Type': request.contentType ?? 'application/json',
+      'User-Agent': CONTROLLER, // audit logs name us
+    };
+    // A request other than a watch that hears nothing for 30 s is on a dead connection.
+    const timeout = verb === 'watch' ? undefined : 30_000;
+    const options: https.RequestOptions = { method, signal, headers, timeout };
+    // On every request, since exec and OIDC credentials refresh here; a plugin that hangs is
+    // bounded by the request's signal like the request itself.
+    await untilAborted(kubeConfig.applyToHTTPSOptions(options), signal);
+    // Only a proxy-url in the kubeconfig needs client-node's own agent.
+    if (!kubeConfig.getCurrentCluster()?.proxyUrl) {
+      options.agent = url.protocol === 'http:' ? this.agents.http : this.agents.https;
+    }
+    const counted = { method, host: url.host };
+    const response = await new Promise<http.IncomingMessage>((resolve, reject) => {
+      const client = url.protocol === 'http:' ? http : https;
+      const sent = client.request(url, options, resolve);
+      sent.on('error', (err) => {
+        this.metrics.count('rest_client_requests_total', { code: '<error>', ...counted });
+        reject(err);
+      });
+      sent.on('timeout', () => sent.destroy(silence(`${server} did not answer for 30s`, 30_000)));
+      sent.end(body === undefined ? undefined : JSON.stringify(body));
+    });
+    if (signal.aborted) {
+      response.destroy(); // Deno lets a response in after its request was aborted
+      throw signal.reason;
+    }
+    response.setEncoding('utf8'); // decodes across chunks, even inside a multi-byte character
+    const code = response.statusCode ?? 0;
+    this.metrics.count('rest_client_requests_total', { code: String(code), ...counted });
+    if (code < 300) return response;
+    const text = await readAll(response);
+    // A missing CRD answers "404 page not found\n", not a Status.
+    const status: Status = text.startsWith('{') ? JSON.parse(text) : { message: text.trim() };
+    const header = response.headers['retry-after']; // seconds, or an HTTP date
+    const retryAfter =
+      Number(header) ||
+      (header ? (Date.parse(header) - Date.now()) / 1000 : 0) ||
+      status.details?.retryAfterSeconds;
+    throw apiError(code, status.message ?? `HTTP ${code}`, verb, Math.max(0, retryAfter || 0));
+  }
+
+  async json<T>(request: Call): Promise<T> {
+    return JSON.parse(await readAll(await this.call(request)));
+  }
 }
 
-// Not the runtime's global agents: they drop a connection after 5 s without a byte, which is every idle watch.
-const agents = {
-  http: new http.Agent({ keepAlive: true }),
-  https: new https.Agent({ keepAlive: true }),
-};
+/** `promise`, unless `signal` aborts first. */
+async function untilAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  signal.throwIfAborted();
+  let stop = () => {};
+  const aborted = new Promise<never>((_resolve, reject) => {
+    stop = () => reject(signal.reason);
+    signal.addEventListener('abort', stop, { once: true });
+  });
+  try {
+    return await Promise.race([promise, aborted]);
+  } finally {
+    signal.removeEventListener('abort', stop);
+  }
+}
+
+// The event loop's heartbeat. A timer that fires after the process itself was paused (SIGSTOP, a
+// suspended machine) measured our silence, not the server's.
+const heartbeat = { last: performance.now(), pausedAt: Number.NEGATIVE_INFINITY };
+setInterval(() => {
+  const now = performance.now();
+  if (now - heartbeat.last > 3_000) heartbeat.pausedAt = now;
+  heartbeat.last = now;
+}, 1_000).unref();
+
+/** A timeout's error: the server's silence, unless we were paused within the last `ms`. */
+function silence(message: string, ms: number): Error {
+  const now = performance.now();
+  const paused = now - heartbeat.last > 3_000 || now - heartbeat.pausedAt < ms;
+  if (!paused) return new Error(message);
+  return Object.assign(new Error('this process was paused'), { code: 'EPAUSED' });
+}
 
 async function readAll(response: http.IncomingMessage): Promise<string> {
   let body = '';
@@ -384,22 +490,57 @@ async function readAll(response: http.IncomingMessage): Promise<string> {
   return body;
 }
 
-const callJson = async <T>(config: Config, request: Call): Promise<T> =>
-  JSON.parse(await readAll(await call(config, request)));
+// ---------------------------------------------------------------------------------------------
+// The client reconcile gets: the same requests, and an apply that knows what the cache knows.
 
-const booksPath = (namespace: string | undefined) =>
-  `/apis/${GROUP}/${VERSION}${namespace === undefined ? '' : `/namespaces/${namespace}`}/${PLURAL}`;
+function clientFor(api: Api, owned: OwnedObjects, signal: AbortSignal): Client {
+  const request = (verb: string, method: string, path: string, body?: unknown) =>
+    api.json<unknown>({ verb, method, path, body, signal });
+  return {
+    get: <T>(path: string) =>
+      request('get', 'GET', path).then(
+        (object) => object as T,
+        (err) => (isApiError(err, 404) ? undefined : Promise.reject(err)),
+      ),
+    create: <T>(path: string, object: object) =>
+      request('create', 'POST', path, object).then((created) => created as T),
+    apply: (path: string, object: object) => owned.apply(api, path, object, signal),
+    delete: (path: string) =>
+      request('delete', 'DELETE', path).then(
+        () => {},
+        (err) => (isApiError(err, 404) ? undefined : Promise.reject(err)),
+      ),
+  };
+}
 
 // ---------------------------------------------------------------------------------------------
-// List and watch: they keep the cache equal to the server's books, and never wait on a reconcile.
+// List and watch: they keep a cache equal to the server's objects, and never wait on a reconcile.
 
-interface BookList {
+/** What a cache does with what list and watch bring. */
+interface Cache {
+  /** An object listed or watched; `listed` collects the keys of an initial state. */
+  update(object: unknown, listed?: Set<string>): void;
+  remove(object: unknown): void;
+  /** After an initial state: what it lacks was deleted while we were not watching. */
+  removeAllBut(listed: Set<string>): void;
+  keyOf(object: unknown): string;
+}
+
+/** A collection to list and watch, and the cache that keeps it. */
+interface Collection {
+  plural: string; // as messages name it
+  path: string; // in the namespace watched, or in all
+  selector: string | undefined;
+  cache: Cache;
+}
+
+interface List {
   metadata: { resourceVersion: string; continue?: string };
   items: unknown[] | null;
 }
 
-// One line of a watch stream. ADDED, MODIFIED and DELETED carry a book (checkBook decides if it is
-// one), BOOKMARK only a newer resourceVersion, ERROR a Status.
+// One line of a watch stream. ADDED, MODIFIED and DELETED carry an object, BOOKMARK only a newer
+// resourceVersion, ERROR a Status.
 type WatchEvent =
   | {
       type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK';
@@ -408,55 +549,42 @@ type WatchEvent =
   | { type: 'ERROR'; object: Status };
 
 /**
- * A connection can die without a word (a half-open TCP connection) and leave us waiting for ever. The
- * server ends a watch at the watch timeout, and we give a list as long: past that, plus a grace, start over.
+ * A connection can die without a word (a half-open TCP connection) and leave us waiting for ever.
+ * The server ends a watch at the watch timeout, and we give a list as long: past that, plus a
+ * grace, start over.
  */
 function deadline(config: Config, verb: string, signal: AbortSignal) {
   const seconds = config.watchTimeoutSeconds + 5;
   const timeout = AbortSignal.timeout(seconds * 1000);
   const explain = (err: unknown) =>
-    timeout.aborted ? new Error(`the ${verb} was not over after ${seconds}s`) : err;
+    timeout.aborted ? silence(`the ${verb} was not over after ${seconds}s`, seconds * 1000) : err;
   return { signal: AbortSignal.any([signal, timeout]), explain };
 }
 
-const query = (config: Config, params: Record<string, string>) =>
-  new URLSearchParams(config.selector ? { ...params, labelSelector: config.selector } : params);
+const query = (collection: Collection, params: Record<string, string>) => {
+  const { selector } = collection;
+  return new URLSearchParams(selector ? { ...params, labelSelector: selector } : params);
+};
 
-/** Lists every book, a page at a time; each page carries the list's resourceVersion. */
-async function* listBooks(config: Config, signal: AbortSignal): AsyncGenerator<BookList> {
-  const params = query(config, { limit: '500' });
+/** Lists a collection, a page at a time; each page carries the list's resourceVersion. */
+async function* listPages(api: Api, collection: Collection, signal: AbortSignal) {
+  const params = query(collection, { limit: '500' });
   do {
-    const limit = deadline(config, 'list', signal);
-    const request = {
-      verb: 'list',
-      path: booksPath(config.namespace),
-      query: params,
-      signal: limit.signal,
-    };
-    const page = await callJson<BookList>(config, request).catch((err) =>
-      Promise.reject(limit.explain(err)),
-    );
+    const limit = deadline(api.config, 'list', signal);
+    const request = { verb: 'list', path: collection.path, query: params, signal: limit.signal };
+    const page = await api.json<List>(request).catch((err) => Promise.reject(limit.explain(err)));
     yield page;
-    // A continue token expires after a few minutes (HTTP 410): the caller then lists again from scratch.
+    // A continue token expires after a few minutes (HTTP 410): the caller then lists again.
     params.set('continue', page.metadata.continue ?? '');
   } while (params.get('continue'));
 }
 
-/** Watches books, yielding the events of each chunk; returns when the server ends the stream. */
-async function* watchBooks(
-  config: Config,
-  params: URLSearchParams,
-  signal: AbortSignal,
-): AsyncGenerator<WatchEvent[]> {
-  const limit = deadline(config, 'watch', signal);
+/** Watches a collection, yielding the events of each chunk; returns when the server ends it. */
+async function* watchEvents(api: Api, path: string, params: URLSearchParams, signal: AbortSignal) {
+  const limit = deadline(api.config, 'watch', signal);
   let response: http.IncomingMessage | undefined;
   try {
-    response = await call(config, {
-      verb: 'watch',
-      path: booksPath(config.namespace),
-      query: params,
-      signal: limit.signal,
-    });
+    response = await api.call({ verb: 'watch', path, query: params, signal: limit.signal });
     let partial = '';
     for await (const chunk of response) {
       const lines = (partial + chunk).split('\n');
@@ -471,7 +599,7 @@ async function* watchBooks(
   }
 }
 
-/** Parses one line of a watch stream, checking what the loop relies on: its type and resourceVersion. */
+/** Parses one line of a watch stream, checking what the loop relies on. */
 function parseEvent(line: string): WatchEvent {
   let event: { type?: unknown; object?: { metadata?: { resourceVersion?: unknown } } } | null =
     null;
@@ -479,292 +607,390 @@ function parseEvent(line: string): WatchEvent {
     event = JSON.parse(line);
   } catch {} // reported below
   const isChange = ['ADDED', 'MODIFIED', 'DELETED', 'BOOKMARK'].includes(String(event?.type));
-  if (
-    event?.type === 'ERROR' ||
-    (isChange && typeof event?.object?.metadata?.resourceVersion === 'string')
-  )
+  const resourceVersion = event?.object?.metadata?.resourceVersion;
+  if (event?.type === 'ERROR' || (isChange && typeof resourceVersion === 'string')) {
     return event as WatchEvent;
+  }
   throw new Error(`the watch sent a line that is not a watch event: ${line.slice(0, 60)}`);
 }
 
-/** A server that cannot stream the initial list: list in pages instead, for the rest of the run. */
+/** A server that refuses to stream the initial state: list in pages instead, for the run. */
 class NoStreamingList extends Error {}
 
+/** The list's backoff, as client-go's reflector: 0.8 s doubling to 30 s, reset after 2 quiet minutes. */
+class Backoff {
+  private failures = 0;
+  private lastFailure = 0;
+
+  nextDelayMs(err: unknown): number {
+    const now = performance.now();
+    if (now - this.lastFailure > 120_000) this.failures = 0;
+    this.lastFailure = now;
+    const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
+    if (asked > 0) return Math.min(asked, MAX_RETRY_AFTER_MS);
+    const base = 800 * 2 ** Math.min(this.failures++, 6);
+    return Math.min(30_000, base * (1 + Math.random()));
+  }
+}
+
 /**
- * Keeps `books` equal to the server's books, for ever: gets the initial state, then watches from its
- * resourceVersion, marking every book that changed as due. Returns only when `signal` aborts; every
- * failure is reported and retried.
+ * Keeps a cache equal to a collection on the server, for ever: gets the initial state, then
+ * watches from its resourceVersion. Returns only when `signal` aborts; every failure is reported
+ * (once while it lasts) and retried with backoff. `synced` is called once an initial state is in.
  */
 async function listAndWatch(
-  config: Config,
-  books: Books,
-  stdout: Writable,
+  api: Api,
+  collection: Collection,
   health: Health,
+  stdout: Writable,
+  synced: () => void,
   signal: AbortSignal,
 ): Promise<void> {
+  const { cache } = collection;
   let resourceVersion = ''; // where the next watch starts; empty: get the initial state first
-  let streaming = true; // get it as a watch (KEP-3157: one request, no large list bodies) until a server says no
-  let failures = 0; // in a row, for the backoff
-  let routine: number | undefined; // the code of the last failure, if routine: it is so only once in a row
-  const timeoutSeconds = String(config.watchTimeoutSeconds);
+  let streaming = true; // get it as a watch (KEP-3157: no large list bodies) until a server says no
+  const backoff = new Backoff();
+  let reported = ''; // the problem last said on stderr, said again only once it has cleared
+  let previous: unknown; // the last failure, if no event came since
+  const timeoutSeconds = String(api.config.watchTimeoutSeconds);
 
   while (!signal.aborted) {
-    let listed: Set<string> | undefined; // while the initial state streams in: the books in it
+    let listed: Set<string> | undefined; // while an initial state streams in: its keys
     try {
       if (!resourceVersion && !streaming) {
         const inList = new Set<string>();
         let listedAt = '';
-        for await (const page of listBooks(config, signal)) {
-          for (const object of page.items ?? []) books.update(object, inList);
+        for await (const page of listPages(api, collection, signal)) {
+          for (const object of page.items ?? []) cache.update(object, inList);
           listedAt = page.metadata.resourceVersion;
           health.progress();
         }
-        books.removeAllBut(inList); // only a whole list is a starting point: after a failed page, list again
+        cache.removeAllBut(inList); // only a whole list is a starting point
         resourceVersion = listedAt;
-        health.ready = true;
-        failures = 0;
+        synced();
       }
-      // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At timeoutSeconds
-      // the server ends the watch, and we resume: a connection is never trusted for ever.
+      // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At
+      // timeoutSeconds the server ends the watch, and we resume: no connection is trusted for ever.
       const from: Record<string, string> = resourceVersion
         ? { resourceVersion }
         : { sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan' };
-      const params = query(config, {
+      const params = query(collection, {
         watch: 'true',
         ...from,
         allowWatchBookmarks: 'true',
         timeoutSeconds,
       });
       listed = resourceVersion ? undefined : new Set();
-      const started = Date.now();
+      const started = performance.now();
       let events = 0;
-      for await (const chunk of watchBooks(config, params, signal)) {
+      for await (const chunk of watchEvents(api, collection.path, params, signal)) {
         // stdout is full: stop reading, so that the server waits on TCP
         if (stdout.writableNeedDrain) await once(stdout, 'drain', { signal });
         for (const event of chunk) {
           if (event.type === 'ERROR') {
             const { code = 500, message = 'ERROR event', details } = event.object;
-            if (listed && code !== 410) throw new NoStreamingList(message);
+            if (listed && (code === 400 || code === 422)) throw new NoStreamingList(message);
             throw apiError(code, message, 'watch', details?.retryAfterSeconds);
           }
-          if (event.type === 'DELETED') books.remove(event.object);
-          else if (event.type !== 'BOOKMARK') books.update(event.object, listed);
-          else if (
-            listed &&
-            event.object.metadata.annotations?.['k8s.io/initial-events-end'] === 'true'
-          ) {
-            books.removeAllBut(listed); // the initial state is complete
-            health.ready = true;
+          const { metadata } = event.object;
+          if (event.type === 'DELETED') cache.remove(event.object);
+          else if (event.type !== 'BOOKMARK') cache.update(event.object, listed);
+          else if (listed && metadata.annotations?.['k8s.io/initial-events-end'] === 'true') {
+            cache.removeAllBut(listed); // the initial state is complete
             listed = undefined;
+            synced();
           }
-          // The initial events come in no order of resourceVersion: resume from them only once complete.
-          if (!listed) resourceVersion = event.object.metadata.resourceVersion;
+          // The initial events come in no order of resourceVersion: resume from them once complete.
+          if (!listed) resourceVersion = metadata.resourceVersion;
           events++;
-          failures = 0;
-          routine = undefined;
+          previous = undefined;
+          reported = '';
           health.progress();
         }
       }
-      if (listed)
-        throw new NoStreamingList('the watch ended before the initial state was complete');
+      // A streaming list that ends early is cut short (a restarting server): stream it again.
+      if (listed) throw new Error(`the list of ${collection.plural} ended before it was complete`);
       health.progress();
-      // The server ended the watch (its timeout): routine, resume at once. Unless it does so at once, every time.
-      if (events === 0 && Date.now() - started < 1000)
+      // The server ended the watch (its timeout): routine, resume at once. Unless it does so at
+      // once, every time.
+      if (events === 0 && performance.now() - started < 1000) {
         throw new Error('the watch ended at once, without any event');
+      }
     } catch (err) {
       if (signal.aborted) break;
-      if (
-        streaming &&
-        listed &&
-        (err instanceof NoStreamingList || isApiError(err, 400) || isApiError(err, 422))
-      ) {
-        // an older server, or one without the WatchList feature
-        streaming = false;
+      const refused =
+        err instanceof NoStreamingList || isApiError(err, 400) || isApiError(err, 422);
+      if (streaming && listed && refused) {
+        streaming = false; // an older server, or one without the WatchList feature
         resourceVersion = '';
+        console.error(
+          `${api.config.server} cannot stream the list of ${collection.plural} ` +
+            `(${messageOf(err)}); listing them in pages from now on`,
+        );
         continue;
       }
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
-      // continue token expired). Only a new list tells what changed meanwhile. Once is routine, so quiet;
-      // so is a 429 that asks for a second (a server filling its cache after a restart or a new CRD).
-      // A 410 is also the server's answer after an outage: relist soon, not after the outage's backoff.
-      if (isApiError(err, 410) && routine !== 410) failures = 0;
-      const delayMs = retryDelayMs(failures++, err);
-      const code =
-        isApiError(err, 410) || (isApiError(err, 429) && err.retryAfterSeconds <= 1)
-          ? err.code
-          : undefined;
-      if (code === undefined || code === routine) console.error(explain(err, config, delayMs));
-      routine = code;
-      if (code === 410) resourceVersion = '';
+      // continue token expired). Only a new list tells what changed meanwhile: relist at once, the
+      // first time. A 429 that asks for a second is a server filling its cache: routine too.
+      const gone = isApiError(err, 410);
+      if (gone) resourceVersion = '';
+      const routine = gone || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
+      const first = !isApiError(previous, 410); // after an outage too, a 410 relists at once
+      previous = err;
+      const delayMs = gone && first ? 0 : backoff.nextDelayMs(err);
+      const problem = explain(err, api.config, collection);
+      const paused = (err as { code?: unknown })?.code === 'EPAUSED'; // nobody's fault
+      if (!(routine && first) && !paused && problem !== reported) {
+        console.error(
+          `${problem}; retrying in ${inSeconds(delayMs)}${hint(err, api.config, collection)}`,
+        );
+        reported = problem;
+      }
       await sleep(delayMs, undefined, { signal }).catch(() => {});
     }
   }
 }
 
 const MAX_RETRY_AFTER_MS = 5 * 60_000;
-
-/** Exponential backoff with jitter (so that restarted controllers spread out), or what the server asked. */
-function retryDelayMs(failures: number, err: unknown): number {
-  if (isApiError(err) && err.retryAfterSeconds > 0)
-    return Math.min(err.retryAfterSeconds * 1000, MAX_RETRY_AFTER_MS);
-  return jitter(Math.min(30_000, 500 * 2 ** failures));
-}
-
-const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs) / 2;
 const inSeconds = (ms: number) => `${(ms / 1000).toFixed(1)}s`;
 
-/** One stderr line: what failed, that we retry, and what would fix it. */
-function explain(err: unknown, { server, namespace }: Config, delayMs: number): string {
-  const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
-  const retrying =
-    `retrying in ${inSeconds(delayMs)}` +
-    (asked > MAX_RETRY_AFTER_MS
-      ? ` (asked for ${asked / 1000}s; 5 minutes is the most we wait)`
-      : '');
+/** What failed, on one line, naming the server, the collection and the namespace. */
+function explain(err: unknown, config: Config, collection: Collection): string {
+  const { server, namespace } = config;
   const code = (err as { code?: unknown })?.code;
   if (isApiError(err)) {
     const where = namespace === undefined ? 'all namespaces' : `namespace ${namespace}`;
     switch (code) {
       case 401:
-        return `${server} does not accept our credentials (401 Unauthorized); ${retrying} — refresh them in your kubeconfig (kubectl auth whoami)`;
+        return `${server} does not accept our credentials (401 Unauthorized)`;
       case 403:
-        return (
-          `not allowed to ${err.verb} ${PLURAL} in ${where} (403: ${err.message}); ${retrying}` +
-          ` — grant list and watch on ${resource} (kubectl auth can-i ${err.verb} ${resource} ${namespace ? `-n ${namespace}` : '-A'})`
-        );
+        return `not allowed to ${err.verb} ${collection.plural} in ${where} (403: ${err.message})`;
       case 404:
-        return `the ${KIND} CRD is not installed on ${server} (404: ${err.message}); ${retrying} — kubectl apply -f crd.yaml`;
+        if (collection.plural === PLURAL) {
+          return `the ${KIND} CRD is not installed on ${server} (404: ${err.message})`;
+        }
+        return `the ${collection.plural} API is not on ${server} (404: ${err.message})`;
       case 429:
-        return `${server} is busy (429: ${err.message}); ${retrying}`;
+        return `${server} is busy (429: ${err.message})`;
       default:
-        return `${server} failed to ${err.verb} ${PLURAL} (${code}: ${err.message}); ${retrying}`;
+        return `${server} failed to ${err.verb} ${collection.plural} (${code}: ${err.message})`;
     }
   }
-  if (
-    typeof code === 'string' &&
-    /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ETIMEDOUT|EHOSTUNREACH|ENETUNREACH)$/.test(code)
-  ) {
-    return `cannot reach ${server} (${code}); ${retrying} — is the cluster running? (kubectl cluster-info)`;
+  if (typeof code === 'string' && UNREACHABLE.test(code)) {
+    return `cannot reach ${server} (${code})`;
   }
   if (code === 'ECONNRESET' || code === 'EPIPE')
-    return `lost the connection to ${server} (${code}); ${retrying}`;
+    return `lost the connection to ${server} (${code})`;
   if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
-    return `the TLS certificate of ${server} did not verify (${code}); ${retrying} — check certificate-authority-data in your kubeconfig`;
+    return `the TLS certificate of ${server} did not verify (${code})`;
   }
-  return `${messageOf(err)} (${server}); ${retrying}`;
+  return `${messageOf(err)} (${server})`;
+}
+
+/** What would fix it, after a dash; the retry delay goes between. */
+function hint(err: unknown, { namespace }: Config, collection: Collection): string {
+  const code = (err as { code?: unknown })?.code;
+  const resourceName = collection.plural === PLURAL ? resource : collection.plural;
+  if (code === 401) return ' — refresh them in your kubeconfig (kubectl auth whoami)';
+  if (code === 403) {
+    const where = namespace ? `-n ${namespace}` : '-A';
+    return ` — grant list and watch on ${resourceName} (kubectl auth can-i watch ${resourceName} ${where})`;
+  }
+  if (code === 404 && collection.plural === PLURAL) return ' — kubectl apply -f crd.yaml';
+  if (typeof code === 'string' && UNREACHABLE.test(code)) {
+    return ' — is the cluster running? (kubectl cluster-info)';
+  }
+  if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
+    return ' — check certificate-authority-data in your kubeconfig';
+  }
+  return '';
 }
 
 // ---------------------------------------------------------------------------------------------
 // The cache and the work queue: the watch marks books as due, workers reconcile them.
 
-/** What the controller knows of one book: the server's latest, what the last reconcile saw, and its Ready condition. */
+/** What the controller knows of one book (a name: a book replaced under it is a new uid). */
 interface Entry {
-  book: Book | undefined; // undefined: deleted on the server, its Deleted not yet reconciled
-  reconciled: Book | undefined; // what the last successful reconcile saw
-  ready: number | string; // the Ready condition the server has: the generation it was Reconciled at, else "False Reason 3 message"
+  book: Book; // the newest seen
+  deleted: undefined | 'due' | 'done'; // gone from the server, being deleted, or no longer selected
+  replaced: Book | undefined; // an earlier book under this name, its Deleted not yet reconciled
+  reconciled: Book | undefined; // what the last successful Added or Modified saw
+  drifted: boolean; // someone changed what reconcile made: reconcile again, printing nothing
+  ready: number | string; // the Ready condition on the server: see readyCondition
   since: number; // its lastTransitionTime
 }
 
 /**
- * The books by namespace/name, and which of them are due. The queue keeps client-go's workqueue rules:
- * a book is never reconciled by two workers at once; one that changes meanwhile is reconciled again
- * afterwards; one that failed waits its own backoff, reset by a success and cut short by a change.
+ * The books by namespace/name, and which of them are due. The queue keeps client-go's workqueue
+ * rules: a book is never reconciled by two workers at once; one that changes meanwhile is
+ * reconciled again afterwards; one that failed waits its own backoff, which only a success, a new
+ * spec or a new uid ends.
  */
-class Books {
+class Books implements Cache {
   readonly entries = new Map<string, Entry>();
-  private readonly due = new Set<string>(); // in the order they became due
-  private readonly busy = new Set<string>();
+  private readonly due = new Map<string, number>(); // when each became due, in that order
+  readonly busy = new Map<string, number>(); // when each was taken
   private readonly again = new Set<string>(); // changed while busy
   private readonly failures = new Map<string, number>();
   private readonly timers = new Map<string, ReturnType<typeof setTimeout>>();
   private waiting: (() => void)[] = []; // idle workers
   readonly config: Config;
+  readonly finalizer: string;
+  private readonly metrics: Metrics;
   statusForbidden = false; // once told, the rest of the run goes without status
 
-  constructor(config: Config) {
+  constructor(config: Config, finalizer: string, metrics: Metrics) {
     this.config = config;
+    this.finalizer = finalizer;
+    this.metrics = metrics;
+    const queue = { name: kind };
+    metrics.gauge('workqueue_depth', () => [[queue, this.due.size]]);
+    metrics.gauge('workqueue_longest_running_processor_seconds', () => {
+      const [first] = this.busy.values(); // taken first, so running longest
+      return [[queue, first === undefined ? 0 : (performance.now() - first) / 1000]];
+    });
+    metrics.gauge('workqueue_unfinished_work_seconds', () => {
+      let total = 0;
+      for (const taken of this.busy.values()) total += performance.now() - taken;
+      return [[queue, total / 1000]];
+    });
   }
 
-  /** The book in a list or watch event: caches it and marks it due, if it is new. `listed` collects an initial state's keys. */
+  /** Whether our finalizer keeps `book` on the server until we let it go. */
+  holds(book: Book): boolean {
+    return this.finalizer !== '' && book.metadata.finalizers?.includes(this.finalizer) === true;
+  }
+
   update(object: unknown, listed?: Set<string>) {
     const key = this.keyOf(object);
     listed?.add(key);
     const book = checkBook(object);
     if (typeof book === 'string') {
-      // the cache keeps its last good state, so that a later delete is still reported
+      // The cache keeps its last good state, so that a later delete is still reported.
       const { name, namespace } = (object as { metadata: Book['metadata'] }).metadata;
-      return console.error(
-        `ignoring ${kind} ${key}: ${book} — fix it with kubectl edit ${kind} ${name} -n ${namespace}`,
-      );
+      const fix = `fix it with kubectl edit ${kind} ${name} -n ${namespace}`;
+      return console.error(`ignoring ${kind} ${key}: ${book} — ${fix}`);
     }
-    book.metadata.namespace = this.config.namespace ?? book.metadata.namespace; // one copy for all, not one per book
-    const entry = this.entries.get(key);
+    book.metadata.namespace = this.config.namespace ?? book.metadata.namespace; // one copy for all
     const { ready, since } = readyCondition(object);
-    const { uid, generation } = entry?.book?.metadata ?? {};
-    // Nothing a reconcile acts on changed (a label, our own status write coming back, a relist): not due.
-    // A Ready condition other than the one we wrote does make it due, and the worker writes ours again.
-    if (
-      uid === book.metadata.uid &&
-      generation === book.metadata.generation &&
-      entry?.ready === ready &&
-      entry.since === since
-    )
-      return;
-    if (entry) Object.assign(entry, { book, ready, since });
-    else this.entries.set(key, { book, reconciled: undefined, ready, since });
-    this.add(key);
+    const entry = this.entries.get(key);
+    if (!entry) {
+      // A book being deleted that we never saw is none of ours, unless our finalizer holds it.
+      if (book.metadata.deleting && !this.holds(book)) return;
+      const deleted: Entry['deleted'] = book.metadata.deleting ? 'due' : undefined;
+      const fresh = { book, deleted, replaced: undefined, reconciled: undefined, drifted: false };
+      this.entries.set(key, { ...fresh, ready, since });
+      return this.add(key);
+    }
+    const before = entry.book.metadata;
+    const readyChanged = entry.ready !== ready || entry.since !== since;
+    entry.ready = ready;
+    entry.since = since;
+    if (before.uid !== book.metadata.uid) {
+      // Deleted and created again under the same name: the earlier one's Deleted comes first.
+      if (entry.deleted !== 'done') entry.replaced = entry.book;
+      Object.assign(entry, { book, reconciled: undefined, drifted: false });
+      entry.deleted = book.metadata.deleting ? 'due' : undefined;
+      return this.add(key);
+    }
+    const newSpec = before.generation !== book.metadata.generation;
+    const deleting = book.metadata.deleting && !entry.deleted;
+    if (newSpec || deleting || String(before.finalizers) !== String(book.metadata.finalizers)) {
+      entry.book = book;
+    }
+    if (deleting) entry.deleted = 'due';
+    if (newSpec || deleting) return this.add(key);
+    // Nothing a reconcile acts on changed (a label, a status write, a relist). A Ready condition
+    // other than ours makes the book due, to write ours again; but never cuts its backoff short.
+    if (readyChanged && !this.timers.has(key)) this.add(key);
   }
 
   remove(object: unknown) {
     const key = this.keyOf(object);
     const entry = this.entries.get(key);
-    if (entry?.book) {
-      entry.book = undefined;
-      this.add(key);
+    if (!entry) return;
+    const last = checkBook(object); // the newest spec, and whether our finalizer still holds it
+    if (typeof last !== 'string' && last.metadata.uid === entry.book.metadata.uid) {
+      last.metadata.namespace = entry.book.metadata.namespace;
+      entry.book = last;
     }
+    if (entry.deleted === 'done') {
+      // Gone for good, or left the selector with our finalizer still to take off.
+      if (entry.book.metadata.deleting || !this.holds(entry.book)) this.entries.delete(key);
+      return;
+    }
+    if (entry.deleted) return;
+    entry.deleted = 'due';
+    this.add(key);
   }
 
-  /** After an initial state: every book we knew and it lacks was deleted while we were not watching. */
   removeAllBut(listed: Set<string>) {
-    for (const [key, entry] of this.entries)
-      if (!listed.has(key) && entry.book) this.remove(entry.book);
+    for (const [key, entry] of this.entries) {
+      if (!listed.has(key) && !entry.deleted) this.remove(entry.book);
+    }
   }
 
   /** The name users see, and the cache's key: NAME, or NAMESPACE/NAME with -A. */
   keyOf(object: unknown): string {
-    const { namespace = '', name = '' } =
-      (object as { metadata?: Partial<Book['metadata']> })?.metadata ?? {};
+    const { metadata } = object as { metadata?: Partial<Book['metadata']> };
+    const { namespace = '', name = '' } = metadata ?? {};
     return this.config.namespace === undefined ? `${namespace}/${name}` : name;
   }
 
-  /** Marks a book as due now; a change cuts its retry backoff short. */
+  /** Someone changed what the book's reconcile made: reconcile it again, after its backoff. */
+  repair(key: string, uid: string) {
+    const entry = this.entries.get(key);
+    if (!entry || entry.deleted || entry.book.metadata.uid !== uid) return;
+    entry.drifted = true;
+    if (!this.timers.has(key)) this.add(key);
+  }
+
+  /** Marks a book as due now, ending its retry backoff. */
   add(key: string) {
     clearTimeout(this.timers.get(key));
     this.timers.delete(key);
-    if (this.busy.has(key)) return void this.again.add(key);
-    this.due.add(key);
+    if (this.busy.has(key)) {
+      this.again.add(key);
+      return;
+    }
+    if (this.due.has(key)) return;
+    this.due.set(key, performance.now());
+    this.metrics.count('workqueue_adds_total', { name: kind });
     this.waiting.shift()?.();
   }
 
   /** Waits for the next due book and marks it busy; undefined once `signal` aborts. */
   async next(signal: AbortSignal): Promise<string | undefined> {
     while (!signal.aborted) {
-      const [key] = this.due;
-      if (key === undefined) {
+      const [first] = this.due;
+      if (first === undefined) {
         await new Promise<void>((resolve) => this.waiting.push(resolve));
         continue;
       }
+      const [key, since] = first;
       this.due.delete(key);
-      this.busy.add(key);
+      const now = performance.now();
+      this.busy.set(key, now);
+      this.metrics.observe(
+        'workqueue_queue_duration_seconds',
+        { name: kind },
+        (now - since) / 1000,
+        QUEUE_BUCKETS,
+      );
       return key;
     }
   }
 
-  /** A worker is done with a book. After a failure it is due again after its backoff, which this returns. */
+  /** A worker is done with a book. After a failure it is due again after its backoff (returned). */
   done(key: string, failed: boolean): number {
+    const taken = this.busy.get(key) ?? performance.now();
     this.busy.delete(key);
+    const seconds = (performance.now() - taken) / 1000;
+    this.metrics.observe('workqueue_work_duration_seconds', { name: kind }, seconds, QUEUE_BUCKETS);
+    if (failed) this.metrics.count('workqueue_retries_total', { name: kind });
     const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
-    const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : 0; // about 1 s, doubling to 5 minutes
+    // About 1 s, doubling to 5 minutes.
+    const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : 0;
     if (failed) {
       this.failures.set(key, failures);
       this.timers.set(
@@ -784,54 +1010,399 @@ class Books {
   }
 }
 
-/** Takes due books and reconciles them, one at a time, until `signal` aborts. `--concurrency` workers run side by side. */
-async function work(books: Books, print: Print, reconcileBook: Reconcile, signal: AbortSignal) {
-  for (let name = await books.next(signal); name !== undefined; name = await books.next(signal)) {
-    const key = name; // the cache's key is the name users see
+const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs) / 2;
+
+// ---------------------------------------------------------------------------------------------
+// What reconcile made: a cache of just enough to find each object's owner and to tell whether it
+// still says what reconcile applied.
+
+interface OwnedEntry {
+  owner: string; // the key of the book that controls it, or '' if no book does
+  uid: string; // the uid of its controller, or ''
+  fingerprint: string; // a digest of what it says (see fingerprint)
+}
+
+type Reference = {
+  apiVersion?: string;
+  kind?: string;
+  name?: string;
+  uid?: string;
+  controller?: boolean;
+};
+type Owned = { metadata?: { name?: string; namespace?: string; ownerReferences?: Reference[] } };
+
+class OwnedObjects implements Cache {
+  readonly entries = new Map<string, OwnedEntry>();
+  private readonly books: Books;
+
+  constructor(books: Books) {
+    this.books = books;
+  }
+
+  keyOf(object: unknown): string {
+    const { namespace = '', name = '' } = (object as Owned).metadata ?? {};
+    return `${namespace}/${name}`;
+  }
+
+  private entryOf(object: unknown): OwnedEntry {
+    const { namespace = '', ownerReferences = [] } = (object as Owned).metadata ?? {};
+    const controller = ownerReferences.find((reference) => reference.controller);
+    const uid = controller?.uid ?? '';
+    const ours = controller?.kind === KIND && controller.apiVersion === apiVersion;
+    const name = controller?.name ?? '';
+    const owner = !ours
+      ? ''
+      : this.books.config.namespace === undefined
+        ? `${namespace}/${name}`
+        : name;
+    return { owner, uid, fingerprint: fingerprint(object) };
+  }
+
+  update(object: unknown, listed?: Set<string>) {
+    const key = this.keyOf(object);
+    listed?.add(key);
+    const entry = this.entryOf(object);
+    const before = this.entries.get(key);
+    this.entries.set(key, entry);
+    if (before?.fingerprint !== entry.fingerprint || before.uid !== entry.uid) this.changed(entry);
+  }
+
+  remove(object: unknown) {
+    const key = this.keyOf(object);
+    const before = this.entries.get(key);
+    this.entries.delete(key);
+    if (before) this.changed(before);
+  }
+
+  removeAllBut(listed: Set<string>) {
+    for (const [key, entry] of this.entries) {
+      if (listed.has(key)) continue;
+      this.entries.delete(key);
+      this.changed(entry);
+    }
+  }
+
+  private changed({ owner, uid }: OwnedEntry) {
+    if (owner) this.books.repair(owner, uid);
+  }
+
+  /**
+   * Server-side apply of `object` as CONTROLLER, unless the cache shows it says so already. An
+   * object controlled by another owner is never taken over: that is an error, naming the owner.
+   */
+  async apply(api: Api, path: string, object: object, signal: AbortSignal): Promise<void> {
+    const key = this.keyOf(object);
+    const wanted = this.entryOf(object);
+    const cached = this.entries.get(key);
+    if (cached?.uid && wanted.uid && cached.uid !== wanted.uid) {
+      throw new Error(
+        `${this.describe(object)} is controlled by ${cached.owner || 'another owner'} ` +
+          `(uid ${cached.uid}), not by this ${kind}`,
+      );
+    }
+    if (cached?.fingerprint === wanted.fingerprint) return;
+    const query = new URLSearchParams({ fieldManager: CONTROLLER, force: 'true' });
+    const contentType = 'application/apply-patch+yaml'; // JSON is YAML
+    const request = {
+      verb: 'apply',
+      method: 'PATCH',
+      path,
+      query,
+      body: object,
+      contentType,
+      signal,
+    };
+    try {
+      const applied = await api.json<unknown>(request);
+      this.entries.set(key, this.entryOf(applied)); // so that its watch event is no change
+    } catch (err) {
+      // The server allows one controller: tell whose it is, if that is why it refused.
+      if (!isApiError(err, 422) || !wanted.uid) throw err;
+      const current = await api.json<Owned>({ verb: 'get', path, signal }).catch(() => undefined);
+      const other = current?.metadata?.ownerReferences?.find((reference) => reference.controller);
+      if (!other || other.uid === wanted.uid) throw err;
+      throw new Error(
+        `${this.describe(object)} is controlled by ${other.kind} ${other.name} ` +
+          `(uid ${other.uid}), not by this ${kind}`,
+      );
+    }
+  }
+
+  private describe(object: object): string {
+    return `${(object as { kind?: string }).kind ?? 'the object'} ${this.keyOf(object)}`;
+  }
+}
+
+/**
+ * A digest of what an object says: its labels, annotations, owners and content, not what the
+ * server adds. Equal digests of what reconcile applies and of what the server has: nothing to do.
+ */
+function fingerprint(object: unknown): string {
+  const { apiVersion, kind, metadata = {}, status, ...content } = object as Record<string, unknown>;
+  const { labels, annotations, ownerReferences } = metadata as Record<string, unknown>;
+  const said = canonical({ labels, annotations, ownerReferences, ...content });
+  return createHash('sha256').update(said).digest('base64').slice(0, 22);
+}
+
+/** JSON with every object's keys sorted, so that equal content gives equal text. */
+function canonical(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`;
+  if (typeof value !== 'object' || value === null) return JSON.stringify(value) ?? 'null';
+  const keys = Object.keys(value).sort();
+  const fields = keys
+    .filter((key) => (value as Record<string, unknown>)[key] !== undefined)
+    .map((key) => `${JSON.stringify(key)}:${canonical((value as Record<string, unknown>)[key])}`);
+  return `{${fields.join(',')}}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workers: they take due books and reconcile them, one at a time each; --concurrency side by side.
+
+interface Worker {
+  api: Api;
+  problems: ClusterProblems;
+  events: EventRecorder;
+  books: Books;
+  owned: OwnedObjects;
+  print: Print;
+  reconcile: Reconcile;
+  signal: AbortSignal;
+}
+
+/** Takes due books and reconciles them until `signal` aborts. */
+async function work(worker: Worker) {
+  const { books, signal } = worker;
+  for (let key = await books.next(signal); key !== undefined; key = await books.next(signal)) {
     const entry = books.entries.get(key);
     if (!entry) {
-      // deleted and reconciled while it was due again
-      books.done(key, false);
+      books.done(key, false); // deleted and reconciled while it was due again
       continue;
     }
-    const { book, reconciled } = entry;
+    const { book } = entry;
+    const started = performance.now();
     let failure: unknown;
     try {
-      // What changed since the last successful reconcile. A new uid under the same name: deleted and created again.
-      if (reconciled && (!book || book.metadata.uid !== reconciled.metadata.uid)) {
-        await reconcileBook('Deleted', reconciled, name, signal);
-        entry.reconciled = undefined;
-        await print('Deleted', reconciled, name, signal);
-      }
-      if (book && book.metadata.generation !== entry.reconciled?.metadata.generation) {
-        const change = entry.reconciled ? 'Modified' : 'Added';
-        await reconcileBook(change, book, name, signal);
-        entry.reconciled = book;
-        await print(change, book, name, signal);
-      }
+      await reconcileEntry(worker, key, entry);
     } catch (err) {
       failure = err ?? new Error(`threw ${err}`);
     }
     if (signal.aborted) return;
-    if (!entry.book && !entry.reconciled) books.entries.delete(key);
-    // A book that changed meanwhile is due again: its status waits for the reconcile of its latest state.
-    const statusFailure =
-      entry.book === book
-        ? await writeStatus(books, entry, failure, signal).catch((err: unknown) => err)
-        : undefined;
+    // A book that changed meanwhile is due again: its status waits for its latest state.
+    let statusFailure: unknown;
+    if (entry.book === book && !entry.deleted) {
+      statusFailure = await writeStatus(worker, entry, failure).catch((err: unknown) => err);
+    }
     if (signal.aborted) return;
-    const retrying = `retrying in ${inSeconds(books.done(key, failure !== undefined || statusFailure !== undefined))}`;
-    if (failure !== undefined)
-      console.error(`reconcile of ${kind} ${name} failed: ${messageOf(failure)}; ${retrying}`);
-    else if (statusFailure !== undefined)
-      console.error(
-        `cannot write the status of ${kind} ${name} (${messageOf(statusFailure)}); ${retrying}`,
-      );
+    const err = failure ?? statusFailure;
+    const delayMs = books.done(key, err !== undefined);
+    count(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
+    if (failure !== undefined && clusterCause(failure) === undefined) {
+      worker.events.failed(key, book, messageOf(failure));
+    } else if (err === undefined && !entry.deleted) {
+      worker.events.recovered(key, entry.book);
+    } else if (entry.deleted) {
+      worker.events.forget(key);
+    }
+    if (err === undefined) {
+      worker.problems.cleared(key);
+    } else if (!worker.problems.held(key, err, delayMs)) {
+      const retrying = `retrying in ${inSeconds(delayMs)}`;
+      if (failure !== undefined) {
+        console.error(`reconcile of ${kind} ${key} failed: ${messageOf(failure)}; ${retrying}`);
+      } else {
+        const why = messageOf(statusFailure);
+        console.error(`cannot write the status of ${kind} ${key} (${why}); ${retrying}`);
+      }
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Status: the outcome of the last reconcile, on the book itself, so that kubectl get and kubectl wait show it.
+// Problems the cluster has: while it is unreachable, failing (5xx), busy (429) or silent, every
+// book fails the same way. That is said once, with how many books wait, and once when it clears;
+// each book's status still says why it waits.
+
+const UNREACHABLE = /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|E\w*UNREACH|ETIMEDOUT)$/;
+const NETWORK = /^(ECONNRESET|EPIPE|EPAUSED)$/;
+
+/** The cause of a failure that is the cluster's, not one book's; undefined for a book's own. */
+function clusterCause(err: unknown): string | undefined {
+  if (isApiError(err)) return err.code === 429 || err.code >= 500 ? String(err.code) : undefined;
+  const code = (err as { code?: unknown })?.code;
+  if (typeof code === 'string' && (UNREACHABLE.test(code) || NETWORK.test(code))) return code;
+  if (/did not answer for|was not over after/.test(messageOf(err))) return 'silent';
+  return undefined;
+}
+
+class ClusterProblems {
+  private readonly waiting = new Map<string, string>(); // book key → cause
+  private said: string[] = []; // the causes said on stderr, until they clear
+  private nextTry = Number.POSITIVE_INFINITY;
+  private since = 0;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private readonly server: string;
+
+  constructor(server: string) {
+    this.server = server;
+  }
+
+  /** A book failed. Whether the cluster is the cause: then this says it, once for all books. */
+  held(key: string, err: unknown, delayMs: number): boolean {
+    const cause = clusterCause(err);
+    if (cause === undefined) return false;
+    if (cause === 'EPAUSED') return true; // we were paused: nobody's fault, nothing to say
+    if (this.waiting.size === 0) this.since = performance.now();
+    this.waiting.set(key, cause);
+    this.nextTry = Math.min(this.nextTry, performance.now() + delayMs);
+    if (this.said.includes(cause) || this.timer) return true;
+    // A moment later, so that the line can say how many books it holds up.
+    this.timer = setTimeout(() => this.say(cause, err), 1_000);
+    this.timer.unref?.();
+    return true;
+  }
+
+  private say(cause: string, err: unknown) {
+    this.timer = undefined;
+    const count = [...this.waiting.values()].filter((waits) => waits === cause).length;
+    if (count === 0) return;
+    this.said.push(cause);
+    const next = inSeconds(Math.max(0, this.nextTry - performance.now()));
+    const what = isApiError(err)
+      ? `${this.server} failed to ${err.verb} (${err.code}: ${err.message})`
+      : messageOf(err).startsWith(this.server)
+        ? messageOf(err)
+        : `cannot reach ${this.server} (${messageOf(err)})`;
+    console.error(`${what}: ${count} ${PLURAL} wait for it; the next try in ${next}`);
+    this.nextTry = Number.POSITIVE_INFINITY;
+  }
+
+  /** A book succeeded: the cluster works again. */
+  cleared(key: string) {
+    this.waiting.delete(key);
+    if (this.said.length === 0) return;
+    const seconds = Math.round((performance.now() - this.since) / 1000);
+    const rest = this.waiting.size;
+    const retried =
+      rest > 0 ? `; ${rest} ${PLURAL} that waited are retried as their backoff ends` : '';
+    console.error(`${this.server} works again, after ${seconds}s${retried}`);
+    this.said = [];
+    this.waiting.clear();
+  }
+}
+
+/** Counts a reconcile as controller-runtime does. */
+function count(metrics: Metrics, succeeded: boolean, seconds: number) {
+  const controller = { controller: kind };
+  const result = succeeded ? 'success' : 'error';
+  metrics.count('controller_runtime_reconcile_total', { ...controller, result });
+  if (!succeeded) metrics.count('controller_runtime_reconcile_errors_total', controller);
+  metrics.observe(
+    'controller_runtime_reconcile_time_seconds',
+    controller,
+    seconds,
+    RECONCILE_BUCKETS,
+  );
+}
+
+/** Reconciles what changed since the last success; throws what the reconcile threw. */
+async function reconcileEntry(worker: Worker, key: string, entry: Entry) {
+  const { api, books, print, signal } = worker;
+  const context: Context = { name: key, signal, client: clientFor(api, worker.owned, signal) };
+  const reconcile = async (change: Change, book: Book) => {
+    api.fence();
+    await worker.reconcile(change, book, context);
+    if (change !== 'Deleted') entry.drifted = false;
+  };
+  const replaced = entry.replaced;
+  if (replaced) {
+    await reconcile('Deleted', replaced);
+    await print('Deleted', replaced, key, signal);
+    if (entry.replaced === replaced) entry.replaced = undefined;
+  }
+  const { book, reconciled } = entry;
+  if (entry.deleted === 'due') {
+    await reconcile('Deleted', book);
+    await print('Deleted', book, key, signal);
+    entry.deleted = 'done';
+    entry.reconciled = undefined;
+  }
+  if (entry.deleted === 'done') {
+    if (books.holds(entry.book)) await removeFinalizer(api, entry.book, books.finalizer, signal);
+    if (entry.book === book) books.entries.delete(key);
+    return;
+  }
+  if (books.finalizer && !books.holds(book)) {
+    await addFinalizer(api, book, books.finalizer, signal);
+  }
+  if (book.metadata.generation !== reconciled?.metadata.generation) {
+    const change = reconciled ? 'Modified' : 'Added';
+    await reconcile(change, book);
+    await print(change, book, key, signal);
+    if (entry.book.metadata.uid === book.metadata.uid) entry.reconciled = book;
+  } else if (entry.drifted) {
+    await reconcile('Modified', book); // a repair: the book is as it was, so nothing is printed
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes to the book. Each carries its uid as a JSON patch test, so that the server refuses it
+// for another book created since under the same name (a merge patch's uid is no precondition).
+
+const JSON_PATCH = 'application/json-patch+json';
+const MERGE_PATCH = 'application/merge-patch+json';
+const uidTest = (book: Book) => ({ op: 'test', path: '/metadata/uid', value: book.metadata.uid });
+const bookPath = (book: Book) =>
+  `/apis/${GROUP}/${VERSION}/namespaces/${book.metadata.namespace}/${PLURAL}/${book.metadata.name}`;
+
+/**
+ * After a 422 for a JSON patch (a failed test says no more than that): whether the book under that
+ * name is now another one, or gone.
+ */
+async function replaced(api: Api, book: Book, signal: AbortSignal): Promise<boolean> {
+  const now = await api.json<Book>({ verb: 'get', path: bookPath(book), signal }).catch((err) => {
+    if (isApiError(err, 404)) return undefined;
+    throw err;
+  });
+  return now?.metadata.uid !== book.metadata.uid;
+}
+
+async function patchBook(api: Api, book: Book, body: object[], signal: AbortSignal, sub = '') {
+  const request = { verb: 'patch', method: 'PATCH', contentType: JSON_PATCH, signal };
+  await readAll(await api.call({ ...request, path: `${bookPath(book)}${sub}`, body }));
+}
+
+/** Adds our finalizer, so that a deleted book waits for its Deleted reconcile. */
+async function addFinalizer(api: Api, book: Book, finalizer: string, signal: AbortSignal) {
+  if (book.metadata.deleting) return; // the server refuses a finalizer for a book being deleted
+  const { finalizers } = book.metadata;
+  const add = finalizers
+    ? [
+        { op: 'test', path: '/metadata/finalizers', value: finalizers },
+        { op: 'add', path: '/metadata/finalizers/-', value: finalizer },
+      ]
+    : [{ op: 'add', path: '/metadata/finalizers', value: [finalizer] }];
+  const patch = [uidTest(book), ...add];
+  await patchBook(api, book, patch, signal).catch((err) => {
+    if (!isApiError(err, 404)) throw err;
+  });
+}
+
+/** Removes our finalizer, once the book's Deleted is reconciled: Kubernetes then deletes it. */
+async function removeFinalizer(api: Api, book: Book, finalizer: string, signal: AbortSignal) {
+  const finalizers = book.metadata.finalizers ?? [];
+  const rest = finalizers.filter((name) => name !== finalizer);
+  const patch = [
+    uidTest(book),
+    { op: 'test', path: '/metadata/finalizers', value: finalizers },
+    { op: 'replace', path: '/metadata/finalizers', value: rest },
+  ];
+  await patchBook(api, book, patch, signal).catch((err) => {
+    if (!isApiError(err, 404)) throw err; // gone already
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status: the outcome of the last reconcile, on the book itself, for kubectl get and kubectl wait.
 
 interface Condition {
   type?: string;
@@ -846,89 +1417,76 @@ function readyCondition(object: unknown): { ready: number | string; since: numbe
   const { status } = object as {
     status?: { observedGeneration?: number; conditions?: Condition[] };
   };
-  const {
-    status: is,
-    reason,
-    message,
-    observedGeneration: generation,
-    lastTransitionTime = '',
-  } = status?.conditions?.find?.((condition) => condition.type === 'Ready') ?? {};
-  if (generation === undefined || generation !== status?.observedGeneration)
+  const ready = status?.conditions?.find?.((condition) => condition.type === 'Ready') ?? {};
+  const { status: is, reason, message, observedGeneration: generation } = ready;
+  if (generation === undefined || generation !== status?.observedGeneration) {
     return { ready: '', since: 0 };
+  }
+  const since = Date.parse(ready.lastTransitionTime ?? '') || 0;
   // Most books are Ready, and there may be many: for them this is a number, not a string.
-  const ready =
-    is === 'True' && reason === 'Reconciled' && !message
-      ? generation
-      : `${is} ${reason} ${generation} ${message}`;
-  return { ready, since: Date.parse(lastTransitionTime) || 0 };
+  if (is === 'True' && reason === 'Reconciled' && !message) return { ready: generation, since };
+  return { ready: `${is} ${reason} ${generation} ${message}`, since };
 }
 
 /** Writes the book's Ready condition, unless it already says exactly that. */
-async function writeStatus(
-  books: Books,
-  entry: Entry,
-  failure: unknown,
-  signal: AbortSignal,
-): Promise<void> {
-  const { metadata } = entry.book ?? {};
-  if (!metadata || books.statusForbidden || typeof metadata.generation !== 'number') return;
+async function writeStatus({ api, books, signal }: Worker, entry: Entry, failure: unknown) {
+  const { book } = entry;
+  const { generation } = book.metadata;
+  if (books.statusForbidden || typeof generation !== 'number') return;
   const condition =
     failure === undefined
-      ? {
-          type: 'Ready',
-          status: 'True',
-          reason: 'Reconciled',
-          message: '',
-          observedGeneration: metadata.generation,
-        }
-      : {
-          type: 'Ready',
-          status: 'False',
-          reason: 'ReconcileFailed',
-          message: messageOf(failure),
-          observedGeneration: metadata.generation,
-        };
-  const { ready } = readyCondition({
-    status: { observedGeneration: metadata.generation, conditions: [condition] },
-  });
+      ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '' }
+      : { type: 'Ready', status: 'False', reason: 'ReconcileFailed', message: messageOf(failure) };
+  const conditions = [{ ...condition, observedGeneration: generation }];
+  const { ready } = readyCondition({ status: { observedGeneration: generation, conditions } });
   if (entry.ready === ready) return;
   const was = typeof entry.ready === 'number' ? 'True' : entry.ready.split(' ')[0];
   // It changes only on a flip, and in whole seconds, as the server keeps it (so its echo is no change).
-  const since =
-    was === condition.status && entry.since ? entry.since : Math.floor(Date.now() / 1000) * 1000;
+  const flipped = was !== condition.status || !entry.since;
+  const since = flipped ? Math.floor(Date.now() / 1000) * 1000 : entry.since;
   const lastTransitionTime = new Date(since).toISOString().replace('.000Z', 'Z');
-  const body = {
-    status: {
-      observedGeneration: metadata.generation,
-      conditions: [{ ...condition, lastTransitionTime }],
-    },
+  const status = {
+    observedGeneration: generation,
+    conditions: [{ ...conditions[0], lastTransitionTime }],
   };
-  const path = `${booksPath(metadata.namespace)}/${metadata.name}/status`;
+  // Known before it is sent, so that its echo is no change, even when it comes before the answer.
+  const before = { ready: entry.ready, since: entry.since };
+  Object.assign(entry, { ready, since });
   try {
-    await readAll(await call(books.config, { verb: 'patch', method: 'PATCH', path, body, signal }));
-    // Unless the book changed meanwhile (created again, or another writer): then it is due again.
-    if (entry.book?.metadata === metadata) Object.assign(entry, { ready, since });
+    await patchBook(
+      api,
+      book,
+      [uidTest(book), { op: 'add', path: '/status', value: status }],
+      signal,
+      '/status',
+    );
   } catch (err) {
-    if (isApiError(err, 404)) return; // the book is gone: nothing to say
+    if (entry.ready === ready && entry.since === since) Object.assign(entry, before);
+    // Gone, or another book under the same name: its own events make it due.
+    if (isApiError(err, 404)) return;
+    if (isApiError(err, 422) && (await replaced(api, book, signal))) return;
     if (!isApiError(err, 403)) throw err;
     if (books.statusForbidden) return; // another worker said so already
     books.statusForbidden = true;
+    const { namespace } = book.metadata;
+    const can = `kubectl auth can-i patch ${resource} --subresource=status -n ${namespace}`;
     console.error(
-      `not allowed to patch ${PLURAL}/status in namespace ${metadata.namespace} (403: ${err.message}); going on without status` +
-        ` — grant patch on ${PLURAL}/status (kubectl auth can-i patch ${resource} --subresource=status -n ${metadata.namespace})`,
+      `not allowed to patch ${PLURAL}/status in namespace ${namespace} (403: ${err.message}); ` +
+        `going on without status — grant patch on ${PLURAL}/status (${can})`,
     );
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Output: stdout is the product, so a pipe gets every line, in order, and a slow reader slows us down.
+// Output: stdout is the product, so a pipe gets every line, in order, and a slow reader slows us.
 
 type Print = (change: Change, book: Book, name: string, signal: AbortSignal) => Promise<void>;
 
-/** One line per change. While stdout is full it waits, so that a slow reader slows the workers and the watch. */
-function printer(stdout: Writable, json: boolean): Print {
+/** One line per change. While stdout is full it waits, so that a slow reader slows the workers. */
+function printer(stdout: Writable, json: boolean, fence: () => void): Print {
   return async (change, book, name, signal) => {
     signal.throwIfAborted(); // once stopped, not one more line
+    fence();
     const { namespace, name: bookName } = book.metadata;
     const line = json
       ? JSON.stringify({ type: change, namespace, name: bookName, spec: book.spec })
@@ -944,10 +1502,17 @@ function printer(stdout: Writable, json: boolean): Print {
 
 // ---------------------------------------------------------------------------------------------
 // Leader election over a Lease, with client-go's timings: replicas take turns, one acts at a time.
+//
+// What it guarantees: a leader acts (reconciles, prints, writes) only while its last successful
+// renewal was sent less than RENEW_DEADLINE_MS ago, by a monotonic clock, checked synchronously
+// before each action; a follower takes over only after seeing the record unchanged for
+// LEASE_SECONDS by its own clock. What it cannot: a write already sent may still land, up to the
+// request timeout, after the deadline, and clocks that run at different rates shrink the 5 s
+// margin; no lock over a network is perfect.
 
-const LEASE_NAME = 'book-controller';
+const LEASE_NAME = CONTROLLER;
 const LEASE_SECONDS = 15;
-const RENEW_DEADLINE_MS = 10_000; // shorter than the lease: a leader that cannot renew stops before anyone may take over
+const RENEW_DEADLINE_MS = 10_000; // shorter than the lease: the leader stops before anyone may start
 const RETRY_PERIOD_MS = 2_000;
 
 interface LeaseSpec {
@@ -969,85 +1534,81 @@ class LeaderElection {
   readonly identity = `${hostname()}_${randomUUID().slice(0, 8)}`;
   readonly where: string;
   holder = '';
-  private observed = { spec: '', at: 0 }; // the lease as we last saw it change, by our own clock
-  private readonly config: Config;
+  private observed = { spec: '', at: 0 }; // the lease as we last saw it change, by our clock
+  private renewedAt = Number.NEGATIVE_INFINITY; // when our last successful renewal was sent
+  private readonly lost = new AbortController();
+  private readonly api: Api;
   private readonly path: string;
+  private readonly now: () => number;
 
-  constructor(config: Config, namespace: string) {
-    this.config = config;
+  constructor(api: Api, namespace: string, now: () => number) {
+    this.api = api;
+    this.now = now;
     this.where = `the Lease ${namespace}/${LEASE_NAME}`;
     this.path = `/apis/coordination.k8s.io/v1/namespaces/${namespace}/leases`;
   }
 
+  get leading(): boolean {
+    return !this.lost.signal.aborted && this.now() - this.renewedAt <= RENEW_DEADLINE_MS;
+  }
+
+  /** Throws, and stops the controller, unless this replica surely still leads. */
+  fence = () => {
+    if (this.now() - this.renewedAt <= RENEW_DEADLINE_MS) return;
+    const why = `could not renew ${this.where} for ${RENEW_DEADLINE_MS / 1000}s`;
+    if (!this.lost.signal.aborted) this.lost.abort(new Error(why));
+    throw this.lost.signal.reason;
+  };
+
   /** One round of client-go's tryAcquireOrRenew: true if we hold the lease now. */
   async tryAcquireOrRenew(signal: AbortSignal): Promise<boolean> {
-    const lease = await callJson<Lease>(this.config, {
-      verb: 'get',
-      path: `${this.path}/${LEASE_NAME}`,
-      signal,
-    }).catch((err) => (isApiError(err, 404) ? undefined : Promise.reject(err)));
-    const now = Date.now(); // when we saw it: after the GET, so that a slow answer does not shorten the lease
+    const sentAt = this.now();
+    const lease = await this.api
+      .json<Lease>({ verb: 'get', path: `${this.path}/${LEASE_NAME}`, signal })
+      .catch((err) => (isApiError(err, 404) ? undefined : Promise.reject(err)));
+    const now = this.now(); // after the GET, so that a slow answer does not shorten the lease
     const spec = lease?.spec ?? {};
     if (JSON.stringify(spec) !== this.observed.spec)
       this.observed = { spec: JSON.stringify(spec), at: now };
     this.holder = spec.holderIdentity ?? '';
-    // Judged by our own clock since we saw the record change, never by the times written in it: the
-    // holder's clock may differ from ours, but a record that stays the same for a lease duration is dead.
+    // Judged by our own clock since we saw the record change, never by the times written in it:
+    // the holder's clock may differ from ours, but a record unchanged for a lease duration is dead.
     const expired = now - this.observed.at > (spec.leaseDurationSeconds ?? LEASE_SECONDS) * 1000;
     if (this.holder && this.holder !== this.identity && !expired) return false;
     const ours = this.holder === this.identity;
-    return this.write(
-      lease,
-      {
-        holderIdentity: this.identity,
-        leaseDurationSeconds: LEASE_SECONDS,
-        acquireTime: ours ? spec.acquireTime : microTime(now),
-        renewTime: microTime(now),
-        leaseTransitions: (spec.leaseTransitions ?? 0) + (ours || !lease ? 0 : 1),
-      },
-      signal,
-    );
+    const wall = Date.now();
+    const renewal = {
+      holderIdentity: this.identity,
+      leaseDurationSeconds: LEASE_SECONDS,
+      acquireTime: ours ? spec.acquireTime : microTime(wall),
+      renewTime: microTime(wall),
+      leaseTransitions: (spec.leaseTransitions ?? 0) + (ours || !lease ? 0 : 1),
+    };
+    if (!(await this.write(lease, renewal, signal))) return false;
+    this.renewedAt = sentAt; // timed from when it was sent, not from its answer
+    return true;
   }
 
-  /** Gives the lease up, so that a follower takes over within a retry period instead of a lease duration. */
+  /** Gives the lease up, so that a follower takes over within a retry period. */
   async release() {
     const signal = AbortSignal.timeout(500);
-    const lease = await callJson<Lease>(this.config, {
-      verb: 'get',
-      path: `${this.path}/${LEASE_NAME}`,
-      signal,
-    });
+    const path = `${this.path}/${LEASE_NAME}`;
+    const lease = await this.api.json<Lease>({ verb: 'get', path, signal });
     if (lease.spec?.holderIdentity !== this.identity) return;
-    await this.write(
-      lease,
-      {
-        ...lease.spec,
-        holderIdentity: '',
-        leaseDurationSeconds: 1,
-        renewTime: microTime(Date.now()),
-      },
-      signal,
-    );
+    const spec = { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1 };
+    await this.write(lease, { ...spec, renewTime: microTime(Date.now()) }, signal);
   }
 
   /** Creates or updates the lease; a 409 means another replica wrote first, since we read it. */
-  private async write(
-    lease: Lease | undefined,
-    spec: LeaseSpec,
-    signal: AbortSignal,
-  ): Promise<boolean> {
-    const body = {
-      apiVersion: 'coordination.k8s.io/v1',
-      kind: 'Lease',
-      metadata: { ...lease?.metadata, name: LEASE_NAME },
-      spec,
-    };
+  private async write(lease: Lease | undefined, spec: LeaseSpec, signal: AbortSignal) {
+    const metadata = { ...lease?.metadata, name: LEASE_NAME };
+    const body = { apiVersion: 'coordination.k8s.io/v1', kind: 'Lease', metadata, spec };
     const request = lease
       ? { verb: 'update', method: 'PUT', path: `${this.path}/${LEASE_NAME}`, body, signal }
       : { verb: 'create', method: 'POST', path: this.path, body, signal };
     try {
-      await readAll(await call(this.config, request));
-      this.observed = { spec: JSON.stringify(spec), at: Date.now() };
+      await readAll(await this.api.call(request));
+      this.observed = { spec: JSON.stringify(spec), at: this.now() };
       return true;
     } catch (err) {
       if (isApiError(err, 409)) return false;
@@ -1055,70 +1616,302 @@ class LeaderElection {
     }
   }
 
+  private attempt(signal: AbortSignal) {
+    return this.tryAcquireOrRenew(signal).catch((err: unknown) => ({ err }));
+  }
+
   /** Waits until this replica leads; returns a signal that aborts if it stops leading, with why. */
   async lead(health: Health, signal: AbortSignal): Promise<AbortSignal> {
-    const attempt = (limit: AbortSignal) =>
-      this.tryAcquireOrRenew(limit).catch((err: unknown) => ({ err }));
     health.ready = true; // following is all a follower should do
-    for (
-      let waiting = false, held = await attempt(signal);
-      held !== true;
-      held = await attempt(signal)
-    ) {
+    let waiting = false;
+    for (let held = await this.attempt(signal); held !== true; held = await this.attempt(signal)) {
       if (typeof held === 'object' && !signal.aborted) {
         const hint = isApiError(held.err, 403)
           ? ' — grant get, create and update on leases.coordination.k8s.io (see deploy.yaml)'
           : '';
+        const retrying = `retrying in ${RETRY_PERIOD_MS / 1000}s`;
         console.error(
-          `cannot get or write ${this.where} (${messageOf(held.err)}); retrying in ${RETRY_PERIOD_MS / 1000}s${hint}`,
+          `cannot get or write ${this.where} (${messageOf(held.err)}); ${retrying}${hint}`,
         );
       }
       if (!waiting && this.holder)
         console.error(`waiting to lead: ${this.where} is held by ${this.holder}`);
       waiting ||= Boolean(this.holder);
-      if (held === false) health.progress(); // the lease was read: following is going as it should
+      if (held === false) health.progress(); // the lease was read: following goes as it should
       await sleep(RETRY_PERIOD_MS, undefined, { signal });
     }
     console.error(`leading as ${this.identity} (${this.where})`);
     health.ready = false; // until the initial state is in
-    const lost = new AbortController();
-    void (async () => {
-      // renews quietly: if it cannot for the renew deadline, the one line comes from main
-      for (
-        let renewed = Date.now();
-        !signal.aborted;
-        await sleep(RETRY_PERIOD_MS, undefined, { signal }).catch(() => {})
-      ) {
-        // No renewal may outlive the renew deadline, which ends before any follower may take over.
-        const held = await attempt(
-          AbortSignal.any([
-            signal,
-            AbortSignal.timeout(Math.max(1, renewed + RENEW_DEADLINE_MS - Date.now())),
-          ]),
-        );
-        if (signal.aborted) return;
-        if (held === true) {
-          renewed = Date.now();
-          health.progress();
-        } else if (!held && this.holder !== this.identity)
-          return lost.abort(new Error(`${this.where} is now held by ${this.holder || 'no one'}`));
-        else if (Date.now() - renewed > RENEW_DEADLINE_MS) {
-          const timedOut =
-            typeof held === 'object' &&
-            /^(TimeoutError|AbortError)$/.test(String((held.err as Error)?.name));
-          const why =
-            typeof held !== 'object'
-              ? ''
-              : timedOut
-                ? ' (no answer before the renew deadline)'
-                : ` (${messageOf(held.err)})`;
-          return lost.abort(
-            new Error(`could not renew ${this.where} for ${RENEW_DEADLINE_MS / 1000}s${why}`),
-          );
-        }
+    void this.renew(health, signal);
+    return this.lost.signal;
+  }
+
+  /** Renews quietly; when it cannot within the renew deadline, the one line comes from main. */
+  private async renew(health: Health, signal: AbortSignal) {
+    while (!signal.aborted && !this.lost.signal.aborted) {
+      await sleep(RETRY_PERIOD_MS, undefined, { signal }).catch(() => {});
+      if (signal.aborted) return;
+      // No attempt may outlive the renew deadline, credentials included.
+      const left = Math.ceil(Math.max(1, this.renewedAt + RENEW_DEADLINE_MS - this.now()));
+      const held = await this.attempt(AbortSignal.any([signal, AbortSignal.timeout(left)]));
+      if (signal.aborted) return;
+      if (held === true) {
+        health.progress();
+        continue;
       }
-    })();
-    return lost.signal;
+      if (!held && this.holder !== this.identity) {
+        this.lost.abort(new Error(`${this.where} is now held by ${this.holder || 'no one'}`));
+        return;
+      }
+      if (this.now() - this.renewedAt <= RENEW_DEADLINE_MS) continue;
+      const name = typeof held === 'object' ? String((held.err as Error)?.name) : '';
+      const timedOut = /^(TimeoutError|AbortError)$/.test(name);
+      let why = '';
+      if (typeof held === 'object') {
+        why = timedOut ? ' (no answer before the renew deadline)' : ` (${messageOf(held.err)})`;
+      }
+      const seconds = RENEW_DEADLINE_MS / 1000;
+      this.lost.abort(new Error(`could not renew ${this.where} for ${seconds}s${why}`));
+      return;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics, in Prometheus' text format, under the names controller-runtime and client-go use, so
+// that the dashboards and alerts people have for those work here too.
+
+const FAMILIES = {
+  controller_runtime_reconcile_total: ['counter', 'Total number of reconciliations per controller'],
+  controller_runtime_reconcile_errors_total: [
+    'counter',
+    'Total number of reconciliation errors per controller',
+  ],
+  controller_runtime_reconcile_time_seconds: [
+    'histogram',
+    'Length of time per reconciliation per controller',
+  ],
+  controller_runtime_active_workers: ['gauge', 'Number of currently used workers per controller'],
+  controller_runtime_max_concurrent_reconciles: [
+    'gauge',
+    'Maximum number of concurrent reconciles per controller',
+  ],
+  workqueue_depth: ['gauge', 'Current depth of workqueue'],
+  workqueue_adds_total: ['counter', 'Total number of adds handled by workqueue'],
+  workqueue_retries_total: ['counter', 'Total number of retries handled by workqueue'],
+  workqueue_queue_duration_seconds: [
+    'histogram',
+    'How long in seconds an item stays in workqueue before being requested',
+  ],
+  workqueue_work_duration_seconds: [
+    'histogram',
+    'How long in seconds processing an item from workqueue takes',
+  ],
+  workqueue_longest_running_processor_seconds: [
+    'gauge',
+    'How many seconds has the longest running processor for workqueue been running',
+  ],
+  workqueue_unfinished_work_seconds: [
+    'gauge',
+    'How many seconds of work has been done that is in progress and has not been observed by work_duration',
+  ],
+  leader_election_master_status: [
+    'gauge',
+    'Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, 1 indicates master',
+  ],
+  rest_client_requests_total: [
+    'counter',
+    'Number of HTTP requests, partitioned by status code, method, and host',
+  ],
+  process_resident_memory_bytes: ['gauge', 'Resident memory size in bytes'],
+  process_cpu_seconds_total: ['counter', 'Total user and system CPU time spent in seconds'],
+  process_start_time_seconds: ['gauge', 'Start time of the process since unix epoch in seconds'],
+} as const;
+type Family = keyof typeof FAMILIES;
+
+// controller-runtime's buckets for reconcile time, client-go's for the work queue.
+const RECONCILE_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+const QUEUE_BUCKETS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1, 10, 100, 1000];
+
+class Histogram {
+  readonly buckets: number[];
+  readonly counts: number[];
+  sum = 0;
+  count = 0;
+
+  constructor(buckets: number[]) {
+    this.buckets = buckets;
+    this.counts = buckets.map(() => 0);
+  }
+
+  observe(value: number) {
+    const at = this.buckets.findIndex((bound) => value <= bound);
+    if (at >= 0) this.counts[at] = (this.counts[at] ?? 0) + 1;
+    this.sum += value;
+    this.count++;
+  }
+}
+
+const labelText = (labels: Record<string, string>) =>
+  Object.entries(labels)
+    .map(([name, value]) => `${name}="${value.replace(/[\\"]/g, '\\$&').replace(/\n/g, '\\n')}"`)
+    .join(',');
+
+class Metrics {
+  private readonly samples = new Map<Family, Map<string, number | Histogram>>();
+  private readonly gauges = new Map<Family, () => [Record<string, string>, number][]>();
+
+  /** Adds to a counter. */
+  count(family: Family, labels: Record<string, string>, by = 1) {
+    const samples = this.family(family);
+    const key = labelText(labels);
+    samples.set(key, ((samples.get(key) as number | undefined) ?? 0) + by);
+  }
+
+  observe(family: Family, labels: Record<string, string>, seconds: number, buckets: number[]) {
+    const samples = this.family(family);
+    const key = labelText(labels);
+    let histogram = samples.get(key);
+    if (!(histogram instanceof Histogram)) {
+      histogram = new Histogram(buckets);
+      samples.set(key, histogram);
+    }
+    histogram.observe(seconds);
+  }
+
+  /** A gauge read when the metrics are asked for. */
+  gauge(family: Family, read: () => [Record<string, string>, number][]) {
+    this.gauges.set(family, read);
+  }
+
+  private family(family: Family) {
+    let samples = this.samples.get(family);
+    if (!samples) {
+      samples = new Map();
+      this.samples.set(family, samples);
+    }
+    return samples;
+  }
+
+  /** The text exposition format, version 0.0.4. */
+  render(): string {
+    const lines: string[] = [];
+    for (const [family, [type, help]] of Object.entries(FAMILIES) as [Family, [string, string]][]) {
+      const samples = new Map(this.samples.get(family));
+      for (const [labels, value] of this.gauges.get(family)?.() ?? [])
+        samples.set(labelText(labels), value);
+      if (samples.size === 0) continue;
+      lines.push(`# HELP ${family} ${help}`, `# TYPE ${family} ${type}`);
+      for (const [labels, value] of samples) {
+        if (typeof value === 'number') {
+          lines.push(`${family}${labels ? `{${labels}}` : ''} ${value}`);
+          continue;
+        }
+        const comma = labels ? `${labels},` : '';
+        let cumulative = 0;
+        value.buckets.forEach((bound, at) => {
+          cumulative += value.counts[at] ?? 0;
+          lines.push(`${family}_bucket{${comma}le="${bound}"} ${cumulative}`);
+        });
+        lines.push(`${family}_bucket{${comma}le="+Inf"} ${value.count}`);
+        lines.push(`${family}_sum${labels ? `{${labels}}` : ''} ${value.sum}`);
+        lines.push(`${family}_count${labels ? `{${labels}}` : ''} ${value.count}`);
+      }
+    }
+    return `${lines.join('\n')}\n`;
+  }
+}
+
+/** What the runtime tells of the process (Deno and Bun tell all three, as Node does). */
+function processMetrics(metrics: Metrics) {
+  const startedAt = Date.now() / 1000 - process.uptime();
+  metrics.gauge('process_resident_memory_bytes', () => [[{}, process.memoryUsage.rss()]]);
+  metrics.gauge('process_cpu_seconds_total', () => {
+    const { user, system } = process.cpuUsage();
+    return [[{}, (user + system) / 1e6]];
+  });
+  metrics.gauge('process_start_time_seconds', () => [[{}, Math.round(startedAt)]]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events: what kubectl describe shows under the book. core/v1 Events, as client-go's recorder
+// writes them (every kubectl reads them; a repeat is one merge patch of its count).
+
+class EventRecorder {
+  private readonly failures = new Map<string, { name: string; message: string; count: number }>();
+  private readonly api: Api;
+
+  constructor(api: Api) {
+    this.api = api;
+  }
+
+  /** A reconcile failed: one Warning per book and message; a repeat raises its count. */
+  failed(key: string, book: Book, message: string) {
+    const last = this.failures.get(key);
+    const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
+    if (last?.message === message) {
+      last.count++;
+      const path = `/api/v1/namespaces/${book.metadata.namespace}/events/${last.name}`;
+      const body = { count: last.count, lastTimestamp: now };
+      this.send({ verb: 'patch', method: 'PATCH', path, body, contentType: MERGE_PATCH });
+      return;
+    }
+    const name = `${book.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
+    this.failures.set(key, { name, message, count: 1 });
+    this.create(book, name, 'Warning', 'ReconcileFailed', message, now);
+  }
+
+  /** A book is Ready again after failing: one Normal Event. */
+  recovered(key: string, book: Book) {
+    if (!this.failures.delete(key)) return;
+    const name = `${book.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
+    const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
+    this.create(book, name, 'Normal', 'Reconciled', `${KIND} is Ready again`, now);
+  }
+
+  forget(key: string) {
+    this.failures.delete(key);
+  }
+
+  private create(
+    book: Book,
+    name: string,
+    type: string,
+    reason: string,
+    message: string,
+    now: string,
+  ) {
+    const { namespace, name: bookName, uid } = book.metadata;
+    const body = {
+      apiVersion: 'v1',
+      kind: 'Event',
+      metadata: { name, namespace },
+      involvedObject: { apiVersion, kind: KIND, name: bookName, namespace, uid },
+      type,
+      reason,
+      message,
+      source: { component: CONTROLLER },
+      reportingComponent: CONTROLLER,
+      reportingInstance: hostname(),
+      count: 1,
+      firstTimestamp: now,
+      lastTimestamp: now,
+    };
+    this.send({
+      verb: 'create',
+      method: 'POST',
+      path: `/api/v1/namespaces/${namespace}/events`,
+      body,
+    });
+  }
+
+  /** Never awaited and never retried: an Event that cannot be written is not worth a wait. */
+  private send(request: Omit<Call, 'signal'>) {
+    const signal = AbortSignal.timeout(10_000);
+    void this.api.call({ ...request, signal }).then(
+      (response) => response.resume(),
+      () => {},
+    );
   }
 }
 
@@ -1133,9 +1926,14 @@ class Health {
     this.lastProgress = Date.now();
   }
 
-  /** Serves /healthz and /readyz on `port`; resolves once listening. */
-  async serve(port: number, staleAfterMs: number): Promise<http.Server> {
+  /** Serves /healthz, /readyz and /metrics on `port`; resolves once listening. */
+  async serve(port: number, staleAfterMs: number, metrics: Metrics): Promise<http.Server> {
     const server = http.createServer((request, response) => {
+      if (request.url === '/metrics') {
+        const type = 'text/plain; version=0.0.4; charset=utf-8';
+        response.writeHead(200, { 'Content-Type': type }).end(metrics.render());
+        return;
+      }
       const stale = Date.now() - this.lastProgress > staleAfterMs;
       const [code, text] =
         request.url === '/healthz'
@@ -1146,7 +1944,7 @@ class Health {
             ? this.ready
               ? [200, 'ok']
               : [503, 'the initial list is not handled yet']
-            : [404, 'not found: try /healthz or /readyz'];
+            : [404, 'not found: try /healthz, /readyz or /metrics'];
       response.writeHead(code, { 'Content-Type': 'text/plain' }).end(`${text}\n`);
     });
     await new Promise((resolve, reject) =>
@@ -1157,13 +1955,33 @@ class Health {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Main: configuration, then (as the leader, with --leader-elect) the watch and the workers until SIGINT or SIGTERM.
+// Main: configuration, then (as the leader, with --leader-elect) the watches and the workers, until
+// SIGINT or SIGTERM.
+
+export interface Options {
+  reconcile?: Reconcile;
+  stdout?: Writable;
+  finalizer?: string; // instead of FINALIZER
+  now?: () => number; // a monotonic clock in milliseconds, for the lease
+}
+
+/** The collection of what reconcile makes, in the namespaces the controller watches. */
+function ownedCollection(config: Config, owned: OwnedObjects): Collection {
+  const group = OWNED.apiVersion.includes('/')
+    ? `/apis/${OWNED.apiVersion}`
+    : `/api/${OWNED.apiVersion}`;
+  const where = config.namespace === undefined ? '' : `/namespaces/${config.namespace}`;
+  const selector = Object.entries(MANAGED_BY)
+    .map(([label, value]) => `${label}=${value}`)
+    .join(',');
+  return { plural: OWNED.plural, path: `${group}${where}/${OWNED.plural}`, selector, cache: owned };
+}
 
 /** Runs the controller until `signal` aborts; returns the process exit code. */
 export async function main(
   args: string[],
   signal: AbortSignal,
-  options: { reconcile?: Reconcile; stdout?: Writable } = {},
+  options: Options = {},
 ): Promise<number> {
   let server: http.Server | undefined;
   let election: LeaderElection | undefined;
@@ -1171,28 +1989,74 @@ export async function main(
     const config = await loadConfig(args);
     if (typeof config === 'number') return config;
     const health = new Health();
-    if (config.healthPort !== undefined)
-      server = await health.serve(config.healthPort, (config.watchTimeoutSeconds + 30) * 1000);
-    election =
-      config.leaseNamespace === undefined
-        ? undefined
-        : new LeaderElection(config, config.leaseNamespace);
+    const metrics = new Metrics();
+    processMetrics(metrics);
+    if (config.healthPort !== undefined) {
+      const staleAfterMs = (config.watchTimeoutSeconds + 30) * 1000;
+      server = await health.serve(config.healthPort, staleAfterMs, metrics);
+    }
+    const api = new Api(config, metrics);
+    if (config.leaseNamespace !== undefined) {
+      const now = options.now ?? (() => performance.now());
+      const leader = new LeaderElection(api, config.leaseNamespace, now);
+      api.fence = leader.fence;
+      metrics.gauge('leader_election_master_status', () => [
+        [{ name: CONTROLLER }, leader.leading ? 1 : 0],
+      ]);
+      election = leader;
+    }
     const lost = (await election?.lead(health, signal)) ?? new AbortController().signal;
     const running = AbortSignal.any([signal, lost]);
-    const books = new Books(config);
+    const books = new Books(config, options.finalizer ?? FINALIZER, metrics);
+    const controller = { controller: kind };
+    metrics.gauge('controller_runtime_active_workers', () => [[controller, books.busy.size]]);
+    metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
+      [controller, config.concurrency],
+    ]);
+    const owned = new OwnedObjects(books);
     const stdout = options.stdout ?? process.stdout;
-    const print = printer(stdout, config.json);
-    const workers = Array.from({ length: config.concurrency }, () =>
-      work(books, print, options.reconcile ?? reconcile, running),
-    );
-    await listAndWatch(config, books, stdout, health, running);
+    const print = printer(stdout, config.json, () => api.fence());
+    const reconcileBook = options.reconcile ?? reconcile;
+    const problems = new ClusterProblems(config.server);
+    const events = new EventRecorder(api);
+    const worker = {
+      api,
+      problems,
+      events,
+      books,
+      owned,
+      print,
+      reconcile: reconcileBook,
+      signal: running,
+    };
+    // Workers start once both caches hold an initial state, so that a restart repeats no write.
+    const booksIn = signalled();
+    const ownedIn = signalled();
+    const synced = Promise.all([booksIn.promise, ownedIn.promise]);
+    void synced.then(() => {
+      health.ready = true;
+    });
+    const workers = Array.from({ length: config.concurrency }, async () => {
+      await synced;
+      await work(worker);
+    });
+    const bookCollection = {
+      plural: PLURAL,
+      path: booksPath(config.namespace),
+      selector: config.selector,
+      cache: books,
+    };
+    await Promise.all([
+      listAndWatch(api, bookCollection, health, stdout, booksIn.resolve, running),
+      listAndWatch(api, ownedCollection(config, owned), health, stdout, ownedIn.resolve, running),
+    ]);
     books.stop();
-    if (lost.aborted)
-      return fail(
-        1,
-        `stopped leading: ${messageOf(lost.reason)} — exiting, so that a new replica starts clean`,
-      );
-    await Promise.race([Promise.all(workers), sleep(300)]); // in-flight reconciles were told to stop; wait briefly
+    if (lost.aborted) {
+      const why = messageOf(lost.reason);
+      return fail(1, `stopped leading: ${why} — exiting, so that a new replica starts clean`);
+    }
+    // In-flight reconciles were told to stop; wait briefly.
+    await Promise.race([Promise.all(workers), sleep(300)]);
     await election?.release().catch(() => {});
     return 0;
   } catch (err) {
@@ -1203,19 +2067,30 @@ export async function main(
       return 0;
     }
     if (name === 'NotCapable' || name === 'PermissionDenied') {
-      return fail(
-        2,
-        `Deno needs more permissions (${messageOf(err)}) — run deno run --allow-env --allow-read --allow-net --allow-sys controller.ts`,
-      );
+      const run = 'deno run --allow-env --allow-read --allow-net --allow-sys controller.ts';
+      return fail(2, `Deno needs more permissions (${messageOf(err)}) — run ${run}`);
     }
     if (code === 'ERR_MODULE_NOT_FOUND') return fail(1, `${messageOf(err)} — run npm ci first`);
-    if (code === 'EADDRINUSE' || code === 'EACCES')
+    if (code === 'EADDRINUSE' || code === 'EACCES') {
       return fail(1, `cannot serve health checks (${messageOf(err)}) — pick another --health-port`);
+    }
     throw err;
   } finally {
     server?.close();
   }
 }
+
+/** A promise, and the function that resolves it. */
+function signalled() {
+  let resolve = () => {};
+  const promise = new Promise<void>((done) => {
+    resolve = done;
+  });
+  return { promise, resolve: () => resolve() };
+}
+
+const booksPath = (namespace: string | undefined) =>
+  `/apis/${GROUP}/${VERSION}${namespace === undefined ? '' : `/namespaces/${namespace}`}/${PLURAL}`;
 
 /** An error's message on one line: every diagnostic is one line. */
 function messageOf(err: unknown, join?: string): string {
@@ -1228,18 +2103,22 @@ function fail(exitCode: number, message: string): number {
   return exitCode;
 }
 
-// Runs only as the entry point, not when imported by the tests. Node 22 and tsx lack import.meta.main.
+// Runs only as the entry point, not when imported by the tests. Node 22 and tsx lack
+// import.meta.main.
 const isEntryPoint =
   (import.meta as { main?: boolean }).main ?? process.argv[1] === fileURLToPath(import.meta.url);
 if (isEntryPoint) {
   const stop = new AbortController();
   process.once('SIGINT', () => stop.abort());
   process.once('SIGTERM', () => stop.abort());
-  process.stdout.on('error', () => stop.abort()); // EPIPE: the reader is gone (| head -1), and so are we, quietly
-  stop.signal.addEventListener('abort', () => setTimeout(() => process.exit(0), 1000).unref()); // even if the reader is stuck
+  // EPIPE: the reader is gone (| head -1), and so are we, quietly.
+  process.stdout.on('error', () => stop.abort());
+  // Within a second, even if the reader is stuck.
+  stop.signal.addEventListener('abort', () => setTimeout(() => process.exit(0), 1000).unref());
   const exitCode = await main(process.argv.slice(2), stop.signal);
-  process.stdout.write('', () => process.exit(exitCode)); // every line printed reaches the pipe first (within that second)
+  // Every line printed reaches the pipe first (within that second).
+  process.stdout.write('', () => process.exit(exitCode));
 }
 
-// Where to go next: owner references and finalizers for what reconcile creates; Events for kubectl describe;
-// metrics; other resources watched the same way, marking their owner book as due (kube-rs's `Controller::owns`).
+// Where to go next: Events for kubectl describe; metrics; more kinds of owned objects, each
+// watched like OWNED.
