@@ -1065,6 +1065,8 @@ class OwnedObjects implements Cache {
     const before = this.entries.get(key);
     this.entries.set(key, entry);
     if (before?.fingerprint !== entry.fingerprint || before.uid !== entry.uid) this.changed(entry);
+    // Someone took the owner reference off: the book that had it puts it back.
+    if (before?.owner && before.owner !== entry.owner) this.changed(before);
   }
 
   remove(object: unknown) {
@@ -1095,8 +1097,9 @@ class OwnedObjects implements Cache {
     const wanted = this.entryOf(object);
     const cached = this.entries.get(key);
     if (cached?.uid && wanted.uid && cached.uid !== wanted.uid) {
+      const owner = cached.owner ? `${KIND} ${cached.owner}` : 'another owner';
       throw new Error(
-        `${this.describe(object)} is controlled by ${cached.owner || 'another owner'} ` +
+        `${this.describe(object)} is controlled by ${owner} ` +
           `(uid ${cached.uid}), not by this ${kind}`,
       );
     }

@@ -4,6 +4,7 @@
 //
 //   const cluster = await startCluster();   // etcd + kube-apiserver, kubeconfigs for admin and nobody
 //   cluster.kubectl(['apply', '-f', 'crd.yaml']);
+//   await cluster.startGarbageCollector();  // kube-controller-manager with only its garbage collector
 //   await cluster.stop();                   // SIGTERM, then SIGKILL; prints their peak RSS
 //
 // E2E_EXISTING_CLUSTER=1 with KUBECONFIG naming a cluster (kind, k3d, ...): use that one instead;
@@ -85,7 +86,14 @@ export interface Cluster {
   startSecondApiserver(): Promise<{ kubeconfig: string; stop: () => Promise<void> }>;
   /** Compacts etcd's history up to now, as the apiserver does every --etcd-compaction-interval. */
   compact(): Promise<number>;
-  /** Stops everything; prints the peak RSS of etcd and kube-apiserver. */
+  /**
+   * Starts kube-controller-manager with only its garbage collector (once; later calls wait for the
+   * first), and resolves when the collector watches every resource. Call it after the CRDs are in:
+   * the collector rereads discovery only every 30 s. With E2E_EXISTING_CLUSTER=1 the cluster's own
+   * collector does the job, and this resolves at once.
+   */
+  startGarbageCollector(): Promise<void>;
+  /** Stops everything; prints the peak RSS of etcd, kube-apiserver and kube-controller-manager. */
   stop(): Promise<void>;
 }
 
@@ -366,7 +374,10 @@ async function ownCluster(): Promise<Cluster> {
       'omitStages: [RequestReceived]',
       'rules:',
       '  - level: Metadata',
-      '    resources: [{group: example.technosophos.com}, {group: coordination.k8s.io, resources: [leases]}]',
+      '    resources:',
+      '      - {group: example.technosophos.com}',
+      '      - {group: coordination.k8s.io, resources: [leases]}',
+      "      - {group: '', resources: [configmaps]}",
       '  - level: None',
       '',
     ].join('\n'),
@@ -395,6 +406,9 @@ async function ownCluster(): Promise<Cluster> {
     '--v=0',
     // The default reconciler refuses a loopback address; with no Endpoints for `kubernetes` nothing here misses it.
     '--endpoint-reconciler-type=none',
+    // On top of the default plugins, as on most clusters: an ownerReference with blockOwnerDeletion
+    // needs `update` on the owner's finalizers subresource (books/finalizers).
+    '--enable-admission-plugins=OwnerReferencesPermissionEnforcement',
   ];
 
   const apiserverPort = await freePort();
@@ -449,6 +463,46 @@ async function ownCluster(): Promise<Cluster> {
   const nobodyKubeconfig = join(dir, 'nobody.kubeconfig');
   writeFileSync(kubeconfig, kubeconfigFor(server, ca, 'admin', ADMIN_TOKEN));
   writeFileSync(nobodyKubeconfig, kubeconfigFor(server, ca, 'nobody', NOBODY_TOKEN));
+
+  // kube-controller-manager, only its garbage collector, as the admin; no leader election, and no
+  // port (--secure-port=0): it is ready when its log says the collector's monitors have synced.
+  let controllerManager: Daemon | undefined;
+  let garbageCollector: Promise<void> | undefined;
+  const startGarbageCollector = () => {
+    garbageCollector ??= (async () => {
+      const program = join(bin, 'kube-controller-manager');
+      if (!existsSync(program))
+        throw new Error(
+          `no ${program}: build it with bash e2e/build.sh (it builds what is missing)`,
+        );
+      const daemon = new Daemon(
+        'kube-controller-manager',
+        program,
+        [
+          `--kubeconfig=${kubeconfig}`,
+          '--controllers=garbagecollector',
+          '--leader-elect=false',
+          '--secure-port=0',
+          '--v=1',
+        ],
+        join(dir, 'kube-controller-manager.log'),
+      );
+      controllerManager = daemon;
+      await waitFor(
+        "kube-controller-manager's garbage collector to sync its monitors",
+        () => {
+          if (!daemon.alive) throw new GiveUp(`kube-controller-manager exited:\n${daemon.tail()}`);
+          return /resource monitors (have synced|could be synced)/.test(
+            readFileSync(daemon.log, 'utf8'),
+          )
+            ? true
+            : undefined;
+        },
+        90_000,
+      );
+    })();
+    return garbageCollector;
+  };
   console.error(
     `e2e: etcd ${etcdUrl} and kube-apiserver ${server} ready in ${((Date.now() - started) / 1000).toFixed(1)}s (${dir})`,
   );
@@ -474,6 +528,7 @@ async function ownCluster(): Promise<Cluster> {
       ),
     stopApiserver,
     startApiserver,
+    startGarbageCollector,
     async startSecondApiserver() {
       const port = await freePort();
       const second = await startOne('kube-apiserver-2', port);
@@ -501,14 +556,19 @@ async function ownCluster(): Promise<Cluster> {
     },
     async stop() {
       etcd.sampleRss();
+      controllerManager?.sampleRss();
+      await controllerManager?.stop();
       await stopApiserver();
       await etcd.stop();
       const mib = (kib: number) =>
         kib
           ? `${(kib / 1024).toFixed(0)} MiB`
           : 'unknown (/proc/PID/status unreadable: Deno needs -A)';
+      const kcm = controllerManager
+        ? `, kube-controller-manager ${mib(controllerManager.peakRssKiB)}`
+        : '';
       console.error(
-        `e2e: peak RSS (VmHWM) kube-apiserver ${mib(apiserverPeakKiB)}, etcd ${mib(etcd.peakRssKiB)}; up ${((Date.now() - started) / 1000).toFixed(0)}s`,
+        `e2e: peak RSS (VmHWM) kube-apiserver ${mib(apiserverPeakKiB)}, etcd ${mib(etcd.peakRssKiB)}${kcm}; up ${((Date.now() - started) / 1000).toFixed(0)}s`,
       );
       if (process.env.E2E_KEEP === '1') console.error(`e2e: kept ${dir}`);
       else rmSync(dir, { recursive: true, force: true });
@@ -566,6 +626,7 @@ async function existingCluster(): Promise<Cluster> {
     startApiserver: unsupported,
     startSecondApiserver: unsupported,
     compact: unsupported,
+    startGarbageCollector: async () => {},
     async stop() {
       await tools.kubectl([
         'delete',
@@ -588,6 +649,9 @@ export interface AuditEvent {
   user: { username: string };
   userAgent?: string;
   responseStatus?: { code?: number };
+  /** RFC 3339 with microseconds, the server's clock (the same machine as the tests'). */
+  requestReceivedTimestamp?: string;
+  objectRef?: { resource?: string; subresource?: string; namespace?: string; name?: string };
 }
 export function readAudit(path: string): AuditEvent[] {
   return readFileSync(path, 'utf8')
