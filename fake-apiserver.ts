@@ -1,11 +1,23 @@
-// A fake Kubernetes API server for books (and leases), for the tests and for the demo.
+// A fake Kubernetes API server for the controller's tests and for the demo.
 //
-// It plays the parts of the API server this controller meets: paginated lists with continue
-// tokens, watch streams cut at any byte, bookmarks, 410 Gone, streaming lists (sendInitialEvents),
-// label selectors, the status subresource with JSON merge patches, metadata.generation, Leases for
-// leader election, and Status bodies for every error. The handlers are msw's, served over a real
-// loopback TLS server with a throwaway CA, so a client's own https request, its CA check and its
-// bearer token are exercised as against a cluster, on Node, Deno and Bun alike.
+// It plays the parts of kube-apiserver this controller meets, each a short section below:
+//   - requests: bearer tokens (401), queued faults, Status bodies for every error;
+//   - objects: one resourceVersion counter and one event log for every resource, as in one etcd;
+//   - writes: create (409 AlreadyExists), update (409 on a stale resourceVersion or another uid),
+//     JSON merge patch, JSON patch (RFC 6902, `test` included), server-side apply with field
+//     managers, conflicts and force, delete; the status subresource; metadata.generation;
+//   - metadata rules: uid immutable, ownerReferences validated (one controller), finalizers that
+//     hold a deletion (deletionTimestamp) until the last one goes, and none added while deleting;
+//   - lists and watches: pages with continue tokens (which expire), label selectors (an object that
+//     stops matching arrives as DELETED), watch streams cut at any byte, bookmarks, 410 Gone,
+//     streaming lists (sendInitialEvents);
+//   - the resources: the controller's custom resource (named by what controller.ts exports),
+//     ConfigMaps, Events (core/v1 and events.k8s.io/v1), Leases for leader election;
+//   - admission: OwnerReferencesPermissionEnforcement's 403 for blockOwnerDeletion, if asked;
+//   - a garbage collector, off unless a test turns it on (it lives in kube-controller-manager).
+// The handlers are msw's, served over a real loopback TLS server with a throwaway CA, so a client's
+// own https request, its CA check and its bearer token are exercised as against a cluster, on Node,
+// Deno and Bun alike.
 //
 // As a program it is the demo (`npm run demo`, or `npx tsx fake-apiserver.ts`): it starts the fake,
 // runs the real controller.ts against it as a child process, and plays the seed's walkthrough.
@@ -19,14 +31,14 @@ import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
-import { getResponse, http, HttpResponse } from 'msw';
+import { getResponse, HttpResponse, http, type PathParams } from 'msw';
+import { GROUP, KIND, PLURAL, VERSION } from './controller.ts';
 
-export const GROUP = 'example.technosophos.com';
-export const GROUP_VERSION = `${GROUP}/v1`;
+export { GROUP, KIND, PLURAL, VERSION };
+export const GROUP_VERSION = `${GROUP}/${VERSION}`;
 export const TOKEN = 'test-token';
-
 // A throwaway CA and a certificate for 127.0.0.1 and localhost signed by it (P-256, valid to 2126),
-// made with `openssl req -x509 …` and `openssl x509 -req …`. The private key opens nothing else.
+// made with `openssl req -x509 …` and `openssl x509 -req …`. The key opens nothing else.
 export const CA_CERT = `-----BEGIN CERTIFICATE-----
 MIIBqzCCAVGgAwIBAgIUUhmmC9ttqpX+Ox46e226tkBJJMEwCgYIKoZIzj0EAwIw
 IjEgMB4GA1UEAwwXYm9vay1jb250cm9sbGVyIHRlc3QgQ0EwIBcNMjYxMTI1MTYy
@@ -59,7 +71,7 @@ itzEqcRcmPV7iNyE3FG+OQxN3wYwa/B6q7d8nIzfKVKThv/isiJO5eWc
 -----END PRIVATE KEY-----
 `;
 
-/** Writes a kubeconfig for a server (with the CA, not insecure) to a fresh temp dir; returns its path. */
+/** Writes a kubeconfig for a server (with the CA) to a fresh temp dir; returns its path. */
 /** With `insecure`, no CA at all and `insecure-skip-tls-verify: true`, as some kubeconfigs have. */
 export function writeKubeconfig(options: {
   server: string;
@@ -96,19 +108,52 @@ export function writeKubeconfig(options: {
 
 export type Spec = Record<string, unknown>;
 export type Labels = Record<string, string>;
-interface Metadata {
+export interface OwnerReference {
+  apiVersion: string;
+  kind: string;
+  name: string;
+  uid: string;
+  controller?: boolean;
+  blockOwnerDeletion?: boolean;
+}
+export interface ManagedFieldsEntry {
+  manager: string;
+  operation: 'Apply' | 'Update';
+  apiVersion: string;
+  time: string;
+  fieldsType: 'FieldsV1';
+  fieldsV1: Record<string, unknown>;
+}
+export interface Metadata {
   name: string;
   namespace: string;
   resourceVersion: string;
   uid: string;
   creationTimestamp: string;
+  generation?: number;
+  labels?: Labels;
+  annotations?: Labels;
+  ownerReferences?: OwnerReference[];
+  finalizers?: string[];
+  deletionTimestamp?: string;
+  deletionGracePeriodSeconds?: number;
+  managedFields?: ManagedFieldsEntry[];
 }
-export interface StoredBook {
+export interface StoredObject {
   apiVersion: string;
-  kind: 'Book';
-  metadata: Metadata & { generation: number; labels?: Labels };
+  kind: string;
+  metadata: Metadata;
+  [field: string]: unknown;
+}
+export interface StoredBook extends StoredObject {
+  kind: typeof KIND;
+  metadata: Metadata & { generation: number };
   spec: Spec;
   status?: Record<string, unknown>;
+}
+export interface StoredConfigMap extends StoredObject {
+  kind: 'ConfigMap';
+  data?: Record<string, string>;
 }
 export interface StoredLease {
   apiVersion: 'coordination.k8s.io/v1';
@@ -124,14 +169,21 @@ export interface LeaseSpec {
   leaseTransitions?: number;
 }
 
-export type Verb = 'list' | 'watch' | 'get' | 'create' | 'update' | 'patch';
-export type Resource = 'books' | 'books/status' | 'leases';
+export type Verb = 'list' | 'watch' | 'get' | 'create' | 'update' | 'patch' | 'apply' | 'delete';
+export type Resource =
+  | typeof PLURAL
+  | `${typeof PLURAL}/status`
+  | 'configmaps'
+  | 'events'
+  | 'leases';
 /** One request as the fake received it. */
 export interface ApiRequest {
   verb: Verb;
   resource: Resource;
   namespace: string | undefined; // undefined: across all namespaces
   name?: string;
+  method: string;
+  path: string; // without the query
   query: Record<string, string>;
   body?: unknown; // parsed JSON, for writes
   contentType?: string;
@@ -146,6 +198,41 @@ export interface FaultOptions {
   verb?: Verb; // only the next request with this verb (default: any request)
   resource?: Resource;
 }
+
+/** A kind of object it serves, and how the real server names it in messages. */
+interface ResourceType {
+  resource: typeof PLURAL | 'configmaps' | 'events';
+  apiVersion: string;
+  kind: string;
+  group: string; // '' for the core group
+  qualified: string; // books.example.technosophos.com, configmaps: as messages name the resource
+  qualifiedKind: string; // Book.example.technosophos.com, ConfigMap: as validation names the kind
+  unconditionalUpdate: boolean; // a PUT may leave out metadata.resourceVersion
+  showManagedFields: boolean; // metadata.managedFields in what it answers
+}
+const resourceType = (
+  resource: ResourceType['resource'],
+  group: string,
+  version: string,
+  kind: string,
+  builtIn: boolean,
+): ResourceType => ({
+  resource,
+  apiVersion: group ? `${group}/${version}` : version,
+  kind,
+  group,
+  qualified: group ? `${resource}.${group}` : resource,
+  qualifiedKind: group ? `${kind}.${group}` : kind,
+  unconditionalUpdate: builtIn, // custom resources need a resourceVersion on every update
+  showManagedFields: builtIn, // left out of the books so that tests compare them as before
+});
+const BOOKS = resourceType(PLURAL, GROUP, VERSION, KIND, false);
+const CONFIGMAPS = resourceType('configmaps', '', 'v1', 'ConfigMap', true);
+const CORE_EVENTS = resourceType('events', '', 'v1', 'Event', true);
+const EVENTS = resourceType('events', 'events.k8s.io', 'v1', 'Event', true);
+
+// ---------------------------------------------------------------------------------------------
+// Status bodies: every error, in the real server's words.
 
 /** A Kubernetes Status body, the shape of every error the API server sends. */
 export const status = (
@@ -171,18 +258,737 @@ const statusResponse = (
   headers?: Record<string, string>,
 ) => HttpResponse.json(status(code, reason, message, details), { status: code, headers });
 
-const bookDetails = (name: string) => ({ name, group: GROUP, kind: 'books' });
-const leaseDetails = (name: string) => ({ name, group: 'coordination.k8s.io', kind: 'leases' });
-
-// One change to a book, kept for watches that resume from an older resourceVersion. `before` is the
-// object as it was, so a watch with a label selector can tell "stopped matching" from "changed".
-interface BookEvent {
-  resourceVersion: number;
-  type: 'ADDED' | 'MODIFIED' | 'DELETED';
-  object: StoredBook;
-  before?: StoredBook;
+/** An error answer, thrown from deep in a write and answered by the request's handler. */
+class Refusal extends Error {
+  readonly body: ReturnType<typeof status>;
+  constructor(body: ReturnType<typeof status>) {
+    super(body.message);
+    this.body = body;
+  }
+  response() {
+    return HttpResponse.json(this.body, { status: this.body.code });
+  }
 }
+const refusal = (code: number, reason: string, message: string, details?: object) =>
+  new Refusal(status(code, reason, message, details as Record<string, unknown>));
+
+const detailsOf = (type: ResourceType, name: string) => ({
+  name,
+  ...(type.group && { group: type.group }),
+  kind: type.resource,
+});
+const notFound = (type: ResourceType, name: string) =>
+  refusal(404, 'NotFound', `${type.qualified} "${name}" not found`, detailsOf(type, name));
+const alreadyExists = (type: ResourceType, name: string) =>
+  refusal(
+    409,
+    'AlreadyExists',
+    `${type.qualified} "${name}" already exists`,
+    detailsOf(type, name),
+  );
+const MODIFIED =
+  'the object has been modified; please apply your changes to the latest version and try again';
+/** 409 Conflict, for a stale resourceVersion or (why given) a failed uid precondition. */
+const conflict = (qualified: string, name: string, details: object, why = MODIFIED) =>
+  refusal(
+    409,
+    'Conflict',
+    `Operation cannot be fulfilled on ${qualified} "${name}": ${why}`,
+    details,
+  );
+const badRequest = (message: string) => refusal(400, 'BadRequest', message);
+/** What a JSON patch that fails (a `test` included) gets: the library's reason is not passed on. */
+const patchFailed = () =>
+  refusal(422, 'Invalid', 'the server rejected our request due to an error in our request', {});
+
+/** One field error of a 422 Invalid, in apimachinery's field.Error words. */
+interface Cause {
+  reason: 'FieldValueInvalid' | 'FieldValueRequired' | 'FieldValueForbidden';
+  field: string;
+  message: string;
+}
+const goValue = (value: unknown) =>
+  typeof value === 'number' || typeof value === 'boolean' ? String(value) : JSON.stringify(value);
+const invalidValue = (field: string, value: unknown, detail: string): Cause => ({
+  reason: 'FieldValueInvalid',
+  field,
+  message: `Invalid value: ${goValue(value)}: ${detail}`,
+});
+const requiredValue = (field: string, detail: string): Cause => ({
+  reason: 'FieldValueRequired',
+  field,
+  message: `Required value: ${detail}`,
+});
+const forbiddenValue = (field: string, detail: string): Cause => ({
+  reason: 'FieldValueForbidden',
+  field,
+  message: `Forbidden: ${detail}`,
+});
+/** 422 Invalid: `Kind.group "name" is invalid: field: why` (several in brackets). */
+function invalid(group: string, qualifiedKind: string, name: string, causes: Cause[]) {
+  const each = [...new Set(causes.map((cause) => `${cause.field}: ${cause.message}`))];
+  const all = each.length > 1 ? `[${each.join(', ')}]` : each[0];
+  return refusal(422, 'Invalid', `${qualifiedKind} ${JSON.stringify(name)} is invalid: ${all}`, {
+    name,
+    ...(group && { group }),
+    kind: qualifiedKind.split('.')[0],
+    causes,
+  });
+}
+const invalidObject = (type: ResourceType, name: string, causes: Cause[]) =>
+  invalid(type.group, type.qualifiedKind, name, causes);
+const nameMismatch = (inBody: unknown, inUrl: string) =>
+  badRequest(
+    `the name of the object (${String(inBody)}) does not match the name on the URL (${inUrl})`,
+  );
+// ---------------------------------------------------------------------------------------------
+// Patches: JSON merge patch (RFC 7386) and JSON patch (RFC 6902).
+
+const isObject = (value: unknown): value is Record<string, unknown> =>
+  typeof value === 'object' && value !== null && !Array.isArray(value);
+/** A deep copy without undefined values: what a round trip through JSON leaves. */
+const plain = <T>(value: T): T => JSON.parse(JSON.stringify(value));
+
+/** RFC 7386: objects merge key by key, null deletes a key, anything else replaces (lists whole). */
+export function mergePatch(target: unknown, patch: unknown): unknown {
+  if (!isObject(patch)) return patch;
+  const result: Record<string, unknown> = isObject(target) ? { ...target } : {};
+  for (const [key, value] of Object.entries(patch)) {
+    if (value === null) delete result[key];
+    else result[key] = mergePatch(result[key], value);
+  }
+  return result;
+}
+
+/**
+ * RFC 6902: add, remove, replace, move, copy, test, applied in order to a copy; all or nothing.
+ * Throws a message for the first operation that cannot apply (a failed `test` included).
+ */
+export function jsonPatch(document: unknown, operations: unknown): unknown {
+  if (!Array.isArray(operations)) throw new Error('the JSON patch is not a list of operations');
+  const root = { doc: plain(document) as unknown };
+  const pointer = (path: unknown): string[] => {
+    if (typeof path !== 'string' || (path && !path.startsWith('/')))
+      throw new Error(`bad JSON pointer ${JSON.stringify(path)}`);
+    return [
+      'doc',
+      ...path
+        .split('/')
+        .slice(1)
+        .map((t) => t.replace(/~1/g, '/').replace(/~0/g, '~')),
+    ];
+  };
+  // The container holding the pointer's last token, and that token.
+  const locate = (tokens: string[]): [Record<string, unknown> | unknown[], string] => {
+    let at: unknown = root;
+    for (const token of tokens.slice(0, -1)) {
+      at = Array.isArray(at) ? at[Number(token)] : isObject(at) ? at[token] : undefined;
+      if (at === undefined) throw new Error(`missing path ${tokens.slice(1).join('/')}`);
+    }
+    if (!isObject(at) && !Array.isArray(at)) throw new Error('the path is not in an object');
+    return [at, tokens.at(-1) ?? ''];
+  };
+  const index = (list: unknown[], token: string, end: number) => {
+    const i = token === '-' ? list.length : Number(token);
+    if (!/^(\d+|-)$/.test(token) || i > end) throw new Error(`index ${token} out of range`);
+    return i;
+  };
+  const read = (tokens: string[]) => {
+    const [at, key] = locate(tokens);
+    const value = Array.isArray(at) ? at[index(at, key, at.length - 1)] : at[key];
+    if (value === undefined) throw new Error(`missing value at ${tokens.slice(1).join('/')}`);
+    return value;
+  };
+  const remove = (tokens: string[]) => {
+    const value = read(tokens);
+    const [at, key] = locate(tokens);
+    if (Array.isArray(at)) at.splice(index(at, key, at.length - 1), 1);
+    else delete at[key];
+    return value;
+  };
+  const add = (tokens: string[], value: unknown) => {
+    const [at, key] = locate(tokens);
+    if (Array.isArray(at)) at.splice(index(at, key, at.length), 0, plain(value));
+    else at[key] = plain(value);
+  };
+  for (const operation of operations) {
+    if (!isObject(operation)) throw new Error('a JSON patch operation is not an object');
+    const path = pointer(operation.path);
+    const from = () => pointer(operation.from);
+    switch (operation.op) {
+      case 'add':
+        add(path, operation.value);
+        break;
+      case 'remove':
+        remove(path);
+        break;
+      case 'replace':
+        remove(path);
+        add(path, operation.value);
+        break;
+      case 'move':
+        add(path, remove(from()));
+        break;
+      case 'copy':
+        add(path, read(from()));
+        break;
+      case 'test':
+        if (!isDeepStrictEqual(read(path), operation.value))
+          throw new Error(`testing value ${operation.path} failed: test failed`);
+        break;
+      default:
+        throw new Error(`Unexpected kind: ${String(operation.op)}`);
+    }
+  }
+  return root.doc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field managers (server-side apply): who set which field.
+
+// A field is a path: map keys one by one, ownerReferences entries by uid, finalizers by value;
+// anything else (a list, a number, a string) is one field. Named as the real server names them
+// in conflicts: .data.title, .metadata.labels.app, .metadata.ownerReferences[uid="…"].
+type Segment = string | { uid: string } | { value: string };
+interface Field {
+  path: Segment[];
+  value: unknown;
+}
+interface Manager {
+  manager: string;
+  operation: 'Apply' | 'Update';
+  time: string;
+  fields: Set<string>;
+}
+const fieldName = (path: Segment[]) =>
+  path
+    .map((s) =>
+      typeof s === 'string'
+        ? `.${s}`
+        : 'uid' in s
+          ? `[uid=${JSON.stringify(s.uid)}]`
+          : `[=${JSON.stringify(s.value)}]`,
+    )
+    .join('');
+
+/** The fields an object sets. apiVersion, kind, status and metadata's own fields are nobody's. */
+function fieldsOf(object: Record<string, unknown>): Map<string, Field> {
+  const fields = new Map<string, Field>();
+  const add = (path: Segment[], value: unknown) => fields.set(fieldName(path), { path, value });
+  const visit = (value: unknown, path: Segment[]) => {
+    if (!isObject(value) || Object.keys(value).length === 0) return add(path, value);
+    for (const [key, inner] of Object.entries(value)) visit(inner, [...path, key]);
+  };
+  for (const [key, value] of Object.entries(object)) {
+    if (key !== 'metadata' && key !== 'apiVersion' && key !== 'kind' && key !== 'status')
+      visit(value, [key]);
+  }
+  const metadata = isObject(object.metadata) ? object.metadata : {};
+  for (const key of ['labels', 'annotations'])
+    if (isObject(metadata[key])) visit(metadata[key], ['metadata', key]);
+  for (const ref of Array.isArray(metadata.ownerReferences) ? metadata.ownerReferences : [])
+    if (isObject(ref)) add(['metadata', 'ownerReferences', { uid: String(ref.uid) }], ref);
+  for (const finalizer of Array.isArray(metadata.finalizers) ? metadata.finalizers : [])
+    add(['metadata', 'finalizers', { value: String(finalizer) }], finalizer);
+  return fields;
+}
+
+/** Sets a field in an object, making the maps and lists on its way. */
+function setField(object: Record<string, unknown>, path: Segment[], value: unknown) {
+  let at = object;
+  for (const [i, segment] of path.entries()) {
+    const last = i === path.length - 1;
+    if (typeof segment !== 'string') {
+      const list = at as unknown as unknown[];
+      const same = (item: unknown) =>
+        'uid' in segment ? isObject(item) && item.uid === segment.uid : item === segment.value;
+      const found = list.findIndex(same);
+      if (found >= 0) list[found] = plain(value);
+      else list.push(plain(value));
+      return;
+    }
+    const next = path[i + 1];
+    if (last) at[segment] = plain(value);
+    else if (typeof next !== 'string' && !Array.isArray(at[segment])) at[segment] = [];
+    else if (typeof next === 'string' && !isObject(at[segment])) at[segment] = {};
+    at = at[segment] as Record<string, unknown>;
+  }
+}
+
+/** Removes a field from an object, and the maps and lists it leaves empty. */
+function removeField(object: Record<string, unknown>, path: Segment[]) {
+  const [segment, ...rest] = path;
+  if (segment === undefined) return;
+  if (typeof segment !== 'string') {
+    const list = object as unknown as unknown[];
+    const found = list.findIndex((item) =>
+      'uid' in segment ? isObject(item) && item.uid === segment.uid : item === segment.value,
+    );
+    if (found >= 0) list.splice(found, 1);
+    return;
+  }
+  const inner = object[segment];
+  if (rest.length && (isObject(inner) || Array.isArray(inner))) {
+    removeField(inner as Record<string, unknown>, rest);
+    if (Object.keys(inner).length === 0) delete object[segment];
+  } else if (!rest.length) delete object[segment];
+}
+
+/**
+ * Who owns what after a write that is not an apply (create, update, patch): the writer takes the
+ * fields whose value it changed, from whoever had them; a field removed is nobody's.
+ */
+function afterUpdate(
+  managers: Manager[],
+  before: Record<string, unknown> | undefined,
+  after: Record<string, unknown>,
+  writer: string,
+): Manager[] {
+  const old = fieldsOf(before ?? {});
+  const now = fieldsOf(after);
+  const changed = [...now].filter(([name, f]) => !isDeepStrictEqual(old.get(name)?.value, f.value));
+  const result = managers.map((m) => ({ ...m, fields: new Set(m.fields) }));
+  for (const m of result) {
+    for (const name of m.fields) if (!now.has(name)) m.fields.delete(name);
+    for (const [name] of changed) m.fields.delete(name);
+  }
+  let mine = result.find((m) => m.manager === writer && m.operation === 'Update');
+  if (!mine && changed.length) {
+    mine = { manager: writer, operation: 'Update', time: '', fields: new Set() };
+    result.push(mine);
+  }
+  for (const [name] of changed) mine?.fields.add(name);
+  if (mine && changed.length) mine.time = timestamp();
+  return result.filter((m) => m.fields.size > 0);
+}
+
+/** How a conflict names another manager: an Update one with its API version. */
+const managerName = (m: Manager, apiVersion: string) =>
+  `${JSON.stringify(m.manager)}${m.operation === 'Update' ? ` using ${apiVersion}` : ''}`;
+
+/**
+ * Server-side apply: the object as `manager` says it should be, over `current`. A field another
+ * manager owns with another value is a conflict (409) unless `force`, which takes it over; a field
+ * this manager applied before and no longer sends is removed, unless someone else owns it too.
+ */
+function apply(
+  type: ResourceType,
+  current: StoredObject,
+  managers: Manager[],
+  applied: Record<string, unknown>,
+  manager: string,
+  force: boolean,
+): { object: StoredObject; managers: Manager[] } {
+  const wanted = fieldsOf(applied);
+  const has = fieldsOf(current);
+  const others = managers
+    .filter((m) => m.manager !== manager || m.operation !== 'Apply')
+    .map((m) => ({ ...m, fields: new Set(m.fields) }));
+  const mine = managers.find((m) => m.manager === manager && m.operation === 'Apply');
+  const conflicts: [Manager, string][] = [];
+  for (const [name, field] of wanted) {
+    if (!has.has(name) || isDeepStrictEqual(has.get(name)?.value, field.value)) continue;
+    for (const other of others) {
+      if (!other.fields.has(name)) continue;
+      if (force) other.fields.delete(name);
+      else conflicts.push([other, name]);
+    }
+  }
+  if (conflicts.length) throw applyConflict(conflicts, type.apiVersion);
+  const object = plain(current) as StoredObject;
+  for (const name of mine?.fields ?? [])
+    if (!wanted.has(name) && !others.some((m) => m.fields.has(name))) {
+      const field = has.get(name);
+      if (field) removeField(object, field.path);
+    }
+  for (const field of wanted.values()) setField(object, field.path, field.value);
+  const fields = new Set(wanted.keys());
+  const same = mine && isDeepStrictEqual(mine.fields, fields);
+  const next: Manager = {
+    manager,
+    operation: 'Apply',
+    time: same ? mine.time : timestamp(),
+    fields,
+  };
+  return { object, managers: [...others.filter((m) => m.fields.size > 0), next] };
+}
+
+function applyConflict(conflicts: [Manager, string][], apiVersion: string) {
+  const byManager = new Map<string, string[]>();
+  for (const [m, name] of conflicts) {
+    const who = managerName(m, apiVersion);
+    byManager.set(who, [...(byManager.get(who) ?? []), name]);
+  }
+  const [[who, [name]] = ['', ['']]] = byManager;
+  const message =
+    conflicts.length === 1
+      ? `Apply failed with 1 conflict: conflict with ${who}: ${name}`
+      : `Apply failed with ${conflicts.length} conflicts: ${[...byManager]
+          .sort(([a], [b]) => (a < b ? -1 : 1))
+          .map(([m, names]) => [`conflicts with ${m}:`, ...names.map((n) => `- ${n}`)].join('\n'))
+          .join('\n')}`;
+  const causes = conflicts.map(([m, field]) => ({
+    reason: 'FieldManagerConflict',
+    message: `conflict with ${managerName(m, apiVersion)}`,
+    field,
+  }));
+  return refusal(409, 'Conflict', message, { causes });
+}
+
+/** metadata.managedFields, as the real server shows who owns what (FieldsV1). */
+function managedFields(managers: Manager[], apiVersion: string, object: StoredObject) {
+  const fields = fieldsOf(object);
+  return managers.map((m) => {
+    const tree: Record<string, unknown> = {};
+    for (const name of m.fields) {
+      let at = tree;
+      for (const segment of fields.get(name)?.path ?? []) {
+        const key =
+          typeof segment === 'string'
+            ? `f:${segment}`
+            : 'uid' in segment
+              ? `k:${JSON.stringify({ uid: segment.uid })}`
+              : `v:${JSON.stringify(segment.value)}`;
+        at[key] ??= {};
+        at = at[key] as Record<string, unknown>;
+      }
+    }
+    return {
+      manager: m.manager,
+      operation: m.operation,
+      apiVersion,
+      time: m.time,
+      fieldsType: 'FieldsV1' as const,
+      fieldsV1: tree,
+    };
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: what every object's metadata must satisfy.
+
+/** Owner references: apiVersion, kind, name and uid each, and at most one controller. */
+function checkOwnerReferences(refs: unknown): Cause[] {
+  if (!Array.isArray(refs)) return [];
+  const causes: Cause[] = [];
+  let controller = '';
+  for (const [i, ref] of refs.entries()) {
+    const at = `metadata.ownerReferences[${i}]`;
+    const r = isObject(ref) ? ref : {};
+    for (const key of ['apiVersion', 'kind', 'name', 'uid'])
+      if (!r[key]) causes.push(requiredValue(`${at}.${key}`, 'must not be empty'));
+    if (r.controller !== true) continue;
+    const name = `${r.kind}/${r.name}`;
+    if (!controller) controller = name;
+    else
+      causes.push(
+        invalidValue(
+          'metadata.ownerReferences',
+          refs.map(ownerReferenceAsGo),
+          'Only one reference can have Controller set to true. ' +
+            `Found "true" in references for ${controller} and ${name}`,
+        ),
+      );
+  }
+  return causes;
+}
+/** An owner reference as the server marshals it: its fields in Go's order. */
+const ownerReferenceAsGo = (ref: unknown) => {
+  const r = isObject(ref) ? ref : {};
+  const { apiVersion, kind, name, uid, controller, blockOwnerDeletion } = r;
+  return plain({ apiVersion, kind, name, uid, controller, blockOwnerDeletion });
+};
+
+/** What a write may not do to an object's metadata. */
+function checkMetadataUpdate(before: Metadata, after: Metadata): Cause[] {
+  const causes: Cause[] = [];
+  if (after.uid !== before.uid) {
+    const cause = invalidValue('metadata.uid', after.uid, 'field is immutable');
+    causes.push(cause, cause); // checked twice (common fields, then the strategy): one message
+  }
+  if (before.deletionTimestamp) {
+    const added = (after.finalizers ?? []).filter((f) => !before.finalizers?.includes(f));
+    if (added.length)
+      causes.push(
+        forbiddenValue(
+          'metadata.finalizers',
+          'no new finalizers can be added if the object is being deleted, found new finalizers ' +
+            `[]string{${[...new Set(added)]
+              .sort()
+              .map((f) => JSON.stringify(f))
+              .join(', ')}}`,
+        ),
+      );
+  }
+  return causes;
+}
+
+/** OwnerReferencesPermissionEnforcement's refusal of a blockOwnerDeletion newly set. */
+function checkBlockOwnerDeletion(
+  type: ResourceType,
+  before: StoredObject | undefined,
+  after: StoredObject,
+) {
+  const blocking = (object: StoredObject | undefined) =>
+    (object?.metadata.ownerReferences ?? []).filter((r) => r.blockOwnerDeletion).map((r) => r.uid);
+  const had = blocking(before);
+  if (blocking(after).every((uid) => had.includes(uid))) return;
+  const { name } = after.metadata;
+  throw refusal(
+    403,
+    'Forbidden',
+    `${type.qualified} "${name}" is forbidden: cannot set blockOwnerDeletion if an ` +
+      "ownerReference refers to a resource you can't set finalizers on: , <nil>",
+    detailsOf(type, name),
+  );
+}
+
+/** Times as the server writes them: RFC 3339 in whole seconds. */
+const timestamp = () => new Date().toISOString().replace(/\.\d+Z$/, 'Z');
+// ---------------------------------------------------------------------------------------------
+// The store: every object, one resourceVersion counter and one event log, as one etcd keeps them,
+// and the rules every write follows whoever makes it (a request, or a test acting as a client).
+
+/** One change, kept for watches that resume from an older resourceVersion. `before` is the object
+ * as it was, so a watch with a label selector can tell "stopped matching" from "changed". */
+interface StoreEvent {
+  resourceVersion: number;
+  type: ResourceType;
+  kind: 'ADDED' | 'MODIFIED' | 'DELETED';
+  object: StoredObject;
+  before?: StoredObject;
+}
+
+/** An admission plugin's check of a write: throws a Refusal to refuse it. */
+type Admission = (type: ResourceType, old: StoredObject | undefined, now: StoredObject) => void;
+
+class Store {
+  // resourceVersions cross a digit boundary (9999 → 10000) early, so ordering them as strings or
+  // numbers would show. All resources share them, as all objects in one etcd do.
+  resourceVersion = 9996;
+  oldestWatchable = 0; // a watch from an older resourceVersion gets 410 Gone
+  readonly history: StoreEvent[] = [];
+  /** The garbage collector (kube-controller-manager's): deletes what only gone owners owned. */
+  collectGarbage = false;
+  private readonly objects = new Map<ResourceType, Map<string, StoredObject>>();
+  private readonly managers = new Map<string, Manager[]>(); // by uid
+  private collecting = false;
+  private admission: Admission | undefined; // for the request being served: may refuse a write
+
+  private readonly changed: (event: StoreEvent) => void;
+
+  constructor(changed: (event: StoreEvent) => void) {
+    this.changed = changed;
+  }
+
+  /** Runs a request's writes with an admission check (a plugin of the API server). */
+  admitting<T>(admission: Admission | undefined, act: () => T): T {
+    this.admission = admission;
+    try {
+      return act();
+    } finally {
+      this.admission = undefined;
+    }
+  }
+  nextResourceVersion() {
+    return String(++this.resourceVersion);
+  }
+  all(type: ResourceType): StoredObject[] {
+    return [...(this.objects.get(type)?.values() ?? [])];
+  }
+  get(type: ResourceType, namespace: string, name: string): StoredObject | undefined {
+    return this.objects.get(type)?.get(`${namespace}/${name}`);
+  }
+  mustGet(type: ResourceType, namespace: string, name: string): StoredObject {
+    const object = this.get(type, namespace, name);
+    if (!object) throw notFound(type, name);
+    return object;
+  }
+  managersOf(object: StoredObject): Manager[] {
+    return this.managers.get(object.metadata.uid) ?? [];
+  }
+
+  /** A new object, as `by` writes it (a manager name, or the managers an apply computed). */
+  create(type: ResourceType, proposed: StoredObject, by: string | Manager[]): StoredObject {
+    const { name, namespace } = proposed.metadata;
+    if (this.get(type, namespace, name)) throw alreadyExists(type, name);
+    const causes = checkOwnerReferences(proposed.metadata.ownerReferences);
+    if (causes.length) throw invalidObject(type, name, causes);
+    const { apiVersion: _, kind: __, ...fields } = proposed;
+    const object = tidy({
+      apiVersion: type.apiVersion,
+      kind: type.kind,
+      ...fields,
+      metadata: {
+        ...proposed.metadata,
+        resourceVersion: this.nextResourceVersion(),
+        uid: crypto.randomUUID(),
+        creationTimestamp: timestamp(),
+        generation: type === BOOKS ? 1 : undefined,
+        deletionTimestamp: undefined,
+        deletionGracePeriodSeconds: undefined,
+      },
+      status: type === BOOKS ? undefined : proposed.status, // a status subresource's is reset
+    });
+    const managers = typeof by === 'string' ? afterUpdate([], undefined, object, by) : by;
+    this.admission?.(type, undefined, object);
+    this.put(type, object, managers);
+    this.record(type, 'ADDED', object);
+    return object;
+  }
+
+  /**
+   * Every change to a stored object goes through here. What the server keeps whatever the writer
+   * sends (name, uid unless changed, creation and deletion times, generation), validation (422),
+   * then, if anything changed, a new resourceVersion and a MODIFIED event; nothing at all for a
+   * write that changes nothing. An object being deleted goes once its last finalizer does.
+   */
+  write(type: ResourceType, before: StoredObject, proposed: StoredObject, by: string | Manager[]) {
+    const m = before.metadata;
+    const metadata: Metadata = {
+      ...proposed.metadata,
+      name: m.name,
+      namespace: m.namespace,
+      uid: proposed.metadata.uid || m.uid,
+      resourceVersion: m.resourceVersion,
+      creationTimestamp: m.creationTimestamp,
+      generation: m.generation,
+      deletionTimestamp: m.deletionTimestamp,
+      deletionGracePeriodSeconds: m.deletionGracePeriodSeconds,
+      managedFields: undefined,
+    };
+    const causes = [
+      ...checkMetadataUpdate(m, metadata),
+      ...checkOwnerReferences(metadata.ownerReferences),
+    ];
+    if (causes.length) throw invalidObject(type, m.name, causes);
+    const object = tidy({
+      ...proposed,
+      apiVersion: before.apiVersion,
+      kind: before.kind,
+      metadata,
+    });
+    if (type === BOOKS && !isDeepStrictEqual(plain(object.spec), plain(before.spec)))
+      object.metadata.generation = (m.generation ?? 0) + 1;
+    const managers =
+      typeof by === 'string' ? afterUpdate(this.managersOf(before), before, object, by) : by;
+    const unchanged =
+      isDeepStrictEqual(
+        object,
+        tidy({ ...before, metadata: { ...m, managedFields: undefined } }),
+      ) && isDeepStrictEqual(managers, this.managersOf(before));
+    if (unchanged) return before; // the real server writes nothing for a no-op
+    this.admission?.(type, before, object);
+    if (metadata.deletionTimestamp && !metadata.finalizers?.length) {
+      this.erase(type, before); // the DELETED event carries the object as it was stored
+      return object;
+    }
+    object.metadata.resourceVersion = this.nextResourceVersion();
+    this.put(type, object, managers);
+    this.record(type, 'MODIFIED', object, before);
+    return object;
+  }
+
+  /**
+   * DELETE: an object with finalizers only gets a deletionTimestamp (a MODIFIED event) and stays
+   * until they are gone; one without goes at once (a DELETED event). Returns what the server
+   * answers with: the object kept, or undefined (gone).
+   */
+  delete(type: ResourceType, namespace: string, name: string): StoredObject | undefined {
+    const before = this.mustGet(type, namespace, name);
+    if (!before.metadata.finalizers?.length) {
+      this.erase(type, before);
+      return undefined;
+    }
+    if (before.metadata.deletionTimestamp) return before;
+    const metadata = { ...before.metadata, deletionTimestamp: timestamp() };
+    const object = { ...before, metadata: { ...metadata, deletionGracePeriodSeconds: 0 } };
+    object.metadata.resourceVersion = this.nextResourceVersion();
+    this.put(type, object, this.managersOf(before));
+    this.record(type, 'MODIFIED', object, before);
+    return object;
+  }
+
+  private erase(type: ResourceType, before: StoredObject) {
+    const { namespace, name, uid } = before.metadata;
+    this.objects.get(type)?.delete(`${namespace}/${name}`);
+    this.managers.delete(uid);
+    const object = {
+      ...before,
+      metadata: { ...before.metadata, resourceVersion: this.nextResourceVersion() },
+    };
+    this.record(type, 'DELETED', object);
+  }
+
+  private put(type: ResourceType, object: StoredObject, managers: Manager[]) {
+    if (!this.objects.has(type)) this.objects.set(type, new Map());
+    this.managers.set(object.metadata.uid, managers);
+    if (type.showManagedFields)
+      object.metadata.managedFields = managedFields(managers, type.apiVersion, object);
+    const { namespace, name } = object.metadata;
+    this.objects.get(type)?.set(`${namespace}/${name}`, object);
+  }
+
+  private record(
+    type: ResourceType,
+    kind: StoreEvent['kind'],
+    object: StoredObject,
+    before?: StoredObject,
+  ) {
+    const resourceVersion = Number(object.metadata.resourceVersion);
+    this.history.push({ resourceVersion, type, kind, object, before });
+    this.changed(this.history.at(-1) as StoreEvent);
+    if (this.collectGarbage) this.collect();
+  }
+
+  /**
+   * The garbage collector, in the background deletion it does by default: every object whose
+   * owner references all name uids that no longer exist is deleted (the finalizer rule applies).
+   */
+  collect() {
+    if (this.collecting) return;
+    this.collecting = true;
+    try {
+      for (let again = true; again; ) {
+        again = false;
+        const all = [...this.objects.values()].flatMap((objects) => [...objects.values()]);
+        const alive = new Set(all.map((object) => object.metadata.uid));
+        for (const [type, objects] of this.objects)
+          for (const object of [...objects.values()]) {
+            const refs = object.metadata.ownerReferences ?? [];
+            if (!refs.length || object.metadata.deletionTimestamp) continue;
+            if (refs.some((ref) => alive.has(ref.uid))) continue;
+            this.delete(type, object.metadata.namespace, object.metadata.name);
+            again = true;
+          }
+      }
+    } finally {
+      this.collecting = false;
+    }
+  }
+}
+
+/** An object as the server stores it: no undefined fields, no empty metadata maps or lists. */
+function tidy(object: StoredObject): StoredObject {
+  const result = plain(object);
+  const metadata = result.metadata as unknown as Record<string, unknown>;
+  for (const key of ['labels', 'annotations', 'ownerReferences', 'finalizers', 'managedFields']) {
+    const value = metadata[key];
+    if ((Array.isArray(value) || isObject(value)) && Object.keys(value).length === 0)
+      delete metadata[key];
+  }
+  for (const key of ['data', 'binaryData'])
+    if (isObject(result[key]) && Object.keys(result[key]).length === 0) delete result[key];
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lists and watches, of any resource: pages, continue tokens, watch streams cut at any byte,
+// bookmarks, 410 Gone, streaming lists. The knobs that make them misbehave are the server's.
+
+/** One open watch stream: what it watches, and how to write to it or end it. */
 interface OpenWatch {
+  type: ResourceType;
   namespace: string | undefined;
   selector: Selector;
   bookmarks: boolean;
@@ -191,39 +997,254 @@ interface OpenWatch {
   drop(): void;
 }
 
+class Streams {
+  readonly watches = new Set<OpenWatch>();
+  held: (() => void)[] | undefined; // watch requests waiting for release()
+  initialEventsFault: Record<string, unknown> | undefined; // ends the next streaming list
+  private readonly continueTokens = new Map<string, StoredObject[]>(); // token → rest of a list
+  private issuedTokens = 0;
+  private readonly store: Store;
+  private readonly knobs: FakeApiServer;
+
+  constructor(store: Store, knobs: FakeApiServer) {
+    this.store = store;
+    this.knobs = knobs;
+  }
+
+  async listOrWatch(
+    type: ResourceType,
+    verb: 'list' | 'watch',
+    namespace: string | undefined,
+    query: Record<string, string>,
+  ): Promise<Response> {
+    if (type === BOOKS && this.knobs.storageInitializing > 0) {
+      this.knobs.storageInitializing--;
+      return statusResponse(
+        429,
+        'TooManyRequests',
+        'storage is (re)initializing',
+        { retryAfterSeconds: 1 },
+        { 'Retry-After': '1' },
+      );
+    }
+    const selector = parseSelector(query.labelSelector ?? '');
+    if (typeof selector === 'string') return statusResponse(400, 'BadRequest', selector);
+    if (verb === 'list' && this.knobs.neverAnswerLists) await new Promise(() => {});
+    if (verb === 'list') return this.list(type, namespace, selector, query);
+    const invalid = this.checkWatchOptions(query);
+    if (invalid) return HttpResponse.json(invalid, { status: 422 });
+    if (this.held) await new Promise<void>((resolve) => this.held?.push(resolve));
+    return this.watch(type, namespace, selector, query);
+  }
+
+  private list(
+    type: ResourceType,
+    namespace: string | undefined,
+    selector: Selector,
+    query: Record<string, string>,
+  ): Response {
+    const matching = () =>
+      this.store.all(type).filter((object) => visible(object, namespace, selector));
+    let items = matching();
+    if (query.continue) {
+      const rest = this.knobs.expireNextContinueToken
+        ? undefined
+        : this.continueTokens.get(query.continue);
+      this.knobs.expireNextContinueToken = false;
+      if (!rest) {
+        // The real 410 carries a token to go on with, inconsistently; a careful client relists.
+        const inconsistent = `inconsistent-${query.continue}`;
+        this.continueTokens.set(inconsistent, matching());
+        return HttpResponse.json(
+          {
+            ...status(410, 'Expired', CONTINUE_EXPIRED),
+            metadata: { continue: inconsistent },
+          },
+          { status: 410 },
+        );
+      }
+      items = rest;
+    }
+    const limit = Number(query.limit) || items.length;
+    const metadata: { resourceVersion: string; continue?: string; remainingItemCount?: number } = {
+      resourceVersion: String(this.store.resourceVersion),
+    };
+    if (items.length > limit) {
+      metadata.continue = `token-${this.issuedTokens++}`;
+      metadata.remainingItemCount = items.length - limit;
+      this.continueTokens.set(metadata.continue, items.slice(limit));
+    }
+    return HttpResponse.json({
+      apiVersion: type.apiVersion,
+      kind: `${type.kind}List`,
+      metadata,
+      items: items.slice(0, limit),
+    });
+  }
+
+  /**
+   * Streaming lists (KEP-3157): `sendInitialEvents=true` needs `resourceVersionMatch=NotOlderThan`
+   * (else 422); a server without the WatchList feature refuses it outright. Without
+   * `allowWatchBookmarks=true` the real server accepts it, but never sends the end bookmark.
+   */
+  private checkWatchOptions(query: Record<string, string>) {
+    const forbid = (field: string, why: string) => ({ field, message: `Forbidden: ${why}` });
+    const causes: { field: string; message: string }[] = [];
+    if (query.sendInitialEvents === 'true' && !this.knobs.watchList) {
+      causes.push(
+        forbid(
+          'sendInitialEvents',
+          'sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled',
+        ),
+      );
+    } else if (query.sendInitialEvents === 'true') {
+      if (query.resourceVersionMatch !== 'NotOlderThan') {
+        causes.push(
+          forbid(
+            'resourceVersionMatch',
+            'sendInitialEvents requires setting resourceVersionMatch to NotOlderThan',
+          ),
+        );
+      }
+    } else if (query.resourceVersionMatch) {
+      causes.push(
+        forbid(
+          'resourceVersionMatch',
+          'resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided',
+        ),
+      );
+    }
+    if (!causes.length) return undefined;
+    const each = causes.map((cause) => `${cause.field}: ${cause.message}`);
+    return status(
+      422,
+      'Invalid',
+      `ListOptions.meta.k8s.io "" is invalid: ${each.length > 1 ? `[${each.join(', ')}]` : each}`,
+      {
+        group: 'meta.k8s.io',
+        kind: 'ListOptions',
+        causes: causes.map((cause) => ({ reason: 'FieldValueForbidden', ...cause })),
+      },
+    );
+  }
+
+  private watch(
+    type: ResourceType,
+    namespace: string | undefined,
+    selector: Selector,
+    query: Record<string, string>,
+  ): Response {
+    const streamingList = query.sendInitialEvents === 'true';
+    // No resourceVersion (or "0"): start from the current state, sent as ADDED events.
+    const fromNow = streamingList || !query.resourceVersion || query.resourceVersion === '0';
+    const from = fromNow ? this.store.resourceVersion : Number(query.resourceVersion);
+    const oldest = this.store.oldestWatchable;
+    if (!fromNow && (from < oldest || this.knobs.goneForever)) {
+      const gone = status(410, 'Expired', `too old resource version: ${from} (${oldest})`);
+      if (this.knobs.goneAsHttp) return HttpResponse.json(gone, { status: 410 });
+      return new Response(eventLine('ERROR', gone));
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const encoder = new TextEncoder();
+    const watches = this.watches;
+    let watch: OpenWatch | undefined;
+    const forget = () => {
+      if (watch) watches.delete(watch);
+      clearTimeout(timer);
+      watch = undefined;
+    };
+    const body = new ReadableStream<Uint8Array>({
+      start: (stream) => {
+        watch = {
+          type,
+          namespace,
+          selector,
+          bookmarks: query.allowWatchBookmarks === 'true',
+          send: (text) => {
+            const bytes = encoder.encode(text);
+            for (let at = 0; at < bytes.length; at += this.knobs.chunkBytes)
+              stream.enqueue(bytes.slice(at, at + this.knobs.chunkBytes));
+          },
+          end: () => {
+            forget();
+            stream.close();
+          },
+          drop: () => {
+            forget();
+            stream.error(new Error('dropped'));
+          },
+        };
+        if (this.knobs.stallWatches) return;
+        if (this.knobs.endWatchesAtOnce) return stream.close();
+        let replay: string[];
+        if (fromNow) {
+          replay = this.store
+            .all(type)
+            .filter((object) => visible(object, namespace, selector))
+            .map((object) => eventLine('ADDED', object));
+          // The initial state is complete: a bookmark at the snapshot's resourceVersion says so
+          // (to a client that asked for bookmarks), or a fault a test queued ends the stream.
+          const fault = streamingList && type === BOOKS ? this.initialEventsFault : undefined;
+          if (fault) this.initialEventsFault = undefined;
+          const early = streamingList && this.knobs.endInitialEventsEarly;
+          if (fault) replay.push(eventLine('ERROR', fault));
+          else if (streamingList && watch.bookmarks && !early)
+            replay.push(bookmarkLine(type, this.store.resourceVersion, END_OF_INITIAL_EVENTS));
+          if (fault || early) {
+            watch.send(replay.join(''));
+            return stream.close();
+          }
+        } else {
+          replay = this.store.history
+            .filter((event) => event.resourceVersion > from)
+            .map((event) => lineFor(watch, event));
+        }
+        watch.send(replay.join(''));
+        watches.add(watch);
+        this.knobs.onActivity();
+        timer = setTimeout(watch.end, Number(query.timeoutSeconds) * 1000);
+      },
+      cancel: forget, // the client went away
+    });
+    return new Response(body, { headers: { 'Content-Type': 'application/json' } });
+  }
+
+  /** A change, to every open watch it concerns. */
+  broadcast(event: StoreEvent) {
+    for (const watch of this.watches) watch.send(lineFor(watch, event));
+    this.knobs.onActivity();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
-// The server.
+// The server: requests in, answers out, and what a test does to the cluster.
+
+type Subresource = 'status' | undefined;
 
 export class FakeApiServer {
-  // resourceVersions cross a digit boundary (9999 → 10000) early, so ordering them as strings or
-  // numbers would show. Books and leases share them, as all objects in one etcd do.
-  private resourceVersion = 9996;
-  private readonly books = new Map<string, StoredBook>(); // by namespace/name
+  private readonly store: Store = new Store((event) => this.streams.broadcast(event));
+  private readonly streams = new Streams(this.store, this);
   private readonly leases = new Map<string, StoredLease>(); // by namespace/name
-  private history: BookEvent[] = [];
-  private oldestWatchable = 0; // a watch from an older resourceVersion gets 410 Gone
-  private readonly watches = new Set<OpenWatch>();
-  private readonly continueTokens = new Map<string, StoredBook[]>(); // token → the rest of that list's snapshot
-  private issuedTokens = 0;
   private readonly faults: { match: FaultOptions; response: () => Response }[] = [];
   private readonly refusedHolders = new Set<string>();
-  private initialEventsFault: Record<string, unknown> | undefined; // a Status for the next streaming list to end with
-  private held: (() => void)[] | undefined;
+  private leaseAnswerDelayMs = 0;
   readonly requests: ApiRequest[] = [];
-  /** The bearer tokens it accepts; anything else gets 401. Add one per controller to tell their requests apart. */
+  /** The bearer tokens it accepts; anything else gets 401. One per controller tells them apart. */
   readonly tokens = new Set([TOKEN]);
 
   /** Called on every request and every change: tests wait on it instead of sleeping. */
   onActivity: () => void;
 
-  // Knobs a test turns: how the stream is cut, and how the server misbehaves.
+  // Knobs a test turns: how the stream is cut, and how the server misbehaves. Those about books
+  // (the CRD, 403s, 429s, one-shot list faults) touch only the custom resource; the rest, every
+  // list and watch.
   chunkBytes = Infinity;
   crdInstalled = true;
   forbidden = false; // 403 on lists and watches of books
   forbidStatus = false; // 403 on status patches
-  statusLatencyMs = 0; // added to every status patch
-  statusAnswerDelayMs = 0; // added after a status patch is written, before it is answered (a slow network back)
-  watchList = true; // the WatchList feature (streaming lists); false: 422, as servers before 1.34 answer
+  statusLatencyMs = 0; // added to every status write
+  statusAnswerDelayMs = 0; // added after a status write is made, before it is answered
+  watchList = true; // the WatchList feature (streaming lists); false: 422, as before 1.34
   stallWatches = false; // answer a watch, then send nothing: a half-open connection
   neverAnswerLists = false; // take a list request and never answer it
   goneForever = false; // answer every watch from a resourceVersion with 410 Gone
@@ -232,27 +1253,28 @@ export class FakeApiServer {
   // default here); HTTP 410 comes from lists. This answers the watch with HTTP 410 instead.
   goneAsHttp = false;
   expireNextContinueToken = false;
-  // The next N requests for books get 429 'storage is (re)initializing' with Retry-After: 1, as a real
-  // server answers for a moment after a CRD is established or after it restarts (its watch cache fills).
+  // The next N requests for books get 429 'storage is (re)initializing' with Retry-After: 1, as a
+  // real server answers for a moment after a CRD is established or after it restarts.
   storageInitializing = 0;
-  // A streaming list sends its ADDEDs, then ends the stream without the initial-events-end bookmark.
+  // A streaming list sends its ADDEDs, then ends without the initial-events-end bookmark.
   endInitialEventsEarly = false;
+  // OwnerReferencesPermissionEnforcement (on in many managed clusters), for a user who may not
+  // update the owner's finalizers (books/finalizers): setting blockOwnerDeletion is 403.
+  refuseBlockOwnerDeletion = false;
+  /** kube-controller-manager's garbage collector: off, as in a bare API server. */
+  get collectGarbage() {
+    return this.store.collectGarbage;
+  }
+  set collectGarbage(on: boolean) {
+    this.store.collectGarbage = on;
+    if (on) this.store.collect();
+  }
 
   private readonly handlers = [
-    http.get(`*/apis/${GROUP_VERSION}/namespaces/:namespace/books`, ({ request, params }) =>
-      this.listOrWatch(request, String(params.namespace)),
-    ),
-    http.get(`*/apis/${GROUP_VERSION}/books`, ({ request }) =>
-      this.listOrWatch(request, undefined),
-    ),
-    http.get(`*/apis/${GROUP_VERSION}/namespaces/:namespace/books/:name`, ({ request, params }) =>
-      this.getBook(request, String(params.namespace), String(params.name)),
-    ),
-    http.patch(
-      `*/apis/${GROUP_VERSION}/namespaces/:namespace/books/:name/status`,
-      ({ request, params }) =>
-        this.patchStatus(request, String(params.namespace), String(params.name)),
-    ),
+    ...this.routes(BOOKS, `/apis/${GROUP_VERSION}`, true),
+    ...this.routes(CONFIGMAPS, '/api/v1'),
+    ...this.routes(CORE_EVENTS, '/api/v1'),
+    ...this.routes(EVENTS, `/apis/${EVENTS.apiVersion}`),
     http.get(
       '*/apis/coordination.k8s.io/v1/namespaces/:namespace/leases/:name',
       ({ request, params }) =>
@@ -268,7 +1290,7 @@ export class FakeApiServer {
     ),
   ];
   private readonly tls = https.createServer({ key: SERVER_KEY, cert: SERVER_CERT }, (req, res) => {
-    // A client may hang up at any time, even while sending its body: that ends this request, not the fake.
+    // A client may hang up at any time, even while sending its body: that ends this request only.
     req.on('error', () => res.destroy());
     this.bridge(req, res).catch(() => res.destroy());
   });
@@ -287,12 +1309,12 @@ export class FakeApiServer {
 
   close() {
     this.release();
-    for (const watch of this.watches) watch.end();
+    for (const watch of this.streams.watches) watch.end();
     this.tls.closeAllConnections();
     this.tls.close();
   }
 
-  /** Serves a node:https request with msw's handlers, streaming the response body chunk by chunk. */
+  /** Serves a node:https request with msw's handlers, streaming the response body in chunks. */
   private async bridge(req: IncomingMessage, res: ServerResponse) {
     req.socket.setNoDelay(true);
     const headers = new Headers();
@@ -318,9 +1340,12 @@ export class FakeApiServer {
         res.write(chunk.value);
       res.end();
     } catch {
-      res.destroy(); // the stream failed: drop the connection, as a crashing server or a broken network does
+      res.destroy(); // the stream failed: drop the connection, as a crashing server does
     }
   }
+
+  // ------------------------------------------------------------------------------------------
+  // Requests: logged, authenticated, given a queued fault, then routed by method and path.
 
   /**
    * What every request goes through first: it is logged, then checked for the bearer token, then
@@ -330,13 +1355,16 @@ export class FakeApiServer {
    */
   private admit(
     request: Request,
-    entry: Omit<ApiRequest, 'query' | 'at' | 'body' | 'contentType' | 'token'>,
+    entry: Pick<ApiRequest, 'verb' | 'resource' | 'namespace' | 'name'>,
     text = '',
   ): Response | ApiRequest {
     const token = (request.headers.get('authorization') ?? '').replace(/^Bearer /, '');
+    const url = new URL(request.url);
     const logged: ApiRequest = {
       ...entry,
-      query: Object.fromEntries(new URL(request.url).searchParams),
+      method: request.method,
+      path: url.pathname,
+      query: Object.fromEntries(url.searchParams),
       token,
       at: performance.now(),
     };
@@ -369,34 +1397,63 @@ export class FakeApiServer {
     return logged;
   }
 
-  // ------------------------------------------------------------------------------------------
-  // Books: list, watch, get, and the status subresource.
+  /** The endpoints of a resource: its collections (one namespace, all) and each object. */
+  private routes(type: ResourceType, base: string, withStatus = false) {
+    const some = `*${base}/namespaces/:namespace/${type.resource}`;
+    const to =
+      (subresource?: Subresource) =>
+      ({ request, params }: { request: Request; params: PathParams }) =>
+        this.serve(request, type, params.namespace, params.name, subresource);
+    return [
+      http.get(`*${base}/${type.resource}`, to()),
+      http.all(some, to()),
+      http.all(`${some}/:name`, to()),
+      ...(withStatus ? [http.all(`${some}/:name/status`, to('status'))] : []),
+    ];
+  }
 
-  private async listOrWatch(request: Request, namespace: string | undefined): Promise<Response> {
-    const verb = new URL(request.url).searchParams.get('watch') === 'true' ? 'watch' : 'list';
-    const admitted = this.admit(request, { verb, resource: 'books', namespace });
-    if (admitted instanceof Response) return admitted;
-    const { query } = admitted;
-    const refused = this.refuseBooks(verb, namespace);
-    if (refused) return refused;
-    if (this.storageInitializing > 0) {
-      this.storageInitializing--;
+  private async serve(
+    request: Request,
+    type: ResourceType,
+    namespaceParam: PathParams[string],
+    nameParam: PathParams[string],
+    subresource: Subresource,
+  ): Promise<Response> {
+    const namespace = namespaceParam === undefined ? undefined : String(namespaceParam);
+    const name = nameParam === undefined ? undefined : String(nameParam);
+    const query = new URL(request.url).searchParams;
+    const contentType = request.headers.get('content-type')?.split(';')[0]?.trim();
+    const verb = verbOf(request.method, name, query, contentType);
+    if (!verb)
       return statusResponse(
-        429,
-        'TooManyRequests',
-        'storage is (re)initializing',
-        { retryAfterSeconds: 1 },
-        { 'Retry-After': '1' },
+        405,
+        'MethodNotAllowed',
+        'the server does not allow this method on the requested resource',
       );
+    const resource = (subresource ? `${type.resource}/${subresource}` : type.resource) as Resource;
+    const text = request.method === 'GET' ? '' : await request.text();
+    const admitted = this.admit(request, { verb, resource, namespace, name }, text);
+    if (admitted instanceof Response) return admitted;
+    const writesStatus = resource === `${PLURAL}/status` && verb !== 'get';
+    if (writesStatus && this.statusLatencyMs) await sleep(this.statusLatencyMs);
+    const refused = type === BOOKS ? this.refuseBooks(verb, namespace, name, resource) : undefined;
+    if (refused) return refused;
+    if (verb === 'list' || verb === 'watch')
+      return this.streams.listOrWatch(type, verb, namespace, admitted.query);
+    try {
+      // Who owns what this write sets: ?fieldManager=, else the User-Agent up to its first '/'.
+      const agent = request.headers.get('user-agent')?.split('/')[0];
+      const manager = admitted.query.fieldManager || agent || 'unknown';
+      const admission = this.refuseBlockOwnerDeletion ? checkBlockOwnerDeletion : undefined;
+      const [object, code = 200] = this.store.admitting(admission, () =>
+        this.act(type, verb, admitted, subresource, manager),
+      );
+      if (writesStatus && this.statusAnswerDelayMs) await sleep(this.statusAnswerDelayMs);
+      return HttpResponse.json(object, { status: code });
+    } catch (err) {
+      if (err instanceof Refusal) return err.response();
+      throw err;
     }
-    const selector = parseSelector(query.labelSelector ?? '');
-    if (typeof selector === 'string') return statusResponse(400, 'BadRequest', selector);
-    if (verb === 'list' && this.neverAnswerLists) await new Promise(() => {});
-    if (verb === 'list') return this.list(namespace, selector, query);
-    const invalid = this.checkWatchOptions(query);
-    if (invalid) return HttpResponse.json(invalid, { status: 422 });
-    if (this.held) await new Promise<void>((resolve) => this.held?.push(resolve));
-    return this.watch(namespace, selector, query);
   }
 
   /**
@@ -407,333 +1464,211 @@ export class FakeApiServer {
     verb: Verb,
     namespace: string | undefined,
     name?: string,
-    resource: Resource = 'books',
+    resource: Resource = PLURAL,
   ): Response | undefined {
     if (!this.crdInstalled)
       return new Response('404 page not found\n', {
         status: 404,
         headers: { 'Content-Type': 'text/plain; charset=utf-8' },
       });
-    const forbidden = resource === 'books/status' ? this.forbidStatus : this.forbidden;
+    const forbidden = resource === `${PLURAL}/status` ? this.forbidStatus : this.forbidden;
     if (!forbidden) return undefined;
     const where = namespace ? ` in the namespace "${namespace}"` : ' at the cluster scope';
     return statusResponse(
       403,
       'Forbidden',
-      `books.${GROUP}${name ? ` "${name}"` : ''} is forbidden: ` +
-        `User "system:serviceaccount:default:reader" cannot ${verb} resource "${resource}" in API group "${GROUP}"${where}`,
-      { ...(name && { name }), group: GROUP, kind: 'books' },
+      `${BOOKS.qualified}${name ? ` "${name}"` : ''} is forbidden: ` +
+        `User "system:serviceaccount:default:reader" cannot ${verb} resource "${resource}" ` +
+        `in API group "${GROUP}"${where}`,
+      { ...(name && { name }), group: GROUP, kind: PLURAL },
     );
-  }
-
-  private list(
-    namespace: string | undefined,
-    selector: Selector,
-    query: Record<string, string>,
-  ): Response {
-    let items = [...this.books.values()].filter((book) => this.visible(book, namespace, selector));
-    if (query.continue) {
-      const rest = this.expireNextContinueToken
-        ? undefined
-        : this.continueTokens.get(query.continue);
-      this.expireNextContinueToken = false;
-      if (!rest) {
-        // The real 410 carries a token to go on with, inconsistently (rv -1); a careful client lists again instead.
-        const inconsistent = `inconsistent-${query.continue}`;
-        this.continueTokens.set(
-          inconsistent,
-          [...this.books.values()].filter((book) => this.visible(book, namespace, selector)),
-        );
-        return HttpResponse.json(
-          {
-            ...status(
-              410,
-              'Expired',
-              'The provided continue parameter is too old to display a consistent list result. ' +
-                'You can start a new list without the continue parameter, or use the continue token in this response to ' +
-                'retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - ' +
-                'objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.',
-            ),
-            metadata: { continue: inconsistent },
-          },
-          { status: 410 },
-        );
-      }
-      items = rest;
-    }
-    const limit = Number(query.limit) || items.length;
-    const metadata: { resourceVersion: string; continue?: string; remainingItemCount?: number } = {
-      resourceVersion: String(this.resourceVersion),
-    };
-    if (items.length > limit) {
-      metadata.continue = `token-${this.issuedTokens++}`;
-      metadata.remainingItemCount = items.length - limit;
-      this.continueTokens.set(metadata.continue, items.slice(limit));
-    }
-    return HttpResponse.json({
-      apiVersion: GROUP_VERSION,
-      kind: 'BookList',
-      metadata,
-      items: items.slice(0, limit),
-    });
-  }
-
-  /**
-   * Streaming lists (KEP-3157): `sendInitialEvents=true` needs `resourceVersionMatch=NotOlderThan`
-   * (else 422); a server without the WatchList feature refuses it outright. Without
-   * `allowWatchBookmarks=true` the real server accepts it, but never sends the end bookmark.
-   */
-  private checkWatchOptions(query: Record<string, string>) {
-    const forbid = (field: string, why: string) => ({ field, message: `Forbidden: ${why}` });
-    const causes: { field: string; message: string }[] = [];
-    if (query.sendInitialEvents === 'true' && !this.watchList) {
-      causes.push(
-        forbid(
-          'sendInitialEvents',
-          'sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled',
-        ),
-      );
-    } else if (query.sendInitialEvents === 'true') {
-      if (query.resourceVersionMatch !== 'NotOlderThan') {
-        causes.push(
-          forbid(
-            'resourceVersionMatch',
-            'sendInitialEvents requires setting resourceVersionMatch to NotOlderThan',
-          ),
-        );
-      }
-    } else if (query.resourceVersionMatch) {
-      causes.push(
-        forbid(
-          'resourceVersionMatch',
-          'resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided',
-        ),
-      );
-    }
-    if (!causes.length) return undefined;
-    const each = causes.map((cause) => `${cause.field}: ${cause.message}`);
-    return {
-      ...status(
-        422,
-        'Invalid',
-        `ListOptions.meta.k8s.io "" is invalid: ${each.length > 1 ? `[${each.join(', ')}]` : each[0]}`,
-        {
-          group: 'meta.k8s.io',
-          kind: 'ListOptions',
-          causes: causes.map((cause) => ({ reason: 'FieldValueForbidden', ...cause })),
-        },
-      ),
-    };
-  }
-
-  private watch(
-    namespace: string | undefined,
-    selector: Selector,
-    query: Record<string, string>,
-  ): Response {
-    const streamingList = query.sendInitialEvents === 'true';
-    // No resourceVersion (or "0"): start from the current state, sent as ADDED events.
-    const fromNow = streamingList || !query.resourceVersion || query.resourceVersion === '0';
-    const from = fromNow ? this.resourceVersion : Number(query.resourceVersion);
-    if (!fromNow && (from < this.oldestWatchable || this.goneForever)) {
-      const gone = status(
-        410,
-        'Expired',
-        `too old resource version: ${from} (${this.oldestWatchable})`,
-      );
-      if (this.goneAsHttp) return HttpResponse.json(gone, { status: 410 });
-      return new Response(`${JSON.stringify({ type: 'ERROR', object: gone })}\n`);
-    }
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const encoder = new TextEncoder();
-    const watches = this.watches;
-    let watch: OpenWatch | undefined;
-    const forget = () => {
-      if (watch) watches.delete(watch);
-      clearTimeout(timer);
-      watch = undefined;
-    };
-    const body = new ReadableStream<Uint8Array>({
-      start: (stream) => {
-        watch = {
-          namespace,
-          selector,
-          bookmarks: query.allowWatchBookmarks === 'true',
-          send: (text) => {
-            const bytes = encoder.encode(text);
-            for (let at = 0; at < bytes.length; at += this.chunkBytes)
-              stream.enqueue(bytes.slice(at, at + this.chunkBytes));
-          },
-          end: () => {
-            forget();
-            stream.close();
-          },
-          drop: () => {
-            forget();
-            stream.error(new Error('dropped'));
-          },
-        };
-        if (this.stallWatches) return;
-        if (this.endWatchesAtOnce) return stream.close();
-        let replay: string[];
-        if (fromNow) {
-          replay = [...this.books.values()]
-            .filter((book) => this.visible(book, namespace, selector))
-            .map((book) => eventLine('ADDED', book));
-          // The initial state is complete: a bookmark at the snapshot's resourceVersion says so (only
-          // to a client that asked for bookmarks), or a fault a test queued ends the stream instead.
-          const fault = streamingList ? this.initialEventsFault : undefined;
-          this.initialEventsFault = undefined;
-          if (fault) replay.push(eventLine('ERROR', fault));
-          else if (
-            streamingList &&
-            query.allowWatchBookmarks === 'true' &&
-            !this.endInitialEventsEarly
-          ) {
-            replay.push(this.bookmarkLine({ 'k8s.io/initial-events-end': 'true' }));
-          }
-          if (fault || (streamingList && this.endInitialEventsEarly)) {
-            watch.send(replay.join(''));
-            return stream.close();
-          }
-        } else {
-          replay = this.history
-            .filter((event) => event.resourceVersion > from)
-            .map((event) => this.lineFor(watch, event));
-        }
-        watch.send(replay.join(''));
-        watches.add(watch);
-        this.onActivity();
-        timer = setTimeout(watch.end, Number(query.timeoutSeconds) * 1000);
-      },
-      cancel: forget, // the client went away
-    });
-    return new Response(body, { headers: { 'Content-Type': 'application/json' } });
-  }
-
-  private visible(book: StoredBook, namespace: string | undefined, selector: Selector) {
-    return (
-      (!namespace || book.metadata.namespace === namespace) && selector(book.metadata.labels ?? {})
-    );
-  }
-
-  /**
-   * The line a watch gets for a change, or '' for none. Through a label selector, a change that
-   * makes a book stop matching arrives as DELETED, one that makes it start matching as ADDED.
-   */
-  private lineFor(watch: OpenWatch | undefined, event: BookEvent): string {
-    if (!watch) return '';
-    const is =
-      event.type !== 'DELETED' && this.visible(event.object, watch.namespace, watch.selector);
-    const was =
-      event.type === 'DELETED'
-        ? this.visible(event.object, watch.namespace, watch.selector)
-        : event.before !== undefined && this.visible(event.before, watch.namespace, watch.selector);
-    if (event.type === 'DELETED') return was ? eventLine('DELETED', event.object) : '';
-    if (is) return eventLine(was ? 'MODIFIED' : 'ADDED', event.object);
-    if (was && event.before) {
-      // The object as the watch last matched it, at the resourceVersion of the change.
-      const { before } = event;
-      return eventLine('DELETED', {
-        ...before,
-        metadata: { ...before.metadata, resourceVersion: event.object.metadata.resourceVersion },
-      });
-    }
-    return '';
-  }
-
-  private bookmarkLine(annotations?: Record<string, string>) {
-    const metadata = {
-      resourceVersion: String(this.resourceVersion),
-      ...(annotations && { annotations }),
-    };
-    return `${JSON.stringify({
-      type: 'BOOKMARK',
-      object: { kind: 'Book', apiVersion: GROUP_VERSION, metadata },
-    })}\n`;
-  }
-
-  private record(type: BookEvent['type'], object: StoredBook, before?: StoredBook) {
-    const event: BookEvent = {
-      resourceVersion: Number(object.metadata.resourceVersion),
-      type,
-      object,
-      before,
-    };
-    this.history.push(event);
-    for (const watch of this.watches) watch.send(this.lineFor(watch, event));
-    this.onActivity();
-  }
-
-  private getBook(request: Request, namespace: string, name: string): Response {
-    const admitted = this.admit(request, { verb: 'get', resource: 'books', namespace, name });
-    if (admitted instanceof Response) return admitted;
-    const refused = this.refuseBooks('get', namespace, name);
-    if (refused) return refused;
-    const book = this.books.get(`${namespace}/${name}`);
-    if (!book)
-      return statusResponse(
-        404,
-        'NotFound',
-        `books.${GROUP} "${name}" not found`,
-        bookDetails(name),
-      );
-    return HttpResponse.json(book);
-  }
-
-  /**
-   * The status subresource: a JSON merge patch (RFC 7386) into `status` only; anything else in the
-   * body is ignored, except a metadata.resourceVersion, which is a precondition (409 if stale).
-   * The resourceVersion moves and watches get MODIFIED; the generation does not move.
-   */
-  private async patchStatus(request: Request, namespace: string, name: string): Promise<Response> {
-    const admitted = this.admit(
-      request,
-      { verb: 'patch', resource: 'books/status', namespace, name },
-      await request.text(),
-    );
-    if (admitted instanceof Response) return admitted;
-    if (this.statusLatencyMs) await sleep(this.statusLatencyMs);
-    const refused = this.refuseBooks('patch', namespace, name, 'books/status');
-    if (refused) return refused;
-    if (admitted.contentType?.split(';')[0]?.trim() !== 'application/merge-patch+json') {
-      return statusResponse(
-        415,
-        'UnsupportedMediaType',
-        `the body of the request was in an unknown format - ` +
-          `accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml`,
-      );
-    }
-    const patch = admitted.body;
-    if (!isObject(patch))
-      return statusResponse(400, 'BadRequest', 'the patch is not a JSON object');
-    const before = this.books.get(`${namespace}/${name}`);
-    if (!before)
-      return statusResponse(
-        404,
-        'NotFound',
-        `books.${GROUP} "${name}" not found`,
-        bookDetails(name),
-      );
-    const precondition = isObject(patch.metadata) ? patch.metadata.resourceVersion : undefined;
-    if (precondition !== undefined && precondition !== before.metadata.resourceVersion)
-      return conflict('books', name, bookDetails(name));
-    const merged = mergePatch(before.status ?? {}, patch.status ?? {});
-    const status = isObject(merged) ? merged : {};
-    if (isDeepStrictEqual(status, before.status ?? {})) return HttpResponse.json(before); // no change: no write, no event
-    const book: StoredBook = {
-      ...before,
-      metadata: { ...before.metadata, resourceVersion: this.nextResourceVersion() },
-      status,
-    };
-    this.books.set(`${namespace}/${name}`, book);
-    this.record('MODIFIED', book, before);
-    if (this.statusAnswerDelayMs) await sleep(this.statusAnswerDelayMs);
-    return HttpResponse.json(book);
   }
 
   // ------------------------------------------------------------------------------------------
-  // Leases (coordination.k8s.io/v1), for leader election: optimistic concurrency on resourceVersion.
+  // Reads and writes of one object: get, create, update, patch, apply, delete.
+
+  /** One request on one object (or a create): what to answer, and its HTTP status. */
+  private act(
+    type: ResourceType,
+    verb: Verb,
+    request: ApiRequest,
+    subresource: Subresource,
+    manager: string,
+  ): [object, number?] {
+    const namespace = request.namespace ?? '';
+    const name = request.name ?? '';
+    const body = request.body;
+    if (verb === 'create') return [this.createObject(type, namespace, request, manager), 201];
+    if (verb === 'get') return [this.store.mustGet(type, namespace, name)];
+    if (verb === 'delete') return [this.deleteObject(type, namespace, name, body)];
+    if (!isObject(body) && verb !== 'patch') throw badRequest('the body is not a JSON object');
+    const before = this.store.get(type, namespace, name);
+    if (verb === 'apply') {
+      const applied = this.applyObject(type, namespace, name, before, request);
+      return [applied, before ? 200 : 201];
+    }
+    if (!before) throw notFound(type, name);
+    const proposed =
+      verb === 'update'
+        ? this.checkUpdate(type, before, body as Record<string, unknown>)
+        : this.patchObject(type, before, request);
+    const rv = proposed.metadata.resourceVersion;
+    if (rv !== undefined && rv !== before.metadata.resourceVersion)
+      throw conflict(type.qualified, name, detailsOf(type, name));
+    return [this.store.write(type, before, scoped(type, before, proposed, subresource), manager)];
+  }
+
+  /** POST: name (or generateName) required, the namespace the URL's. */
+  private createObject(
+    type: ResourceType,
+    namespace: string,
+    request: ApiRequest,
+    manager: string,
+  ) {
+    const body = request.body;
+    if (!isObject(body)) throw badRequest('the body is not a JSON object');
+    const metadata = isObject(body.metadata) ? body.metadata : {};
+    const generated =
+      typeof metadata.generateName === 'string'
+        ? `${metadata.generateName}${Math.random().toString(36).slice(2, 7)}`
+        : undefined;
+    const name = typeof metadata.name === 'string' && metadata.name ? metadata.name : generated;
+    if (!name)
+      throw invalidObject(type, '', [
+        requiredValue('metadata.name', 'name or generateName is required'),
+      ]);
+    if (metadata.namespace !== undefined && metadata.namespace !== namespace)
+      throw badRequest(
+        'the namespace of the provided object does not match the namespace sent on the request',
+      );
+    request.name = name;
+    const object = { ...body, metadata: { ...metadata, name, namespace } } as StoredObject;
+    return this.store.create(type, object, manager);
+  }
+
+  /**
+   * PUT: the whole object. Its name must be the URL's; a uid is a precondition (409 when another
+   * object now has the name); a custom resource needs a resourceVersion (422 without).
+   */
+  private checkUpdate(type: ResourceType, before: StoredObject, body: Record<string, unknown>) {
+    const { name, uid, namespace } = before.metadata;
+    const metadata = isObject(body.metadata) ? body.metadata : {};
+    if (metadata.name !== name) throw nameMismatch(metadata.name, name);
+    if (metadata.uid && metadata.uid !== uid) {
+      const group = type.group ? `${type.group}/` : '';
+      const key = `/registry/${group}${type.resource}/${namespace}/${name}`;
+      throw conflict(
+        type.qualified,
+        name,
+        detailsOf(type, name),
+        `StorageError: invalid object, Code: 4, Key: ${key}, ResourceVersion: 0, ` +
+          `AdditionalErrorMsg: Precondition failed: UID in precondition: ${metadata.uid}, ` +
+          `UID in object meta: ${uid}`,
+      );
+    }
+    if (!metadata.resourceVersion && !type.unconditionalUpdate)
+      throw invalidObject(type, name, [
+        invalidValue('metadata.resourceVersion', 0, 'must be specified for an update'),
+      ]);
+    return body as StoredObject;
+  }
+
+  /** PATCH: a JSON merge patch, a JSON patch, or (not for custom resources) a strategic merge
+   * patch, here merged as a JSON merge patch. `force` belongs to apply only. */
+  private patchObject(type: ResourceType, before: StoredObject, request: ApiRequest): StoredObject {
+    if (request.query.force !== undefined)
+      throw invalid('meta.k8s.io', 'PatchOptions.meta.k8s.io', '', [
+        forbiddenValue('force', 'may not be specified for non-apply patch'),
+      ]);
+    const how = request.contentType?.split(';')[0]?.trim();
+    let patched: unknown;
+    if (
+      how === 'application/merge-patch+json' ||
+      (how === 'application/strategic-merge-patch+json' && type !== BOOKS)
+    ) {
+      if (!isObject(request.body)) throw badRequest('the merge patch is not a JSON object');
+      patched = mergePatch(before, request.body);
+    } else if (how === 'application/json-patch+json') {
+      if (!Array.isArray(request.body))
+        throw badRequest(
+          'error decoding patch: json: cannot unmarshal object into Go value of type ' +
+            '[]handlers.jsonPatchOp',
+        );
+      try {
+        patched = jsonPatch(before, request.body);
+      } catch {
+        throw patchFailed();
+      }
+    } else {
+      throw refusal(415, 'UnsupportedMediaType', '415: Unsupported Media Type', {});
+    }
+    if (!isObject(patched) || !isObject(patched.metadata))
+      throw badRequest('the patched object has no metadata');
+    return patched as StoredObject;
+  }
+
+  /**
+   * Server-side apply: `?fieldManager=` required (422), creates the object if missing, merges
+   * field by field with ownership (409 Conflict unless `?force=true`); a no-op writes nothing.
+   */
+  private applyObject(
+    type: ResourceType,
+    namespace: string,
+    name: string,
+    before: StoredObject | undefined,
+    request: ApiRequest,
+  ): StoredObject {
+    const manager = request.query.fieldManager;
+    if (!manager)
+      throw invalid('meta.k8s.io', 'PatchOptions.meta.k8s.io', '', [
+        requiredValue('fieldManager', 'is required for apply patch'),
+      ]);
+    const body = request.body as Record<string, unknown>;
+    if (!body.kind) throw badRequest(`Object 'Kind' is missing in '${JSON.stringify(body)}'`);
+    const metadata = isObject(body.metadata) ? body.metadata : {};
+    if (metadata.name !== undefined && metadata.name !== name)
+      throw nameMismatch(metadata.name, name);
+    if (metadata.resourceVersion && metadata.resourceVersion !== before?.metadata.resourceVersion)
+      throw conflict(type.qualified, name, detailsOf(type, name));
+    const current = before ?? ({ metadata: { name, namespace } } as StoredObject);
+    const managers = before ? this.store.managersOf(before) : [];
+    const force = request.query.force === 'true';
+    const result = apply(type, current, managers, body, manager, force);
+    if (!before) return this.store.create(type, result.object, result.managers);
+    return this.store.write(type, before, scoped(type, before, result.object), result.managers);
+  }
+
+  /** DELETE: preconditions in the body's DeleteOptions; finalizers hold the object (see Store). */
+  private deleteObject(type: ResourceType, namespace: string, name: string, options: unknown) {
+    const before = this.store.mustGet(type, namespace, name);
+    const preconditions =
+      isObject(options) && isObject(options.preconditions) ? options.preconditions : {};
+    const why = {
+      uid: 'The object might have been deleted and then recreated',
+      resourceVersion: 'The object might have been modified',
+    };
+    for (const [field, label] of [
+      ['uid', 'UID'],
+      ['resourceVersion', 'ResourceVersion'],
+    ] as const) {
+      const wanted = preconditions[field];
+      if (wanted && wanted !== before.metadata[field])
+        throw conflict(
+          type.qualifiedKind, // as its early check names it: ConfigMap, Book.example.…
+          name,
+          { name, ...(type.group && { group: type.group }), kind: type.kind },
+          `the ${label} in the precondition (${String(wanted)}) does not match the ${label} in ` +
+            `record (${before.metadata[field]}). ${why[field]}`,
+        );
+    }
+    const kept = this.store.delete(type, namespace, name);
+    if (kept) return kept;
+    const details = { ...detailsOf(type, name), uid: before.metadata.uid };
+    return { kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Success', details };
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Leases (coordination.k8s.io/v1), for leader election: optimistic concurrency.
 
   private getLease(request: Request, namespace: string, name: string): Response {
     const admitted = this.admit(request, { verb: 'get', resource: 'leases', namespace, name });
@@ -781,24 +1716,9 @@ export class FakeApiServer {
       );
     }
     if (checked.resourceVersion === undefined) {
-      return statusResponse(
-        422,
-        'Invalid',
-        `leases.coordination.k8s.io "${name}" is invalid: metadata.resourceVersion: ` +
-          'Invalid value: 0: must be specified for an update',
-        {
-          name,
-          group: 'coordination.k8s.io',
-          kind: 'leases',
-          causes: [
-            {
-              reason: 'FieldValueInvalid',
-              message: 'Invalid value: 0: must be specified for an update',
-              field: 'metadata.resourceVersion',
-            },
-          ],
-        },
-      );
+      return invalid('coordination.k8s.io', 'Lease.coordination.k8s.io', name, [
+        invalidValue('metadata.resourceVersion', 0, 'must be specified for an update'),
+      ]).response();
     }
     if (this.refusedHolders.has(checked.spec.holderIdentity ?? '')) {
       return statusResponse(
@@ -810,37 +1730,22 @@ export class FakeApiServer {
     const before = this.leases.get(`${namespace}/${name}`);
     if (!before) return leaseNotFound(name);
     // Optimistic concurrency: an update based on an older read loses, and must read again.
-    if (checked.resourceVersion !== before.metadata.resourceVersion) {
-      return conflict('leases.coordination.k8s.io', name, leaseDetails(name));
-    }
-    return HttpResponse.json(this.putLease(name, checked.spec, namespace));
+    if (checked.resourceVersion !== before.metadata.resourceVersion)
+      return conflict('leases.coordination.k8s.io', name, leaseDetails(name)).response();
+    const lease = this.putLease(name, checked.spec, namespace);
+    const delay = this.leaseAnswerDelayMs;
+    this.leaseAnswerDelayMs = 0;
+    if (delay) await sleep(delay); // written already: only the answer is slow
+    return HttpResponse.json(lease);
   }
 
   // ------------------------------------------------------------------------------------------
-  // What a test does to the cluster.
-
-  private nextResourceVersion() {
-    return String(++this.resourceVersion);
-  }
+  // What a test does to the cluster, as another client would: books.
 
   create(name: string, spec: Spec, namespace = 'default', labels?: Labels): StoredBook {
-    const book: StoredBook = {
-      apiVersion: GROUP_VERSION,
-      kind: 'Book',
-      metadata: {
-        name,
-        namespace,
-        resourceVersion: this.nextResourceVersion(),
-        uid: crypto.randomUUID(),
-        creationTimestamp: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
-        generation: 1,
-        ...(labels && { labels }),
-      },
-      spec,
-    };
-    this.books.set(`${namespace}/${name}`, book);
-    this.record('ADDED', book);
-    return book;
+    const metadata = { name, namespace, ...(labels && { labels }) } as Metadata;
+    const book = { apiVersion: GROUP_VERSION, kind: KIND, metadata, spec };
+    return this.store.create(BOOKS, book, 'kubectl-create') as StoredBook;
   }
   /** A new spec: generation +1 (unless the spec is unchanged: then no write at all). */
   update(name: string, spec: Spec, namespace = 'default') {
@@ -850,43 +1755,117 @@ export class FakeApiServer {
   label(name: string, labels: Labels, namespace = 'default') {
     this.change(name, namespace, (book) => ({ ...book, metadata: { ...book.metadata, labels } }));
   }
-  remove(name: string, namespace = 'default') {
-    const before = this.mustGet(name, namespace);
-    this.books.delete(`${namespace}/${name}`);
-    this.record('DELETED', {
-      ...before,
-      metadata: { ...before.metadata, resourceVersion: this.nextResourceVersion() },
-    });
+  /**
+   * `kubectl delete book`: gone at once (DELETED), or, while it has finalizers, marked with a
+   * deletionTimestamp (MODIFIED) until the last one is removed. Returns whether it is gone.
+   */
+  remove(name: string, namespace = 'default'): boolean {
+    this.mustGet(name, namespace);
+    return this.store.delete(BOOKS, namespace, name) === undefined;
   }
   /** Deleted and created again under the same name: a new uid, generation 1, no status. */
   recreate(name: string, spec?: Spec, namespace = 'default'): StoredBook {
     const before = this.mustGet(name, namespace);
-    this.remove(name, namespace);
+    if (!this.remove(name, namespace))
+      throw new Error(`the book ${namespace}/${name} has finalizers: it is not gone`);
     return this.create(name, spec ?? before.spec, namespace, before.metadata.labels);
+  }
+  /**
+   * Sets a book's finalizers as another client would (a merge patch): none may be added while it is
+   * being deleted (throws the server's 422 message); removing the last one of a book being deleted
+   * deletes it.
+   */
+  setFinalizers(name: string, finalizers: string[], namespace = 'default') {
+    this.change(name, namespace, (book) => ({
+      ...book,
+      metadata: { ...book.metadata, finalizers },
+    }));
   }
   /** The book as stored now (a copy), to assert on its status. */
   get(name: string, namespace = 'default'): StoredBook | undefined {
-    const book = this.books.get(`${namespace}/${name}`);
-    return book && structuredClone(book);
+    const book = this.store.get(BOOKS, namespace, name);
+    return book && (structuredClone(book) as StoredBook);
+  }
+  finalizers(name: string, namespace = 'default'): string[] {
+    return [...(this.mustGet(name, namespace).metadata.finalizers ?? [])];
+  }
+  /** When the book was deleted, if it is being deleted (held by finalizers). */
+  deletionTimestamp(name: string, namespace = 'default'): string | undefined {
+    return this.store.get(BOOKS, namespace, name)?.metadata.deletionTimestamp;
   }
   private mustGet(name: string, namespace: string): StoredBook {
-    const book = this.books.get(`${namespace}/${name}`);
+    const book = this.store.get(BOOKS, namespace, name);
     if (!book) throw new Error(`the fake has no book ${namespace}/${name}`);
-    return book;
+    return book as StoredBook;
   }
   private change(name: string, namespace: string, edit: (book: StoredBook) => StoredBook) {
     const before = this.mustGet(name, namespace);
-    const after = edit(before);
-    if (isDeepStrictEqual(after, before)) return; // the real server writes nothing for a no-op
-    const generation =
-      before.metadata.generation + (isDeepStrictEqual(after.spec, before.spec) ? 0 : 1);
-    const book = {
-      ...after,
-      metadata: { ...after.metadata, generation, resourceVersion: this.nextResourceVersion() },
-    };
-    this.books.set(`${namespace}/${name}`, book);
-    this.record('MODIFIED', book, before);
+    this.store.write(BOOKS, before, edit(structuredClone(before)), 'kubectl-edit');
   }
+
+  // ConfigMaps and Events.
+
+  /** The ConfigMap as stored now (a copy), managedFields included. */
+  configMap(namespace: string, name: string): StoredConfigMap | undefined {
+    const configMap = this.store.get(CONFIGMAPS, namespace, name);
+    return configMap && (structuredClone(configMap) as StoredConfigMap);
+  }
+  configMaps(namespace?: string): StoredConfigMap[] {
+    return this.store
+      .all(CONFIGMAPS)
+      .filter((c) => !namespace || c.metadata.namespace === namespace)
+      .map((c) => structuredClone(c) as StoredConfigMap);
+  }
+  /**
+   * Creates or replaces a ConfigMap as another client would (an Update by `manager`, who then owns
+   * the fields it changed). Throws the server's message when it refuses (say, two controllers).
+   */
+  putConfigMap(
+    configMap: { metadata: Partial<Metadata> & { name: string }; data?: Record<string, string> },
+    manager = 'kubectl',
+  ): StoredConfigMap {
+    const namespace = configMap.metadata.namespace ?? 'default';
+    const proposed = {
+      apiVersion: 'v1',
+      kind: 'ConfigMap',
+      ...configMap,
+      metadata: { ...configMap.metadata, namespace },
+    } as StoredConfigMap;
+    const before = this.store.get(CONFIGMAPS, namespace, configMap.metadata.name);
+    const stored = before
+      ? this.store.write(CONFIGMAPS, before, proposed, manager)
+      : this.store.create(CONFIGMAPS, proposed, manager);
+    return structuredClone(stored) as StoredConfigMap;
+  }
+  /** `kubectl edit`: data keys set (null removes one), owned by `manager` from then on. */
+  editConfigMap(
+    namespace: string,
+    name: string,
+    data: Record<string, string | null>,
+    manager = 'kubectl-edit',
+  ): StoredConfigMap {
+    const before = this.store.get(CONFIGMAPS, namespace, name);
+    if (!before) throw new Error(`the fake has no ConfigMap ${namespace}/${name}`);
+    const proposed = mergePatch(before, { data }) as StoredObject;
+    return structuredClone(
+      this.store.write(CONFIGMAPS, before, proposed, manager),
+    ) as StoredConfigMap;
+  }
+  /** `kubectl delete configmap`, with the finalizer rule. Returns whether it is gone. */
+  deleteConfigMap(namespace: string, name: string): boolean {
+    if (!this.store.get(CONFIGMAPS, namespace, name))
+      throw new Error(`the fake has no ConfigMap ${namespace}/${name}`);
+    return this.store.delete(CONFIGMAPS, namespace, name) === undefined;
+  }
+  /** The Events stored (core/v1 and events.k8s.io/v1), oldest first. */
+  events(namespace?: string): StoredObject[] {
+    return [...this.store.all(CORE_EVENTS), ...this.store.all(EVENTS)]
+      .filter((e) => !namespace || e.metadata.namespace === namespace)
+      .sort((a, b) => Number(a.metadata.resourceVersion) - Number(b.metadata.resourceVersion))
+      .map((e) => structuredClone(e));
+  }
+
+  // Leases.
 
   /** Writes a Lease as another client would (creating it if needed); returns what is stored. */
   putLease(name: string, spec: LeaseSpec, namespace = 'default'): StoredLease {
@@ -897,10 +1876,9 @@ export class FakeApiServer {
       metadata: {
         name,
         namespace,
-        resourceVersion: this.nextResourceVersion(),
+        resourceVersion: this.store.nextResourceVersion(),
         uid: before?.metadata.uid ?? crypto.randomUUID(),
-        creationTimestamp:
-          before?.metadata.creationTimestamp ?? new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
+        creationTimestamp: before?.metadata.creationTimestamp ?? timestamp(),
       },
       spec,
     };
@@ -912,35 +1890,43 @@ export class FakeApiServer {
     const lease = this.leases.get(`${namespace}/${name}`);
     return lease && structuredClone(lease);
   }
+  /** The next Lease update is written at once and answered `ms` later (a slow network back). */
+  delayNextLeaseUpdate(ms: number) {
+    this.leaseAnswerDelayMs = ms;
+  }
   /** From now on, updates of a Lease that name this holder fail (500): its leader cannot renew. */
   refuseLeaseUpdatesFrom(holderIdentity: string) {
     this.refusedHolders.add(holderIdentity);
   }
 
-  /** Other resources changed: the cluster's resourceVersion moves on, with no book event. */
+  // The server's history, its watches, and faults.
+
+  /** Other resources changed: the cluster's resourceVersion moves on, with no event. */
   advance(by: number) {
-    this.resourceVersion += by;
+    this.store.resourceVersion += by;
   }
-  /** etcd compaction: the history up to now is gone. */
+  /** etcd compaction: the history up to now is gone, for every resource. */
   compact() {
-    this.oldestWatchable = this.resourceVersion;
+    this.store.oldestWatchable = this.store.resourceVersion;
   }
+  /** A bookmark to every watch that asked for them, at the current resourceVersion. */
   bookmark() {
-    const line = this.bookmarkLine();
-    for (const watch of this.watches) if (watch.bookmarks) watch.send(line);
+    for (const watch of this.streams.watches)
+      if (watch.bookmarks) watch.send(bookmarkLine(watch.type, this.store.resourceVersion));
   }
-  /** Writes raw text into every open watch stream. */
-  sendRaw(text: string) {
-    for (const watch of this.watches) watch.send(text);
+  /** Writes raw text into every open watch stream of `resource` (by default the books'). */
+  sendRaw(text: string, resource: Resource = PLURAL) {
+    for (const watch of this.streams.watches)
+      if (watch.type.resource === resource) watch.send(text);
   }
   /** Ends every open watch cleanly, as the server does at timeoutSeconds. */
   endWatches() {
-    for (const watch of this.watches) watch.end();
+    for (const watch of this.streams.watches) watch.end();
   }
-  /** Creates a book, but every open watch breaks off in the middle of its event: the connection resets, or ends. */
+  /** Creates a book, but every open watch of books breaks off in the middle of its event. */
   createAndCutMidEvent(name: string, spec: Spec, how: 'reset' | 'end') {
-    const open = [...this.watches];
-    this.watches.clear();
+    const open = [...this.streams.watches].filter((watch) => watch.type === BOOKS);
+    for (const watch of open) this.streams.watches.delete(watch);
     const book = this.create(name, spec);
     const line = eventLine('ADDED', book);
     for (const watch of open) {
@@ -951,7 +1937,8 @@ export class FakeApiServer {
   }
   /**
    * The next request (or the next one with `options.verb` / `options.resource`) gets this error
-   * instead, as a Status body, with `options.headers` (say Retry-After) and `details.retryAfterSeconds`.
+   * instead, as a Status body, with `options.headers` (say Retry-After) and
+   * `details.retryAfterSeconds`.
    */
   failNext(code: number, reason: string, message: string, options: FaultOptions = {}) {
     const details =
@@ -963,69 +1950,129 @@ export class FakeApiServer {
       response: () => statusResponse(code, reason, message, details, options.headers),
     });
   }
-  /** The next streaming list sends its ADDEDs, then this error as an ERROR event instead of its end bookmark, and ends. */
+  /** The next streaming list of books sends its ADDEDs, then this error as an ERROR event. */
   failInitialEvents(code: number, reason: string, message: string) {
-    this.initialEventsFault = status(code, reason, message);
+    this.streams.initialEventsFault = status(code, reason, message);
   }
   /** Watch requests wait (a slow server) until release(). */
   hold() {
-    this.held = [];
+    this.streams.held = [];
   }
   release() {
-    const held = this.held ?? [];
-    this.held = undefined;
+    const held = this.streams.held ?? [];
+    this.streams.held = undefined;
     for (const resolve of held) resolve();
   }
 
   // What a test reads back.
+
   get resourceVersionNow() {
-    return String(this.resourceVersion);
+    return String(this.store.resourceVersion);
   }
+  /** Open watches of books (of `openWatchesOf(resource)` for another resource). */
   get openWatches() {
-    return this.watches.size;
+    return this.openWatchesOf(PLURAL);
   }
-  watchRequests() {
-    return this.requests.filter((r) => r.verb === 'watch');
+  openWatchesOf(resource: Resource) {
+    return [...this.streams.watches].filter((watch) => watch.type.resource === resource).length;
   }
-  listRequests() {
-    return this.requests.filter((r) => r.verb === 'list');
+  /** The requests for a resource, of one verb if given. */
+  requestsFor(resource: Resource, verb?: Verb) {
+    return this.requests.filter((r) => r.resource === resource && (!verb || r.verb === verb));
   }
-  /** The status patches, in order. */
+  watchRequests(resource: Resource = PLURAL) {
+    return this.requestsFor(resource, 'watch');
+  }
+  listRequests(resource: Resource = PLURAL) {
+    return this.requestsFor(resource, 'list');
+  }
+  /** The status writes, in order. */
   patches() {
-    return this.requests.filter((r) => r.resource === 'books/status');
+    return this.requestsFor(`${PLURAL}/status`);
   }
   leaseRequests() {
-    return this.requests.filter((r) => r.resource === 'leases');
+    return this.requestsFor('leases');
+  }
+  configMapRequests(verb?: Verb) {
+    return this.requestsFor('configmaps', verb);
+  }
+  eventRequests() {
+    return this.requestsFor('events');
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// The rules, as small functions.
+// Watch lines, selectors and the other small rules.
+
+const CONTINUE_EXPIRED =
+  'The provided continue parameter is too old to display a consistent list result. ' +
+  'You can start a new list without the continue parameter, or use the continue token in this ' +
+  'response to retrieve the remainder of the results. Continuing with the provided token results ' +
+  'in an inconsistent list - objects that were created, modified, or deleted between the time ' +
+  'the first chunk was returned and now may show up in the list.';
+const END_OF_INITIAL_EVENTS = { 'k8s.io/initial-events-end': 'true' };
 
 const eventLine = (type: string, object: unknown) => `${JSON.stringify({ type, object })}\n`;
 
-const isObject = (value: unknown): value is Record<string, unknown> =>
-  typeof value === 'object' && value !== null && !Array.isArray(value);
-
-/** RFC 7386: objects merge key by key, null deletes a key, anything else replaces (lists whole). */
-export function mergePatch(target: unknown, patch: unknown): unknown {
-  if (!isObject(patch)) return patch;
-  const result: Record<string, unknown> = isObject(target) ? { ...target } : {};
-  for (const [key, value] of Object.entries(patch)) {
-    if (value === null) delete result[key];
-    else result[key] = mergePatch(result[key], value);
-  }
-  return result;
+function bookmarkLine(type: ResourceType, resourceVersion: number, annotations?: Labels) {
+  const metadata = {
+    resourceVersion: String(resourceVersion),
+    ...(annotations && { annotations }),
+  };
+  return eventLine('BOOKMARK', { kind: type.kind, apiVersion: type.apiVersion, metadata });
 }
 
-const conflict = (resource: string, name: string, details: Record<string, unknown>) =>
-  statusResponse(
-    409,
-    'Conflict',
-    `Operation cannot be fulfilled on ${resource} "${name}": the object has been modified; ` +
-      'please apply your changes to the latest version and try again',
-    details,
-  );
+const visible = (object: StoredObject, namespace: string | undefined, selector: Selector) =>
+  (!namespace || object.metadata.namespace === namespace) && selector(object.metadata.labels ?? {});
+
+/**
+ * The line a watch gets for a change, or '' for none. Through a label selector, a change that
+ * makes an object stop matching arrives as DELETED, one that makes it start matching as ADDED.
+ */
+function lineFor(watch: OpenWatch | undefined, event: StoreEvent): string {
+  if (!watch || watch.type !== event.type) return '';
+  const matches = (object: StoredObject) => visible(object, watch.namespace, watch.selector);
+  if (event.kind === 'DELETED')
+    return matches(event.object) ? eventLine('DELETED', event.object) : '';
+  const was = event.before !== undefined && matches(event.before);
+  if (matches(event.object)) return eventLine(was ? 'MODIFIED' : 'ADDED', event.object);
+  if (!was || !event.before) return '';
+  // The object as the watch last matched it, at the resourceVersion of the change.
+  const { before } = event;
+  const resourceVersion = event.object.metadata.resourceVersion;
+  return eventLine('DELETED', { ...before, metadata: { ...before.metadata, resourceVersion } });
+}
+
+/** Which verb a request is, from its method, whether it names an object, and its query. */
+function verbOf(
+  method: string,
+  name: string | undefined,
+  query: URLSearchParams,
+  contentType: string | undefined,
+): Verb | undefined {
+  if (method === 'GET') return name ? 'get' : query.get('watch') === 'true' ? 'watch' : 'list';
+  if (method === 'POST') return name ? undefined : 'create';
+  if (!name) return undefined;
+  if (method === 'PUT') return 'update';
+  if (method === 'DELETE') return 'delete';
+  if (method !== 'PATCH') return undefined;
+  return contentType === 'application/apply-patch+yaml' ? 'apply' : 'patch';
+}
+
+/** A custom resource with a status subresource: writes to /status change only status, writes to
+ * the object never change status. */
+function scoped(
+  type: ResourceType,
+  before: StoredObject,
+  proposed: StoredObject,
+  subresource?: Subresource,
+): StoredObject {
+  if (type !== BOOKS) return proposed;
+  if (subresource === 'status') return { ...before, status: proposed.status };
+  return { ...proposed, status: before.status };
+}
+
+const leaseDetails = (name: string) => ({ name, group: 'coordination.k8s.io', kind: 'leases' });
 const leaseNotFound = (name: string) =>
   statusResponse(
     404,
@@ -1053,7 +2100,8 @@ function checkLease(
       (typeof value !== 'string' || !MICRO_TIME.test(value))
     ) {
       return cannot(
-        `parsing time ${JSON.stringify(value)} as "2006-01-02T15:04:05.000000Z07:00": cannot parse as MicroTime (spec.${field})`,
+        `parsing time ${JSON.stringify(value)} as "2006-01-02T15:04:05.000000Z07:00": ` +
+          `cannot parse as MicroTime (spec.${field})`,
       );
     }
   }
@@ -1096,7 +2144,10 @@ export function parseSelector(text: string): Selector | string {
       const [, not, key = ''] = exists;
       tests.push(not ? (l) => !has(l, key) : (l) => has(l, key));
     } else {
-      return `unable to parse requirement: found '${term}', expected: ',', '=', '!=', 'in', 'notin' or end of string`;
+      return (
+        `unable to parse requirement: found '${term}', ` +
+        "expected: ',', '=', '!=', 'in', 'notin' or end of string"
+      );
     }
   }
   return (labels) => tests.every((test) => test(labels));
@@ -1119,7 +2170,7 @@ function controllerCommand(): string[] {
       'controller.ts',
     ];
   if (versions.bun) return [process.execPath, 'controller.ts'];
-  // Under tsx (npx tsx fake-apiserver.ts), its loader; under plain node, Node strips the types itself.
+  // Under tsx (npx tsx fake-apiserver.ts), its loader; under plain node, Node strips the types.
   const underTsx = process.execArgv.some((arg) => arg.includes('tsx'));
   return underTsx
     ? [process.execPath, '--import', 'tsx', 'controller.ts']
@@ -1127,10 +2178,10 @@ function controllerCommand(): string[] {
 }
 
 /**
- * Runs the demo: the fake on loopback, the controller as a child process (its stdout is shown as is,
- * or given to `stdout`), then moby-dick added, retitled and deleted a second apart. Narration goes to
- * stderr (or `narrate`). Ends by stopping the controller with SIGTERM; returns its exit code and
- * the requests it made.
+ * Runs the demo: the fake on loopback (with a garbage collector), the controller as a child
+ * process (its stdout shown as is, or given to `stdout`), then moby-dick added, retitled and
+ * deleted a second apart. Narration goes to stderr (or `narrate`). Ends by stopping the
+ * controller with SIGTERM; returns its exit code and the requests it made.
  */
 export async function runDemo(
   options: {
@@ -1148,10 +2199,12 @@ export async function runDemo(
       for (const check of waiters) check();
     },
   }).listen();
+  fake.collectGarbage = true; // as in a cluster: deleting the book deletes its ConfigMap
   const kubeconfig = writeKubeconfig({ server: fake.url });
   const [program = '', ...args] = controllerCommand();
   narrate(
-    `a fake API server is listening on ${fake.url}; starting the controller: KUBECONFIG=${kubeconfig} ${[basename(program), ...args].join(' ')}`,
+    `a fake API server is listening on ${fake.url}; starting the controller: ` +
+      `KUBECONFIG=${kubeconfig} ${[basename(program), ...args].join(' ')}`,
   );
   const child = spawn(program, args, {
     cwd: fileURLToPath(new URL('.', import.meta.url)),
@@ -1178,22 +2231,24 @@ export async function runDemo(
       check();
     });
   const pause = () => sleep(stepMs, undefined, { signal }).catch(() => {});
+  const kind = KIND.toLowerCase(); // book, as kubectl names it
   try {
     await until(() => fake.openWatches > 0); // the controller has its initial state and is watching
     const steps: [string, () => void][] = [
       [
-        'kubectl apply -f book.yaml',
+        `kubectl apply -f ${kind}.yaml`,
         () => fake.create('moby-dick', { title: 'Moby Dick', authors: ['Herman Melville'] }),
       ],
       [
-        `kubectl patch book moby-dick --type merge -p '{"spec":{"title":"Moby-Dick; or, The Whale"}}'`,
+        `kubectl patch ${kind} moby-dick --type merge ` +
+          `-p '{"spec":{"title":"Moby-Dick; or, The Whale"}}'`,
         () =>
           fake.update('moby-dick', {
             title: 'Moby-Dick; or, The Whale',
             authors: ['Herman Melville'],
           }),
       ],
-      ['kubectl delete book moby-dick', () => fake.remove('moby-dick')],
+      [`kubectl delete ${kind} moby-dick`, () => fake.remove('moby-dick')],
     ];
     for (const [command, step] of steps) {
       if (over || signal.aborted) break;
@@ -1202,16 +2257,17 @@ export async function runDemo(
       await pause();
     }
     if (!over && !signal.aborted) narrate('stopping the controller (SIGTERM)');
-    // Ctrl-C reached the controller too (one process group): give it a moment before telling it again.
+    // Ctrl-C reached the controller too (one process group): a moment before telling it again.
     if (!over && signal.aborted) await Promise.race([exited, sleep(1000)]);
-    if (!over) process.kill(child.pid ?? 0, 'SIGTERM'); // not child.kill(): Deno then reports the signal, not the exit code
+    // Not child.kill(): Deno then reports the signal, not the exit code.
+    if (!over) process.kill(child.pid ?? 0, 'SIGTERM');
     return { exitCode: await exited, requests: fake.requests };
   } finally {
     fake.close();
   }
 }
 
-// Runs only as the entry point, not when imported by the tests. Node 22 and tsx lack import.meta.main.
+// Runs only as the entry point, not when imported by the tests (Node 22, tsx: no import.meta.main).
 const isEntryPoint =
   (import.meta as { main?: boolean }).main ?? process.argv[1] === fileURLToPath(import.meta.url);
 if (isEntryPoint) {
