@@ -26,6 +26,7 @@ import { hostname } from 'node:os';
 import type { Writable } from 'node:stream';
 import { setInterval } from 'node:timers';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { basename } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import type { KubeConfig } from '@kubernetes/client-node';
@@ -163,7 +164,8 @@ export function checkBook(object: unknown): Book | string {
   if (typeof spec !== 'object' || spec === null) return 'it has no spec';
   const checked = checkSpec(spec as Record<string, unknown>);
   if (typeof checked === 'string') return checked;
-  // Where a server sets no generation, every change counts as a new spec (and no status is written).
+  // Where a server sets no generation, every change counts as a new spec (and no status is
+  // written).
   const version = typeof generation === 'number' ? generation : resourceVersion;
   const book: Book = {
     metadata: { name, namespace: String(namespace), uid: String(uid), generation: version },
@@ -190,23 +192,27 @@ export interface Config {
   healthPort: number | undefined;
 }
 
-const USAGE = `Usage: npx tsx controller.ts [options]
+const FILE = basename(fileURLToPath(import.meta.url));
+
+const USAGE = `Usage: npx tsx ${FILE} [options]
 
 Reconciles ${KIND} resources (${resource}) and prints one line per change.
 
 Options:
-  -n, --namespace NS           watch namespace NS (default: the kubeconfig context's, else "default")
-  -A, --all-namespaces         watch every namespace; ${PLURAL} are named NAMESPACE/NAME
-  -l, --selector SELECTOR      only ${PLURAL} whose labels match, as kubectl's (app=x,tier!=y)
-  -o, --output text|json       json: one object per change, {"type","namespace","name","spec"}
-      --context NAME           the kubeconfig context to use (default: its current context)
-      --kubeconfig FILE        the kubeconfig to use (default: KUBECONFIG, ~/.kube/config, or the pod's)
-      --watch-timeout SECONDS  ask the server to end each watch after SECONDS, 1 to 86400; it resumes (default 300)
-      --concurrency N          reconcile up to N ${PLURAL} at once, 1 to 1000 (default 1)
-      --leader-elect           act only while holding the Lease ${CONTROLLER}, so that replicas take turns
-      --leader-elect-namespace NS  the Lease's namespace (default: POD_NAMESPACE, the pod's, the context's)
-      --health-port PORT       serve GET /healthz and /readyz over HTTP on PORT
-  -h, --help                   show this help`;
+  -n, --namespace NS         watch namespace NS (default: the kubeconfig context's, else default)
+  -A, --all-namespaces       watch every namespace; ${PLURAL} are named NAMESPACE/NAME
+  -l, --selector SELECTOR    only ${PLURAL} whose labels match, as kubectl's (app=x,tier!=y)
+  -o, --output text|json     json: one object per change, {"type","namespace","name","spec"}
+      --context NAME         the kubeconfig context to use (default: its current context)
+      --kubeconfig FILE      the kubeconfig to use (default: KUBECONFIG, ~/.kube/config, the pod's)
+      --watch-timeout SECONDS  ask the server to end each watch after SECONDS (1 to 86400), then
+                             resume (default 300)
+      --concurrency N        reconcile up to N ${PLURAL} at once, 1 to 1000 (default 1)
+      --leader-elect         act only while holding the Lease ${CONTROLLER}, so replicas take turns
+      --leader-elect-namespace NS  the Lease's namespace (default: POD_NAMESPACE, the pod's, the
+                             context's)
+      --health-port PORT     serve GET /healthz, /readyz and /metrics over HTTP on PORT
+  -h, --help                 show this help`;
 
 // client-node's HTTP stack (undici) needs Node 22.19; Deno and Bun bring their own.
 const NODE_NEEDED = '22.19';
@@ -233,123 +239,138 @@ function parseFlags(args: string[]) {
   }).values;
 }
 
-/** Reads the flags and the kubeconfig; returns the configuration, or the exit code when there is nothing to run. */
+type Flags = ReturnType<typeof parseFlags>;
+
+/** The numbers among the flags, checked; or the one line that says what is wrong. */
+function checkFlags(flags: Flags) {
+  const whole = (value: string | undefined, low: number, high: number) => {
+    const number = Number(value);
+    return Number.isInteger(number) && number >= low && number <= high ? number : undefined;
+  };
+  const watchTimeoutSeconds = whole(flags['watch-timeout'], 1, 86400);
+  const concurrency = whole(flags.concurrency, 1, 1000);
+  const healthPort = whole(flags['health-port'], 0, 65535);
+  if (flags.namespace !== undefined && flags['all-namespaces']) {
+    return '-n and -A cannot be used together';
+  }
+  if (flags.output !== 'text' && flags.output !== 'json') {
+    return `-o takes text or json, not '${flags.output}'`;
+  }
+  if (!watchTimeoutSeconds) {
+    return `--watch-timeout takes whole seconds from 1 to 86400, not '${flags['watch-timeout']}'`;
+  }
+  if (!concurrency) {
+    return `--concurrency takes a whole number from 1 to 1000, not '${flags.concurrency}'`;
+  }
+  if (healthPort === undefined && flags['health-port'] !== undefined) {
+    return `--health-port takes a port, not '${flags['health-port']}'`;
+  }
+  if (flags['leader-elect-namespace'] && !flags['leader-elect']) {
+    return '--leader-elect-namespace needs --leader-elect';
+  }
+  return { watchTimeoutSeconds, concurrency, healthPort };
+}
+
+/** Reads the flags and the kubeconfig: the configuration, or the exit code if nothing is to run. */
 export async function loadConfig(args: string[]): Promise<Config | number> {
-  let flags: ReturnType<typeof parseFlags>;
+  let flags: Flags;
   try {
     flags = parseFlags(args);
   } catch (err) {
-    return fail(2, `${messageOf(err, ' ')} — see --help`); // parseArgs: an unknown or malformed flag
+    return fail(2, `${messageOf(err, ' ')} — see --help`); // an unknown or malformed flag
   }
   if (flags.help) {
     console.log(USAGE);
     return 0;
   }
-  const whole = (value: string | undefined, low: number, high: number) =>
-    Number.isInteger(Number(value)) && Number(value) >= low && Number(value) <= high
-      ? Number(value)
-      : undefined;
-  const watchTimeoutSeconds = whole(flags['watch-timeout'], 1, 86400);
-  const concurrency = whole(flags.concurrency, 1, 1000);
-  const healthPort = whole(flags['health-port'], 0, 65535);
-  const usage = (message: string) => fail(2, `${message} — see --help`);
-  if (flags.namespace !== undefined && flags['all-namespaces'])
-    return usage('-n and -A cannot be used together');
-  if (flags.output !== 'text' && flags.output !== 'json')
-    return usage(`-o takes text or json, not '${flags.output}'`);
-  if (!watchTimeoutSeconds)
-    return usage(
-      `--watch-timeout takes whole seconds from 1 to 86400, not '${flags['watch-timeout']}'`,
-    );
-  if (!concurrency)
-    return usage(`--concurrency takes a whole number from 1 to 1000, not '${flags.concurrency}'`);
-  if (healthPort === undefined && flags['health-port'] !== undefined)
-    return usage(`--health-port takes a port, not '${flags['health-port']}'`);
-  if (flags['leader-elect-namespace'] && !flags['leader-elect'])
-    return usage('--leader-elect-namespace needs --leader-elect');
-
+  const numbers = checkFlags(flags);
+  if (typeof numbers === 'string') return fail(2, `${numbers} — see --help`);
   const { node, bun, deno } = process.versions;
   if (!bun && !deno && node.localeCompare(NODE_NEEDED, 'en', { numeric: true }) < 0) {
     return fail(
       1,
-      `this controller needs Node ${NODE_NEEDED} or newer, and this is Node ${node}: ` +
-        'run it with npx tsx controller.ts after npm ci (the project brings Node 24), or install Node 24 (nvm install 24)',
+      `this controller needs Node ${NODE_NEEDED} or newer, and this is Node ${node} — ` +
+        `install Node 24 (nvm install 24), or add it to the project ` +
+        `(npm install --save-dev node@24) and run npx tsx ${FILE}`,
     );
   }
-  // Imported here, after the checks, so that an old Node gets the line above instead of a crash inside undici.
+  const kubeConfig = await loadKubeConfig(flags);
+  if (typeof kubeConfig === 'number') return kubeConfig;
+  const context = kubeConfig.getContextObject(kubeConfig.getCurrentContext());
+  const server = kubeConfig.getCurrentCluster()?.server ?? '';
+  const namespace = flags['all-namespaces']
+    ? undefined
+    : (flags.namespace ?? context?.namespace ?? 'default');
+  let leaseNamespace: string | undefined;
+  if (flags['leader-elect']) {
+    const own = flags['leader-elect-namespace'] ?? process.env.POD_NAMESPACE;
+    leaseNamespace = own ?? (podNamespace() || context?.namespace) ?? 'default';
+  }
+  return {
+    ...numbers,
+    kubeConfig,
+    server: server.replace(/\/$/, ''),
+    namespace,
+    selector: flags.selector,
+    json: flags.output === 'json',
+    leaseNamespace,
+  };
+}
+
+/** The kubeconfig the flags name, checked: a cluster with a server. Or the exit code. */
+async function loadKubeConfig(flags: Flags): Promise<KubeConfig | number> {
+  // Imported here, after the checks, so that an old Node gets its one line, not a crash in undici.
   const { KubeConfig } = await import('@kubernetes/client-node');
   const kubeConfig = new KubeConfig();
   const file = flags.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config';
   try {
     if (flags.kubeconfig) kubeConfig.loadFromFile(flags.kubeconfig);
-    else kubeConfig.loadFromDefault(); // KUBECONFIG, ~/.kube/config, or the in-cluster service account
+    else kubeConfig.loadFromDefault(); // KUBECONFIG, ~/.kube/config, or the pod's service account
   } catch (err) {
-    return fail(
-      1,
-      `cannot load the kubeconfig ${file}: ${messageOf(err)} — check the file, or point --kubeconfig at another`,
-    );
+    const fix = 'check the file, or point --kubeconfig at another';
+    return fail(1, `cannot load the kubeconfig ${file}: ${messageOf(err)} — ${fix}`);
   }
   // With nothing to load, client-node falls back to http://localhost:8080 under this context name.
   if (kubeConfig.getCurrentContext() === 'loaded-context') {
-    return fail(
-      1,
-      "no kubeconfig found (KUBECONFIG, ~/.kube/config or a pod's service account)" +
-        ' — create a cluster (kind create cluster) or set KUBECONFIG; npm run demo shows the controller without one',
-    );
+    const where = "KUBECONFIG, ~/.kube/config or a pod's service account";
+    const fix = 'create a cluster (kind create cluster) or set KUBECONFIG';
+    return fail(1, `no kubeconfig found (${where}) — ${fix}`);
   }
   if (flags.context && !kubeConfig.getContextObject(flags.context)) {
-    return fail(
-      1,
-      `the kubeconfig ${file} has no context '${flags.context}' — list them with kubectl config get-contexts`,
-    );
+    const fix = 'list them with kubectl config get-contexts';
+    return fail(1, `the kubeconfig ${file} has no context '${flags.context}' — ${fix}`);
   }
   if (flags.context) kubeConfig.setCurrentContext(flags.context);
-  const context = kubeConfig.getContextObject(kubeConfig.getCurrentContext());
   const cluster = kubeConfig.getCurrentCluster();
   if (!cluster?.server) {
-    return fail(
-      1,
-      `the kubeconfig's context '${kubeConfig.getCurrentContext()}' names no cluster — pick another with kubectl config use-context NAME`,
-    );
+    const fix = 'pick another with kubectl config use-context NAME';
+    const name = kubeConfig.getCurrentContext();
+    return fail(1, `the kubeconfig's context '${name}' names no cluster — ${fix}`);
   }
   if (cluster.server.startsWith('http:') && !cluster.skipTLSVerify) {
+    const fix = 'use its https:// address, or set insecure-skip-tls-verify: true on the cluster';
     return fail(
       1,
       `the kubeconfig's server ${cluster.server} is plain HTTP, which kubectl refuses too` +
-        ' — use its https:// address, or set insecure-skip-tls-verify: true on the cluster to allow it',
+        ` — ${fix}`,
     );
   }
   if (cluster.skipTLSVerify) {
     console.error(
-      `warning: insecure-skip-tls-verify is set, so the certificate of ${cluster.server} is not checked` +
-        ' — set certificate-authority-data in the kubeconfig instead',
+      `warning: insecure-skip-tls-verify is set, so the certificate of ${cluster.server} is not ` +
+        'checked — set certificate-authority-data in the kubeconfig instead',
     );
   }
-  let podNamespace: string | undefined;
+  return kubeConfig;
+}
+
+/** The namespace of the pod we run in, if we do. */
+function podNamespace(): string | undefined {
   try {
-    podNamespace = readFileSync(
-      '/var/run/secrets/kubernetes.io/serviceaccount/namespace',
-      'utf8',
-    ).trim();
-  } catch {} // not in a pod
-  return {
-    kubeConfig,
-    server: cluster.server.replace(/\/$/, ''),
-    namespace: flags['all-namespaces']
-      ? undefined
-      : (flags.namespace ?? context?.namespace ?? 'default'),
-    selector: flags.selector,
-    json: flags.output === 'json',
-    watchTimeoutSeconds,
-    concurrency,
-    leaseNamespace: !flags['leader-elect']
-      ? undefined
-      : (flags['leader-elect-namespace'] ??
-        process.env.POD_NAMESPACE ??
-        (podNamespace || context?.namespace) ??
-        'default'),
-    healthPort,
-  };
+    return readFileSync('/var/run/secrets/kubernetes.io/serviceaccount/namespace', 'utf8').trim();
+  } catch {
+    return undefined; // not in a pod
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -617,20 +638,11 @@ function parseEvent(line: string): WatchEvent {
 /** A server that refuses to stream the initial state: list in pages instead, for the run. */
 class NoStreamingList extends Error {}
 
-/** The list's backoff, as client-go's reflector: 0.8 s doubling to 30 s, reset after 2 quiet minutes. */
-class Backoff {
-  private failures = 0;
-  private lastFailure = 0;
-
-  nextDelayMs(err: unknown): number {
-    const now = performance.now();
-    if (now - this.lastFailure > 120_000) this.failures = 0;
-    this.lastFailure = now;
-    const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
-    if (asked > 0) return Math.min(asked, MAX_RETRY_AFTER_MS);
-    const base = 800 * 2 ** Math.min(this.failures++, 6);
-    return Math.min(30_000, base * (1 + Math.random()));
-  }
+/** Where the list and watch of a collection stand. */
+interface Position {
+  resourceVersion: string; // where the next watch starts; empty: get the initial state first
+  streaming: boolean; // get it as a watch (KEP-3157: no large list bodies) until a server says no
+  listed: Set<string> | undefined; // while an initial state streams in: its keys
 }
 
 /**
@@ -646,83 +658,22 @@ async function listAndWatch(
   synced: () => void,
   signal: AbortSignal,
 ): Promise<void> {
-  const { cache } = collection;
-  let resourceVersion = ''; // where the next watch starts; empty: get the initial state first
-  let streaming = true; // get it as a watch (KEP-3157: no large list bodies) until a server says no
-  const backoff = new Backoff();
-  let reported = ''; // the problem last said on stderr, said again only once it has cleared
-  let previous: unknown; // the last failure, if no event came since
-  const timeoutSeconds = String(api.config.watchTimeoutSeconds);
-
+  const position: Position = { resourceVersion: '', streaming: true, listed: undefined };
+  const retries = new Retries(api.config, collection);
   while (!signal.aborted) {
-    let listed: Set<string> | undefined; // while an initial state streams in: its keys
+    position.listed = undefined;
     try {
-      if (!resourceVersion && !streaming) {
-        const inList = new Set<string>();
-        let listedAt = '';
-        for await (const page of listPages(api, collection, signal)) {
-          for (const object of page.items ?? []) cache.update(object, inList);
-          listedAt = page.metadata.resourceVersion;
-          health.progress();
-        }
-        cache.removeAllBut(inList); // only a whole list is a starting point
-        resourceVersion = listedAt;
+      if (!position.resourceVersion && !position.streaming) {
+        position.resourceVersion = await listInPages(api, collection, health, signal);
         synced();
       }
-      // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At
-      // timeoutSeconds the server ends the watch, and we resume: no connection is trusted for ever.
-      const from: Record<string, string> = resourceVersion
-        ? { resourceVersion }
-        : { sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan' };
-      const params = query(collection, {
-        watch: 'true',
-        ...from,
-        allowWatchBookmarks: 'true',
-        timeoutSeconds,
-      });
-      listed = resourceVersion ? undefined : new Set();
-      const started = performance.now();
-      let events = 0;
-      for await (const chunk of watchEvents(api, collection.path, params, signal)) {
-        // stdout is full: stop reading, so that the server waits on TCP
-        if (stdout.writableNeedDrain) await once(stdout, 'drain', { signal });
-        for (const event of chunk) {
-          if (event.type === 'ERROR') {
-            const { code = 500, message = 'ERROR event', details } = event.object;
-            if (listed && (code === 400 || code === 422)) throw new NoStreamingList(message);
-            throw apiError(code, message, 'watch', details?.retryAfterSeconds);
-          }
-          const { metadata } = event.object;
-          if (event.type === 'DELETED') cache.remove(event.object);
-          else if (event.type !== 'BOOKMARK') cache.update(event.object, listed);
-          else if (listed && metadata.annotations?.['k8s.io/initial-events-end'] === 'true') {
-            cache.removeAllBut(listed); // the initial state is complete
-            listed = undefined;
-            synced();
-          }
-          // The initial events come in no order of resourceVersion: resume from them once complete.
-          if (!listed) resourceVersion = metadata.resourceVersion;
-          events++;
-          previous = undefined;
-          reported = '';
-          health.progress();
-        }
-      }
-      // A streaming list that ends early is cut short (a restarting server): stream it again.
-      if (listed) throw new Error(`the list of ${collection.plural} ended before it was complete`);
-      health.progress();
-      // The server ended the watch (its timeout): routine, resume at once. Unless it does so at
-      // once, every time.
-      if (events === 0 && performance.now() - started < 1000) {
-        throw new Error('the watch ended at once, without any event');
-      }
+      await watch(api, collection, position, { health, stdout, synced, retries }, signal);
     } catch (err) {
       if (signal.aborted) break;
       const refused =
         err instanceof NoStreamingList || isApiError(err, 400) || isApiError(err, 422);
-      if (streaming && listed && refused) {
-        streaming = false; // an older server, or one without the WatchList feature
-        resourceVersion = '';
+      if (position.streaming && position.listed && refused) {
+        position.streaming = false; // an older server, or one without the WatchList feature
         console.error(
           `${api.config.server} cannot stream the list of ${collection.plural} ` +
             `(${messageOf(err)}); listing them in pages from now on`,
@@ -730,24 +681,143 @@ async function listAndWatch(
         continue;
       }
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
-      // continue token expired). Only a new list tells what changed meanwhile: relist at once, the
-      // first time. A 429 that asks for a second is a server filling its cache: routine too.
-      const gone = isApiError(err, 410);
-      if (gone) resourceVersion = '';
-      const routine = gone || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
-      const first = !isApiError(previous, 410); // after an outage too, a 410 relists at once
-      previous = err;
-      const delayMs = gone && first ? 0 : backoff.nextDelayMs(err);
-      const problem = explain(err, api.config, collection);
-      const paused = (err as { code?: unknown })?.code === 'EPAUSED'; // nobody's fault
-      if (!(routine && first) && !paused && problem !== reported) {
-        console.error(
-          `${problem}; retrying in ${inSeconds(delayMs)}${hint(err, api.config, collection)}`,
-        );
-        reported = problem;
-      }
-      await sleep(delayMs, undefined, { signal }).catch(() => {});
+      // continue token expired). Only a new list tells what changed meanwhile.
+      if (isApiError(err, 410)) position.resourceVersion = '';
+      await sleep(retries.after(err), undefined, { signal }).catch(() => {});
     }
+  }
+}
+
+/** Lists the whole collection in pages into its cache; returns the list's resourceVersion. */
+async function listInPages(api: Api, collection: Collection, health: Health, signal: AbortSignal) {
+  const listed = new Set<string>();
+  let resourceVersion = '';
+  for await (const page of listPages(api, collection, signal)) {
+    for (const object of page.items ?? []) collection.cache.update(object, listed);
+    resourceVersion = page.metadata.resourceVersion;
+    health.progress();
+  }
+  collection.cache.removeAllBut(listed); // only a whole list is a starting point
+  return resourceVersion;
+}
+
+/** One watch, until the server ends it; with no resourceVersion, a streaming list first. */
+async function watch(
+  api: Api,
+  collection: Collection,
+  position: Position,
+  {
+    health,
+    stdout,
+    synced,
+    retries,
+  }: { health: Health; stdout: Writable; synced: () => void; retries: Retries },
+  signal: AbortSignal,
+) {
+  const { cache } = collection;
+  // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At
+  // timeoutSeconds the server ends the watch, and we resume: no connection is trusted for ever.
+  const { resourceVersion } = position;
+  const from: Record<string, string> = resourceVersion
+    ? { resourceVersion }
+    : { sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan' };
+  const timeoutSeconds = String(api.config.watchTimeoutSeconds);
+  const params = query(collection, {
+    watch: 'true',
+    ...from,
+    allowWatchBookmarks: 'true',
+    timeoutSeconds,
+  });
+  position.listed = resourceVersion ? undefined : new Set();
+  const started = performance.now();
+  let events = 0;
+  for await (const chunk of watchEvents(api, collection.path, params, signal)) {
+    // stdout is full: stop reading, so that the server waits on TCP
+    if (stdout.writableNeedDrain) await once(stdout, 'drain', { signal });
+    for (const event of chunk) {
+      if (event.type === 'ERROR') {
+        const { code = 500, message = 'ERROR event', details } = event.object;
+        if (position.listed && (code === 400 || code === 422)) throw new NoStreamingList(message);
+        throw apiError(code, message, 'watch', details?.retryAfterSeconds);
+      }
+      const { metadata } = event.object;
+      const { listed } = position;
+      if (!listed) retries.cleared(); // the watch works: what failed before is over
+      if (event.type === 'DELETED') cache.remove(event.object);
+      else if (event.type !== 'BOOKMARK') cache.update(event.object, listed);
+      else if (listed && metadata.annotations?.['k8s.io/initial-events-end'] === 'true') {
+        cache.removeAllBut(listed); // the initial state is complete
+        position.listed = undefined;
+        synced();
+      }
+      // The initial events come in no order of resourceVersion: resume from them once complete.
+      if (!position.listed) position.resourceVersion = metadata.resourceVersion;
+      events++;
+      health.progress();
+    }
+  }
+  // A streaming list that ends early was cut short (a restarting server): stream it again.
+  if (position.listed) {
+    throw new Error(`the list of ${collection.plural} ended before it was complete`);
+  }
+  health.progress();
+  // The server ended the watch (its timeout): routine, resume at once. Unless it does so at once,
+  // every time.
+  if (events === 0 && performance.now() - started < 1000) {
+    throw new Error('the watch ended at once, without any event');
+  }
+}
+
+/**
+ * How long to wait after a failure, and whether to say it: client-go's reflector backoff (0.8 s
+ * doubling to 30 s, jittered, reset after 2 minutes without a failure), or what the server asked.
+ * A problem is said once while it lasts.
+ */
+class Retries {
+  private failures = 0;
+  private lastFailure = Number.NEGATIVE_INFINITY;
+  private previous: unknown; // the last failure, until a watch event
+  private reported = ''; // the problem last said on stderr, until a watch event
+  private readonly config: Config;
+  private readonly collection: Collection;
+
+  constructor(config: Config, collection: Collection) {
+    this.config = config;
+    this.collection = collection;
+  }
+
+  cleared() {
+    this.previous = undefined;
+    this.reported = '';
+  }
+
+  /** The delay before the next try, after `err`; says what failed, unless it is routine. */
+  after(err: unknown): number {
+    // The first 410 is routine (after an outage too): relist at once. So is a 429 that asks for
+    // a second (a server filling its cache), and a pause of our own.
+    const gone = isApiError(err, 410);
+    const first = !isApiError(this.previous, 410);
+    this.previous = err;
+    const routine = gone || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
+    const delayMs = gone && first ? 0 : this.backoffMs(err);
+    const problem = explain(err, this.config, this.collection);
+    const paused = (err as { code?: unknown })?.code === 'EPAUSED';
+    if (!(routine && first) && !paused && problem !== this.reported) {
+      const fix = hint(err, this.config, this.collection);
+      console.error(`${problem}; retrying in ${inSeconds(delayMs)}${fix}`);
+      this.reported = problem;
+    }
+    return delayMs;
+  }
+
+  private backoffMs(err: unknown): number {
+    const now = performance.now();
+    if (now - this.lastFailure > 120_000) this.failures = 0;
+    this.lastFailure = now;
+    const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
+    if (asked > 0) return Math.min(asked, MAX_RETRY_AFTER_MS);
+    const base = 800 * 2 ** Math.min(this.failures++, 6);
+    return Math.min(30_000, base * (1 + Math.random()));
   }
 }
 
@@ -794,7 +864,8 @@ function hint(err: unknown, { namespace }: Config, collection: Collection): stri
   if (code === 401) return ' — refresh them in your kubeconfig (kubectl auth whoami)';
   if (code === 403) {
     const where = namespace ? `-n ${namespace}` : '-A';
-    return ` — grant list and watch on ${resourceName} (kubectl auth can-i watch ${resourceName} ${where})`;
+    const check = `kubectl auth can-i watch ${resourceName} ${where}`;
+    return ` — grant list and watch on ${resourceName} (${check})`;
   }
   if (code === 404 && collection.plural === PLURAL) return ' — kubectl apply -f crd.yaml';
   if (typeof code === 'string' && UNREACHABLE.test(code)) {
@@ -1444,7 +1515,8 @@ async function writeStatus({ api, books, signal }: Worker, entry: Entry, failure
   const { ready } = readyCondition({ status: { observedGeneration: generation, conditions } });
   if (entry.ready === ready) return;
   const was = typeof entry.ready === 'number' ? 'True' : entry.ready.split(' ')[0];
-  // It changes only on a flip, and in whole seconds, as the server keeps it (so its echo is no change).
+  // It changes only on a flip, and in whole seconds as the server keeps it (so its echo is no
+  // change).
   const flipped = was !== condition.status || !entry.since;
   const since = flipped ? Math.floor(Date.now() / 1000) * 1000 : entry.since;
   const lastTransitionTime = new Date(since).toISOString().replace('.000Z', 'Z');
@@ -1515,7 +1587,7 @@ function printer(stdout: Writable, json: boolean, fence: () => void): Print {
 
 const LEASE_NAME = CONTROLLER;
 const LEASE_SECONDS = 15;
-const RENEW_DEADLINE_MS = 10_000; // shorter than the lease: the leader stops before anyone may start
+const RENEW_DEADLINE_MS = 10_000; // shorter than the lease: the leader stops before anyone starts
 const RETRY_PERIOD_MS = 2_000;
 
 interface LeaseSpec {
@@ -1716,11 +1788,13 @@ const FAMILIES = {
   ],
   workqueue_unfinished_work_seconds: [
     'gauge',
-    'How many seconds of work has been done that is in progress and has not been observed by work_duration',
+    'How many seconds of work has been done that is in progress and has not been observed by ' +
+      'work_duration',
   ],
   leader_election_master_status: [
     'gauge',
-    'Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, 1 indicates master',
+    'Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, ' +
+      '1 indicates master',
   ],
   rest_client_requests_total: [
     'counter',
@@ -1922,7 +1996,8 @@ class EventRecorder {
 // Health: what the kubelet asks before it restarts us (/healthz) or counts us in (/readyz).
 
 class Health {
-  lastProgress = Date.now(); // a list page, a watch event or its clean end, a lease renewed or checked
+  // A list page, a watch event or its clean end, a lease renewed or checked.
+  lastProgress = Date.now();
   ready = false; // following, or leading with the initial state in
 
   progress() {
@@ -2003,84 +2078,86 @@ export async function main(
       const now = options.now ?? (() => performance.now());
       const leader = new LeaderElection(api, config.leaseNamespace, now);
       api.fence = leader.fence;
-      metrics.gauge('leader_election_master_status', () => [
-        [{ name: CONTROLLER }, leader.leading ? 1 : 0],
-      ]);
+      const status = { name: CONTROLLER };
+      metrics.gauge('leader_election_master_status', () => [[status, leader.leading ? 1 : 0]]);
       election = leader;
     }
     const lost = (await election?.lead(health, signal)) ?? new AbortController().signal;
-    const running = AbortSignal.any([signal, lost]);
-    const books = new Books(config, options.finalizer ?? FINALIZER, metrics);
-    const controller = { controller: kind };
-    metrics.gauge('controller_runtime_active_workers', () => [[controller, books.busy.size]]);
-    metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
-      [controller, config.concurrency],
-    ]);
-    const owned = new OwnedObjects(books);
-    const stdout = options.stdout ?? process.stdout;
-    const print = printer(stdout, config.json, () => api.fence());
-    const reconcileBook = options.reconcile ?? reconcile;
-    const problems = new ClusterProblems(config.server);
-    const events = new EventRecorder(api);
-    const worker = {
-      api,
-      problems,
-      events,
-      books,
-      owned,
-      print,
-      reconcile: reconcileBook,
-      signal: running,
-    };
-    // Workers start once both caches hold an initial state, so that a restart repeats no write.
-    const booksIn = signalled();
-    const ownedIn = signalled();
-    const synced = Promise.all([booksIn.promise, ownedIn.promise]);
-    void synced.then(() => {
-      health.ready = true;
-    });
-    const workers = Array.from({ length: config.concurrency }, async () => {
-      await synced;
-      await work(worker);
-    });
-    const bookCollection = {
-      plural: PLURAL,
-      path: booksPath(config.namespace),
-      selector: config.selector,
-      cache: books,
-    };
-    await Promise.all([
-      listAndWatch(api, bookCollection, health, stdout, booksIn.resolve, running),
-      listAndWatch(api, ownedCollection(config, owned), health, stdout, ownedIn.resolve, running),
-    ]);
-    books.stop();
+    await control(api, health, options, AbortSignal.any([signal, lost]));
     if (lost.aborted) {
       const why = messageOf(lost.reason);
       return fail(1, `stopped leading: ${why} — exiting, so that a new replica starts clean`);
     }
-    // In-flight reconciles were told to stop; wait briefly.
-    await Promise.race([Promise.all(workers), sleep(300)]);
     await election?.release().catch(() => {});
     return 0;
   } catch (err) {
-    const { name, code } = err as { name?: string; code?: string };
-    if (signal.aborted) {
-      // stopped while waiting to lead, or just as it won
-      await election?.release().catch(() => {});
-      return 0;
-    }
-    if (name === 'NotCapable' || name === 'PermissionDenied') {
-      const run = 'deno run --allow-env --allow-read --allow-net --allow-sys controller.ts';
-      return fail(2, `Deno needs more permissions (${messageOf(err)}) — run ${run}`);
-    }
-    if (code === 'ERR_MODULE_NOT_FOUND') return fail(1, `${messageOf(err)} — run npm ci first`);
-    if (code === 'EADDRINUSE' || code === 'EACCES') {
-      return fail(1, `cannot serve health checks (${messageOf(err)}) — pick another --health-port`);
-    }
-    throw err;
+    if (!signal.aborted) return exitCodeOf(err);
+    await election?.release().catch(() => {}); // stopped while waiting to lead, or as it won
+    return 0;
   } finally {
     server?.close();
   }
+}
+
+/** The watches and the workers, until `signal` aborts. */
+async function control(api: Api, health: Health, options: Options, signal: AbortSignal) {
+  const { config, metrics } = api;
+  const books = new Books(config, options.finalizer ?? FINALIZER, metrics);
+  const owned = new OwnedObjects(books);
+  const stdout = options.stdout ?? process.stdout;
+  const worker: Worker = {
+    api,
+    problems: new ClusterProblems(config.server),
+    events: new EventRecorder(api),
+    books,
+    owned,
+    print: printer(stdout, config.json, () => api.fence()),
+    reconcile: options.reconcile ?? reconcile,
+    signal,
+  };
+  const controller = { controller: kind };
+  metrics.gauge('controller_runtime_active_workers', () => [[controller, books.busy.size]]);
+  metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
+    [controller, config.concurrency],
+  ]);
+  // Workers start once both caches hold an initial state, so that a restart repeats no write.
+  const booksIn = signalled();
+  const ownedIn = signalled();
+  const synced = Promise.all([booksIn.promise, ownedIn.promise]);
+  void synced.then(() => {
+    health.ready = true;
+  });
+  const workers = Array.from({ length: config.concurrency }, async () => {
+    await synced;
+    await work(worker);
+  });
+  const bookCollection = {
+    plural: PLURAL,
+    path: booksPath(config.namespace),
+    selector: config.selector,
+    cache: books,
+  };
+  await Promise.all([
+    listAndWatch(api, bookCollection, health, stdout, booksIn.resolve, signal),
+    listAndWatch(api, ownedCollection(config, owned), health, stdout, ownedIn.resolve, signal),
+  ]);
+  books.stop();
+  // In-flight reconciles were told to stop; wait briefly.
+  await Promise.race([Promise.all(workers), sleep(300)]);
+}
+
+/** The exit code for what stopped the controller, after its one line; or the error, rethrown. */
+function exitCodeOf(err: unknown): number {
+  const { name, code } = err as { name?: string; code?: string };
+  if (name === 'NotCapable' || name === 'PermissionDenied') {
+    const run = `deno run --allow-env --allow-read --allow-net --allow-sys ${FILE}`;
+    return fail(2, `Deno needs more permissions (${messageOf(err)}) — run ${run}`);
+  }
+  if (code === 'ERR_MODULE_NOT_FOUND') return fail(1, `${messageOf(err)} — run npm ci first`);
+  if (code === 'EADDRINUSE' || code === 'EACCES') {
+    return fail(1, `cannot serve health checks (${messageOf(err)}) — pick another --health-port`);
+  }
+  throw err;
 }
 
 /** A promise, and the function that resolves it. */
