@@ -434,6 +434,7 @@ class Api {
     // On every request, since exec and OIDC credentials refresh here; a plugin that hangs is
     // bounded by the request's signal like the request itself.
     await untilAborted(kubeConfig.applyToHTTPSOptions(options), signal);
+    if (method !== 'GET' && !path.includes('/leases')) this.fence(); // credentials take time
     // Only a proxy-url in the kubeconfig needs client-node's own agent.
     if (!kubeConfig.getCurrentCluster()?.proxyUrl) {
       options.agent = url.protocol === 'http:' ? this.agents.http : this.agents.https;
@@ -884,7 +885,7 @@ function hint(err: unknown, { namespace }: Config, collection: Collection): stri
 interface Entry {
   book: Book; // the newest seen
   deleted: undefined | 'due' | 'done'; // gone from the server, being deleted, or no longer selected
-  replaced: Book | undefined; // an earlier book under this name, its Deleted not yet reconciled
+  replaced: Book[] | undefined; // earlier books under this name, their Deleted not yet reconciled
   reconciled: Book | undefined; // what the last successful Added or Modified saw
   drifted: boolean; // someone changed what reconcile made: reconcile again, printing nothing
   ready: number | string; // the Ready condition on the server: see readyCondition
@@ -901,9 +902,11 @@ class Books implements Cache {
   readonly entries = new Map<string, Entry>();
   private readonly due = new Map<string, number>(); // when each became due, in that order
   readonly busy = new Map<string, number>(); // when each was taken
-  private readonly again = new Set<string>(); // changed while busy
+  // Changed while busy, and whether that change may cut a backoff short.
+  private readonly again = new Map<string, boolean>();
   private readonly failures = new Map<string, number>();
   private readonly timers = new Map<string, ReturnType<typeof setTimeout>>();
+  private readonly invalid = new Map<string, string>(); // books that fail checkBook, and why
   private waiting: (() => void)[] = []; // idle workers
   readonly config: Config;
   readonly finalizer: string;
@@ -915,6 +918,8 @@ class Books implements Cache {
     this.finalizer = finalizer;
     this.metrics = metrics;
     const queue = { name: kind };
+    metrics.count('workqueue_adds_total', queue, 0);
+    metrics.count('workqueue_retries_total', queue, 0);
     metrics.gauge('workqueue_depth', () => [[queue, this.due.size]]);
     metrics.gauge('workqueue_longest_running_processor_seconds', () => {
       const [first] = this.busy.values(); // taken first, so running longest
@@ -936,12 +941,8 @@ class Books implements Cache {
     const key = this.keyOf(object);
     listed?.add(key);
     const book = checkBook(object);
-    if (typeof book === 'string') {
-      // The cache keeps its last good state, so that a later delete is still reported.
-      const { name, namespace } = (object as { metadata: Book['metadata'] }).metadata;
-      const fix = `fix it with kubectl edit ${kind} ${name} -n ${namespace}`;
-      return console.error(`ignoring ${kind} ${key}: ${book} — ${fix}`);
-    }
+    if (typeof book === 'string') return this.ignore(key, object, book);
+    this.invalid.delete(key);
     book.metadata.namespace = this.config.namespace ?? book.metadata.namespace; // one copy for all
     const { ready, since } = readyCondition(object);
     const entry = this.entries.get(key);
@@ -958,26 +959,42 @@ class Books implements Cache {
     entry.ready = ready;
     entry.since = since;
     if (before.uid !== book.metadata.uid) {
-      // Deleted and created again under the same name: the earlier one's Deleted comes first.
-      if (entry.deleted !== 'done') entry.replaced = entry.book;
+      // Deleted and created again under the same name: the earlier ones' Deleted come first.
+      if (entry.deleted !== 'done') entry.replaced = [...(entry.replaced ?? []), entry.book];
       Object.assign(entry, { book, reconciled: undefined, drifted: false });
       entry.deleted = book.metadata.deleting ? 'due' : undefined;
       return this.add(key);
     }
     const newSpec = before.generation !== book.metadata.generation;
-    const deleting = book.metadata.deleting && !entry.deleted;
-    if (newSpec || deleting || String(before.finalizers) !== String(book.metadata.finalizers)) {
+    const deleting = book.metadata.deleting === true && !entry.deleted;
+    // Back in the -l selector before or after its Deleted: a book like any other again.
+    const back = entry.deleted !== undefined && !book.metadata.deleting;
+    if (newSpec || deleting || back) {
       entry.book = book;
+      entry.deleted = deleting ? 'due' : back ? undefined : entry.deleted;
+      return this.add(key);
     }
-    if (deleting) entry.deleted = 'due';
-    if (newSpec || deleting) return this.add(key);
+    // The finalizers are kept up to date in place: the book is the same one.
+    if (String(before.finalizers) !== String(book.metadata.finalizers)) {
+      before.finalizers = book.metadata.finalizers;
+    }
     // Nothing a reconcile acts on changed (a label, a status write, a relist). A Ready condition
     // other than ours makes the book due, to write ours again; but never cuts its backoff short.
-    if (readyChanged && !this.timers.has(key)) this.add(key);
+    if (readyChanged) this.add(key, false);
+  }
+
+  /** A book the check refuses: said once for each reason, and left as the cache last had it. */
+  private ignore(key: string, object: unknown, why: string) {
+    if (this.invalid.get(key) === why) return;
+    this.invalid.set(key, why);
+    const { name, namespace } = (object as { metadata: Book['metadata'] }).metadata;
+    const fix = `fix it with kubectl edit ${kind} ${name} -n ${namespace}`;
+    console.error(`ignoring ${kind} ${key}: ${why} — ${fix}`);
   }
 
   remove(object: unknown) {
     const key = this.keyOf(object);
+    this.invalid.delete(key);
     const entry = this.entries.get(key);
     if (!entry) return;
     const last = checkBook(object); // the newest spec, and whether our finalizer still holds it
@@ -997,7 +1014,9 @@ class Books implements Cache {
 
   removeAllBut(listed: Set<string>) {
     for (const [key, entry] of this.entries) {
-      if (!listed.has(key) && !entry.deleted) this.remove(entry.book);
+      if (listed.has(key)) continue;
+      if (entry.deleted === 'done' && !this.busy.has(key)) this.entries.delete(key);
+      else if (!entry.deleted) this.remove(entry.book);
     }
   }
 
@@ -1013,17 +1032,21 @@ class Books implements Cache {
     const entry = this.entries.get(key);
     if (!entry || entry.deleted || entry.book.metadata.uid !== uid) return;
     entry.drifted = true;
-    if (!this.timers.has(key)) this.add(key);
+    this.add(key, false);
   }
 
-  /** Marks a book as due now, ending its retry backoff. */
-  add(key: string) {
-    clearTimeout(this.timers.get(key));
-    this.timers.delete(key);
+  /**
+   * Marks a book as due. A change of what it is (`hard`: a new spec, uid or deletion) ends its
+   * retry backoff; any other change waits for it.
+   */
+  add(key: string, hard = true) {
     if (this.busy.has(key)) {
-      this.again.add(key);
+      this.again.set(key, hard || this.again.get(key) === true);
       return;
     }
+    if (!hard && this.timers.has(key)) return;
+    clearTimeout(this.timers.get(key));
+    this.timers.delete(key);
     if (this.due.has(key)) return;
     this.due.set(key, performance.now());
     this.metrics.count('workqueue_adds_total', { name: kind });
@@ -1042,10 +1065,11 @@ class Books implements Cache {
       this.due.delete(key);
       const now = performance.now();
       this.busy.set(key, now);
+      const waited = (now - since) / 1000;
       this.metrics.observe(
         'workqueue_queue_duration_seconds',
         { name: kind },
-        (now - since) / 1000,
+        waited,
         QUEUE_BUCKETS,
       );
       return key;
@@ -1058,11 +1082,11 @@ class Books implements Cache {
     this.busy.delete(key);
     const seconds = (performance.now() - taken) / 1000;
     this.metrics.observe('workqueue_work_duration_seconds', { name: kind }, seconds, QUEUE_BUCKETS);
-    if (failed) this.metrics.count('workqueue_retries_total', { name: kind });
     const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
     // About 1 s, doubling to 5 minutes.
     const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : 0;
     if (failed) {
+      this.metrics.count('workqueue_retries_total', { name: kind });
       this.failures.set(key, failures);
       this.timers.set(
         key,
@@ -1071,7 +1095,9 @@ class Books implements Cache {
     } else {
       this.failures.delete(key);
     }
-    if (this.again.delete(key)) this.add(key);
+    const again = this.again.get(key);
+    this.again.delete(key);
+    if (again !== undefined) this.add(key, again);
     return delayMs;
   }
 
@@ -1104,6 +1130,7 @@ type Owned = { metadata?: { name?: string; namespace?: string; ownerReferences?:
 
 class OwnedObjects implements Cache {
   readonly entries = new Map<string, OwnedEntry>();
+  private readonly applying = new Map<string, boolean>(); // applies in flight: a watch event came
   private readonly books: Books;
 
   constructor(books: Books) {
@@ -1132,6 +1159,7 @@ class OwnedObjects implements Cache {
   update(object: unknown, listed?: Set<string>) {
     const key = this.keyOf(object);
     listed?.add(key);
+    if (this.applying.has(key)) this.applying.set(key, true);
     const entry = this.entryOf(object);
     const before = this.entries.get(key);
     this.entries.set(key, entry);
@@ -1142,6 +1170,7 @@ class OwnedObjects implements Cache {
 
   remove(object: unknown) {
     const key = this.keyOf(object);
+    if (this.applying.has(key)) this.applying.set(key, true);
     const before = this.entries.get(key);
     this.entries.delete(key);
     if (before) this.changed(before);
@@ -1186,9 +1215,11 @@ class OwnedObjects implements Cache {
       contentType,
       signal,
     };
+    this.applying.set(key, false);
     try {
       const applied = await api.json<unknown>(request);
-      this.entries.set(key, this.entryOf(applied)); // so that its watch event is no change
+      // So that its watch event is no change; unless the watch already told something newer.
+      if (this.applying.get(key) === false) this.entries.set(key, this.entryOf(applied));
     } catch (err) {
       // The server allows one controller: tell whose it is, if that is why it refused.
       if (!isApiError(err, 422) || !wanted.uid) throw err;
@@ -1199,6 +1230,8 @@ class OwnedObjects implements Cache {
         `${this.describe(object)} is controlled by ${other.kind} ${other.name} ` +
           `(uid ${other.uid}), not by this ${kind}`,
       );
+    } finally {
+      this.applying.delete(key);
     }
   }
 
@@ -1384,25 +1417,33 @@ async function reconcileEntry(worker: Worker, key: string, entry: Entry) {
   const context: Context = { name: key, signal, client: clientFor(api, worker.owned, signal) };
   const reconcile = async (change: Change, book: Book) => {
     api.fence();
-    await worker.reconcile(change, book, context);
-    if (change !== 'Deleted') entry.drifted = false;
+    const drifted = entry.drifted;
+    if (change !== 'Deleted') entry.drifted = false; // a change from now on needs another repair
+    try {
+      await worker.reconcile(change, book, context);
+    } catch (err) {
+      if (drifted) entry.drifted = true;
+      throw err;
+    }
   };
-  const replaced = entry.replaced;
-  if (replaced) {
-    await reconcile('Deleted', replaced);
-    await print('Deleted', replaced, key, signal);
-    if (entry.replaced === replaced) entry.replaced = undefined;
+  for (let earlier = entry.replaced?.[0]; earlier; earlier = entry.replaced?.[0]) {
+    await reconcile('Deleted', earlier);
+    await print('Deleted', earlier, key, signal);
+    entry.replaced = entry.replaced?.slice(1);
+    if (entry.replaced?.length === 0) entry.replaced = undefined;
   }
   const { book, reconciled } = entry;
   if (entry.deleted === 'due') {
     await reconcile('Deleted', book);
     await print('Deleted', book, key, signal);
-    entry.deleted = 'done';
+    if (entry.deleted === 'due') entry.deleted = 'done';
     entry.reconciled = undefined;
   }
   if (entry.deleted === 'done') {
-    if (books.holds(entry.book)) await removeFinalizer(api, entry.book, books.finalizer, signal);
-    if (entry.book === book) books.entries.delete(key);
+    const last = entry.book;
+    if (books.holds(last)) await removeFinalizer(api, last, books.finalizer, signal);
+    // Unless it came back meanwhile (into the -l selector), it is gone for us.
+    if (entry.deleted === 'done' && entry.book === last) books.entries.delete(key);
     return;
   }
   if (books.finalizer && !books.holds(book)) {
@@ -1428,16 +1469,29 @@ const uidTest = (book: Book) => ({ op: 'test', path: '/metadata/uid', value: boo
 const bookPath = (book: Book) =>
   `/apis/${GROUP}/${VERSION}/namespaces/${book.metadata.namespace}/${PLURAL}/${book.metadata.name}`;
 
+interface BookNow {
+  metadata: {
+    uid: string;
+    resourceVersion: string;
+    finalizers?: string[];
+    deletionTimestamp?: string;
+  };
+}
+
+/** The book as the server has it now; undefined if it is gone. */
+async function getBook(api: Api, book: Book, signal: AbortSignal): Promise<BookNow | undefined> {
+  return api.json<BookNow>({ verb: 'get', path: bookPath(book), signal }).catch((err) => {
+    if (isApiError(err, 404)) return undefined;
+    throw err;
+  });
+}
+
 /**
  * After a 422 for a JSON patch (a failed test says no more than that): whether the book under that
  * name is now another one, or gone.
  */
 async function replaced(api: Api, book: Book, signal: AbortSignal): Promise<boolean> {
-  const now = await api.json<Book>({ verb: 'get', path: bookPath(book), signal }).catch((err) => {
-    if (isApiError(err, 404)) return undefined;
-    throw err;
-  });
-  return now?.metadata.uid !== book.metadata.uid;
+  return (await getBook(api, book, signal))?.metadata.uid !== book.metadata.uid;
 }
 
 async function patchBook(api: Api, book: Book, body: object[], signal: AbortSignal, sub = '') {
@@ -1445,34 +1499,46 @@ async function patchBook(api: Api, book: Book, body: object[], signal: AbortSign
   await readAll(await api.call({ ...request, path: `${bookPath(book)}${sub}`, body }));
 }
 
-/** Adds our finalizer, so that a deleted book waits for its Deleted reconcile. */
-async function addFinalizer(api: Api, book: Book, finalizer: string, signal: AbortSignal) {
-  if (book.metadata.deleting) return; // the server refuses a finalizer for a book being deleted
-  const { finalizers } = book.metadata;
-  const add = finalizers
-    ? [
-        { op: 'test', path: '/metadata/finalizers', value: finalizers },
-        { op: 'add', path: '/metadata/finalizers/-', value: finalizer },
-      ]
-    : [{ op: 'add', path: '/metadata/finalizers', value: [finalizer] }];
-  const patch = [uidTest(book), ...add];
-  await patchBook(api, book, patch, signal).catch((err) => {
-    if (!isApiError(err, 404)) throw err;
-  });
-}
-
-/** Removes our finalizer, once the book's Deleted is reconciled: Kubernetes then deletes it. */
-async function removeFinalizer(api: Api, book: Book, finalizer: string, signal: AbortSignal) {
-  const finalizers = book.metadata.finalizers ?? [];
-  const rest = finalizers.filter((name) => name !== finalizer);
+/**
+ * Sets the book's finalizers to `change(current)`, read fresh: a JSON patch replaces a list whole,
+ * so it tests the resourceVersion it was read at, and the server refuses it if anyone wrote since.
+ */
+async function editFinalizers(
+  api: Api,
+  book: Book,
+  change: (finalizers: string[]) => string[],
+  signal: AbortSignal,
+) {
+  const now = await getBook(api, book, signal);
+  if (!now || now.metadata.uid !== book.metadata.uid) return; // gone, or another book now
+  const finalizers = now.metadata.finalizers ?? [];
+  const wanted = change(finalizers);
+  if (String(wanted) === String(finalizers)) return;
+  const { resourceVersion } = now.metadata;
   const patch = [
     uidTest(book),
-    { op: 'test', path: '/metadata/finalizers', value: finalizers },
-    { op: 'replace', path: '/metadata/finalizers', value: rest },
+    { op: 'test', path: '/metadata/resourceVersion', value: resourceVersion },
+    { op: 'add', path: '/metadata/finalizers', value: wanted },
   ];
   await patchBook(api, book, patch, signal).catch((err) => {
     if (!isApiError(err, 404)) throw err; // gone already
   });
+}
+
+/** Adds our finalizer, so that a deleted book waits for its Deleted reconcile. */
+async function addFinalizer(api: Api, book: Book, finalizer: string, signal: AbortSignal) {
+  if (book.metadata.deleting) return; // the server refuses a finalizer for a book being deleted
+  await editFinalizers(
+    api,
+    book,
+    (all) => (all.includes(finalizer) ? all : [...all, finalizer]),
+    signal,
+  );
+}
+
+/** Removes our finalizer, once the book's Deleted is reconciled: Kubernetes then deletes it. */
+async function removeFinalizer(api: Api, book: Book, finalizer: string, signal: AbortSignal) {
+  await editFinalizers(api, book, (all) => all.filter((name) => name !== finalizer), signal);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1611,6 +1677,7 @@ class LeaderElection {
   holder = '';
   private observed = { spec: '', at: 0 }; // the lease as we last saw it change, by our clock
   private renewedAt = Number.NEGATIVE_INFINITY; // when our last successful renewal was sent
+  private deadline: ReturnType<typeof setTimeout> | undefined;
   private readonly lost = new AbortController();
   private readonly api: Api;
   private readonly path: string;
@@ -1634,6 +1701,12 @@ class LeaderElection {
     if (!this.lost.signal.aborted) this.lost.abort(new Error(why));
     throw this.lost.signal.reason;
   };
+
+  private fenceQuietly() {
+    try {
+      this.fence();
+    } catch {} // lost is aborted: main says why
+  }
 
   /** One round of client-go's tryAcquireOrRenew: true if we hold the lease now. */
   async tryAcquireOrRenew(signal: AbortSignal): Promise<boolean> {
@@ -1699,8 +1772,10 @@ class LeaderElection {
   async lead(health: Health, signal: AbortSignal): Promise<AbortSignal> {
     health.ready = true; // following is all a follower should do
     let waiting = false;
+    let said = ''; // the problem last said, said again only once it changed
     for (let held = await this.attempt(signal); held !== true; held = await this.attempt(signal)) {
-      if (typeof held === 'object' && !signal.aborted) {
+      const problem = typeof held === 'object' ? messageOf(held.err) : '';
+      if (problem !== said && typeof held === 'object' && !signal.aborted) {
         const hint = isApiError(held.err, 403)
           ? ' — grant get, create and update on leases.coordination.k8s.io (see deploy.yaml)'
           : '';
@@ -1709,6 +1784,7 @@ class LeaderElection {
           `cannot get or write ${this.where} (${messageOf(held.err)}); ${retrying}${hint}`,
         );
       }
+      said = problem;
       if (!waiting && this.holder)
         console.error(`waiting to lead: ${this.where} is held by ${this.holder}`);
       waiting ||= Boolean(this.holder);
@@ -1732,6 +1808,13 @@ class LeaderElection {
       if (signal.aborted) return;
       if (held === true) {
         health.progress();
+        // Stop at the deadline itself, not at the next attempt's end, if no renewal comes.
+        clearTimeout(this.deadline);
+        this.deadline = setTimeout(
+          () => this.leading || this.fenceQuietly(),
+          RENEW_DEADLINE_MS + 1,
+        );
+        this.deadline.unref?.();
         continue;
       }
       if (!held && this.holder !== this.identity) {
@@ -1807,7 +1890,10 @@ const FAMILIES = {
 type Family = keyof typeof FAMILIES;
 
 // controller-runtime's buckets for reconcile time, client-go's for the work queue.
-const RECONCILE_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+const RECONCILE_BUCKETS = [
+  0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1,
+  1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10, 15, 20, 25, 30, 40, 50, 60,
+];
 const QUEUE_BUCKETS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1, 10, 100, 1000];
 
 class Histogram {
@@ -1915,7 +2001,11 @@ function processMetrics(metrics: Metrics) {
 // writes them (every kubectl reads them; a repeat is one merge patch of its count).
 
 class EventRecorder {
-  private readonly failures = new Map<string, { name: string; message: string; count: number }>();
+  // The last failure of each failing book: the Event that says it, and how often it happened.
+  private readonly failures = new Map<
+    string,
+    { uid: string; name: string; message: string; count: number; first: string }
+  >();
   private readonly api: Api;
 
   constructor(api: Api) {
@@ -1926,24 +2016,37 @@ class EventRecorder {
   failed(key: string, book: Book, message: string) {
     const last = this.failures.get(key);
     const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
-    if (last?.message === message) {
+    if (last?.message === message && last.uid === book.metadata.uid) {
       last.count++;
       const path = `/api/v1/namespaces/${book.metadata.namespace}/events/${last.name}`;
       const body = { count: last.count, lastTimestamp: now };
-      this.send({ verb: 'patch', method: 'PATCH', path, body, contentType: MERGE_PATCH });
+      const patch = { verb: 'patch', method: 'PATCH', path, body, contentType: MERGE_PATCH };
+      // An Event expires (after an hour) or was deleted: write it again, with its count.
+      this.send(patch, () => this.create(book, last, 'Warning', 'ReconcileFailed', now));
       return;
     }
-    const name = `${book.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
-    this.failures.set(key, { name, message, count: 1 });
-    this.create(book, name, 'Warning', 'ReconcileFailed', message, now);
+    const failure = {
+      uid: book.metadata.uid,
+      name: eventName(book),
+      message,
+      count: 1,
+      first: now,
+    };
+    this.failures.set(key, failure);
+    this.create(book, failure, 'Warning', 'ReconcileFailed', now);
   }
 
   /** A book is Ready again after failing: one Normal Event. */
   recovered(key: string, book: Book) {
     if (!this.failures.delete(key)) return;
-    const name = `${book.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
     const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
-    this.create(book, name, 'Normal', 'Reconciled', `${KIND} is Ready again`, now);
+    const event = {
+      name: eventName(book),
+      message: `${KIND} is Ready again`,
+      count: 1,
+      first: now,
+    };
+    this.create(book, event, 'Normal', 'Reconciled', now);
   }
 
   forget(key: string) {
@@ -1952,45 +2055,48 @@ class EventRecorder {
 
   private create(
     book: Book,
-    name: string,
+    event: { name: string; message: string; count: number; first: string },
     type: string,
     reason: string,
-    message: string,
     now: string,
   ) {
-    const { namespace, name: bookName, uid } = book.metadata;
+    const { namespace, name, uid } = book.metadata;
     const body = {
       apiVersion: 'v1',
       kind: 'Event',
-      metadata: { name, namespace },
-      involvedObject: { apiVersion, kind: KIND, name: bookName, namespace, uid },
+      metadata: { name: event.name, namespace },
+      involvedObject: { apiVersion, kind: KIND, name, namespace, uid },
       type,
       reason,
-      message,
+      message: event.message,
       source: { component: CONTROLLER },
       reportingComponent: CONTROLLER,
       reportingInstance: hostname(),
-      count: 1,
-      firstTimestamp: now,
+      count: event.count,
+      firstTimestamp: event.first,
       lastTimestamp: now,
     };
-    this.send({
-      verb: 'create',
-      method: 'POST',
-      path: `/api/v1/namespaces/${namespace}/events`,
-      body,
-    });
+    const path = `/api/v1/namespaces/${namespace}/events`;
+    this.send({ verb: 'create', method: 'POST', path, body });
   }
 
-  /** Never awaited and never retried: an Event that cannot be written is not worth a wait. */
-  private send(request: Omit<Call, 'signal'>) {
+  /**
+   * Never awaited and never retried: an Event that cannot be written is not worth a wait. A patch
+   * of one that is gone (404) runs `gone` instead.
+   */
+  private send(request: Omit<Call, 'signal'>, gone?: () => void) {
     const signal = AbortSignal.timeout(10_000);
     void this.api.call({ ...request, signal }).then(
       (response) => response.resume(),
-      () => {},
+      (err) => {
+        if (isApiError(err, 404)) gone?.();
+      },
     );
   }
 }
+
+const eventName = (book: Book) =>
+  `${book.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
 
 // ---------------------------------------------------------------------------------------------
 // Health: what the kubelet asks before it restarts us (/healthz) or counts us in (/readyz).
@@ -2116,6 +2222,10 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     signal,
   };
   const controller = { controller: kind };
+  for (const result of ['success', 'error']) {
+    metrics.count('controller_runtime_reconcile_total', { ...controller, result }, 0);
+  }
+  metrics.count('controller_runtime_reconcile_errors_total', controller, 0);
   metrics.gauge('controller_runtime_active_workers', () => [[controller, books.busy.size]]);
   metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
     [controller, config.concurrency],
