@@ -654,13 +654,12 @@ interface Position {
 async function listAndWatch(
   api: Api,
   collection: Collection,
-  health: Health,
-  stdout: Writable,
+  { health, stdout, said }: { health: Health; stdout: Writable; said: { problem: string } },
   synced: () => void,
   signal: AbortSignal,
 ): Promise<void> {
   const position: Position = { resourceVersion: '', streaming: true, listed: undefined };
-  const retries = new Retries(api.config, collection);
+  const retries = new Retries(api.config, collection, said);
   while (!signal.aborted) {
     position.listed = undefined;
     try {
@@ -776,20 +775,22 @@ async function watch(
  */
 class Retries {
   private failures = 0;
+  private readonly said: { problem: string }; // what any collection said last, shared: one line
   private lastFailure = Number.NEGATIVE_INFINITY;
   private previous: unknown; // the last failure, until a watch event
-  private reported = ''; // the problem last said on stderr, until a watch event
   private readonly config: Config;
   private readonly collection: Collection;
 
-  constructor(config: Config, collection: Collection) {
+  constructor(config: Config, collection: Collection, said: { problem: string }) {
     this.config = config;
     this.collection = collection;
+    this.said = said;
   }
 
   cleared() {
+    if (this.previous === undefined) return;
     this.previous = undefined;
-    this.reported = '';
+    this.said.problem = '';
   }
 
   /** The delay before the next try, after `err`; says what failed, unless it is routine. */
@@ -803,10 +804,10 @@ class Retries {
     const delayMs = gone && first ? 0 : this.backoffMs(err);
     const problem = explain(err, this.config, this.collection);
     const paused = (err as { code?: unknown })?.code === 'EPAUSED';
-    if (!(routine && first) && !paused && problem !== this.reported) {
+    if (!(routine && first) && !paused && problem !== this.said.problem) {
       const fix = hint(err, this.config, this.collection);
       console.error(`${problem}; retrying in ${inSeconds(delayMs)}${fix}`);
-      this.reported = problem;
+      this.said.problem = problem;
     }
     return delayMs;
   }
@@ -1130,7 +1131,8 @@ type Owned = { metadata?: { name?: string; namespace?: string; ownerReferences?:
 
 class OwnedObjects implements Cache {
   readonly entries = new Map<string, OwnedEntry>();
-  private readonly applying = new Map<string, boolean>(); // applies in flight: a watch event came
+  // Applies in flight: what each applies, and whether another change came meanwhile.
+  private readonly applying = new Map<string, { fingerprint: string; overtaken: boolean }>();
   private readonly books: Books;
 
   constructor(books: Books) {
@@ -1159,10 +1161,12 @@ class OwnedObjects implements Cache {
   update(object: unknown, listed?: Set<string>) {
     const key = this.keyOf(object);
     listed?.add(key);
-    if (this.applying.has(key)) this.applying.set(key, true);
     const entry = this.entryOf(object);
     const before = this.entries.get(key);
     this.entries.set(key, entry);
+    const applying = this.applying.get(key);
+    if (applying?.fingerprint === entry.fingerprint) return; // our own apply, coming back
+    if (applying) applying.overtaken = true;
     if (before?.fingerprint !== entry.fingerprint || before.uid !== entry.uid) this.changed(entry);
     // Someone took the owner reference off: the book that had it puts it back.
     if (before?.owner && before.owner !== entry.owner) this.changed(before);
@@ -1170,7 +1174,8 @@ class OwnedObjects implements Cache {
 
   remove(object: unknown) {
     const key = this.keyOf(object);
-    if (this.applying.has(key)) this.applying.set(key, true);
+    const applying = this.applying.get(key);
+    if (applying) applying.overtaken = true;
     const before = this.entries.get(key);
     this.entries.delete(key);
     if (before) this.changed(before);
@@ -1215,11 +1220,12 @@ class OwnedObjects implements Cache {
       contentType,
       signal,
     };
-    this.applying.set(key, false);
+    const applying = { fingerprint: wanted.fingerprint, overtaken: false };
+    this.applying.set(key, applying);
     try {
       const applied = await api.json<unknown>(request);
       // So that its watch event is no change; unless the watch already told something newer.
-      if (this.applying.get(key) === false) this.entries.set(key, this.entryOf(applied));
+      if (!applying.overtaken) this.entries.set(key, this.entryOf(applied));
     } catch (err) {
       // The server allows one controller: tell whose it is, if that is why it refused.
       if (!isApiError(err, 422) || !wanted.uid) throw err;
@@ -2247,9 +2253,11 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     selector: config.selector,
     cache: books,
   };
+  // What the two say on stderr is shared: a problem of the server's is one line, not two.
+  const shared = { health, stdout, said: { problem: '' } };
   await Promise.all([
-    listAndWatch(api, bookCollection, health, stdout, booksIn.resolve, signal),
-    listAndWatch(api, ownedCollection(config, owned), health, stdout, ownedIn.resolve, signal),
+    listAndWatch(api, bookCollection, shared, booksIn.resolve, signal),
+    listAndWatch(api, ownedCollection(config, owned), shared, ownedIn.resolve, signal),
   ]);
   books.stop();
   // In-flight reconciles were told to stop; wait briefly.

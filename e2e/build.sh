@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver, kube-controller-manager (for its garbage collector), kubectl and etcd from
 # Go modules into a cache outside the repository, only those missing there, and prints the folder
-# that holds them.
+# that holds them. Also e2e/metricscheck (Prometheus' own text parser, for /metrics) into that
+# folder, named by a hash of its sources (a few seconds; rebuilt only when they change).
 #
 #   bash e2e/build.sh           # then: ls "$(bash e2e/build.sh)"
 #
@@ -15,6 +16,7 @@ etcd_version=$(awk '$1 == "require" && $2 == "go.etcd.io/etcd/server/v3" { print
 cache=${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/book-controller-e2e}
 bin=$cache/kubernetes-$k8s_version-etcd-$etcd_version
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin # where the official tarball puts it
 
 log() { echo "e2e/build.sh: $*" >&2; }
 
@@ -52,5 +54,14 @@ else
   [ -x "$bin/etcd" ] || build etcd etcd .
   [ ${#missing[@]} -eq 0 ] || build apiserver apiserver "${missing[@]}"
   log "built ${missing[*]##*/}${missing[*]:+ }in $((SECONDS - start))s"
+fi
+
+# metricscheck: github.com/prometheus/common/expfmt's text parser behind a small main.go.
+checker=$bin/metricscheck-$(cat metricscheck/main.go metricscheck/go.mod | sha256sum | cut -c1-12)
+if [ ! -x "$checker" ]; then
+  work=$cache/src/metricscheck
+  rm -rf "$work" && mkdir -p "$work" "$bin" && cp "$HERE"/metricscheck/* "$work/"
+  (cd "$work" && go build -trimpath -ldflags "-s -w" -o "$checker.tmp" . && mv "$checker.tmp" "$checker")
+  log "built $checker"
 fi
 echo "$bin"

@@ -12,7 +12,7 @@
 // E2E_KEEP=1 keeps the temp folder (logs, audit log, kubeconfigs) for a look afterwards.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import {
   existsSync,
@@ -79,8 +79,11 @@ export interface Cluster {
     path: string,
     options?: { body?: string; contentType?: string; token?: string },
   ): Promise<{ status: number; body: string }>;
-  /** Stops kube-apiserver (etcd keeps running), and starts it again on the same port. */
-  stopApiserver(): Promise<void>;
+  /**
+   * Stops kube-apiserver (etcd keeps running), and starts it again on the same port. `kill`: at once
+   * with SIGKILL, as a crash or an OOM kill would (open responses are cut, not ended).
+   */
+  stopApiserver(options?: { kill?: boolean }): Promise<void>;
   startApiserver(): Promise<void>;
   /** A second kube-apiserver on the same etcd (another port): returns a kubeconfig for it, and its stop. */
   startSecondApiserver(): Promise<{ kubeconfig: string; stop: () => Promise<void> }>;
@@ -154,7 +157,7 @@ class Daemon {
     } catch {} // not Linux, or already gone
   }
 
-  async stop() {
+  async stop(now = false) {
     if (!this.alive) return;
     this.sampleRss();
     // process.kill, not child.kill: Deno's child.kill does nothing once it has sent one signal.
@@ -164,7 +167,7 @@ class Daemon {
         process.kill(this.child.pid ?? 0, signal);
       } catch {}
     };
-    kill('SIGTERM');
+    kill(now ? 'SIGKILL' : 'SIGTERM');
     const timer = setTimeout(() => kill('SIGKILL'), 5_000);
     await this.exited;
     clearTimeout(timer);
@@ -365,7 +368,7 @@ async function ownCluster(): Promise<Cluster> {
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
   writeFileSync(join(dir, 'sa.key'), privateKey.export({ type: 'pkcs8', format: 'pem' }));
   writeFileSync(join(dir, 'sa.pub'), publicKey.export({ type: 'spki', format: 'pem' }));
-  // Metadata for books and leases: each request's URI (with the resourceVersion asked for), verb, user and status.
+  // Metadata for books, leases, ConfigMaps and Events: each request's URI (with the resourceVersion asked for), verb, user and status.
   writeFileSync(
     join(dir, 'audit-policy.yaml'),
     [
@@ -377,7 +380,7 @@ async function ownCluster(): Promise<Cluster> {
       '    resources:',
       '      - {group: example.technosophos.com}',
       '      - {group: coordination.k8s.io, resources: [leases]}',
-      "      - {group: '', resources: [configmaps]}",
+      "      - {group: '', resources: [configmaps, events]}",
       '  - level: None',
       '',
     ].join('\n'),
@@ -446,10 +449,10 @@ async function ownCluster(): Promise<Cluster> {
   const startApiserver = async () => {
     apiserver = await startOne('kube-apiserver', apiserverPort);
   };
-  const stopApiserver = async () => {
+  const stopApiserver = async (options: { kill?: boolean } = {}) => {
     apiserver?.sampleRss();
     apiserverPeakKiB = Math.max(apiserverPeakKiB, apiserver?.peakRssKiB ?? 0);
-    await apiserver?.stop();
+    await apiserver?.stop(options.kill);
     apiserver = undefined;
   };
   try {
@@ -658,4 +661,58 @@ export function readAudit(path: string): AuditEvent[] {
     .split('\n')
     .filter(Boolean)
     .map((line) => JSON.parse(line) as AuditEvent);
+}
+
+/**
+ * e2e/metricscheck, built by e2e/build.sh beside the control plane: Prometheus' own text parser
+ * (github.com/prometheus/common/expfmt). Its name carries a hash of its sources, as build.sh makes it.
+ */
+export function metricsCheckPath(): string {
+  const source = ['main.go', 'go.mod'].map((file) =>
+    readFileSync(join(ROOT, 'e2e', 'metricscheck', file)),
+  );
+  const hash = createHash('sha256').update(Buffer.concat(source)).digest('hex').slice(0, 12);
+  return join(binDir(), `metricscheck-${hash}`);
+}
+
+/** A metric family as metricscheck prints it (one JSON line each). */
+export interface MetricFamily {
+  name: string;
+  type: 'COUNTER' | 'GAUGE' | 'HISTOGRAM' | 'SUMMARY' | 'UNTYPED' | 'GAUGE_HISTOGRAM';
+  help: string;
+  metrics: {
+    labels: Record<string, string>;
+    value?: number;
+    count?: number;
+    sum?: number;
+    buckets?: [string, number][];
+  }[];
+}
+
+/**
+ * Parses a /metrics exposition with Prometheus' parser: the families, or an Error with the parser's
+ * own message (or that of metricscheck's checks: HELP and TYPE for every family, sane histograms).
+ */
+export function checkMetrics(exposition: string): Promise<MetricFamily[]> {
+  const program = metricsCheckPath();
+  if (!existsSync(program))
+    throw new Error(`no ${program}: build it with bash e2e/build.sh (it builds what is missing)`);
+  return new Promise((resolve, reject) => {
+    const child = spawn(program, [], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (text: string) => (stdout += text));
+    child.stderr.setEncoding('utf8').on('data', (text: string) => (stderr += text));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      if (code !== 0) return reject(new Error(stderr.trim() || `metricscheck exited ${code}`));
+      resolve(
+        stdout
+          .split('\n')
+          .filter(Boolean)
+          .map((line) => JSON.parse(line) as MetricFamily),
+      );
+    });
+    child.stdin.end(exposition);
+  });
 }

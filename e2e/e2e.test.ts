@@ -3,7 +3,8 @@
 // ConfigMap cases also start kube-controller-manager with only its garbage collector, as a cluster
 // has it: a book's ConfigMap goes with the book through its ownerReference.
 //
-//   bash e2e/build.sh                                            (once per machine: builds the binaries)
+//   bash e2e/build.sh                                            (once per machine: builds the binaries,
+//                                                                 and e2e/metricscheck: Prometheus' parser)
 //   npx tsx --test --test-concurrency=1 e2e/e2e.test.ts          (Node)
 //   deno test -A e2e/e2e.test.ts                                 (Deno; -A: it reads /proc/PID for RSS)
 //   bun test --timeout=300000 ./e2e/e2e.test.ts                  (Bun)
@@ -15,11 +16,30 @@
 
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  fstatSync,
+  openSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import * as https from 'node:https';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, test as nodeTest } from 'node:test';
-import { readAudit, ROOT, startCluster, waitFor, type Cluster } from './cluster.ts';
+import {
+  type AuditEvent,
+  type Cluster,
+  checkMetrics,
+  freePort,
+  type MetricFamily,
+  ROOT,
+  readAudit,
+  startCluster,
+  waitFor,
+} from './cluster.ts';
 
 const runtime = process.versions.deno ? 'deno' : process.versions.bun ? 'bun' : 'node';
 // How a user starts the controller on this runtime (Node >= 22.18 strips the types itself).
@@ -375,6 +395,159 @@ async function tokenKubeconfig(token: string, file: string) {
   const kubeconfig = join(cluster.dir, file);
   writeFileSync(kubeconfig, JSON.stringify(view));
   return kubeconfig;
+}
+
+/** A ConfigMap named like a book, controlled by another book (`owner`): the book's reconcile fails. */
+async function foreignConfigMap(ns: string, name: string, owner: BookObject) {
+  await cluster.kubectlOk(['create', '-n', ns, '-f', '-'], {
+    input: JSON.stringify({
+      apiVersion: 'v1',
+      kind: 'ConfigMap',
+      metadata: {
+        name,
+        labels: { 'app.kubernetes.io/managed-by': 'book-controller' },
+        ownerReferences: [
+          {
+            apiVersion: 'example.technosophos.com/v1',
+            kind: 'Book',
+            name: owner.metadata.name,
+            uid: owner.metadata.uid,
+            controller: true,
+          },
+        ],
+      },
+      data: { title: 'theirs' },
+    }),
+  });
+}
+
+/** A core/v1 Event, as kubectl describe reads them. */
+interface EventObject {
+  metadata: { name: string; namespace: string };
+  involvedObject: {
+    apiVersion?: string;
+    kind?: string;
+    name?: string;
+    namespace?: string;
+    uid?: string;
+  };
+  type: string;
+  reason: string;
+  message: string;
+  count?: number;
+  source?: { component?: string };
+  reportingComponent?: string;
+  reportingInstance?: string;
+  firstTimestamp?: string;
+  lastTimestamp?: string;
+}
+
+/** The Events about one book (any uid), as the server has them. */
+async function bookEvents(ns: string, name: string): Promise<EventObject[]> {
+  const selector = encodeURIComponent(`involvedObject.kind=Book,involvedObject.name=${name}`);
+  const list = await getObject<{ items: EventObject[] }>(
+    `/api/v1/namespaces/${ns}/events?fieldSelector=${selector}`,
+  );
+  return list?.items ?? [];
+}
+
+/** Waits for the book's Events with `reason` to match `done` (e.g. a count reached); returns them. */
+function eventsOf(
+  ns: string,
+  name: string,
+  reason: string,
+  done: (events: EventObject[]) => boolean,
+  what: string,
+  timeoutMs = 30_000,
+) {
+  return waitFor(
+    what,
+    async () => {
+      const events = (await bookEvents(ns, name)).filter((event) => event.reason === reason);
+      return done(events) ? events : undefined;
+    },
+    timeoutMs,
+  );
+}
+
+/** What issue 18 says of an Event about a book: on the book (uid too), from book-controller. */
+function assertBookEvent(
+  event: EventObject | undefined,
+  book: BookObject,
+  ns: string,
+  type: string,
+  reason: string,
+) {
+  assert.ok(event, `a ${type} ${reason} Event`);
+  assert.equal(event.type, type);
+  assert.equal(event.reason, reason);
+  assert.deepEqual(event.involvedObject, {
+    apiVersion: 'example.technosophos.com/v1',
+    kind: 'Book',
+    name: book.metadata.name,
+    namespace: ns,
+    uid: book.metadata.uid,
+  });
+  assert.equal(event.source?.component, 'book-controller');
+  assert.equal(event.reportingComponent, 'book-controller');
+  assert.ok(event.reportingInstance, 'reportingInstance (the host) is set');
+  assert.ok((event.count ?? 0) >= 1, `count ${event.count} >= 1`);
+  assert.ok(event.firstTimestamp && event.lastTimestamp, 'first and last timestamps');
+  assert.ok(Date.parse(event.lastTimestamp) >= Date.parse(event.firstTimestamp));
+}
+
+/** The audit log from here on, read as it grows: each call returns the events added since the last. */
+function auditFollower(path: string) {
+  const fd = openSync(path, 'r');
+  let position = fstatSync(fd).size;
+  let partial = '';
+  const buffer = Buffer.alloc(1 << 20);
+  return {
+    next(): AuditEvent[] {
+      let text = partial;
+      for (;;) {
+        const read = readSync(fd, buffer, 0, buffer.length, position);
+        if (read === 0) break;
+        position += read;
+        text += buffer.toString('utf8', 0, read);
+      }
+      const lines = text.split('\n');
+      partial = lines.pop() ?? '';
+      return lines.filter(Boolean).map((line) => JSON.parse(line) as AuditEvent);
+    },
+    close: () => closeSync(fd),
+  };
+}
+
+/** Runs `fn` over `items`, `width` at a time. */
+async function inParallel<T>(items: T[], width: number, fn: (item: T) => Promise<void>) {
+  let next = 0;
+  const lane = async () => {
+    while (next < items.length) {
+      const item = items[next] as T;
+      next += 1;
+      await fn(item);
+    }
+  };
+  await Promise.all(Array.from({ length: width }, lane));
+}
+
+/** GET /metrics from the controller's --health-port: the status, Content-Type and text. */
+async function scrape(port: number) {
+  const response = await fetch(`http://127.0.0.1:${port}/metrics`);
+  const text = await response.text();
+  return { status: response.status, contentType: response.headers.get('content-type'), text };
+}
+
+/** One sample's value from parsed families: the family's metric with exactly these labels. */
+function sample(families: MetricFamily[], name: string, labels: Record<string, string> = {}) {
+  const family = families.find((candidate) => candidate.name === name);
+  const metric = family?.metrics.find(
+    (candidate) =>
+      Object.keys(candidate.labels).length === Object.keys(labels).length &&
+      Object.entries(labels).every(([key, value]) => candidate.labels[key] === value),
+  );
+  return metric;
 }
 
 describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
@@ -923,6 +1096,56 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       async () => ((await getConfigMap('e2e-sa', 'moby-dick')) ? undefined : true),
       30_000,
     );
+    // Events with that token (issue 18: create and patch on core/v1 events): a book that cannot be
+    // reconciled (its ConfigMap is another book's) gets a Warning, raised by a patch on a repeat;
+    // fixed, a Normal one. The audit log shows the ServiceAccount wrote them.
+    const since = Date.now();
+    await applyBook('e2e-sa', 'other-name', 'Other');
+    const other = await getBook('e2e-sa', 'other-name');
+    assert.ok(other);
+    await foreignConfigMap('e2e-sa', 'taken', other);
+    await applyBook('e2e-sa', 'taken', 'Taken');
+    const taken = await getBook('e2e-sa', 'taken');
+    assert.ok(taken);
+    const [warning] = await eventsOf(
+      'e2e-sa',
+      'taken',
+      'ReconcileFailed',
+      (events) => (events[0]?.count ?? 0) >= 2,
+      'a Warning ReconcileFailed Event, with a count of 2 or more, written with the token',
+    );
+    assertBookEvent(warning, taken, 'e2e-sa', 'Warning', 'ReconcileFailed');
+    await cluster.kubectlOk(['delete', 'configmap', 'taken', '-n', 'e2e-sa']);
+    await controller.line(added('e2e-sa/taken', 'Taken'), 60_000);
+    const [normal] = await eventsOf(
+      'e2e-sa',
+      'taken',
+      'Reconciled',
+      (events) => events.length > 0,
+      'the Normal Reconciled Event',
+    );
+    assertBookEvent(normal, taken, 'e2e-sa', 'Normal', 'Reconciled');
+    if (!NEEDS_OWN) {
+      const writes = readAudit(cluster.auditLog ?? '').filter(
+        (event) =>
+          event.stage === 'ResponseComplete' &&
+          event.objectRef?.resource === 'events' &&
+          event.objectRef.namespace === 'e2e-sa' &&
+          ['create', 'patch', 'update'].includes(event.verb) &&
+          Date.parse(event.requestReceivedTimestamp ?? '') >= since,
+      );
+      const seen = writes.map(
+        (event) => `${event.user.username} ${event.verb} -> ${event.responseStatus?.code}`,
+      );
+      const sa = 'system:serviceaccount:book-controller:book-controller';
+      assert.ok(seen.includes(`${sa} create -> 201`), seen.join('\n'));
+      assert.ok(seen.includes(`${sa} patch -> 200`), seen.join('\n'));
+      assert.deepEqual(
+        writes.filter((event) => event.user.username !== sa),
+        [],
+        'only the ServiceAccount wrote Events',
+      );
+    }
   });
 
   // Issue 16: each book gets a ConfigMap of the same name, by server-side apply, owned by the book.
@@ -1425,6 +1648,413 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       [],
       'the new leader printed the change once',
     );
+  });
+  test("issue 18: /metrics after the walkthrough parses with Prometheus' own parser (expfmt), with controller-runtime's and client-go's names, and counts the reconciles", {
+    timeout: 90_000,
+  }, async () => {
+    await withGarbageCollector();
+    await namespace('e2e-metrics');
+    const port = await freePort();
+    const args = ['-n', 'e2e-metrics', '--health-port', String(port), '--leader-elect'];
+    const controller = new Controller(
+      'controller',
+      [...args, '--leader-elect-namespace', 'e2e-metrics'],
+      cluster.kubeconfig,
+    );
+    await cluster.kubectlOk(['apply', '-n', 'e2e-metrics', '-f', 'book.yaml']);
+    await controller.line(added('moby-dick', 'Moby Dick'));
+    await cluster.kubectlOk([
+      'wait',
+      '--for=condition=Ready',
+      'book/moby-dick',
+      '-n',
+      'e2e-metrics',
+      '--timeout=30s',
+    ]);
+    await setTitle('e2e-metrics', 'moby-dick', 'Moby-Dick; or, The Whale');
+    await controller.line(modified('moby-dick', 'Moby-Dick; or, The Whale'));
+    await cluster.kubectlOk([
+      'wait',
+      '--for=jsonpath={.status.observedGeneration}=2',
+      'book/moby-dick',
+      '-n',
+      'e2e-metrics',
+      '--timeout=30s',
+    ]);
+    await cluster.kubectlOk(['delete', '-n', 'e2e-metrics', '-f', 'book.yaml']);
+    await controller.line(deleted('moby-dick'));
+    // Settled: nothing queued or running, and the reconcile count the same on two scrapes 1 s apart.
+    let previous = '';
+    const { families, scraped } = await waitFor(
+      'the work queue to settle (depth 0, no active worker, the same counts twice)',
+      async () => {
+        const scraped = await scrape(port);
+        const families = await checkMetrics(scraped.text);
+        const value = (name: string, labels: Record<string, string>) =>
+          sample(families, name, labels)?.value;
+        const counts = JSON.stringify(
+          ['success', 'error'].map((result) =>
+            value('controller_runtime_reconcile_total', { controller: 'book', result }),
+          ),
+        );
+        const settled =
+          value('workqueue_depth', { name: 'book' }) === 0 &&
+          value('controller_runtime_active_workers', { controller: 'book' }) === 0 &&
+          counts === previous;
+        previous = counts;
+        if (!settled) await new Promise((resolve) => setTimeout(resolve, 1_000));
+        return settled ? { families, scraped } : undefined;
+      },
+      30_000,
+    );
+    assert.equal(scraped.status, 200);
+    assert.match(
+      scraped.contentType ?? '',
+      /^text\/plain; ?version=0\.0\.4(; ?charset=utf-8)?$/,
+      'the Content-Type of the text format 0.0.4',
+    );
+    const types = Object.fromEntries(families.map((family) => [family.name, family.type]));
+    console.error(
+      `e2e: /metrics: ${families.length} families (expfmt): ${families.map((family) => `${family.name} ${family.type}`).join(', ')}`,
+    );
+    const expected: Record<string, string> = {
+      controller_runtime_reconcile_total: 'COUNTER',
+      controller_runtime_reconcile_time_seconds: 'HISTOGRAM',
+      controller_runtime_active_workers: 'GAUGE',
+      controller_runtime_max_concurrent_reconciles: 'GAUGE',
+      workqueue_depth: 'GAUGE',
+      workqueue_adds_total: 'COUNTER',
+      workqueue_queue_duration_seconds: 'HISTOGRAM',
+      workqueue_work_duration_seconds: 'HISTOGRAM',
+      workqueue_longest_running_processor_seconds: 'GAUGE',
+      workqueue_unfinished_work_seconds: 'GAUGE',
+      leader_election_master_status: 'GAUGE',
+      rest_client_requests_total: 'COUNTER',
+      process_resident_memory_bytes: 'GAUGE',
+      process_cpu_seconds_total: 'COUNTER',
+      process_start_time_seconds: 'GAUGE',
+    };
+    for (const [name, type] of Object.entries(expected))
+      assert.equal(types[name], type, `${name} is a ${type}`);
+    // Never failed: the error series are 0 if they are there (controller-runtime shows them at 0).
+    for (const name of ['controller_runtime_reconcile_errors_total', 'workqueue_retries_total'])
+      if (types[name]) assert.equal(types[name], 'COUNTER', `${name} is a COUNTER`);
+    const value = (name: string, labels: Record<string, string> = {}) =>
+      sample(families, name, labels);
+    const success =
+      value('controller_runtime_reconcile_total', { controller: 'book', result: 'success' })
+        ?.value ?? 0;
+    const errors =
+      value('controller_runtime_reconcile_total', { controller: 'book', result: 'error' })?.value ??
+      0;
+    console.error(
+      `e2e: /metrics after the walkthrough: reconcile_total success ${success}, error ${errors}; adds ${value('workqueue_adds_total', { name: 'book' })?.value}; reconcile_time_seconds count ${value('controller_runtime_reconcile_time_seconds', { controller: 'book' })?.count}`,
+    );
+    // Added, Modified, Deleted: three reconciles. Its own ConfigMap write, seen on its ConfigMap
+    // watch before the apply's response is in, can make one more (a race; it sends no request):
+    // seen 3 and 4 here. The requests tell: two applies and two status patches, no more.
+    assert.ok(success >= 3 && success <= 5, `3 to 5 successful reconciles, not ${success}`);
+    if (!NEEDS_OWN) {
+      const writes = readAudit(cluster.auditLog ?? '')
+        .filter(
+          (event) =>
+            event.stage === 'ResponseComplete' &&
+            event.userAgent?.startsWith('book-controller') &&
+            event.objectRef?.namespace === 'e2e-metrics' &&
+            event.objectRef.name === 'moby-dick' &&
+            !['get', 'list', 'watch'].includes(event.verb),
+        )
+        .map(
+          (event) =>
+            `${event.verb} ${event.objectRef?.resource}${event.objectRef?.subresource ? `/${event.objectRef.subresource}` : ''} -> ${event.responseStatus?.code}`,
+        );
+      assert.deepEqual(
+        writes,
+        [
+          'patch configmaps -> 201',
+          'patch books/status -> 200',
+          'patch configmaps -> 200',
+          'patch books/status -> 200',
+        ],
+        'the writes of the walkthrough: an apply and a status patch per generation',
+      );
+    }
+    assert.equal(errors, 0, 'no failed reconcile');
+    assert.equal(
+      value('controller_runtime_reconcile_errors_total', { controller: 'book' })?.value ?? 0,
+      0,
+    );
+    assert.equal(value('workqueue_retries_total', { name: 'book' })?.value ?? 0, 0);
+    assert.equal(
+      value('controller_runtime_reconcile_time_seconds', { controller: 'book' })?.count,
+      success,
+      'one reconcile_time_seconds observation per reconcile',
+    );
+    assert.ok(
+      (value('workqueue_adds_total', { name: 'book' })?.value ?? 0) >= success,
+      'each reconcile was added to the queue',
+    );
+    assert.equal(
+      value('workqueue_work_duration_seconds', { name: 'book' })?.count,
+      success,
+      'one work_duration_seconds observation per reconcile',
+    );
+    assert.equal(
+      value('controller_runtime_max_concurrent_reconciles', { controller: 'book' })?.value,
+      1,
+    );
+    assert.equal(value('controller_runtime_active_workers', { controller: 'book' })?.value, 0);
+    assert.equal(
+      value('leader_election_master_status', { name: 'book-controller' })?.value,
+      1,
+      'the only replica leads',
+    );
+    // client-go's names: code, method and host (the server's host:port) on every request counted.
+    const requests = families.find((family) => family.name === 'rest_client_requests_total');
+    const host = new URL(cluster.server).host;
+    for (const metric of requests?.metrics ?? [])
+      assert.deepEqual(Object.keys(metric.labels).sort(), ['code', 'host', 'method']);
+    const patches = (requests?.metrics ?? [])
+      .filter(
+        (metric) =>
+          metric.labels.host === host &&
+          metric.labels.method === 'PATCH' &&
+          /^20[01]$/.test(metric.labels.code ?? ''),
+      )
+      .reduce((sum, metric) => sum + (metric.value ?? 0), 0);
+    // Two ConfigMap applies and two status patches at least (the Lease is PUT).
+    assert.ok(patches >= 4, `at least 4 successful PATCHes to ${host} counted, not ${patches}`);
+    assert.ok((value('process_resident_memory_bytes')?.value ?? 0) > 1e6, 'resident memory');
+    const startedAt = value('process_start_time_seconds')?.value ?? 0;
+    assert.ok(Math.abs(startedAt - Date.now() / 1000) < 600, `start time ${startedAt}`);
+    // The parser is no rubber stamp: a second TYPE line for a family is an error it names.
+    await assert.rejects(
+      checkMetrics(`${scraped.text}# TYPE controller_runtime_reconcile_total counter\n`),
+      /second TYPE line for metric name "controller_runtime_reconcile_total"/,
+    );
+    assert.deepEqual(controller.out, [
+      added('moby-dick', 'Moby Dick'),
+      modified('moby-dick', 'Moby-Dick; or, The Whale'),
+      deleted('moby-dick'),
+    ]);
+  });
+
+  test('issue 18: kubectl describe book shows the Warning ReconcileFailed Event (one, its count raised on a repeat); fixed, the book is Ready and a Normal Reconciled Event follows', {
+    timeout: 120_000,
+  }, async () => {
+    await withGarbageCollector();
+    const ns = 'e2e-events';
+    await namespace(ns);
+    // Another book controls a ConfigMap named "failing" (it must exist: the collector deletes orphans).
+    await applyBook(ns, 'other-name', 'Other');
+    const other = await getBook(ns, 'other-name');
+    assert.ok(other);
+    await foreignConfigMap(ns, 'failing', other);
+    const controller = new Controller('controller', ['-n', ns], cluster.kubeconfig);
+    await applyBook(ns, 'failing', 'Failing');
+    const book = await getBook(ns, 'failing');
+    assert.ok(book);
+    await controller.line(added('other-name', 'Other'));
+    // It fails, and fails again (backoff 1-2 s, then 2-4 s): one Event, its count raised by a merge patch.
+    const warnings = await eventsOf(
+      ns,
+      'failing',
+      'ReconcileFailed',
+      (events) => (events[0]?.count ?? 0) >= 2,
+      'the Warning ReconcileFailed Event, with a count of 2 or more',
+    );
+    assert.equal(warnings.length, 1, 'a repeat raises the count of the one Event');
+    const [warning] = warnings;
+    assertBookEvent(warning, book, ns, 'Warning', 'ReconcileFailed');
+    assert.match(
+      warning?.message ?? '',
+      new RegExp(
+        `^ConfigMap (${ns}/)?failing is controlled by Book other-name \\(uid ${other.metadata.uid}\\), not by this book$`,
+      ),
+    );
+    const described = await cluster.kubectlOk(['describe', 'book', 'failing', '-n', ns]);
+    const eventsSection = described.slice(described.indexOf('\nEvents:'));
+    console.error(`e2e: kubectl describe book failing:${eventsSection.trimEnd()}`);
+    assert.match(
+      eventsSection,
+      /\n\s+Warning\s+ReconcileFailed\s+\S+.*\s+book-controller\s+ConfigMap (e2e-events\/)?failing is controlled by Book other-name/,
+    );
+    assert.match(eventsSection, /\(x\d+ over /, 'kubectl shows the count');
+    assert.deepEqual(controller.out, [added('other-name', 'Other')], 'no line for a failure');
+
+    // The other owner lets go: the book gets its ConfigMap, is Ready, and one Normal Event says so.
+    await cluster.kubectlOk(['delete', 'configmap', 'failing', '-n', ns]);
+    await controller.line(added('failing', 'Failing'), 60_000);
+    await cluster.kubectlOk([
+      'wait',
+      '--for=condition=Ready',
+      'book/failing',
+      '-n',
+      ns,
+      '--timeout=30s',
+    ]);
+    const [normal] = await eventsOf(
+      ns,
+      'failing',
+      'Reconciled',
+      (events) => events.length > 0,
+      'the Normal Reconciled Event',
+    );
+    assertBookEvent(normal, book, ns, 'Normal', 'Reconciled');
+    assert.equal(normal?.count, 1);
+    const after = await cluster.kubectlOk(['describe', 'book', 'failing', '-n', ns]);
+    assert.match(after, /\n\s+Normal\s+Reconciled\s+\S+.*\s+book-controller\s+\S/);
+    assert.match(after, /\n\s+Warning\s+ReconcileFailed\s/);
+    // A healthy book writes no Event: a title change, reconciled, leaves the two there are.
+    await setTitle(ns, 'failing', 'Fixed');
+    await controller.line(modified('failing', 'Fixed'));
+    await cluster.kubectlOk([
+      'wait',
+      '--for=jsonpath={.status.observedGeneration}=2',
+      'book/failing',
+      '-n',
+      ns,
+      '--timeout=30s',
+    ]);
+    const all = await bookEvents(ns, 'failing');
+    assert.deepEqual(all.map((event) => `${event.type} ${event.reason}`).sort(), [
+      'Normal Reconciled',
+      'Warning ReconcileFailed',
+    ]);
+    assert.deepEqual(await bookEvents(ns, 'other-name'), [], 'none about the healthy book');
+  });
+
+  test('issue 20: kube-apiserver killed while the streaming list of 3,000 books is in flight: the relist streams again (no limit=500 pages), every book ends Ready, each Added printed once', {
+    skip: NEEDS_OWN,
+    timeout: 240_000,
+  }, async () => {
+    const ns = 'e2e-restart';
+    await namespace(ns);
+    const total = Number(process.env.E2E_RESTART_BOOKS ?? 3000);
+    const collection = `/apis/example.technosophos.com/v1/namespaces/${ns}/books`;
+    const names = Array.from({ length: total }, (_, at) => `book-${String(at).padStart(5, '0')}`);
+    const phases: string[] = [];
+    let phase = Date.now();
+    const done = (what: string) => {
+      phases.push(`${what} ${((Date.now() - phase) / 1000).toFixed(1)}s`);
+      phase = Date.now();
+    };
+    await inParallel(names, 32, async (name) => {
+      const { status, body } = await cluster.request('POST', collection, {
+        body: bookYaml(name, `Title ${name}`),
+      });
+      if (status !== 201) throw new Error(`POST book ${name}: ${status} ${body}`);
+    });
+    done(`${total} books created`);
+    const audit = auditFollower(cluster.auditLog ?? '');
+    const controller = new Controller(
+      'controller',
+      ['-n', ns, '--concurrency', '8'],
+      cluster.kubeconfig,
+    );
+    const ours = (event: AuditEvent) =>
+      event.userAgent?.startsWith('book-controller') === true &&
+      event.objectRef?.resource === 'books' &&
+      event.objectRef.namespace === ns &&
+      event.objectRef.subresource === undefined &&
+      event.objectRef.name === undefined;
+    try {
+      // The streaming list has started (the server logs ResponseStarted before it answers). The
+      // controller is paused for the moment it takes to kill the server, so that the list is
+      // still in flight then: the socket holds a part of it, not 3,000 books.
+      const started = await new Promise<AuditEvent>((resolve, reject) => {
+        const deadline = Date.now() + 60_000;
+        const poll = () => {
+          const event = audit
+            .next()
+            .find(
+              (candidate) =>
+                ours(candidate) &&
+                candidate.stage === 'ResponseStarted' &&
+                candidate.requestURI.includes('sendInitialEvents=true'),
+            );
+          if (event) return resolve(event);
+          if (controller.exited || Date.now() > deadline)
+            return reject(new Error(`no streaming list of books:\n${controller.err}`));
+          setTimeout(poll, 5);
+        };
+        poll();
+      });
+      process.kill(controller.child.pid ?? 0, 'SIGSTOP');
+      try {
+        await cluster.stopApiserver({ kill: true });
+      } finally {
+        process.kill(controller.child.pid ?? 0, 'SIGCONT');
+      }
+      const killed = Date.now();
+      done('streaming list started, kube-apiserver killed');
+      assert.deepEqual(controller.out, [], 'nothing printed before the initial state is in');
+      await cluster.startApiserver();
+      done('kube-apiserver back');
+      await waitFor(
+        `all ${total} books Ready at their generation`,
+        async () => {
+          const { status, body } = await cluster.request('GET', collection);
+          if (status !== 200) return undefined;
+          const { items } = JSON.parse(body) as { items: BookObject[] };
+          const ready = items.filter(
+            (book) =>
+              book.status?.observedGeneration === book.metadata.generation &&
+              book.status?.conditions?.some(
+                (condition) => condition.type === 'Ready' && condition.status === 'True',
+              ),
+          ).length;
+          if (ready < total) await new Promise((resolve) => setTimeout(resolve, 900));
+          return ready === total ? true : undefined;
+        },
+        120_000,
+      );
+      done('all Ready');
+      // Each book's Added once, and nothing else.
+      await controller.until(`${total} lines`, () => controller.out.length >= total, 10_000);
+      const expected = names.map((name) => added(name, `Title ${name}`));
+      assert.deepEqual([...controller.out].sort(), expected, 'each Added exactly once');
+
+      const requests = readAudit(cluster.auditLog ?? '')
+        .filter(ours)
+        .filter((event) => event.stage === 'ResponseStarted' || event.stage === 'ResponseComplete')
+        .map((event) => ({ ...event, query: new URL(event.requestURI, 'https://x').searchParams }));
+      const after = requests.filter(
+        (event) => Date.parse(event.requestReceivedTimestamp ?? '') >= killed,
+      );
+      const shown = (events: typeof requests) =>
+        events
+          .filter((event) => event.stage === 'ResponseStarted' || event.verb !== 'watch')
+          .map(
+            (event) =>
+              `${event.verb} ${event.requestURI.replace(collection, '')} -> ${event.responseStatus?.code}`,
+          )
+          .join('\n  ');
+      console.error(
+        `e2e: restart mid-stream: ${phases.join(', ')}\n  the streaming list killed: ${started.requestURI}\n  the controller's book requests after the restart:\n  ${shown(after)}\n  its stderr:\n${controller.err.trimEnd().replace(/^/gm, '  | ')}`,
+      );
+      assert.deepEqual(
+        requests.filter((event) => event.verb === 'list').map((event) => event.requestURI),
+        [],
+        'no limit=500 pages: the cut stream is retried as a streaming list',
+      );
+      const relist = after.find(
+        (event) =>
+          event.verb === 'watch' &&
+          event.query.get('sendInitialEvents') === 'true' &&
+          event.responseStatus?.code === 200,
+      );
+      assert.ok(relist, `a streaming list after the restart; the requests:\n  ${shown(after)}`);
+      assert.equal(relist.query.get('resourceVersionMatch'), 'NotOlderThan');
+      assert.equal(relist.query.get('allowWatchBookmarks'), 'true');
+      assert.doesNotMatch(controller.err, /listing them in pages/);
+    } finally {
+      audit.close();
+      await controller.stop('SIGKILL');
+      // Leave no 3,000 books for a later case (or an -A controller) to list.
+      for (const path of [collection, `/api/v1/namespaces/${ns}/configmaps`])
+        await cluster.request('DELETE', path).catch(() => undefined);
+    }
   });
 });
 
