@@ -1348,9 +1348,9 @@ function clusterCause(err: unknown): string | undefined {
 }
 
 class ClusterProblems {
-  private readonly waiting = new Map<string, string>(); // book key → cause
+  private readonly waiting = new Map<string, { cause: string; retryAt: number }>(); // by book key
   private said: string[] = []; // the causes said on stderr, until they clear
-  private nextTry = Number.POSITIVE_INFINITY;
+  private clearedAt = Number.NEGATIVE_INFINITY;
   private since = 0;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private readonly server: string;
@@ -1364,10 +1364,11 @@ class ClusterProblems {
     const cause = clusterCause(err);
     if (cause === undefined) return false;
     if (cause === 'EPAUSED') return true; // we were paused: nobody's fault, nothing to say
-    if (this.waiting.size === 0) this.since = performance.now();
-    this.waiting.set(key, cause);
-    this.nextTry = Math.min(this.nextTry, performance.now() + delayMs);
-    if (this.said.includes(cause) || this.timer) return true;
+    const now = performance.now();
+    if (this.waiting.size === 0) this.since = now;
+    this.waiting.set(key, { cause, retryAt: now + delayMs });
+    // Requests sent before the cluster came back fail for a moment more: that is not news.
+    if (this.said.includes(cause) || this.timer || now - this.clearedAt < 5_000) return true;
     // A moment later, so that the line can say how many books it holds up.
     this.timer = setTimeout(() => this.say(cause, err), 1_000);
     this.timer.unref?.();
@@ -1376,17 +1377,25 @@ class ClusterProblems {
 
   private say(cause: string, err: unknown) {
     this.timer = undefined;
-    const count = [...this.waiting.values()].filter((waits) => waits === cause).length;
+    const now = performance.now();
+    let count = 0;
+    let next = Number.POSITIVE_INFINITY;
+    for (const waits of this.waiting.values()) {
+      if (waits.cause !== cause) continue;
+      count++;
+      if (waits.retryAt > now) next = Math.min(next, waits.retryAt);
+    }
     if (count === 0) return;
     this.said.push(cause);
-    const next = inSeconds(Math.max(0, this.nextTry - performance.now()));
     const what = isApiError(err)
       ? `${this.server} failed to ${err.verb} (${err.code}: ${err.message})`
-      : messageOf(err).startsWith(this.server)
+      : cause === 'silent'
         ? messageOf(err)
-        : `cannot reach ${this.server} (${messageOf(err)})`;
-    console.error(`${what}: ${count} ${PLURAL} wait for it; the next try in ${next}`);
-    this.nextTry = Number.POSITIVE_INFINITY;
+        : UNREACHABLE.test(cause)
+          ? `cannot reach ${this.server} (${cause})`
+          : `lost the connection to ${this.server} (${cause})`;
+    const when = Number.isFinite(next) ? `; the next try in ${inSeconds(next - now)}` : '';
+    console.error(`${what}: ${count} ${PLURAL} wait for it${when}`);
   }
 
   /** A book succeeded: the cluster works again. */
@@ -1400,6 +1409,7 @@ class ClusterProblems {
     console.error(`${this.server} works again, after ${seconds}s${retried}`);
     this.said = [];
     this.waiting.clear();
+    this.clearedAt = performance.now();
   }
 }
 

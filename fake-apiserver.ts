@@ -1307,6 +1307,20 @@ export class FakeApiServer {
     return this;
   }
 
+  /**
+   * An outage: for `ms` the server refuses connections (ECONNREFUSED) and drops the ones it has,
+   * then listens again on the same port.
+   */
+  async refuseConnections(ms: number) {
+    const port = Number(new URL(this.url).port);
+    const host = new URL(this.url).hostname;
+    for (const watch of this.streams.watches) watch.drop();
+    this.tls.closeAllConnections();
+    await new Promise<void>((resolve) => this.tls.close(() => resolve()));
+    await sleep(ms);
+    await new Promise<void>((resolve) => this.tls.listen(port, host, resolve));
+  }
+
   close() {
     this.release();
     for (const watch of this.streams.watches) watch.end();
