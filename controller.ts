@@ -639,10 +639,15 @@ function parseEvent(line: string): WatchEvent {
 /** A server that refuses to stream the initial state: list in pages instead, for the run. */
 class NoStreamingList extends Error {}
 
+/** What the lists and watches of one server share: what was said, and how it lists. */
+interface Said {
+  problems: Set<string>; // the problems said on stderr, until they clear
+  streaming: boolean; // get initial states as a watch (KEP-3157) until the server says no
+}
+
 /** Where the list and watch of a collection stand. */
 interface Position {
   resourceVersion: string; // where the next watch starts; empty: get the initial state first
-  streaming: boolean; // get it as a watch (KEP-3157: no large list bodies) until a server says no
   listed: Set<string> | undefined; // while an initial state streams in: its keys
 }
 
@@ -654,16 +659,16 @@ interface Position {
 async function listAndWatch(
   api: Api,
   collection: Collection,
-  { health, stdout, said }: { health: Health; stdout: Writable; said: { problem: string } },
+  { health, stdout, said }: { health: Health; stdout: Writable; said: Said },
   synced: () => void,
   signal: AbortSignal,
 ): Promise<void> {
-  const position: Position = { resourceVersion: '', streaming: true, listed: undefined };
+  const position: Position = { resourceVersion: '', listed: undefined };
   const retries = new Retries(api.config, collection, said);
   while (!signal.aborted) {
     position.listed = undefined;
     try {
-      if (!position.resourceVersion && !position.streaming) {
+      if (!position.resourceVersion && !said.streaming) {
         position.resourceVersion = await listInPages(api, collection, health, signal);
         synced();
       }
@@ -672,12 +677,15 @@ async function listAndWatch(
       if (signal.aborted) break;
       const refused =
         err instanceof NoStreamingList || isApiError(err, 400) || isApiError(err, 422);
-      if (position.streaming && position.listed && refused) {
-        position.streaming = false; // an older server, or one without the WatchList feature
-        console.error(
-          `${api.config.server} cannot stream the list of ${collection.plural} ` +
-            `(${messageOf(err)}); listing them in pages from now on`,
-        );
+      if (position.listed && refused) {
+        // An older server, or one without the WatchList feature: said once, for every collection.
+        if (said.streaming) {
+          console.error(
+            `${api.config.server} cannot stream lists (${messageOf(err)}); ` +
+              'listing in pages from now on',
+          );
+        }
+        said.streaming = false;
         continue;
       }
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
@@ -775,22 +783,23 @@ async function watch(
  */
 class Retries {
   private failures = 0;
-  private readonly said: { problem: string }; // what any collection said last, shared: one line
+  private readonly said: Said; // what every collection said, shared: one line for all
+  private mine = ''; // the problem this collection has, if it said one
   private lastFailure = Number.NEGATIVE_INFINITY;
   private previous: unknown; // the last failure, until a watch event
   private readonly config: Config;
   private readonly collection: Collection;
 
-  constructor(config: Config, collection: Collection, said: { problem: string }) {
+  constructor(config: Config, collection: Collection, said: Said) {
     this.config = config;
     this.collection = collection;
     this.said = said;
   }
 
   cleared() {
-    if (this.previous === undefined) return;
     this.previous = undefined;
-    this.said.problem = '';
+    this.said.problems.delete(this.mine);
+    this.mine = '';
   }
 
   /** The delay before the next try, after `err`; says what failed, unless it is routine. */
@@ -798,16 +807,26 @@ class Retries {
     // The first 410 is routine (after an outage too): relist at once. So is a 429 that asks for
     // a second (a server filling its cache), and a pause of our own.
     const gone = isApiError(err, 410);
-    const first = !isApiError(this.previous, 410);
+    const previous = this.previous;
+    const first = !(isApiError(previous) && isApiError(err) && previous.code === err.code);
     this.previous = err;
     const routine = gone || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
     const delayMs = gone && first ? 0 : this.backoffMs(err);
     const problem = explain(err, this.config, this.collection);
+    // The same problem, even where its message differs (a 410 names the resourceVersion).
+    const same = isApiError(err) ? `${this.collection.plural} ${err.verb} ${err.code}` : problem;
     const paused = (err as { code?: unknown })?.code === 'EPAUSED';
-    if (!(routine && first) && !paused && problem !== this.said.problem) {
+    if (same !== this.mine) this.said.problems.delete(this.mine); // that one is over
+    this.mine = same;
+    if (!(routine && first) && !paused && !this.said.problems.has(same)) {
+      const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
+      const capped =
+        asked > MAX_RETRY_AFTER_MS
+          ? ` (asked for ${asked / 1000}s; 5 minutes is the most we wait)`
+          : '';
       const fix = hint(err, this.config, this.collection);
-      console.error(`${problem}; retrying in ${inSeconds(delayMs)}${fix}`);
-      this.said.problem = problem;
+      console.error(`${problem}; retrying in ${inSeconds(delayMs)}${capped}${fix}`);
+      this.said.problems.add(same);
     }
     return delayMs;
   }
@@ -913,6 +932,7 @@ class Books implements Cache {
   readonly finalizer: string;
   private readonly metrics: Metrics;
   statusForbidden = false; // once told, the rest of the run goes without status
+  private stopped = false;
 
   constructor(config: Config, finalizer: string, metrics: Metrics) {
     this.config = config;
@@ -1086,7 +1106,7 @@ class Books implements Cache {
     const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
     // About 1 s, doubling to 5 minutes.
     const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : 0;
-    if (failed) {
+    if (failed && !this.stopped) {
       this.metrics.count('workqueue_retries_total', { name: kind });
       this.failures.set(key, failures);
       this.timers.set(
@@ -1103,6 +1123,7 @@ class Books implements Cache {
   }
 
   stop() {
+    this.stopped = true;
     for (const timer of this.timers.values()) clearTimeout(timer);
     for (const wake of this.waiting) wake();
   }
@@ -1201,7 +1222,10 @@ class OwnedObjects implements Cache {
     const key = this.keyOf(object);
     const wanted = this.entryOf(object);
     const cached = this.entries.get(key);
-    if (cached?.uid && wanted.uid && cached.uid !== wanted.uid) {
+    // Controlled by another owner: never taken over. Unless that owner is an earlier book under
+    // the same name, which is gone: the garbage collector would delete it a moment later.
+    const earlier = cached?.owner === wanted.owner;
+    if (cached?.uid && wanted.uid && cached.uid !== wanted.uid && !earlier) {
       const owner = cached.owner ? `${KIND} ${cached.owner}` : 'another owner';
       throw new Error(
         `${this.describe(object)} is controlled by ${owner} ` +
@@ -2264,7 +2288,7 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     cache: books,
   };
   // What the two say on stderr is shared: a problem of the server's is one line, not two.
-  const shared = { health, stdout, said: { problem: '' } };
+  const shared = { health, stdout, said: { problems: new Set<string>(), streaming: true } };
   await Promise.all([
     listAndWatch(api, bookCollection, shared, booksIn.resolve, signal),
     listAndWatch(api, ownedCollection(config, owned), shared, ownedIn.resolve, signal),
