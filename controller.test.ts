@@ -12,6 +12,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { copyFileSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -19,6 +20,7 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
+import { isDeepStrictEqual } from 'node:util';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import {
   checkBook,
@@ -29,6 +31,7 @@ import {
   type Reconcile,
 } from './controller.ts';
 import {
+  type ApiRequest,
   CA_CERT,
   FakeApiServer,
   runDemo,
@@ -64,14 +67,15 @@ function until(description: string, condition: () => boolean, seconds = 10): Pro
   });
 }
 
-/** A stdout for one controller: its lines land in `lines`, each one wakes the waiters. */
-function linesOf(lines: string[]): Writable {
+/** A stdout for one controller: its lines land in `lines` (and their arrival in `times`), each one wakes the waiters. */
+function linesOf(lines: string[], times?: number[]): Writable {
   let partial = '';
   return new Writable({
     write(chunk, _encoding, done) {
       const parts = (partial + String(chunk)).split('\n');
       partial = parts.pop() ?? '';
       lines.push(...parts);
+      times?.push(...parts.map(() => performance.now()));
       wake();
       done();
     },
@@ -109,26 +113,106 @@ function writeKubeconfig(
 
 interface Controller {
   lines: string[];
+  times: number[]; // when each line arrived (performance.now())
   exited: Promise<number>;
   stop: () => Promise<number>;
+  exitCode: () => number | undefined; // undefined while it runs
+}
+
+interface StartOptions {
+  reconcile?: Reconcile;
+  lines?: string[];
+  finalizer?: string;
+  now?: () => number;
 }
 
 /** Runs the controller in this process until the test stops it (or afterEach does). */
-function start(
-  args: string[] = [],
-  options: { reconcile?: Reconcile; lines?: string[] } = {},
-): Controller {
+function start(args: string[] = [], options: StartOptions = {}): Controller {
   const stop = new AbortController();
   const lines = options.lines ?? stdout;
-  const exited = main(args, stop.signal, { reconcile: options.reconcile, stdout: linesOf(lines) });
-  void exited.then(wake);
+  const times: number[] = [];
+  const { reconcile, finalizer, now } = options;
+  const exited = main(args, stop.signal, {
+    reconcile,
+    stdout: linesOf(lines, times),
+    ...(finalizer !== undefined && { finalizer }),
+    ...(now !== undefined && { now }),
+  });
+  let code: number | undefined;
+  void exited.then((c) => {
+    code = c;
+    wake();
+  });
   running.push({ stop, exited });
   const stopIt = () => {
     stop.abort();
     return exited;
   };
-  return { lines, exited, stop: stopIt };
+  return { lines, times, exited, stop: stopIt, exitCode: () => code };
 }
+
+/** A controller in this process with a token of its own, so that the fake's log tells its requests apart. */
+function startWithToken(token: string, args: string[] = [], options: StartOptions = {}) {
+  fake.tokens.add(token);
+  // --kubeconfig, not KUBECONFIG: main reads it after an await, when the next start may have changed it
+  return start(['--kubeconfig', writeKubeconfig({ token }), ...args], { lines: [], ...options });
+}
+
+/** The writes (anything but get, list and watch) a controller's token made after `after` (performance.now()). */
+const writesBy = (token: string, after = 0, what = (_r: ApiRequest) => true) =>
+  fake.requests.filter(
+    (r) =>
+      r.token === token && r.at > after && !['get', 'list', 'watch'].includes(r.verb) && what(r),
+  );
+
+// ---------------------------------------------------------------------------------------------
+// Running the controller as a program, as a user starts it, in a child process.
+
+const here = fileURLToPath(new URL('.', import.meta.url));
+// How a user starts it here: npx tsx controller.ts (Node), deno run …, bun controller.ts.
+const command = (copied = false) =>
+  process.versions.deno
+    ? [
+        process.execPath,
+        'run',
+        '--allow-env',
+        '--allow-read',
+        '--allow-net',
+        '--allow-sys',
+        'controller.ts',
+      ]
+    : process.versions.bun
+      ? [process.execPath, ...(copied ? ['--no-install'] : []), 'controller.ts'] // else Bun installs a missing package itself
+      : [process.execPath, ...(copied ? [] : ['--import', 'tsx']), 'controller.ts']; // not tsx's CLI: under load it may SIGKILL its child
+
+function spawnController(
+  args: string[] = [],
+  options: { copiedTo?: string; env?: Record<string, string> } = {},
+) {
+  const [program = '', ...rest] = command(options.copiedTo !== undefined);
+  const child = spawn(program, [...rest, ...args], {
+    cwd: options.copiedTo ?? here,
+    env: { ...process.env, ...options.env },
+  });
+  children.push(child);
+  const err: string[] = [];
+  child.stderr.setEncoding('utf8').on('data', (text: string) => {
+    err.push(text);
+    wake();
+  });
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  let code: number | null | undefined;
+  void exited.then((c) => {
+    code = c;
+    wake();
+  });
+  return { child, err, exited, hasExited: () => code !== undefined };
+}
+const readLines = (child: ReturnType<typeof spawnController>['child'], out: string[]) =>
+  child.stdout.setEncoding('utf8').on('data', (text: string) => {
+    out.push(...text.split('\n').filter(Boolean));
+    wake();
+  });
 
 const added = (name: string, title: string) => `Added a book ${name} with title '${title}'`;
 const modified = (name: string, title: string) => `Modified a book ${name} with title '${title}'`;
@@ -145,6 +229,10 @@ function ready(name: string, namespace = 'default') {
 }
 const isReady = (name: string, generation = 1) =>
   ready(name)?.status === 'True' && ready(name)?.observedGeneration === generation;
+
+/** The newest resourceVersion among these books: the last book event a watch of books carried. */
+const lastBookVersion = (...names: string[]) =>
+  String(Math.max(...names.map((name) => Number(fake.get(name)?.metadata.resourceVersion))));
 
 /** The number N in the last "retrying in N.Ns" of a line, in milliseconds. */
 function retryingMs(line: string | undefined): number {
@@ -220,7 +308,7 @@ afterEach(async () => {
 
 describe('the seed walkthrough', () => {
   test('prints exactly its four lines, nothing on stderr, and leaves moby-dick Ready', async () => {
-    fake.create('moby-dick', MOBY_DICK);
+    const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
     const controller = start();
     await until(
       'the listed book is printed and Ready',
@@ -248,8 +336,14 @@ describe('the seed walkthrough', () => {
       ],
     });
     const patch = fake.patches().find((p) => p.name === 'moby-dick');
-    assert.equal(patch?.contentType, 'application/merge-patch+json');
+    // A JSON patch that tests the uid first, so that it never lands on a successor under the same name.
+    assert.equal(patch?.contentType, 'application/json-patch+json');
     assert.equal(patch?.namespace, 'default'); // PATCH .../namespaces/default/books/moby-dick/status
+    assert.deepEqual((patch?.body as unknown[] | undefined)?.[0], {
+      op: 'test',
+      path: '/metadata/uid',
+      value: uid,
+    });
 
     fake.remove('moby-dick');
     await until('four lines', () => stdout.length === 4);
@@ -368,6 +462,7 @@ describe('status: written back, never echoed', () => {
 
   test('a book deleted and created again while its status write is on the way gets its own status', async () => {
     fake.statusAnswerDelayMs = 300;
+    fake.collectGarbage = true; // as in a cluster: the old book's ConfigMap goes with it
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('the first status written, its answer on the way', () => isReady('moby-dick'));
@@ -388,7 +483,7 @@ describe('status: written back, never echoed', () => {
     const calls: string[] = [];
     fake.create('moby-dick', MOBY_DICK);
     const controller = start([], {
-      reconcile: async (change, _book, name) => void calls.push(`${change} ${name}`),
+      reconcile: async (change, _book, { name }) => void calls.push(`${change} ${name}`),
     });
     await until('moby-dick Ready', () => isReady('moby-dick'));
     await controller.stop();
@@ -414,7 +509,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
   }, async () => {
     const attempts: number[] = [];
     const failedStatus: unknown[] = [];
-    const reconcile: Reconcile = async (_change, _book, name) => {
+    const reconcile: Reconcile = async (_change, _book, { name }) => {
       if (name !== 'cursed') return;
       attempts.push(performance.now());
       if (attempts.length <= 2) throw new Error('the ink is wet\nsecond line of the stack');
@@ -513,7 +608,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
     const active = new Set<string>();
     let most = 0;
     const overlaps: string[] = [];
-    const reconcile: Reconcile = async (_change, _book, name) => {
+    const reconcile: Reconcile = async (_change, _book, { name }) => {
       if (active.has(name)) overlaps.push(name);
       active.add(name);
       most = Math.max(most, active.size);
@@ -538,6 +633,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
   });
 
   test('a book deleted and created again under its name (new uid) is reported Deleted, then Added', async () => {
+    fake.collectGarbage = true; // as in a cluster: the old book's ConfigMap goes with it
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick Ready', () => isReady('moby-dick'));
@@ -558,7 +654,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
 
   test('a stop aborts the signal of a reconcile in flight, and main returns 0 promptly', async () => {
     let aborted = false;
-    const reconcile: Reconcile = (_change, _book, _name, signal) =>
+    const reconcile: Reconcile = (_change, _book, { signal }) =>
       new Promise<void>((_resolve, reject) => {
         signal.addEventListener('abort', () => {
           aborted = true;
@@ -570,7 +666,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
     const calls: string[] = [];
     const controller = start([], {
       reconcile: (...args) => {
-        calls.push(args[2]);
+        calls.push(args[2].name);
         return reconcile(...args);
       },
     });
@@ -613,9 +709,11 @@ describe('reading the watch stream', () => {
   test('reports a line that is not a watch event and resumes from the last good resourceVersion', async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
-    fake.create('moby-dick', MOBY_DICK);
-    await until('moby-dick printed', () => stdout.length === 1);
-    const lastGood = fake.resourceVersionNow;
+    const addedAt = fake.create('moby-dick', MOBY_DICK).metadata.resourceVersion;
+    await until('moby-dick printed and Ready', () => stdout.length === 1 && isReady('moby-dick'));
+    // The last book event read before the bad line: the ADDED, or the status write's echo if it
+    // came in before (the fake's own resourceVersion will not do: ConfigMaps move it too).
+    const readyAt = lastBookVersion('moby-dick');
     fake.sendRaw('{"type":"ADDED","object":{"metadata":<html>\n');
     await until(
       'the second watch open',
@@ -636,10 +734,10 @@ describe('reading the watch stream', () => {
       stderr[1] ?? '',
       /^the watch sent a line that is not a watch event: \{"kind":"Status"\}/,
     );
-    assert.deepEqual(
-      bookRequests().map((r) => r.query.resourceVersion),
-      [undefined, lastGood, lastGood],
-    );
+    const [first, second, third] = bookRequests().map((r) => r.query.resourceVersion);
+    assert.equal(first, undefined);
+    assert.ok([addedAt, readyAt].includes(second ?? ''), `resumed from ${second}`);
+    assert.equal(third, second);
   });
 
   test('skips a book that fails the check, with a stderr line naming it and the kubectl edit that fixes it', async () => {
@@ -723,6 +821,7 @@ describe('the initial state: a streaming list, else pages', () => {
       'watching after a second streaming list',
       () => bookRequests().length === 2 && fake.openWatches === 1,
     );
+    await until('moby-dick printed', () => stdout.length === 1); // once the ConfigMaps are in too
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
     assert.deepEqual(
@@ -767,7 +866,10 @@ describe('the initial state: a streaming list, else pages', () => {
       fake.create(`book-${String(i).padStart(3, '0')}`, { title: `Book ${i}` });
     const controller = start();
     await until('the first page asked', () => fake.listRequests().length === 1);
-    fake.failNext(500, 'InternalError', 'etcdserver: request timed out', { verb: 'list' }); // the second page
+    fake.failNext(500, 'InternalError', 'etcdserver: request timed out', {
+      verb: 'list',
+      resource: 'books',
+    }); // the second page
     await until(
       '600 books printed and a watch open',
       () => stdout.length === 600 && fake.watchRequests().length === 2,
@@ -816,9 +918,12 @@ describe('resuming and relisting', () => {
       fake.create('moby-dick', MOBY_DICK);
       const controller = start();
       await until('watching', () => fake.openWatches === 1);
-      fake.create('hamlet', { title: 'Hamlet' });
+      const hamletAt = Number(fake.create('hamlet', { title: 'Hamlet' }).metadata.resourceVersion);
       await until('two lines', () => stdout.length === 2);
-      const lastSeen = fake.resourceVersionNow;
+      await until('both Ready', () => isReady('moby-dick') && isReady('hamlet'));
+      // The last book event read before the cut: hamlet's ADDED or a later status echo (a reset
+      // may discard what was not read yet; the fake's own resourceVersion moves with ConfigMaps).
+      const readyAt = Number(lastBookVersion('moby-dick', 'hamlet'));
       fake.createAndCutMidEvent('beowulf', { title: 'Beowulf' }, how);
       await until('three lines', () => stdout.length === 3);
       await controller.stop();
@@ -827,9 +932,12 @@ describe('resuming and relisting', () => {
         added('hamlet', 'Hamlet'),
         added('beowulf', 'Beowulf'),
       ]);
-      assert.deepEqual(
-        bookRequests().map((r) => r.query.resourceVersion),
-        [undefined, lastSeen],
+      const [first, resumed, ...more] = bookRequests().map((r) => r.query.resourceVersion);
+      assert.equal(first, undefined);
+      assert.deepEqual(more, []);
+      assert.ok(
+        Number(resumed) >= hamletAt && Number(resumed) <= readyAt,
+        `resumed from ${resumed}, not within ${hamletAt}..${readyAt}`,
       );
       assert.equal(stderr.length, 1); // the cut, once, with the retry
       assert.match(
@@ -863,29 +971,34 @@ describe('resuming and relisting', () => {
   test('backs off when the server ends every watch at once, instead of spinning', async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
-    fake.endWatchesAtOnce = true;
+    fake.endWatchesAtOnce = true; // the ConfigMaps' watch too: their reports name them
     fake.endWatches();
-    await until('two reports', () => stderr.length === 2);
+    const aboutBooks = () =>
+      stderr.flatMap((line, i) => (line.includes('configmaps') ? [] : [[line, stderrAt[i] ?? 0]]));
+    await until('two reports', () => aboutBooks().length === 2);
     await until('the watch after the second wait', () => bookRequests().length === 4);
     await controller.stop();
+    const [[first = '', firstAt = 0] = [], [second = '', secondAt = 0] = []] = aboutBooks() as [
+      string,
+      number,
+    ][];
     assert.match(
-      stderr[0] ?? '',
+      first,
       new RegExp(
         `^the watch ended at once, without any event \\(${SERVER}\\); retrying in 0\\.[2-5]s$`,
       ),
     );
-    assert.match(stderr[1] ?? '', /retrying in (0\.[5-9]|1\.0)s$/); // doubling
+    assert.match(second, /retrying in (0\.[5-9]|1\.0)s$/); // doubling
     // The fake saw each next watch only after the announced wait.
     const [, , third, fourth] = bookRequests();
     assert.ok(third && fourth);
-    const endedAt = stderrAt;
     assert.ok(
-      third.at - (endedAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS,
-      `watch 3 came ${third.at - (endedAt[0] ?? 0)} ms after ${stderr[0]}`,
+      third.at - firstAt >= retryingMs(first) - SLACK_MS,
+      `watch 3 came ${third.at - firstAt} ms after ${first}`,
     );
     assert.ok(
-      fourth.at - (endedAt[1] ?? 0) >= retryingMs(stderr[1]) - SLACK_MS,
-      `watch 4 came ${fourth.at - (endedAt[1] ?? 0)} ms after ${stderr[1]}`,
+      fourth.at - secondAt >= retryingMs(second) - SLACK_MS,
+      `watch 4 came ${fourth.at - secondAt} ms after ${second}`,
     );
     assert.equal(fake.listRequests().length, 0);
   });
@@ -1546,11 +1659,8 @@ describe('flags, as kubectl has them', () => {
 
 describe('leader election (--leader-elect)', () => {
   /** Two controllers against one fake, told apart by their tokens. */
-  function startReplica(token: string, args: string[] = []) {
-    fake.tokens.add(token);
-    writeKubeconfig({ token });
-    return start(['--leader-elect', ...args], { lines: [] });
-  }
+  const startReplica = (token: string, args: string[] = []) =>
+    startWithToken(token, ['--leader-elect', ...args]);
   const leadingLine = () => stderr.find((line) => line.startsWith('leading as '));
   const identityIn = (line: string | undefined) => /^leading as (\S+) /.exec(line ?? '')?.[1] ?? '';
 
@@ -1647,7 +1757,7 @@ describe('health endpoints (--health-port)', () => {
     await until('the streaming list asked', () => bookRequests().length === 1);
     assert.deepEqual(await get(port, '/readyz'), [503, 'the initial list is not handled yet']);
     assert.deepEqual(await get(port, '/healthz'), [200, 'ok']);
-    assert.equal((await get(port, '/metrics'))[0], 404);
+    assert.equal((await get(port, '/nothing-here'))[0], 404);
     fake.release();
     await until('moby-dick printed', () => stdout.length === 1);
     assert.deepEqual(await get(port, '/readyz'), [200, 'ok']);
@@ -1701,7 +1811,7 @@ describe('checkBook and checkSpec', () => {
     for (const name of ['a', 'b', 'c']) fake.create(name, { title: name });
     const calls: string[] = [];
     const stopper = new AbortController();
-    const reconcile: Reconcile = async (_change: Change, _book, name) => {
+    const reconcile: Reconcile = async (_change: Change, _book, { name }) => {
       calls.push(name);
       stopper.abort(); // as SIGTERM would, while the reconcile is busy
     };
@@ -1712,51 +1822,6 @@ describe('checkBook and checkSpec', () => {
 });
 
 describe('as a program, on this runtime', () => {
-  const here = fileURLToPath(new URL('.', import.meta.url));
-  // How a user starts it here: npx tsx controller.ts (Node), deno run …, bun controller.ts.
-  const command = (copied = false) =>
-    process.versions.deno
-      ? [
-          process.execPath,
-          'run',
-          '--allow-env',
-          '--allow-read',
-          '--allow-net',
-          '--allow-sys',
-          'controller.ts',
-        ]
-      : process.versions.bun
-        ? [process.execPath, ...(copied ? ['--no-install'] : []), 'controller.ts'] // else Bun installs a missing package itself
-        : [process.execPath, ...(copied ? [] : ['--import', 'tsx']), 'controller.ts']; // not tsx's CLI: under load it may SIGKILL its child
-
-  function spawnController(args: string[] = [], options: { copiedTo?: string } = {}) {
-    const [program = '', ...rest] = command(options.copiedTo !== undefined);
-    const child = spawn(program, [...rest, ...args], {
-      cwd: options.copiedTo ?? here,
-      env: process.env,
-    });
-    children.push(child);
-    const err: string[] = [];
-    child.stderr.setEncoding('utf8').on('data', (text: string) => {
-      err.push(text);
-      wake();
-    });
-    const exited = new Promise<number | null>((resolve) =>
-      child.on('exit', (code) => resolve(code)),
-    );
-    let code: number | null | undefined;
-    void exited.then((c) => {
-      code = c;
-      wake();
-    });
-    return { child, err, exited, hasExited: () => code !== undefined };
-  }
-  const readLines = (child: ReturnType<typeof spawnController>['child'], out: string[]) =>
-    child.stdout.setEncoding('utf8').on('data', (text: string) => {
-      out.push(...text.split('\n').filter(Boolean));
-      wake();
-    });
-
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, {
       timeout: 30_000,
@@ -1844,5 +1909,798 @@ describe('as a program, on this runtime', () => {
     const lines = err.join('').split('\n').filter(Boolean);
     assert.equal(lines.length, 1, lines.join('\n'));
     assert.match(lines[0] ?? '', /@kubernetes\/client-node.* — run npm ci first$/);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Issue 17: never act twice, never spin, never lose a Deleted.
+
+const RENEW_DEADLINE_MS = 10_000; // client-go's, and the controller's
+const leadingLines = () => stderr.filter((line) => line.startsWith('leading as '));
+const stoppedLeading = (lines: string[]) =>
+  lines.filter((line) => line.startsWith('stopped leading: '));
+const leaseWrites = (token: string) =>
+  fake.leaseRequests().filter((r) => r.token === token && r.verb !== 'get');
+
+/** Keeps a book changing every `everyMs` until the test ends: work for a leader, so that any act after its deadline would show. */
+function churn(name: string, everyMs: number) {
+  let i = 0;
+  const timer = setInterval(() => {
+    if (fake.get(name)) fake.update(name, { title: `${name} ${++i}` });
+  }, everyMs);
+  return () => clearInterval(timer);
+}
+
+describe('leadership is a fence, not a flag (issue 17)', () => {
+  test('17.1 a leader paused (SIGSTOP) while another takes over prints nothing and writes nothing when resumed, and exits 1 with "stopped leading"', {
+    timeout: 90_000,
+  }, async () => {
+    // The real server keeps idle connections open (for 90 s): so must the fake, or the paused leader's
+    // first act on waking is to find its lease connection closed. (Until the fake has a knob for it.)
+    (fake as unknown as { tls: { keepAliveTimeout: number } }).tls.keepAliveTimeout = 90_000;
+    fake.create('moby-dick', MOBY_DICK);
+    fake.tokens.add('token-a');
+    const a = spawnController(['--leader-elect'], {
+      env: { KUBECONFIG: writeKubeconfigFor({ server: fake.url, token: 'token-a' }) },
+    });
+    const aOut: string[] = [];
+    readLines(a.child, aOut);
+    await until('A leads and prints', () => aOut.length === 1, 30);
+    const b = startWithToken('token-b', ['--leader-elect']);
+    await until('B waiting to lead', () =>
+      stderr.some((line) => line.startsWith('waiting to lead')),
+    );
+    process.kill(a.child.pid ?? 0, 'SIGSTOP'); // its timers, its event loop, its sockets: all still
+    const pausedAt = performance.now();
+    try {
+      await until('B leads', () => leadingLines().length === 1, 30);
+      const retitled = { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] };
+      fake.update('moby-dick', retitled);
+      await until('B prints the retitled book', () =>
+        b.lines.some((line) => line.endsWith(`'${retitled.title}'`)),
+      );
+      await until("B's status for generation 2", () => isReady('moby-dick', 2));
+    } finally {
+      process.kill(a.child.pid ?? 0, 'SIGCONT');
+    }
+    await until('A exits', a.hasExited, 20);
+    assert.equal(await a.exited, 1);
+    assert.deepEqual(aOut, [added('moby-dick', 'Moby Dick')], 'A printed nothing once resumed');
+    assert.deepEqual(
+      writesBy('token-a', pausedAt).map((r) => `${r.verb} ${r.resource} ${r.name ?? ''}`),
+      [],
+      'A wrote nothing once resumed',
+    );
+    const aErr = a.err.join('').split('\n').filter(Boolean);
+    assert.equal(stoppedLeading(aErr).length, 1, aErr.join('\n'));
+    const identityB = /^leading as (\S+) /.exec(leadingLines()[0] ?? '')?.[1];
+    assert.equal(fake.lease('default', 'book-controller')?.spec.holderIdentity, identityB);
+    await b.stop();
+  });
+
+  test('17.2 the renew deadline holds while an exec credential plugin hangs: "stopped leading" within it, exit 1, nothing printed after the takeover', {
+    timeout: 90_000,
+  }, async () => {
+    // A kubeconfig whose user is an exec plugin: its first credential expires in 5 s (4 to 5: whole
+    // seconds); every later run hangs.
+    const dir = mkdtempSync(join(tmpdir(), 'exec-plugin-'));
+    const expiry = new Date(Date.now() + 5000).toISOString().replace(/\.\d+Z$/, 'Z');
+    writeFileSync(
+      join(dir, 'credential.json'),
+      JSON.stringify({
+        apiVersion: 'client.authentication.k8s.io/v1',
+        kind: 'ExecCredential',
+        status: { token: 'token-a', expirationTimestamp: expiry },
+      }),
+    );
+    const plugin = join(dir, 'plugin.sh');
+    writeFileSync(
+      plugin,
+      [
+        'if [ -e "$DIR/issued" ]; then',
+        '  while [ ! -e "$DIR/over" ]; do sleep 0.1; done', // hangs until the test is over
+        '  exit 1',
+        'fi',
+        ': > "$DIR/issued"',
+        'cat "$DIR/credential.json"',
+      ].join('\n'),
+    );
+    const kubeconfig = join(dir, 'config');
+    const user = `exec-${randomUUID()}`; // client-node caches credentials by user name, process-wide
+    writeFileSync(
+      kubeconfig,
+      JSON.stringify({
+        apiVersion: 'v1',
+        kind: 'Config',
+        'current-context': 'fake',
+        clusters: [
+          {
+            name: 'fake',
+            cluster: { server: fake.url, 'certificate-authority-data': btoa(CA_CERT) },
+          },
+        ],
+        users: [
+          {
+            name: user,
+            user: {
+              exec: {
+                apiVersion: 'client.authentication.k8s.io/v1',
+                command: 'sh',
+                args: [plugin],
+                env: [{ name: 'DIR', value: dir }],
+                interactiveMode: 'Never',
+              },
+            },
+          },
+        ],
+        contexts: [{ name: 'fake', context: { cluster: 'fake', user, namespace: 'default' } }],
+      }),
+    );
+    try {
+      fake.tokens.add('token-a');
+      fake.create('moby-dick', MOBY_DICK);
+      const a = start(['--kubeconfig', kubeconfig, '--leader-elect'], {
+        lines: [],
+        reconcile: async () => {},
+      });
+      await until('A leads and prints', () => a.lines.length === 1);
+      const b = startWithToken('token-b', ['--leader-elect'], { reconcile: async () => {} });
+      await until('A stopped leading', () => a.exitCode() !== undefined, 25);
+      const stoppedAt = stderrAt[stderr.findIndex((line) => line.startsWith('stopped leading'))];
+      const lastRenewal = leaseWrites('token-a').at(-1);
+      assert.ok(lastRenewal && stoppedAt !== undefined);
+      assert.ok(
+        stoppedAt - lastRenewal.at <= RENEW_DEADLINE_MS + 1000,
+        `stopped leading ${stoppedAt - lastRenewal.at} ms after its last renewal`,
+      );
+      assert.equal(await a.exited, 1);
+      await until('B leads', () => leadingLines().length === 2, 30);
+      fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale' });
+      await until('B prints the retitled book', () =>
+        b.lines.some((line) => line.includes('Moby-Dick; or, The Whale')),
+      );
+      assert.deepEqual(a.lines, [added('moby-dick', 'Moby Dick')]);
+      assert.equal(stoppedLeading(stderr).length, 1, stderr.join('\n'));
+      await b.stop();
+    } finally {
+      writeFileSync(join(dir, 'over'), ''); // the hanging plugins end
+    }
+  });
+
+  test('17.3 a wall-clock step of +30 s does not make a healthy leader quit', {
+    timeout: 40_000,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const leader = startWithToken('token-a', ['--leader-elect']);
+    await until('a leader', () => leader.lines.length === 1);
+    const realNow = Date.now;
+    const steppedAt = performance.now();
+    try {
+      Date.now = () => realNow() + 30_000; // NTP steps the clock forwards
+      await until(
+        'three renewals after the step, or an exit',
+        () =>
+          leaseWrites('token-a').filter((r) => r.at > steppedAt).length >= 3 ||
+          leader.exitCode() !== undefined,
+        15,
+      );
+      fake.create('hamlet', { title: 'Hamlet' });
+      await until(
+        'hamlet printed, or an exit',
+        () => leader.lines.length === 2 || leader.exitCode() !== undefined,
+      );
+    } finally {
+      Date.now = realNow;
+    }
+    assert.equal(leader.exitCode(), undefined, stderr.join('\n'));
+    assert.deepEqual(leader.lines, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+    assert.deepEqual(stoppedLeading(stderr), []);
+    assert.equal(await leader.stop(), 0);
+  });
+
+  test('17.3 a wall-clock step of -1 h does not keep a leader whose renewals fail leading past the renew deadline', {
+    timeout: 40_000,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const leader = startWithToken('token-a', ['--leader-elect'], { reconcile: async () => {} });
+    await until('a leader', () => leader.lines.length === 1);
+    const identity = /^leading as (\S+) /.exec(leadingLines()[0] ?? '')?.[1] ?? '';
+    const realNow = Date.now;
+    const stopChurn = churn('moby-dick', 300); // work to do all along: an act past the deadline would show
+    try {
+      Date.now = () => realNow() - 3_600_000; // the clock steps back an hour
+      fake.refuseLeaseUpdatesFrom(identity); // and every renewal fails with 500
+      const refusedAt = performance.now();
+      await until('the leader gives up', () => leader.exitCode() !== undefined, 15);
+      const lastRenewal = leaseWrites('token-a')
+        .filter((r) => r.at < refusedAt)
+        .at(-1);
+      assert.ok(lastRenewal);
+      const deadline = lastRenewal.at + RENEW_DEADLINE_MS;
+      const late = leader.times.filter((at) => at > deadline).length;
+      assert.equal(late, 0, `${late} lines printed past the renew deadline`);
+      assert.deepEqual(
+        writesBy('token-a', deadline, (r) => r.resource !== 'leases').map((r) => r.resource),
+        [],
+      );
+    } finally {
+      Date.now = realNow;
+      stopChurn();
+    }
+    assert.equal(await leader.exited, 1);
+    assert.equal(stoppedLeading(stderr).length, 1);
+  });
+
+  test('17.4 a renewal is timed from when it was sent: answered 7.5 s late, the leader acts no more past sent + 10 s', {
+    timeout: 40_000,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const leader = startWithToken('token-a', ['--leader-elect'], { reconcile: async () => {} });
+    await until('a leader', () => leader.lines.length === 1);
+    const identity = /^leading as (\S+) /.exec(leadingLines()[0] ?? '')?.[1] ?? '';
+    const renewals = leaseWrites('token-a').length;
+    fake.delayNextLeaseUpdate(7500); // written at once, answered 7.5 s later
+    await until('the slow renewal sent', () => leaseWrites('token-a').length === renewals + 1);
+    const sent = leaseWrites('token-a').at(-1)?.at ?? 0;
+    fake.refuseLeaseUpdatesFrom(identity); // and every renewal after it fails
+    const stopChurn = churn('moby-dick', 300);
+    try {
+      await until('the leader gives up', () => leader.exitCode() !== undefined, 20);
+    } finally {
+      stopChurn();
+    }
+    const deadline = sent + RENEW_DEADLINE_MS;
+    const late = leader.times.filter((at) => at > deadline).length;
+    assert.equal(late, 0, `${late} lines printed past sent + the renew deadline`);
+    assert.deepEqual(
+      writesBy('token-a', deadline, (r) => r.resource !== 'leases').map((r) => r.resource),
+      [],
+    );
+    assert.ok(leader.lines.length > 1, 'it acted while it led');
+    assert.equal(await leader.exited, 1);
+    assert.equal(stoppedLeading(stderr).length, 1);
+  });
+});
+
+describe('backoff that holds (issue 17)', () => {
+  for (const varying of [false, true]) {
+    const how = varying
+      ? 'a message that varies, each write seen before its answer'
+      : 'a constant message';
+    test(`17.5 two controllers over one book, one succeeding and one failing with ${how}: a few status writes in 10 s, not thousands`, {
+      timeout: 40_000,
+    }, async () => {
+      // e.g. a replica started without --leader-elect from a laptop, next to the deployment
+      if (varying) fake.statusAnswerDelayMs = 50; // the write's own MODIFIED arrives before its answer
+      fake.create('moby-dick', MOBY_DICK);
+      let attempts = 0;
+      const failing = startWithToken('token-fail', [], {
+        reconcile: async () => {
+          attempts++;
+          throw new Error(varying ? `request ${randomUUID()} failed` : 'the ink is wet');
+        },
+      });
+      const succeeding = startWithToken('token-ok', [], { reconcile: async () => {} });
+      const startedAt = performance.now();
+      await sleep(10_000); // the behaviour under test: what ten seconds of this cost
+      await failing.stop();
+      await succeeding.stop();
+      const patches = fake.patches().filter((p) => p.at - startedAt <= 10_000);
+      assert.ok(
+        patches.length <= 12,
+        `${patches.length} status PATCHes and ${attempts} failed reconciles in 10 s`,
+      );
+      assert.ok(attempts >= 2 && attempts <= 6, `${attempts} failed reconciles in 10 s`);
+      assert.ok(
+        patches.some((p) => p.token === 'token-ok') &&
+          patches.some((p) => p.token === 'token-fail'),
+        'both wrote',
+      );
+    });
+  }
+});
+
+describe('Deleted is never lost (issue 17)', () => {
+  test('17.6 a book whose Added always failed, then deleted: its Deleted reconcile runs and is printed', async () => {
+    const calls: string[] = [];
+    fake.create('cursed', { title: 'Cursed' });
+    const controller = start([], {
+      reconcile: async (change, book) => {
+        calls.push(`${change} ${book.spec.title}`);
+        if (change !== 'Deleted') throw new Error('the ink is wet');
+      },
+    });
+    await until('the Added failed', () => stderr.length === 1);
+    fake.remove('cursed');
+    await until('Deleted printed', () => stdout.includes(deleted('cursed')));
+    await controller.stop();
+    assert.deepEqual(stdout, [deleted('cursed')]);
+    assert.deepEqual(calls.at(-1), 'Deleted Cursed');
+    assert.ok(calls.slice(0, -1).every((call) => call === 'Added Cursed'));
+  });
+
+  test('17.6 a book whose Modified failed, then deleted: Deleted receives the newest spec', async () => {
+    const seen: string[] = [];
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start(['-o', 'json'], {
+      reconcile: async (change, book) => {
+        seen.push(`${change} ${book.spec.title}`);
+        if (change === 'Modified') throw new Error('the ink is wet');
+      },
+    });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    const retitled = { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] };
+    fake.update('moby-dick', retitled);
+    await until('the Modified failed', () => stderr.length === 1);
+    fake.remove('moby-dick');
+    await until('Deleted printed', () => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(seen, [
+      'Added Moby Dick',
+      'Modified Moby-Dick; or, The Whale',
+      'Deleted Moby-Dick; or, The Whale',
+    ]);
+    assert.deepEqual(
+      stdout.map((line) => JSON.parse(line)),
+      [
+        { type: 'Added', namespace: 'default', name: 'moby-dick', spec: MOBY_DICK },
+        { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: retitled },
+      ],
+    );
+  });
+});
+
+describe('writes carry a uid precondition (issue 17)', () => {
+  test('17.7 a status write in flight when the book is deleted and created again does not land on the successor; refused quietly, the new book reconciled', async () => {
+    fake.statusLatencyMs = 500; // the PATCH reaches the book only after half a second
+    const first = fake.create('moby-dick', MOBY_DICK);
+    let release = () => {};
+    const successorReconciling = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const started: string[] = [];
+    const controller = start([], {
+      reconcile: async (change, book) => {
+        started.push(`${change} ${book.metadata.uid}`);
+        wake();
+        if (book.metadata.uid !== first.metadata.uid && change !== 'Deleted')
+          await successorReconciling; // its own Added is still running
+      },
+    });
+    await until('the first status write on its way', () => fake.patches().length === 1);
+    const second = fake.recreate('moby-dick', MOBY_DICK);
+    await until('the successor’s reconcile started', () =>
+      started.includes(`Added ${second.metadata.uid}`),
+    );
+    assert.equal(fake.get('moby-dick')?.metadata.uid, second.metadata.uid);
+    assert.notEqual(ready('moby-dick')?.status, 'True', 'the old write landed on the new book');
+    release();
+    await until('the new moby-dick Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    const [oldWrite, newWrite] = fake.patches();
+    assert.ok(
+      Array.isArray(oldWrite?.body) &&
+        oldWrite.body.some(
+          (op: { op?: string; path?: string; value?: unknown }) =>
+            op.op === 'test' && op.path === '/metadata/uid' && op.value === first.metadata.uid,
+        ),
+      `the first PATCH tests the uid: ${JSON.stringify(oldWrite?.body)}`,
+    );
+    assert.equal(oldWrite?.contentType, 'application/json-patch+json');
+    assert.ok(
+      JSON.stringify(newWrite?.body).includes(second.metadata.uid),
+      'the second PATCH tests the new uid',
+    );
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby Dick'),
+    ]);
+    assert.deepEqual(stderr, [], 'the refusal is quiet');
+  });
+});
+
+describe('relists back off (issue 17)', () => {
+  test('17.8 every watch answered 410, in list mode: a few lists in 10 s (0.8 s doubling), and one stderr line', {
+    timeout: 30_000,
+  }, async () => {
+    fake.watchList = false;
+    fake.create('moby-dick', MOBY_DICK);
+    fake.goneForever = true;
+    const controller = start();
+    const startedAt = performance.now();
+    await sleep(10_000); // the behaviour under test: how many lists ten seconds of 410s cost
+    await controller.stop();
+    const lists = fake
+      .listRequests()
+      .filter((r) => r.resource === 'books' && r.at - startedAt <= 10_000);
+    assert.ok(lists.length >= 3 && lists.length <= 6, `${lists.length} lists of books in 10 s`);
+    const reports = stderr.filter((line) => /books.*410/.test(line));
+    assert.equal(reports.length, 1, reports.join('\n'));
+    assert.match(reports[0] ?? '', /failed to watch books \(410: too old resource version/);
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
+  });
+});
+
+describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
+  const F = 'example.technosophos.com/cleanup';
+  const bookPatches = (name: string) =>
+    fake.requests.filter((r) => r.resource === 'books' && r.verb === 'patch' && r.name === name);
+
+  test('it is added before a book’s first reconcile, beside any other finalizer, by a JSON patch that tests the uid', async () => {
+    const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
+    fake.create('hamlet', { title: 'Hamlet' });
+    fake.setFinalizers('hamlet', ['example.com/other']);
+    const seen: string[] = [];
+    const controller = start([], {
+      finalizer: F,
+      reconcile: async (change, book) => {
+        const { name } = book.metadata;
+        seen.push(`${change} ${name}: ${fake.finalizers(name).join(',')}`);
+      },
+    });
+    await until('both Ready', () => isReady('moby-dick') && isReady('hamlet'));
+    await controller.stop();
+    // When each reconcile ran, the server already had the finalizer.
+    assert.deepEqual(seen.sort(), [
+      `Added hamlet: example.com/other,${F}`,
+      `Added moby-dick: ${F}`,
+    ]);
+    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
+    assert.deepEqual(fake.finalizers('hamlet'), ['example.com/other', F]);
+    const [patch, ...more] = bookPatches('moby-dick');
+    assert.equal(more.length, 0);
+    assert.equal(patch?.contentType, 'application/json-patch+json');
+    const ops = (patch?.body ?? []) as unknown[];
+    assert.deepEqual(ops[0], { op: 'test', path: '/metadata/uid', value: uid });
+    assert.deepEqual(ops.at(-1), { op: 'add', path: '/metadata/finalizers', value: [F] });
+    assert.deepEqual(stderr, []);
+  });
+
+  test('a book deleted while no controller ran: Deleted runs and is printed at the next start, then the finalizer goes and so does the book', async () => {
+    const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
+    fake.setFinalizers('moby-dick', [F]); // put there by an earlier run
+    assert.equal(fake.remove('moby-dick'), false); // kubectl delete: held by the finalizer
+    assert.ok(fake.deletionTimestamp('moby-dick'));
+    const calls: string[] = [];
+    const controller = start([], {
+      finalizer: F,
+      reconcile: async (change, book) => {
+        calls.push(
+          `${change} ${book.spec.title}, ${fake.get('moby-dick') ? 'still there' : 'gone'}`,
+        );
+      },
+    });
+    await until('the book gone', () => fake.get('moby-dick') === undefined);
+    await until('Deleted printed', () => stdout.includes(deleted('moby-dick')));
+    await controller.stop();
+    assert.deepEqual(calls, ['Deleted Moby Dick, still there']);
+    assert.deepEqual(stdout, [deleted('moby-dick')]);
+    const removal = bookPatches('moby-dick').at(-1);
+    assert.ok(removal);
+    assert.ok(
+      (controller.times[0] ?? Infinity) <= removal.at,
+      'the line came before the finalizer was removed',
+    );
+    assert.deepEqual((removal.body as unknown[])[0], {
+      op: 'test',
+      path: '/metadata/uid',
+      value: uid,
+    });
+    assert.deepEqual(stderr, []);
+  });
+
+  test('a book deleted while the controller runs: Deleted, then the finalizer removed, then the book is gone', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start([], { finalizer: F, reconcile: async () => {} });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
+    fake.remove('moby-dick');
+    await until('the book gone', () => fake.get('moby-dick') === undefined);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), deleted('moby-dick')]);
+    assert.deepEqual(stderr, []);
+  });
+
+  test('it is removed from a book that leaves the -l selector, which stays', async () => {
+    fake.create('a', { title: 'A' }, 'default', { shelf: 'fiction' });
+    const controller = start(['-l', 'shelf=fiction'], { finalizer: F, reconcile: async () => {} });
+    await until('a has our finalizer and is Ready', () => isReady('a'));
+    assert.deepEqual(fake.finalizers('a'), [F]);
+    fake.label('a', { shelf: 'poetry' });
+    await until('the finalizer removed', () => fake.finalizers('a').length === 0);
+    await until('a Deleted', () => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('a', 'A'), deleted('a')]);
+    assert.ok(fake.get('a'), 'the book itself stays');
+    assert.deepEqual(stderr, []);
+  });
+
+  test('with two --leader-elect replicas only the leader writes it', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const leader = startWithToken('token-a', ['--leader-elect'], { finalizer: F });
+    await until('the leader reconciled moby-dick', () => isReady('moby-dick'));
+    const follower = startWithToken('token-b', ['--leader-elect'], { finalizer: F });
+    await until('the follower waiting', () =>
+      stderr.some((line) => line.startsWith('waiting to lead')),
+    );
+    fake.create('hamlet', { title: 'Hamlet' });
+    await until('hamlet Ready', () => isReady('hamlet'));
+    fake.remove('hamlet');
+    await until('hamlet gone', () => fake.get('hamlet') === undefined);
+    await until(
+      'the follower checked the lease again',
+      () => fake.leaseRequests().filter((r) => r.token === 'token-b').length >= 3,
+    );
+    await follower.stop();
+    await leader.stop();
+    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
+    assert.deepEqual(
+      writesBy('token-b', 0, (r) => r.resource !== 'leases'),
+      [],
+    );
+    assert.deepEqual(
+      writesBy('token-a', 0, (r) => r.resource === 'books').map((r) => r.name),
+      ['moby-dick', 'hamlet', 'hamlet'], // added to each, removed from hamlet
+    );
+    assert.deepEqual(follower.lines, []);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: the reconcile acts on the cluster, a ConfigMap per book, owned by it.
+
+describe('a ConfigMap per book, owned by it (issue 16)', () => {
+  const MANAGED_BY = { 'app.kubernetes.io/managed-by': 'book-controller' };
+  const ownedBy = (book: { metadata: { name: string; uid: string } }) => [
+    {
+      apiVersion: 'example.technosophos.com/v1',
+      kind: 'Book',
+      name: book.metadata.name,
+      uid: book.metadata.uid,
+      controller: true,
+      blockOwnerDeletion: true,
+    },
+  ];
+  const configMapData = (name: string) => fake.configMap('default', name)?.data;
+  const applies = (name?: string) =>
+    fake.configMapRequests('apply').filter((r) => name === undefined || r.name === name);
+
+  test('the walkthrough leaves a ConfigMap with the data, label and owner, applied before the line and the Ready status, and kept up to date', async () => {
+    const book = fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    const configMap = fake.configMap('default', 'moby-dick');
+    assert.deepEqual(configMap?.data, { title: 'Moby Dick', authors: 'Herman Melville' });
+    assert.deepEqual(configMap?.metadata.labels, MANAGED_BY);
+    assert.deepEqual(configMap?.metadata.ownerReferences, ownedBy(book));
+    const [apply, ...more] = applies('moby-dick');
+    assert.equal(more.length, 0);
+    assert.equal(apply?.method, 'PATCH');
+    assert.equal(apply?.path, '/api/v1/namespaces/default/configmaps/moby-dick');
+    assert.equal(apply?.contentType, 'application/apply-patch+yaml');
+    assert.deepEqual(apply?.query, { fieldManager: 'book-controller', force: 'true' });
+    assert.ok(
+      apply && apply.at < (controller.times[0] ?? 0) && apply.at < (fake.patches()[0]?.at ?? 0),
+      'applied before the line and before the status',
+    );
+
+    fake.update('moby-dick', {
+      title: 'Moby-Dick; or, The Whale',
+      authors: ['Herman Melville', 'Ishmael'],
+    });
+    await until('moby-dick Ready at generation 2', () => isReady('moby-dick', 2));
+    assert.deepEqual(configMapData('moby-dick'), {
+      title: 'Moby-Dick; or, The Whale',
+      authors: 'Herman Melville\nIshmael',
+    });
+    fake.update('moby-dick', { title: 'Moby-Dick' }); // no authors: no key
+    await until('moby-dick Ready at generation 3', () => isReady('moby-dick', 3));
+    assert.deepEqual(configMapData('moby-dick'), { title: 'Moby-Dick' });
+
+    const appliesBefore = fake
+      .configMapRequests()
+      .filter((r) => r.verb !== 'list' && r.verb !== 'watch').length;
+    fake.collectGarbage = true; // kube-controller-manager's garbage collector
+    fake.remove('moby-dick');
+    await until('Deleted printed', () => stdout.length === 4);
+    await until(
+      'the ConfigMap collected with its owner',
+      () => !fake.configMap('default', 'moby-dick'),
+    );
+    await controller.stop();
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      modified('moby-dick', 'Moby-Dick; or, The Whale'),
+      modified('moby-dick', 'Moby-Dick'),
+      deleted('moby-dick'),
+    ]);
+    assert.equal(
+      fake.configMapRequests().filter((r) => r.verb !== 'list' && r.verb !== 'watch').length,
+      appliesBefore,
+      'Deleted makes no request: the garbage collector deletes the ConfigMap',
+    );
+    assert.deepEqual(stderr, []);
+  });
+
+  for (const drift of ['deleted', 'edited by another manager', 'unlabelled'] as const) {
+    test(`a ConfigMap ${drift} is repaired within 5 s, with nothing printed`, async () => {
+      const book = fake.create('moby-dick', MOBY_DICK);
+      const controller = start();
+      await until('moby-dick Ready', () => isReady('moby-dick'));
+      const wanted = fake.configMap('default', 'moby-dick');
+      if (drift === 'deleted') fake.deleteConfigMap('default', 'moby-dick');
+      else if (drift === 'edited by another manager')
+        fake.editConfigMap('default', 'moby-dick', { title: 'Moby Duck' });
+      else
+        fake.putConfigMap({
+          metadata: { name: 'moby-dick', ownerReferences: ownedBy(book) },
+          data: wanted?.data,
+        });
+      const said = (c: typeof wanted) => [c?.data, c?.metadata.labels, c?.metadata.ownerReferences];
+      assert.notDeepEqual(said(fake.configMap('default', 'moby-dick')), said(wanted), 'drifted');
+      await until(
+        'the ConfigMap as the book says again',
+        () => {
+          const now = fake.configMap('default', 'moby-dick');
+          return (
+            isDeepStrictEqual(now?.data, { title: 'Moby Dick', authors: 'Herman Melville' }) &&
+            isDeepStrictEqual(now?.metadata.labels, MANAGED_BY) &&
+            isDeepStrictEqual(now?.metadata.ownerReferences, ownedBy(book))
+          );
+        },
+        5,
+      );
+      // A sentinel: once hamlet is done, anything more for moby-dick would have shown.
+      fake.create('hamlet', { title: 'Hamlet' });
+      await until('hamlet Ready', () => isReady('hamlet'));
+      await controller.stop();
+      assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+      assert.deepEqual(stderr, []);
+      assert.equal(applies('moby-dick').length, 2, 'one apply to make it, one to repair it');
+      assert.equal(
+        fake.patches().filter((p) => p.name === 'moby-dick').length,
+        1,
+        'no status write',
+      );
+    });
+  }
+
+  for (const labelled of [true, false]) {
+    test(`a ConfigMap controlled by another owner (${labelled ? 'with' : 'without'} our label) is left alone, and the book's status says who controls it`, async () => {
+      const other = {
+        apiVersion: 'example.technosophos.com/v1',
+        kind: 'Book',
+        name: 'other-book',
+        uid: 'aaaaaaaa-0000-4000-8000-000000000001',
+        controller: true,
+      };
+      const theirs = fake.putConfigMap({
+        metadata: {
+          name: 'moby-dick',
+          ownerReferences: [other],
+          ...(labelled && { labels: MANAGED_BY }),
+        },
+        data: { title: 'theirs' },
+      });
+      fake.create('moby-dick', MOBY_DICK);
+      const controller = start();
+      await until(
+        'moby-dick Ready=False, and reported',
+        () => ready('moby-dick')?.status === 'False' && stderr.length === 1,
+      );
+      await controller.stop();
+      const why = `ConfigMap default/moby-dick is controlled by Book other-book (uid ${other.uid}), not by this book`;
+      assert.equal(ready('moby-dick')?.message, why);
+      assert.equal(ready('moby-dick')?.reason, 'ReconcileFailed');
+      assert.equal(
+        fake.configMap('default', 'moby-dick')?.metadata.resourceVersion,
+        theirs.metadata.resourceVersion,
+      );
+      assert.deepEqual(fake.configMap('default', 'moby-dick')?.data, { title: 'theirs' });
+      assert.deepEqual(stdout, []);
+      assert.equal(stderr.length, 1);
+      assert.match(
+        stderr[0] ?? '',
+        new RegExp(
+          `^reconcile of book moby-dick failed: ${why.replace(/[()]/g, '\\$&')}; retrying in \\d+\\.\\ds$`,
+        ),
+      );
+      if (labelled) assert.equal(applies().length, 0, 'the cache knew: no request');
+    });
+  }
+
+  test('a restart over Ready books with correct ConfigMaps writes nothing: no PATCH, POST or PUT, no resourceVersion moved', async () => {
+    fake.create('a', { title: 'A', authors: ['Anon'] });
+    fake.create('b', { title: 'B' });
+    let controller = startWithToken('token-first');
+    await until('a and b Ready', () => isReady('a') && isReady('b'));
+    await controller.stop();
+    const versions = () =>
+      ['a', 'b'].map((name) => [
+        fake.get(name)?.metadata.resourceVersion,
+        fake.configMap('default', name)?.metadata.resourceVersion,
+      ]);
+    const before = versions();
+    controller = startWithToken('token-restart');
+    await until('a and b printed', () => controller.lines.length === 2);
+    fake.create('c', { title: 'C' }); // a sentinel: handled after a and b
+    await until('c Ready', () => isReady('c'));
+    await controller.stop();
+    assert.deepEqual(versions(), before);
+    // Writes for c only (a set: Deno sometimes sends one request twice, see DENO_EXTRA_REQUEST).
+    assert.deepEqual(
+      new Set(writesBy('token-restart').map((r) => `${r.verb} ${r.resource} ${r.name}`)),
+      new Set(['apply configmaps c', 'patch books/status c']),
+    );
+    assert.deepEqual(controller.lines, [added('a', 'A'), added('b', 'B'), added('c', 'C')]);
+  });
+
+  test('a reconcile error carries the server’s Status message, on one line, to the status and stderr', async () => {
+    const message =
+      'ConfigMap "" is invalid: metadata.name: Required value: name or generateName is required';
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start([], {
+      reconcile: async (_change, _book, { client }) => {
+        await client.create('/api/v1/namespaces/default/configmaps', {
+          apiVersion: 'v1',
+          kind: 'ConfigMap',
+          metadata: {},
+        });
+      },
+    });
+    await until(
+      'moby-dick Ready=False, and reported',
+      () => ready('moby-dick')?.status === 'False' && stderr.length === 1,
+    );
+    await controller.stop();
+    assert.equal(ready('moby-dick')?.message, message);
+    assert.equal(stderr.length, 1);
+    assert.equal(
+      stderr[0]?.replace(/retrying in \d+\.\ds$/, 'retrying in N'),
+      `reconcile of book moby-dick failed: ${message}; retrying in N`,
+    );
+  });
+
+  test('the client gets (undefined when missing), creates and deletes any resource path, with the controller’s credentials', async () => {
+    fake.tokens.add('token-client');
+    writeKubeconfig({ token: 'token-client' });
+    fake.create('moby-dick', MOBY_DICK);
+    const seen: unknown[] = [];
+    const path = '/api/v1/namespaces/default/configmaps';
+    const controller = start([], {
+      reconcile: async (_change, book, { client }) => {
+        seen.push(await client.get(`${path}/notes`));
+        const made = await client.create<{ metadata: { name: string } }>(path, {
+          apiVersion: 'v1',
+          kind: 'ConfigMap',
+          metadata: { name: 'notes' },
+          data: { about: book.spec.title },
+        });
+        seen.push(made.metadata.name);
+        seen.push((await client.get<{ data: unknown }>(`${path}/notes`))?.data);
+        await client.delete(`${path}/notes`);
+        await client.delete(`${path}/notes`); // already gone: fine
+        seen.push(await client.get(`${path}/notes`));
+      },
+    });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    assert.deepEqual(seen, [undefined, 'notes', { about: 'Moby Dick' }, undefined]);
+    assert.deepEqual(
+      fake
+        .configMapRequests()
+        .filter((r) => r.name === 'notes' || r.verb === 'create')
+        .map((r) => `${r.verb} ${r.token}`),
+      [
+        'get token-client',
+        'create token-client',
+        'get token-client',
+        'delete token-client',
+        'delete token-client',
+        'get token-client',
+      ],
+    );
+    assert.deepEqual(stderr, []);
   });
 });
