@@ -1284,6 +1284,62 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     }
   });
 
+  // What the controller's uid precondition relies on, so that the fake can answer the same.
+  test("issue 17: a JSON patch that tests another uid is refused (422) on /status and on the book; a merge patch's uid is no precondition on /status", {
+    timeout: 60_000,
+  }, async () => {
+    await namespace('e2e-uid');
+    await applyBook('e2e-uid', 'moby-dick', 'Moby Dick');
+    const book = await getBook('e2e-uid', 'moby-dick');
+    assert.ok(book);
+    const other = '00000000-0000-0000-0000-000000000001';
+    const ready = { type: 'Ready', status: 'True', reason: 'Reconciled', message: '' };
+    const status = {
+      observedGeneration: 1,
+      conditions: [{ ...ready, observedGeneration: 1, lastTransitionTime: '2026-01-01T00:00:00Z' }],
+    };
+    const jsonPatch = (uid: string, subresource: boolean) =>
+      cluster.kubectl([
+        'patch',
+        'book',
+        'moby-dick',
+        '-n',
+        'e2e-uid',
+        '--type=json',
+        ...(subresource ? ['--subresource=status'] : []),
+        '-p',
+        JSON.stringify([
+          { op: 'test', path: '/metadata/uid', value: uid },
+          subresource
+            ? { op: 'add', path: '/status', value: status }
+            : { op: 'add', path: '/metadata/labels', value: { checked: 'yes' } },
+        ]),
+      ]);
+    for (const subresource of [true, false]) {
+      const refused = await jsonPatch(other, subresource);
+      assert.notEqual(refused.code, 0, 'another uid is refused');
+      assert.match(
+        refused.stderr,
+        /the server rejected our request due to an error in our request/,
+      );
+      const written = await jsonPatch(book.metadata.uid, subresource);
+      assert.equal(written.code, 0, written.stderr);
+    }
+    const merge = await cluster.kubectl([
+      'patch',
+      'book',
+      'moby-dick',
+      '-n',
+      'e2e-uid',
+      '--type=merge',
+      '--subresource=status',
+      '-p',
+      JSON.stringify({ metadata: { uid: other }, status }),
+    ]);
+    assert.equal(merge.code, 0, 'a merge patch on /status ignores metadata.uid');
+    assert.equal((await getBook('e2e-uid', 'moby-dick'))?.metadata.uid, book.metadata.uid);
+  });
+
   test('issue 16: a ConfigMap controlled by another owner is left alone, and the Ready condition (False) says why', {
     timeout: 150_000,
   }, async () => {
