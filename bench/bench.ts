@@ -1,30 +1,39 @@
 // Benchmark: controller.ts against a floor (bench/floor.ts) or a computed ideal, every row of
-// issue 12's table, each with its target and ✅/❌, all in one run.
+// issues 12 and 20, each with its target and ✅/❌, all in one run.
 //
 //   node bench/bench.ts [--runs R] [--runtime node|deno|bun] [--launcher strip|tsx|npx]
 //                       [--books N] [--events M] [--memory-books B] [--ready-books C] [--latency MS]
-//                       [--concurrency 1,8] [--ready-runs R] [--skip sync,memory,ready,idle]
-//                       [--tables launchers,imports] [--controller FILE] [--pin]
-//   node bench/bench.ts --profile [--scenario stream|paged|ready1|ready8|memory]
+//                       [--concurrency 1,8] [--ready-runs R] [--skip sync,tsx,memory,ready,idle]
+//                       [--raw] [--tables launchers,imports,tsx] [--controller FILE] [--pin]
+//                       [--real [--real-books 3000] [--real-runs 3] [--skip-fake]]
+//   node bench/bench.ts --profile [--scenario stream|paged|ready1|ready8|memory] [--heap]
 //
 // Scenarios (every one against bench/server.ts, a loopback HTTPS API server in its own process,
-// reset to a fresh world before every run; it counts the requests of each run):
-//   sync+watch  N books (none Ready yet); once the client is in sync (every book printed and Ready),
-//               a burst of M watch events; with the streaming list, and with a server that refuses it
-//               (422, so the client falls back to pages). Controller, floor (same work plus one
-//               awaited status patch per new generation) and raw floor (round 1's: no status, nothing
-//               kept) are run interleaved, in a rotating order, R times. Initial sync = spawn → the
-//               stdout line by which every one of the N books had its Added; watch = the burst → in
-//               sync again (the last line, or the last status write if later: a level-triggered
-//               controller may merge the burst's changes, issue 9). Peak RSS = VmHWM of the process
-//               running the code, over the whole run.
-//   memory      B books already Ready (a restart: nothing to write), streaming list; each subject
-//               started with bench/memprobe.ts preloaded: after the B-th Added and 0.5 s, SIGUSR2 →
-//               forced GC → heapUsed. Per book = (heap with B − heap with none) / B.
+// reset to a fresh world before every run; it counts the requests of each run by kind):
+//   sync+watch  N books (none Ready yet, no ConfigMaps); once the client is in sync (every book
+//               printed and Ready), a burst of M watch events; with the streaming list, and with a
+//               server that refuses it (422, so the client falls back to pages); on Node also the
+//               streaming list under `npx tsx` (the controller's documented way to run). Controller
+//               and floor (the same work: list + watch of books and owned ConfigMaps, one awaited
+//               server-side apply and one awaited status patch per new generation; with --raw also
+//               round 1's raw floor) are run interleaved, in a rotating order, R times. Initial
+//               sync = spawn → the stdout line by which every one of the N books had its Added;
+//               first event = spawn → the first line; watch = the burst → in sync again (the last
+//               line, or the last write if later: a level-triggered controller may merge the
+//               burst's changes, issue 9). Peak RSS = VmHWM of the process running the code.
+//   memory      B books already Ready, each with its correct ConfigMap (a restart: nothing to
+//               write), streaming list; each subject started with bench/memprobe.ts preloaded:
+//               after the B-th Added and 0.5 s, SIGUSR2 → forced GC → heapUsed. Per book =
+//               (heap with B − heap with none) / B: the book and its ConfigMap's cache entry.
 //   ready       C new books created while the controller watches, the server adding MS to every
-//               status patch; time (server side) from their ADDED until the last is Ready, at each
-//               --concurrency, against the ideal C × MS / concurrency.
+//               write (the apply and the status patch); time (server side) from their ADDED until
+//               the last is Ready, at each --concurrency, against the ideal C × 2 × MS / concurrency.
 //   idle        10 Ready books, --watch-timeout 1, 5 s: one watch per timeout, nothing else.
+//   --real      against a real kube-apiserver and etcd (e2e/cluster.ts, binaries from
+//               e2e/build.sh): C books created while the subject runs (controller at each
+//               --concurrency, and the floor), time until all are Ready; a restart over them
+//               (writes counted in the audit log, and the books' and ConfigMaps' resourceVersions);
+//               peak RSS. A few minutes; --skip-fake runs only these.
 // Medians, [min–max] where runs > 1. Lines are checked against the workload: changes of one book
 // may merge while it waits (issue 9), but each book's lines follow its history and end in its
 // final state. A controller flag it does not know (exit 2) makes its rows n/a.
@@ -34,14 +43,26 @@
 // that split explicit with taskset (client on CPU 1).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import https from 'node:https';
-import { mkdtempSync, writeFileSync, readFileSync, readdirSync, existsSync, rmSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  fstatSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { builtinModules } from 'node:module';
-import { tmpdir, cpus, hostname } from 'node:os';
+import { cpus, hostname, loadavg, release, tmpdir, totalmem } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { checkLines } from './workload.ts';
+import { authors as authorsOf, checkLines, listTitle as listTitleOf } from './workload.ts';
 
 const BENCH = dirname(fileURLToPath(import.meta.url));
 const ROOT = dirname(BENCH);
@@ -55,7 +76,7 @@ const { values: flags } = parseArgs({
     'memory-books': { type: 'string', default: '100000' },
     'ready-books': { type: 'string', default: '2000' },
     'ready-runs': { type: 'string', default: '1' },
-    latency: { type: 'string', default: '20' },
+    latency: { type: 'string', default: '10' },
     concurrency: { type: 'string', default: '1,8' },
     controller: { type: 'string', default: join(ROOT, 'controller.ts') },
     skip: { type: 'string', default: '' },
@@ -63,6 +84,12 @@ const { values: flags } = parseArgs({
     profile: { type: 'boolean', default: false },
     scenario: { type: 'string', default: 'stream' },
     pin: { type: 'boolean', default: false },
+    raw: { type: 'boolean', default: false },
+    heap: { type: 'boolean', default: false },
+    real: { type: 'boolean', default: false },
+    'real-books': { type: 'string', default: '3000' },
+    'real-runs': { type: 'string', default: '3' },
+    'skip-fake': { type: 'boolean', default: false },
   },
 });
 const N = Number(flags.books),
@@ -87,7 +114,10 @@ if (!existsSync(CONTROLLER)) {
 }
 
 // ---------- launchers: how a .ts file is started ----------
-type Launcher = 'tsx' | 'npx' | 'strip' | 'deno' | 'bun';
+type Launcher = 'tsx' | 'npx' | 'strip' | 'deno' | 'bun' | 'tsx-nomaps' | 'strip-maps';
+// tsx turns Node's source maps on (process.setSourceMapsEnabled(true)) when it registers: Node then
+// reads and keeps the source map of every module loaded after it that names one (see tsxTable).
+const NO_SOURCE_MAPS = 'data:text/javascript,process.setSourceMapsEnabled(false)';
 const NODE = process.execPath;
 /** The command line; `probe` preloads memprobe.ts with a GC the probe can force. */
 function command(
@@ -103,11 +133,25 @@ function command(
       return [NODE, ...nodeFlags, '--import', 'tsx', ...pre, file, ...args];
     case 'strip':
       return [NODE, ...nodeFlags, ...pre, file, ...args];
+    case 'tsx-nomaps':
+      return [
+        NODE,
+        ...nodeFlags,
+        '--import',
+        'tsx',
+        '--import',
+        NO_SOURCE_MAPS,
+        ...pre,
+        file,
+        ...args,
+      ];
+    case 'strip-maps':
+      return [NODE, ...nodeFlags, '--enable-source-maps', ...pre, file, ...args];
     case 'npx':
       return probe ? command('tsx', file, args, nodeFlags, probe) : ['npx', 'tsx', file, ...args];
     case 'deno':
       return [
-        'deno',
+        runtimeBinary('deno'),
         'run',
         '-A',
         '--no-lock',
@@ -116,15 +160,33 @@ function command(
         ...args,
       ];
     case 'bun':
-      return ['bun', ...(probe ? ['--preload', PROBE] : []), file, ...args];
+      return [runtimeBinary('bun'), ...(probe ? ['--preload', PROBE] : []), file, ...args];
   }
+}
+// Deno and Bun, the versions the project tests with, through npx (fetched once into its cache);
+// the binary itself is run, so that npx's own process is not part of start-up or memory.
+const RUNTIMES = { deno: 'deno@2.9.6', bun: 'bun@1.4.5' };
+const binaries = new Map<string, string>();
+function runtimeBinary(name: 'deno' | 'bun'): string {
+  let path = binaries.get(name);
+  if (!path) {
+    const script =
+      name === 'deno'
+        ? ['eval', 'console.log(Deno.execPath())']
+        : ['-e', 'console.log(process.execPath)'];
+    path = execFileSync('npx', ['-y', RUNTIMES[name], ...script], { encoding: 'utf8' }).trim();
+    binaries.set(name, path);
+  }
+  return path;
 }
 const LAUNCHER_NAME: Record<Launcher, string> = {
   tsx: 'node --import tsx',
   npx: 'npx tsx',
   strip: 'node (type stripping)',
-  deno: 'deno run -A',
-  bun: 'bun',
+  'tsx-nomaps': 'node --import tsx, source maps off',
+  'strip-maps': 'node --enable-source-maps',
+  deno: `deno run -A (${RUNTIMES.deno})`,
+  bun: `bun (${RUNTIMES.bun})`,
 };
 const MAIN: Launcher =
   flags.runtime === 'node' ? (flags.launcher as Launcher) : (flags.runtime as Launcher);
@@ -180,14 +242,33 @@ interface ServerStats {
   watches: number;
   streamingLists: number;
   rejectedStreamingLists: number;
+  cmListPages: number;
+  cmWatches: number;
+  cmStreamingLists: number;
+  cmRejectedStreamingLists: number;
+  cmUnselected: number;
+  applies: number;
+  appliesCreated: number;
+  appliesUnchanged: number;
+  applies422: number;
   statusPatches: number;
   statusPatches404: number;
+  statusPatches422: number;
+  statusUnchanged: number;
+  gets: number;
   other: number;
   unauthorized: number;
   connections: number;
+  generations: number;
+  gcDeletes: number;
   books: number;
+  configMaps: number;
   notReady: number;
+  cmWrong: number | null;
   openWatches: number;
+  openBookWatches: number;
+  openCmWatches: number;
+  rv: number;
   created: number;
   createdReady: number;
   readyMs: number;
@@ -420,7 +501,7 @@ class Child {
 }
 const spawnSubject = (
   s: Subject,
-  server: Server,
+  server: { kubeconfig: string },
   launcher = MAIN,
   opts: {
     args?: string[];
@@ -499,14 +580,27 @@ const progress = (s = '.') => process.stderr.write(s);
 
 // ---------- scenario: sync + watch ----------
 type Mode = 'streaming' | 'paginated';
+/** One way to run the sync+watch scenario: the list the server allows, and how .ts is started. */
+interface Variant {
+  mode: Mode;
+  launcher: Launcher;
+  label: string;
+}
+const variant = (mode: Mode, launcher: Launcher): Variant => ({
+  mode,
+  launcher,
+  label: launcher === MAIN ? mode : `${mode}, ${LAUNCHER_NAME[launcher]}`,
+});
 interface SyncRun {
   syncMs: number;
+  firstMs: number;
   watchMs: number;
   rssMB: number;
   cpuS: number;
   lines: number;
   merged: number;
   requests: ServerStats;
+  peaks?: { peaks: Record<string, number>; before: Record<string, number>; heapUsed: number };
   error?: string;
   na?: string;
 }
@@ -516,6 +610,7 @@ async function syncRun(
   mode: Mode,
   launcher = MAIN,
   nodeFlags: string[] = [],
+  peaks = false, // sample process.memoryUsage() in the subject (bench/memprobe.ts)
 ): Promise<SyncRun> {
   await server.call('reset', {
     books: N,
@@ -523,8 +618,18 @@ async function syncRun(
     watchlist: mode === 'streaming' ? 1 : 0,
     latency: 0,
   });
-  const c = spawnSubject(s, server, launcher, { nodeFlags });
-  const writes = s !== RAW; // the raw floor writes no status: never Ready
+  const file = join(tmp, `peaks-${Math.random().toString(36).slice(2)}.json`);
+  const probeEnv = { BENCH_MEMORY_FILE: file, BENCH_MEMORY_PEAKS: '1' };
+  // npx cannot take node flags: the probe goes in through NODE_OPTIONS (every node in the chain
+  // loads it; only the one running the code gets the signal)
+  const c = !peaks
+    ? spawnSubject(s, server, launcher, { nodeFlags })
+    : launcher === 'npx'
+      ? spawnSubject(s, server, launcher, {
+          env: { ...probeEnv, NODE_OPTIONS: `--import ${pathToFileURL(PROBE).href}` },
+        })
+      : spawnSubject(s, server, launcher, { nodeFlags, probe: true, env: probeEnv });
+  const writes = s !== RAW; // the raw floor writes nothing: never Ready
   const limit = 180_000 + (N + M) * 5;
   const inSync = async () => !writes || (await server.call('stats')).notReady === 0;
   // in sync: every book printed (N lines; fewer if it merged, then 2 s of silence) and Ready
@@ -532,6 +637,7 @@ async function syncRun(
   if (how === 'done') how = await c.until(inSync, limit);
   const run: SyncRun = {
     syncMs: NaN,
+    firstMs: c.times.length ? c.times[0] - c.t0 : NaN,
     watchMs: NaN,
     rssMB: NaN,
     cpuS: NaN,
@@ -548,8 +654,17 @@ async function syncRun(
     how = await c.waitLines(N + M, 2000, limit, linesAtSync + 1);
     if (how === 'done') how = await c.until(inSync, limit);
     Object.assign(run, procStats(c.pid));
-    run.requests = await server.call('stats');
-    // in sync after the burst: the last line, or the last status write if later
+    if (peaks) {
+      try {
+        process.kill(c.pid, 'SIGUSR2');
+        await c.until(() => existsSync(file), 10_000);
+        run.peaks = JSON.parse(readFileSync(file, 'utf8'));
+      } catch {
+        /* no report */
+      }
+    }
+    run.requests = await server.call('stats', { full: 1 });
+    // in sync after the burst: the last line, or the last write if later
     const lastPatch = run.requests.lastPatchAt - performance.timeOrigin;
     run.watchMs =
       Math.max(c.times[c.times.length - 1], Number.isNaN(lastPatch) ? 0 : lastPatch) - burst;
@@ -572,7 +687,7 @@ async function syncRun(
   const { problems, merged } = checkLines(N, M, lines);
   run.merged = merged;
   if (how !== 'done')
-    run.error = `${how} after ${lines.length} lines, exit ${exit}: ${c.lastStderr()}`;
+    run.error = `${how} after ${lines.length} lines, exit ${exit}: ${c.lastStderr(6)}`;
   else if (problems.length) run.error = problems.join('; ');
   else if (exit !== 0) run.error = `exit ${exit} after SIGTERM (want 0): ${c.lastStderr()}`;
   if (c.stderr.trim() && !run.error)
@@ -582,23 +697,65 @@ async function syncRun(
 
 function requestText(r: ServerStats) {
   const parts = [];
-  if (r.streamingLists)
-    parts.push(`${r.streamingLists} streaming list${r.streamingLists > 1 ? 's' : ''}`);
-  if (r.rejectedStreamingLists) parts.push(`${r.rejectedStreamingLists} refused (422)`);
-  if (r.listPages) parts.push(`${r.listPages} list pages`);
-  if (r.watches) parts.push(`${r.watches} watch${r.watches > 1 ? 'es' : ''}`);
+  const plural = (n: number, one: string, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
+  const lists = (
+    what: string,
+    streaming: number,
+    refused: number,
+    pages: number,
+    watches: number,
+  ) => {
+    const p = [];
+    if (streaming) p.push(plural(streaming, 'streaming list'));
+    if (refused) p.push(`${refused} refused (422)`);
+    if (pages) p.push(plural(pages, 'list page'));
+    if (watches) p.push(plural(watches, 'watch', 'watches'));
+    return p.length ? `${what}: ${p.join(', ')}` : '';
+  };
   parts.push(
-    `${r.statusPatches} status patches${r.statusPatches404 ? ` (${r.statusPatches404} 404)` : ''}`,
+    lists('books', r.streamingLists, r.rejectedStreamingLists, r.listPages, r.watches),
+    lists('ConfigMaps', r.cmStreamingLists, r.cmRejectedStreamingLists, r.cmListPages, r.cmWatches),
   );
+  const unchanged = r.appliesUnchanged ? `, ${r.appliesUnchanged} unchanged` : '';
+  parts.push(`${plural(r.applies, 'apply', 'applies')}${unchanged}`);
+  const status = [
+    r.statusPatches404 ? `${r.statusPatches404} 404` : '',
+    r.statusPatches422 ? `${r.statusPatches422} 422` : '',
+    r.statusUnchanged ? `${r.statusUnchanged} unchanged` : '',
+  ].filter(Boolean);
+  parts.push(
+    `${plural(r.statusPatches, 'status patch', 'status patches')}${status.length ? ` (${status.join(', ')})` : ''}`,
+  );
+  if (r.gets) parts.push(`${r.gets} GET`);
   if (r.other) parts.push(`${r.other} other`);
+  if (r.cmUnselected) parts.push(`${r.cmUnselected} ConfigMap lists without the label selector`);
   if (r.unauthorized) parts.push(`${r.unauthorized} 401`);
   parts.push(`${r.connections} conn.`);
-  return parts.join(', ');
+  return parts.filter(Boolean).join(', ');
 }
 
+/** Writes that match the contract: at most one apply and one status patch per new generation, none wasted. */
+function writesOk(r: ServerStats) {
+  return (
+    r.applies <= r.generations &&
+    r.statusPatches <= r.generations &&
+    r.appliesUnchanged === 0 &&
+    r.statusUnchanged === 0 &&
+    r.applies422 === 0 &&
+    r.other === 0 &&
+    r.notReady === 0 &&
+    (r.cmWrong ?? 0) === 0
+  );
+}
+const endState = (r: ServerStats) =>
+  `${r.generations} new generations, ${r.notReady} not Ready, ${r.cmWrong ?? '?'} wrong ConfigMaps`;
+
 async function syncTable() {
-  const subjects = [CTRL, FLOORS, RAW];
-  const modes: Mode[] = ['streaming', 'paginated'];
+  const subjects = flags.raw ? [CTRL, FLOORS, RAW] : [CTRL, FLOORS];
+  const variants = [variant('streaming', MAIN), variant('paginated', MAIN)];
+  // On Node, also the way the README runs it (npx tsx), against the floor started the same way.
+  if (flags.runtime === 'node' && MAIN !== 'npx' && !SKIP.has('tsx'))
+    variants.push(variant('streaming', 'npx'));
   console.log(
     `\n## initial sync and watch: N=${N} books (none Ready yet), then M=${M} watch events; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`,
   );
@@ -607,12 +764,12 @@ async function syncTable() {
   const errors: string[] = [];
   try {
     for (let r = 0; r < R; r++) {
-      for (const mode of modes) {
+      for (const v of variants) {
         for (let k = 0; k < subjects.length; k++) {
           const s = subjects[(k + r) % subjects.length]; // rotate the order each round
-          const run = await syncRun(server, s, mode);
-          if (run.error) errors.push(`${s.name}, ${mode}, run ${r + 1}: ${run.error}`);
-          const key = `${s.name}/${mode}`;
+          const run = await syncRun(server, s, v.mode, v.launcher);
+          if (run.error) errors.push(`${s.name}, ${v.label}, run ${r + 1}: ${run.error}`);
+          const key = `${s.name}/${v.label}`;
           res.set(key, [...(res.get(key) ?? []), run]);
           progress();
         }
@@ -622,101 +779,116 @@ async function syncTable() {
     server.stop();
     progress('\n');
   }
-  const get = (s: Subject, mode: Mode, f: (r: SyncRun) => number) =>
-    (res.get(`${s.name}/${mode}`) ?? []).map(f);
-  const na = (mode: Mode) => res.get(`controller/${mode}`)?.find((r) => r.na)?.na;
-  console.log('| metric | mode | controller | floor | ratio | raw floor (no status, no cache) |');
-  console.log('|---|---|---|---|---|---|');
+  const get = (s: Subject, v: Variant, f: (r: SyncRun) => number) =>
+    (res.get(`${s.name}/${v.label}`) ?? []).map(f);
+  const na = (v: Variant) => res.get(`controller/${v.label}`)?.find((r) => r.na)?.na;
+  console.log(
+    `| metric | variant | controller | floor | ratio |${flags.raw ? ' raw floor (no writes, no cache) |' : ''}`,
+  );
+  console.log(`|---|---|---|---|---|${flags.raw ? '---|' : ''}`);
   const detail = (metric: string, f: (r: SyncRun) => number, d = 0) => {
-    for (const mode of modes) {
-      const c = get(CTRL, mode, f),
-        fl = get(FLOORS, mode, f);
+    for (const v of variants) {
+      const c = get(CTRL, v, f),
+        fl = get(FLOORS, v, f);
       console.log(
-        `| ${metric} | ${mode} | ${cell(c, d)} | ${cell(fl, d)} | ${fmt(median(c) / median(fl), 2)} | ${cell(get(RAW, mode, f), d)} |`,
+        `| ${metric} | ${v.label} | ${cell(c, d)} | ${cell(fl, d)} | ${fmt(median(c) / median(fl), 2)} |${flags.raw ? ` ${cell(get(RAW, v, f), d)} |` : ''}`,
       );
     }
   };
+  detail('spawn → first line (ms)', (r) => r.firstMs);
   detail('spawn → N-th book Added (ms)', (r) => r.syncMs);
   detail('watch: burst of M events → in sync again (ms)', (r) => r.watchMs);
   detail('lines printed', (r) => r.lines);
   detail('lines merged (issue 9)', (r) => r.merged);
   detail('peak RSS (MB)', (r) => r.rssMB);
   detail('CPU user+sys (s)', (r) => r.cpuS, 2);
+  detail('applies', (r) => r.requests.applies);
   detail('status patches', (r) => r.requests.statusPatches);
   detail('books not Ready at the end', (r) => r.requests.notReady);
+  detail('books with a wrong ConfigMap at the end', (r) => r.requests.cmWrong ?? NaN);
   console.log('\nrequests of the last run of each (counted by the server):\n');
-  for (const mode of modes)
+  for (const v of variants)
     for (const s of subjects) {
-      const last = res.get(`${s.name}/${mode}`)?.at(-1);
-      if (last) console.log(`- ${s.name}, ${mode}: ${requestText(last.requests)}`);
+      const last = res.get(`${s.name}/${v.label}`)?.at(-1);
+      if (last) console.log(`- ${s.name}, ${v.label}: ${requestText(last.requests)}`);
     }
   for (const e of errors) console.log(`\n⚠️ ${e}`);
 
-  for (const mode of modes)
+  for (const v of variants)
     ratioRow(
-      `initial sync of ${N} books, ${mode} (spawn → N-th Added, ms)`,
-      get(CTRL, mode, (r) => r.syncMs),
-      get(FLOORS, mode, (r) => r.syncMs),
+      `initial sync of ${N} books, ${v.label} (spawn → N-th Added, ms)`,
+      get(CTRL, v, (r) => r.syncMs),
+      get(FLOORS, v, (r) => r.syncMs),
       'floor',
       0,
       1.2,
-      na(mode),
+      na(v),
     );
-  for (const mode of modes)
+  for (const v of variants)
     ratioRow(
-      `watch of ${M} events, ${mode} (ms)`,
-      get(CTRL, mode, (r) => r.watchMs),
-      get(FLOORS, mode, (r) => r.watchMs),
+      `watch of ${M} events, ${v.label} (ms)`,
+      get(CTRL, v, (r) => r.watchMs),
+      get(FLOORS, v, (r) => r.watchMs),
       'floor',
       0,
       1.25,
-      na(mode),
+      na(v),
+    );
+  for (const v of variants)
+    ratioRow(
+      `first event, ${v.label} (spawn → first line, ms)`,
+      get(CTRL, v, (r) => r.firstMs),
+      get(FLOORS, v, (r) => r.firstMs),
+      'floor',
+      0,
+      1.1,
+      na(v),
     );
   // requests: what the contract needs, and no more
-  const changes = N + 2 * Math.ceil(M / 3); // one status write per book and per spec change
-  for (const mode of modes) {
-    const runs = res.get(`controller/${mode}`) ?? [];
+  for (const v of variants) {
+    const runs = res.get(`controller/${v.label}`) ?? [];
     const last = runs.at(-1);
     const want =
-      mode === 'streaming'
-        ? { streamingLists: 1, listPages: 0, watches: 0, rejectedStreamingLists: 0 }
+      v.mode === 'streaming'
+        ? { streamingLists: 1, listPages: 0, watches: 0, cmStreamingLists: 1, cmListPages: 0 }
         : {
             streamingLists: 0,
             listPages: Math.max(1, Math.ceil(N / 500)),
             watches: 1,
             rejectedStreamingLists: 1,
+            cmStreamingLists: 0,
+            cmListPages: 1,
+            cmWatches: 1,
+            cmRejectedStreamingLists: 1,
           };
     const ok =
-      last && !na(mode)
+      last && !na(v)
         ? runs.every(
             (r) =>
-              r.requests.statusPatches <= changes &&
-              r.requests.notReady === 0 &&
-              r.requests.other === 0 &&
-              Object.entries(want).every(([k, v]) => r.requests[k as keyof ServerStats] === v),
+              writesOk(r.requests) &&
+              Object.entries(want).every(([k, n]) => r.requests[k as keyof ServerStats] === n),
           )
         : undefined;
-    const fl = res.get(`floor/${mode}`)?.at(-1);
+    const fl = res.get(`floor/${v.label}`)?.at(-1);
     SUMMARY.push({
-      measure: `requests, sync + watch, ${mode}`,
+      measure: `requests, sync + watch, ${v.label}`,
       controller:
-        na(mode) ??
-        (last ? `${requestText(last.requests)}; ${last.requests.notReady} not Ready` : '–'),
+        na(v) ?? (last ? `${requestText(last.requests)}; ${endState(last.requests)}` : '–'),
       reference: fl ? `floor: ${requestText(fl.requests)}` : '',
       ratio: '–',
-      target: `${mode === 'streaming' ? '1 streaming list' : '1 refused streaming list, 40 pages, 1 watch'}; ≤ ${changes} status patches (one per change); 0 not Ready`,
+      target: `${v.mode === 'streaming' ? '1 streaming list each' : 'each: 1 refused streaming list, its pages, 1 watch'}; ≤ 1 apply and ≤ 1 status patch per new generation, none unchanged; all Ready with their ConfigMaps`,
       ok,
     });
   }
-  for (const mode of modes)
+  for (const v of variants)
     ratioRow(
-      `peak RSS, ${mode} (MB)`,
-      get(CTRL, mode, (r) => r.rssMB),
-      get(FLOORS, mode, (r) => r.rssMB),
+      `peak RSS, ${v.label} (MB)`,
+      get(CTRL, v, (r) => r.rssMB),
+      get(FLOORS, v, (r) => r.rssMB),
       'floor',
       0,
       1.15,
-      na(mode),
+      na(v),
     );
 }
 
@@ -725,8 +897,17 @@ interface MemRun {
   heapUsed: number;
   rss: number;
   hwm: number;
-  patches: number;
+  patches: number; // writes: applies + status patches
+  rvMoved: number; // how far the server's resourceVersion moved
+  requests?: ServerStats;
   gc: boolean;
+  probe?: {
+    heapTotal: number;
+    external: number;
+    arrayBuffers: number;
+    spaces: Record<string, number>;
+    sourceMaps?: boolean;
+  };
   error?: string;
   na?: string;
 }
@@ -749,7 +930,14 @@ async function memRun(
     books > 0
       ? await c.waitLines(books, 3000, timeout)
       : await c.until(async () => (await server.call('stats')).openWatches > 0, timeout);
-  const run: MemRun = { heapUsed: NaN, rss: NaN, hwm: NaN, patches: NaN, gc: false };
+  const run: MemRun = {
+    heapUsed: NaN,
+    rss: NaN,
+    hwm: NaN,
+    patches: NaN,
+    rvMoved: NaN,
+    gc: false,
+  };
   if (how === 'done') {
     await sleep(500);
     try {
@@ -760,14 +948,17 @@ async function memRun(
     await c.until(() => existsSync(file), 10_000);
     try {
       const m = JSON.parse(readFileSync(file, 'utf8'));
-      Object.assign(run, { heapUsed: m.heapUsed, rss: m.rss / 1048576, gc: m.gc });
+      Object.assign(run, { heapUsed: m.heapUsed, rss: m.rss / 1048576, gc: m.gc, probe: m });
     } catch {
       run.error = 'no memory report after SIGUSR2';
     }
     run.hwm = procStats(c.pid).rssMB;
   } else run.error = `${how} after ${c.lines} lines: ${c.lastStderr()}`;
   const exit = await c.stop();
-  run.patches = (await server.call('stats')).statusPatches;
+  const st = await server.call('stats');
+  run.requests = st;
+  run.patches = st.applies + st.statusPatches;
+  run.rvMoved = st.rv - 2 * books; // a fresh world: one RV per book and per ConfigMap
   if (c.lines < books) run.error ??= `printed ${c.lines} of ${books} lines`;
   if (exit !== 0) run.error ??= `exit ${exit} after SIGTERM: ${c.lastStderr()}`;
   run.na = refused(c);
@@ -775,9 +966,9 @@ async function memRun(
 }
 
 async function memoryTable() {
-  const subjects = [CTRL, FLOORS, RAW];
+  const subjects = flags.raw ? [CTRL, FLOORS, RAW] : [CTRL, FLOORS];
   console.log(
-    `\n## memory per cached book: ${MB} books already Ready (a restart), streaming list; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`,
+    `\n## memory per cached book: ${MB} books already Ready with their ConfigMaps (a restart), streaming list; ${LAUNCHER_NAME[MAIN]}, ${R} runs\n`,
   );
   const server = await startServer(MB, 0);
   const res = new Map<string, MemRun[]>();
@@ -807,9 +998,9 @@ async function memoryTable() {
     return get(s, MB, (r) => (r.heapUsed - none) / MB);
   };
   console.log(
-    `| metric | controller | floor (generation per book) | raw floor (nothing per book) |`,
+    `| metric | controller | floor (a number per book and per ConfigMap) |${flags.raw ? ' raw floor (nothing per book) |' : ''}`,
   );
-  console.log('|---|---|---|---|');
+  console.log(`|---|---|---|${flags.raw ? '---|' : ''}`);
   const line = (metric: string, f: (s: Subject) => number[], d = 0) =>
     console.log(`| ${metric} | ${subjects.map((s) => cell(f(s), d)).join(' | ')} |`);
   line('heap used after GC, no books (MB)', (s) => get(s, 0, (r) => r.heapUsed / 1048576), 1);
@@ -817,7 +1008,10 @@ async function memoryTable() {
   line('bytes per cached book', perBook);
   line(`RSS after GC, ${MB} books (MB)`, (s) => get(s, MB, (r) => r.rss));
   line(`peak RSS, ${MB} books (MB)`, (s) => get(s, MB, (r) => r.hwm));
-  line(`status patches over ${MB} Ready books`, (s) => get(s, MB, (r) => r.patches));
+  line(`writes (applies + status patches) over ${MB} Ready books`, (s) =>
+    get(s, MB, (r) => r.patches),
+  );
+  line(`resourceVersion moved by`, (s) => get(s, MB, (r) => r.rvMoved));
   if (!res.get(`controller/${MB}`)?.some((r) => r.gc))
     errors.push('the runtime offered no forced GC: heap numbers include garbage');
   for (const e of errors) console.log(`\n⚠️ ${e}`);
@@ -826,7 +1020,7 @@ async function memoryTable() {
   SUMMARY.push({
     measure: `memory per cached book (heap after GC, ${MB} books − none, / ${MB}; bytes)`,
     controller: na ?? cell(perBook(CTRL)),
-    reference: `floor ${cell(perBook(FLOORS))}, raw floor ${cell(perBook(RAW))}`,
+    reference: `floor ${cell(perBook(FLOORS))}${flags.raw ? `, raw floor ${cell(perBook(RAW))}` : ''}`,
     ratio: '–',
     target: '≤ 500 bytes',
     ok: na || Number.isNaN(pb) ? undefined : pb <= 500,
@@ -841,12 +1035,20 @@ async function memoryTable() {
   });
   const patches = get(CTRL, MB, (r) => r.patches);
   SUMMARY.push({
-    measure: `requests, restart over ${MB} books already Ready (status patches)`,
-    controller: na ?? cell(patches),
+    measure: `requests, restart over ${MB} books already Ready with correct ConfigMaps (writes; resourceVersion moved)`,
+    controller:
+      na ??
+      `${cell(patches)}; ${cell(get(CTRL, MB, (r) => r.rvMoved))}; ${(() => {
+        const last = res.get(`controller/${MB}`)?.at(-1)?.requests;
+        return last ? requestText(last) : '';
+      })()}`,
     reference: `floor ${cell(get(FLOORS, MB, (r) => r.patches))}`,
     ratio: '–',
     target: '0',
-    ok: na || !patches.length ? undefined : patches.every((p) => p === 0),
+    ok:
+      na || !patches.length
+        ? undefined
+        : patches.every((p) => p === 0) && get(CTRL, MB, (r) => r.rvMoved).every((m) => m === 0),
   });
 }
 
@@ -875,11 +1077,11 @@ async function readyRun(
   if (how === 'done') {
     await sleep(300);
     await server.call('create', { n: RB });
-    const limit = (RB * LAT * 2) / concurrency + 60_000;
+    const limit = (RB * LAT * 4) / concurrency + 60_000;
     how = await c.until(async () => (await server.call('stats')).createdReady >= RB, limit);
     await c.waitLines(RB, 1000, 10_000);
   }
-  const stats = await server.call('stats');
+  const stats = await server.call('stats', { full: 1 });
   const exit = await c.stop();
   Object.assign(run, {
     readyMs: stats.readyMs,
@@ -896,7 +1098,7 @@ async function readyRun(
 
 async function readyTable() {
   console.log(
-    `\n## books Ready: ${RB} new books, ${LAT} ms per status patch; ${LAUNCHER_NAME[MAIN]}, ${R_READY} run(s) each\n`,
+    `\n## books Ready: ${RB} new books, ${LAT} ms per write (apply and status patch); ${LAUNCHER_NAME[MAIN]}, ${R_READY} run(s) each\n`,
   );
   const server = await startServer(0, 0);
   const res = new Map<number, ReadyRun[]>();
@@ -915,18 +1117,18 @@ async function readyTable() {
     progress('\n');
   }
   console.log(
-    '| --concurrency | time until the last is Ready (ms) | ideal (ms) | ratio | status patches | lines printed |',
+    '| --concurrency | time until the last is Ready (ms) | ideal (ms) | ratio | applies | status patches | lines printed |',
   );
-  console.log('|---|---|---|---|---|---|');
+  console.log('|---|---|---|---|---|---|---|');
   for (const cc of CONCURRENCY) {
     const runs = res.get(cc) ?? [];
-    const ideal = (RB * LAT) / cc;
+    const ideal = (RB * 2 * LAT) / cc;
     const na = runs.find((r) => r.na)?.na;
     console.log(
-      `| ${cc} | ${na ?? cell(runs.map((r) => r.readyMs))} | ${ideal} | ${fmt(median(runs.map((r) => r.readyMs)) / ideal, 2)} | ${cell(runs.map((r) => r.patches))} | ${cell(runs.map((r) => r.lines))} |`,
+      `| ${cc} | ${na ?? cell(runs.map((r) => r.readyMs))} | ${ideal} | ${fmt(median(runs.map((r) => r.readyMs)) / ideal, 2)} | ${cell(runs.map((r) => r.stats?.applies ?? NaN))} | ${cell(runs.map((r) => r.patches))} | ${cell(runs.map((r) => r.lines))} |`,
     );
     ratioRow(
-      `books Ready: ${RB} new books, ${LAT} ms per patch, --concurrency ${cc} (ms)`,
+      `books Ready: ${RB} new books, ${LAT} ms per write, --concurrency ${cc} (ms)`,
       runs.map((r) => r.readyMs),
       [ideal],
       'ideal',
@@ -934,17 +1136,399 @@ async function readyTable() {
       1.2,
       na,
     );
-    const patches = runs.map((r) => r.patches);
+    const last = runs.at(-1)?.stats;
     SUMMARY.push({
-      measure: `requests, ${RB} new books at --concurrency ${cc} (status patches)`,
-      controller: na ?? cell(patches),
+      measure: `requests, ${RB} new books at --concurrency ${cc}`,
+      controller: na ?? (last ? `${requestText(last)}; ${endState(last)}` : '–'),
       reference: '',
       ratio: '–',
-      target: `${RB} (one per new book)`,
-      ok: na || !runs.length ? undefined : patches.every((p) => p === RB),
+      target: `${RB} applies and ${RB} status patches (one each per new book)`,
+      ok:
+        na || !runs.length
+          ? undefined
+          : runs.every(
+              (r) => r.stats?.applies === RB && r.patches === RB && r.stats && writesOk(r.stats),
+            ),
     });
   }
   for (const e of errors) console.log(`\n⚠️ ${e}`);
+}
+
+// ---------- scenario: a real kube-apiserver (--real) ----------
+interface RealRun {
+  readyMs: number; // the first create sent → the last book Ready (seen by the bench's watch)
+  createMs: number; // the first create sent → the last create answered
+  rssMB: number;
+  lines: number;
+  error?: string;
+  na?: string;
+}
+interface RealRestart {
+  writes: number; // create/update/patch/delete in the audit log, in the namespace, while it ran
+  moved: number; // books and ConfigMaps whose resourceVersion moved
+  requests: string; // what it asked, by verb and resource (audit log)
+  syncMs: number; // spawn → the last book's line
+  rssMB: number;
+  error?: string;
+}
+type ClusterModule = typeof import('../e2e/cluster.ts');
+type Cluster = Awaited<ReturnType<ClusterModule['startCluster']>>;
+
+/** A kubeconfig like the admin's, with `namespace` as its context's namespace. */
+function kubeconfigIn(cluster: Cluster, namespace: string): string {
+  const kc = JSON.parse(readFileSync(cluster.kubeconfig, 'utf8'));
+  for (const c of kc.contexts) c.context.namespace = namespace;
+  const file = join(tmp, `real-${namespace}.json`);
+  writeFileSync(file, JSON.stringify(kc));
+  return file;
+}
+
+/** A request to the real server with the admin's token, on a keep-alive agent. */
+function realRequest(
+  cluster: Cluster,
+  agent: https.Agent,
+  method: string,
+  path: string,
+  body?: unknown,
+  contentType = 'application/json',
+): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const text = body === undefined ? undefined : JSON.stringify(body);
+    https
+      .request(
+        cluster.server + path,
+        {
+          agent,
+          method,
+          headers: {
+            authorization: `Bearer ${cluster.token}`,
+            ...(text === undefined ? {} : { 'content-type': contentType }),
+          },
+        },
+        (res) => {
+          let out = '';
+          res.setEncoding('utf8');
+          res.on('data', (c) => {
+            out += c;
+          });
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body: out }));
+        },
+      )
+      .on('error', reject)
+      .end(text);
+  });
+}
+
+const realBook = (name: string, i: number) => ({
+  apiVersion: 'example.technosophos.com/v1',
+  kind: 'Book',
+  metadata: { name },
+  spec: { title: listTitleOf(name, i), authors: authorsOf(i) },
+});
+
+/**
+ * Watches the namespace's books from now, and resolves when every name in `names` is Ready at its
+ * generation: the time that was seen.
+ */
+async function watchReady(
+  cluster: Cluster,
+  agent: https.Agent,
+  ns: string,
+  names: Set<string>,
+  timeoutMs: number,
+): Promise<{ done: Promise<number>; stop: () => void }> {
+  const path = `/apis/example.technosophos.com/v1/namespaces/${ns}/books`;
+  const list = await realRequest(cluster, agent, 'GET', `${path}?limit=1`);
+  const rv = JSON.parse(list.body).metadata.resourceVersion;
+  let stop = () => {};
+  const done = new Promise<number>((resolve, reject) => {
+    const waiting = new Set(names);
+    const timer = setTimeout(
+      () => reject(new Error(`${waiting.size} of ${names.size} not Ready after ${timeoutMs} ms`)),
+      timeoutMs,
+    );
+    const req = https.get(
+      `${cluster.server}${path}?watch=true&resourceVersion=${rv}&timeoutSeconds=3600`,
+      {
+        agent: new https.Agent({ ca: cluster.ca }),
+        headers: { authorization: `Bearer ${cluster.token}` },
+      },
+      (res) => {
+        let rest = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk: string) => {
+          const t = performance.now();
+          const lines = (rest + chunk).split('\n');
+          rest = lines.pop() ?? '';
+          for (const line of lines) {
+            if (!line) continue;
+            const { object: b } = JSON.parse(line) as {
+              object: {
+                metadata: { name: string; generation?: number };
+                status?: {
+                  conditions?: { type: string; status: string; observedGeneration?: number }[];
+                };
+              };
+            };
+            const ready = b.status?.conditions?.find((c) => c.type === 'Ready');
+            if (ready?.status === 'True' && ready.observedGeneration === b.metadata.generation)
+              waiting.delete(b.metadata.name);
+          }
+          if (waiting.size === 0) {
+            clearTimeout(timer);
+            resolve(t);
+            req.destroy();
+          }
+        });
+      },
+    );
+    req.on('error', () => {});
+    stop = () => {
+      clearTimeout(timer);
+      req.destroy();
+    };
+  });
+  return { done, stop };
+}
+
+async function realRun(
+  cluster: Cluster,
+  agent: https.Agent,
+  s: Subject,
+  args: string[],
+  ns: string,
+  books: number,
+): Promise<RealRun> {
+  const run: RealRun = { readyMs: NaN, createMs: NaN, rssMB: NaN, lines: 0 };
+  const booksPath = `/apis/example.technosophos.com/v1/namespaces/${ns}/books`;
+  // a first book, so that the subject's first line says it is listing and watching
+  await realRequest(cluster, agent, 'POST', booksPath, realBook('aaa-first', 0));
+  const c = spawnSubject(s, { kubeconfig: kubeconfigIn(cluster, ns) }, MAIN, { args });
+  let how = await c.waitLines(1, 60_000, 60_000);
+  if (how === 'done') {
+    await sleep(500);
+    const names = new Set(
+      Array.from({ length: books }, (_, i) => `book-${String(i).padStart(6, '0')}`),
+    );
+    const watch = await watchReady(cluster, agent, ns, names, 600_000);
+    const t0 = performance.now();
+    // create them as fast as the server takes them, 8 at a time
+    const queue = [...names];
+    await Promise.all(
+      Array.from({ length: 8 }, async () => {
+        for (let name = queue.shift(); name; name = queue.shift()) {
+          const i = Number(name.slice(5));
+          const r = await realRequest(cluster, agent, 'POST', booksPath, realBook(name, i));
+          if (r.status !== 201)
+            throw new Error(`create ${name}: ${r.status} ${r.body.slice(0, 200)}`);
+        }
+      }),
+    );
+    run.createMs = performance.now() - t0;
+    try {
+      run.readyMs = (await watch.done) - t0;
+    } catch (err) {
+      run.error = String(err);
+      how = 'timeout';
+    }
+    watch.stop();
+    await c.waitLines(books + 1, 2000, 60_000);
+    run.rssMB = procStats(c.pid).rssMB;
+  }
+  const exit = await c.stop();
+  run.lines = c.lines;
+  run.na = refused(c);
+  if (how !== 'done') run.error ??= `${how} after ${c.lines} lines: ${c.lastStderr(4)}`;
+  else if (exit !== 0) run.error = `exit ${exit} after SIGTERM: ${c.lastStderr()}`;
+  return run;
+}
+
+/** The namespace's books and owned ConfigMaps: name → resourceVersion. */
+async function versions(cluster: Cluster, agent: https.Agent, ns: string) {
+  const out = new Map<string, string>();
+  for (const path of [
+    `/apis/example.technosophos.com/v1/namespaces/${ns}/books`,
+    `/api/v1/namespaces/${ns}/configmaps?labelSelector=${encodeURIComponent('app.kubernetes.io/managed-by=book-controller')}`,
+  ]) {
+    const list = JSON.parse((await realRequest(cluster, agent, 'GET', path)).body) as {
+      kind: string;
+      items: { metadata: { name: string; resourceVersion: string } }[];
+    };
+    for (const o of list.items)
+      out.set(`${list.kind}/${o.metadata.name}`, o.metadata.resourceVersion);
+  }
+  return out;
+}
+
+async function realRestart(
+  cluster: Cluster,
+  agent: https.Agent,
+  s: Subject,
+  ns: string,
+  books: number,
+): Promise<RealRestart> {
+  const before = await versions(cluster, agent, ns);
+  const audit = cluster.auditLog ?? '';
+  const offset = audit && existsSync(audit) ? statSync(audit).size : 0;
+  const c = spawnSubject(s, { kubeconfig: kubeconfigIn(cluster, ns) }, MAIN);
+  const how = await c.waitLines(books + 1, 3000, 120_000);
+  const syncMs = (c.times[books - 1] ?? NaN) - c.t0;
+  await sleep(2000); // anything it would write, it writes now
+  const rssMB = procStats(c.pid).rssMB;
+  await c.stop();
+  await sleep(500); // the audit log has its watches' ResponseComplete
+  let writes = NaN;
+  const byVerb = new Map<string, number>();
+  if (audit) {
+    const fd = openSync(audit, 'r');
+    const size = fstatSync(fd).size;
+    const buf = Buffer.alloc(size - offset);
+    readSync(fd, buf, 0, buf.length, offset);
+    closeSync(fd);
+    writes = 0;
+    for (const line of buf.toString('utf8').split('\n')) {
+      if (!line) continue;
+      const e = JSON.parse(line) as {
+        stage: string;
+        verb: string;
+        objectRef?: { resource?: string; subresource?: string; namespace?: string };
+      };
+      if (e.stage !== 'ResponseComplete' || e.objectRef?.namespace !== ns) continue;
+      const what = `${e.verb} ${e.objectRef.resource}${e.objectRef.subresource ? `/${e.objectRef.subresource}` : ''}`;
+      byVerb.set(what, (byVerb.get(what) ?? 0) + 1);
+      if (['create', 'update', 'patch', 'delete', 'deletecollection'].includes(e.verb)) writes++;
+    }
+  }
+  const requests = [...byVerb].map(([k, v]) => `${v} ${k}`).join(', ');
+  const after = await versions(cluster, agent, ns);
+  let moved = 0;
+  for (const [k, v] of after) if (before.get(k) !== v) moved++;
+  for (const k of before.keys()) if (!after.has(k)) moved++;
+  const run: RealRestart = { writes, moved, requests, syncMs, rssMB };
+  if (how !== 'done') run.error = `${how} after ${c.lines} lines: ${c.lastStderr(4)}`;
+  return run;
+}
+
+async function realTable() {
+  const books = Number(flags['real-books']);
+  const runs = Number(flags['real-runs']);
+  const { startCluster } = (await import('../e2e/cluster.ts')) as ClusterModule;
+  console.log(
+    `\n## a real kube-apiserver (e2e/cluster.ts): ${books} books created while the subject runs, then a restart over them; ${LAUNCHER_NAME[MAIN]}, ${runs} runs\n`,
+  );
+  const cluster = await startCluster();
+  const agent = new https.Agent({ keepAlive: true, ca: cluster.ca, maxSockets: 16 });
+  let version = '';
+  const res = new Map<string, RealRun[]>();
+  const restarts = new Map<string, RealRestart[]>();
+  const errors: string[] = [];
+  type Case = { key: string; s: Subject; args: string[] };
+  const cases: Case[] = [
+    ...CONCURRENCY.map((cc) => ({
+      key: `controller --concurrency ${cc}`,
+      s: CTRL,
+      args: ['--concurrency', String(cc)],
+    })),
+    { key: 'floor', s: FLOORS, args: [] },
+  ];
+  try {
+    await cluster.kubectlOk(['apply', '-f', join(ROOT, 'crd.yaml')]);
+    await cluster.kubectlOk([
+      'wait',
+      '--for=condition=Established',
+      'crd/books.example.technosophos.com',
+      '--timeout=60s',
+    ]);
+    version = JSON.parse((await realRequest(cluster, agent, 'GET', '/version')).body).gitVersion;
+    let n = 0;
+    for (let r = 0; r < runs; r++) {
+      for (let k = 0; k < cases.length; k++) {
+        const { key, s, args } = cases[(k + r) % cases.length];
+        const ns = `bench-${++n}`;
+        await realRequest(cluster, agent, 'POST', '/api/v1/namespaces', {
+          apiVersion: 'v1',
+          kind: 'Namespace',
+          metadata: { name: ns },
+        });
+        const run = await realRun(cluster, agent, s, args, ns, books);
+        if (run.error) errors.push(`${key}, run ${r + 1}: ${run.error}`);
+        res.set(key, [...(res.get(key) ?? []), run]);
+        progress();
+        // a restart over the Ready books: the controller at its default concurrency, and the floor
+        if (!run.error && (key === 'floor' || key === cases[0].key)) {
+          const restart = await realRestart(cluster, agent, s, ns, books + 1);
+          if (restart.error) errors.push(`${key} restart, run ${r + 1}: ${restart.error}`);
+          const rk = s === CTRL ? 'controller' : 'floor';
+          restarts.set(rk, [...(restarts.get(rk) ?? []), restart]);
+          progress();
+        }
+        // keep the server small: what this run made goes (the next run uses a fresh namespace)
+        for (const path of [
+          `/apis/example.technosophos.com/v1/namespaces/${ns}/books`,
+          `/api/v1/namespaces/${ns}/configmaps`,
+        ])
+          await realRequest(cluster, agent, 'DELETE', path);
+      }
+    }
+  } finally {
+    agent.destroy();
+    await cluster.stop();
+    progress('\n');
+  }
+  console.log(
+    `server: ${version}; ${books} books (+1 created first, so that the subject is in sync)\n`,
+  );
+  console.log(
+    '| subject | time until all Ready (ms) | creating them took (ms) | peak RSS (MB) | lines |',
+  );
+  console.log('|---|---|---|---|---|');
+  for (const { key } of cases) {
+    const rs = res.get(key) ?? [];
+    console.log(
+      `| ${key} | ${cell(rs.map((x) => x.readyMs))} | ${cell(rs.map((x) => x.createMs))} | ${cell(rs.map((x) => x.rssMB))} | ${cell(rs.map((x) => x.lines))} |`,
+    );
+  }
+  console.log(
+    '\n| restart over them | spawn → last line (ms) | writes (audit log) | objects whose RV moved | peak RSS (MB) | requests in the namespace (audit log, last run) |',
+  );
+  console.log('|---|---|---|---|---|---|');
+  for (const [k, rs] of restarts)
+    console.log(
+      `| ${k} | ${cell(rs.map((x) => x.syncMs))} | ${cell(rs.map((x) => x.writes))} | ${cell(rs.map((x) => x.moved))} | ${cell(rs.map((x) => x.rssMB))} | ${rs.at(-1)?.requests ?? ''} |`,
+    );
+  for (const e of errors) console.log(`\n⚠️ ${e}`);
+  const floor = res.get('floor') ?? [];
+  for (const { key, s } of cases) {
+    if (s !== CTRL) continue;
+    const rs = res.get(key) ?? [];
+    ratioRow(
+      `real ${version}: ${books} new books Ready, ${key} (ms)`,
+      rs.map((x) => x.readyMs),
+      floor.map((x) => x.readyMs),
+      'floor',
+      0,
+      1.2,
+      rs.find((x) => x.na)?.na,
+    );
+  }
+  const first = res.get(cases[0].key) ?? [];
+  ratioRow(
+    `real ${version}: peak RSS, ${cases[0].key} (MB)`,
+    first.map((x) => x.rssMB),
+    floor.map((x) => x.rssMB),
+    'floor',
+    0,
+    1.15,
+  );
+  const rc = restarts.get('controller') ?? [];
+  SUMMARY.push({
+    measure: `real ${version}: restart over ${books} Ready books (writes in the audit log; objects whose resourceVersion moved)`,
+    controller: `${cell(rc.map((x) => x.writes))}; ${cell(rc.map((x) => x.moved))}; ${rc.at(-1)?.requests ?? ''}`,
+    reference: `floor ${cell((restarts.get('floor') ?? []).map((x) => x.writes))}; ${cell((restarts.get('floor') ?? []).map((x) => x.moved))}`,
+    ratio: '–',
+    target: '0; 0',
+    ok: rc.length ? rc.every((x) => x.writes === 0 && x.moved === 0 && !x.error) : undefined,
+  });
 }
 
 // ---------- scenario: idle with a short watch timeout ----------
@@ -973,6 +1557,7 @@ async function idleTable() {
       await c.stop();
       const na = refused(c) ?? (how !== 'done' ? `${how}: ${c.lastStderr()}` : undefined);
       const watches = st.watches + st.streamingLists;
+      const cmWatches = st.cmWatches + st.cmStreamingLists;
       const allowed = Math.ceil(st.sinceFirstMs / 1000 / timeout) + 1;
       const lists = mode === 'streaming' ? 0 : 1;
       console.log(
@@ -983,12 +1568,15 @@ async function idleTable() {
         controller: na ?? requestText(st),
         reference: '',
         ratio: '–',
-        target: `≤ ${allowed} watches (one per timeout), ${lists} list pages, 0 status patches`,
+        target: `≤ ${allowed} watches of each (one per timeout), ${lists} list pages of each, 0 writes`,
         ok: na
           ? undefined
           : watches <= allowed &&
+            cmWatches <= allowed &&
             st.listPages === lists &&
+            st.cmListPages === lists &&
             st.statusPatches === 0 &&
+            st.applies === 0 &&
             st.other === 0,
       });
       progress();
@@ -997,6 +1585,78 @@ async function idleTable() {
     server.stop();
     progress('\n');
   }
+}
+
+// ---------- what tsx costs (--tables tsx) ----------
+// The same controller and floor started five ways: Node's own type stripping, the same with source
+// maps on, node --import tsx, that with source maps turned off again right after tsx registers,
+// and npx tsx. Heap and RSS after GC with client-node loaded and no books, then peak RSS of the
+// streaming sync+watch run.
+async function tsxTable() {
+  const launchers: Launcher[] = ['strip', 'strip-maps', 'tsx', 'tsx-nomaps', 'npx'];
+  const runs = Math.min(R, 2);
+  console.log(
+    `\n## what tsx costs: idle after start-up (GC'd), then peak RSS of the streaming sync of ${N} books + ${M} events; ${runs} run(s) each\n`,
+  );
+  const cells = new Map<string, string[]>();
+  const idle = await startServer(0, 0);
+  try {
+    for (const l of launchers) {
+      for (const s of [CTRL, FLOORS]) {
+        // npx cannot preload the probe: its idle columns would be node --import tsx's
+        const mems: MemRun[] = [];
+        if (l !== 'npx') for (let r = 0; r < runs; r++) mems.push(await memRun(idle, s, 0, l));
+        const mb = (f: (m: MemRun) => number) => cell(mems.map(f), 1);
+        cells.set(`${l}/${s.name}`, [
+          mb((m) => m.heapUsed / 1048576),
+          mb((m) => m.probe?.spaces.old_space ?? NaN),
+          mb((m) => m.probe?.spaces.code_space ?? NaN),
+          mb((m) => (m.probe?.external ?? NaN) / 1048576),
+          mb((m) => m.rss),
+          String(mems.at(-1)?.probe?.sourceMaps ?? '–'),
+        ]);
+        progress();
+      }
+    }
+  } finally {
+    idle.stop();
+  }
+  const server = await startServer(N, M);
+  const peaks = new Map<string, number[]>();
+  const parts = new Map<string, number[][]>();
+  try {
+    for (let r = 0; r < runs; r++)
+      for (const l of launchers)
+        for (const s of [CTRL, FLOORS]) {
+          const run = await syncRun(server, s, 'streaming', l, [], true);
+          const key = `${l}/${s.name}`;
+          peaks.set(key, [...(peaks.get(key) ?? []), run.rssMB]);
+          const p = run.peaks?.peaks ?? {};
+          const mb = (x: number | undefined) => (x === undefined ? NaN : x / 1048576);
+          parts.set(key, [
+            ...(parts.get(key) ?? []),
+            [mb(p.heapTotal), mb(p.heapUsed), mb(p.external), mb(run.peaks?.heapUsed)],
+          ]);
+          progress();
+        }
+  } finally {
+    server.stop();
+    progress('\n');
+  }
+  console.log(
+    '| launcher | subject | heap used, idle (MB) | old space (MB) | code space (MB) | external (MB) | RSS, idle (MB) | source maps on | peak RSS, sync+watch (MB) | its largest V8 heap total / heap used / external (MB) | heap used after GC at the end (MB) |',
+  );
+  console.log('|---|---|---|---|---|---|---|---|---|---|---|');
+  for (const l of launchers)
+    for (const s of [CTRL, FLOORS]) {
+      const key = `${l}/${s.name}`;
+      const idleCells = (cells.get(key) ?? []).join(' | ');
+      const ps = parts.get(key) ?? [];
+      const col = (i: number) => cell(ps.map((x) => x[i]));
+      console.log(
+        `| ${LAUNCHER_NAME[l]} | ${s.name} | ${idleCells} | ${cell(peaks.get(key) ?? [])} | ${col(0)} / ${col(1)} / ${col(2)} | ${col(3)} |`,
+      );
+    }
 }
 
 // ---------- start-up by launcher, and import cost (extra tables: --tables launchers,imports) ----------
@@ -1120,9 +1780,60 @@ async function importTable() {
 }
 
 // ---------- --profile: top self-time functions of one run of a scenario ----------
+/** --profile --heap: what was still allocated when the process exited, by function (sampled). */
+function heapProfile(dir: string, file: string, what: string) {
+  console.log(`\n## heap profile of ${file} (${LAUNCHER_NAME.strip}), ${what}\n`);
+  const files = existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.heapprofile')) : [];
+  const main = files.find((f) => f.split('.')[4] === '0') ?? files[0];
+  if (!main) return console.log('no .heapprofile written');
+  type HeapNode = {
+    callFrame: { functionName: string; url: string; lineNumber: number };
+    selfSize: number;
+    children: HeapNode[];
+  };
+  const p = JSON.parse(readFileSync(join(dir, main), 'utf8')) as { head: HeapNode };
+  const self = new Map<string, number>();
+  const byFile = new Map<string, number>();
+  let total = 0;
+  const short = (url: string) =>
+    url
+      .replace(`file://${ROOT}/`, '')
+      .replace(/^.*node_modules\//, '')
+      .replace(/^file:\/\//, '');
+  const walk = (n: HeapNode) => {
+    const cf = n.callFrame;
+    if (n.selfSize) {
+      total += n.selfSize;
+      const key = `${cf.functionName || '(anonymous)'} ${cf.url ? `${short(cf.url)}:${cf.lineNumber + 1}` : ''}`;
+      self.set(key, (self.get(key) ?? 0) + n.selfSize);
+      const f = cf.url
+        ? short(cf.url).replace(/^(@[^/]+\/[^/]+|[^/]+)\/.*$/, '$1')
+        : cf.functionName;
+      byFile.set(f, (byFile.get(f) ?? 0) + n.selfSize);
+    }
+    for (const c of n.children) walk(c);
+  };
+  walk(p.head);
+  const top = (m: Map<string, number>, n: number) => [...m].sort((a, b) => b[1] - a[1]).slice(0, n);
+  console.log(`| live at exit (MB) | % of ${fmt(total / 1048576, 1)} MB | allocated by url:line |`);
+  console.log('|---|---|---|');
+  for (const [k, v] of top(self, 15))
+    console.log(
+      `| ${fmt(v / 1048576, 1)} | ${fmt((100 * v) / total, 1)} | ${k.replaceAll('|', '\\|')} |`,
+    );
+  console.log(
+    `\nby package / file: ${top(byFile, 8)
+      .map(([k, v]) => `${k} ${fmt((100 * v) / total, 1)}%`)
+      .join(', ')}`,
+  );
+  console.log(`(profile: ${join(dir, main)})`);
+}
+
 async function profile(file: string, scenario: string) {
   const dir = join(tmp, 'prof');
-  const nodeFlags = ['--cpu-prof', `--cpu-prof-dir=${dir}`];
+  const nodeFlags = flags.heap
+    ? ['--heap-prof', `--heap-prof-dir=${dir}`]
+    : ['--cpu-prof', `--cpu-prof-dir=${dir}`];
   const s: Subject = { name: file === CONTROLLER ? 'controller' : file, file };
   let what = '';
   // Node's own type stripping keeps line numbers exact (tsx's output is one line).
@@ -1142,13 +1853,14 @@ async function profile(file: string, scenario: string) {
     const server = await startServer(0, 0);
     const run = await readyRun(server, cc, 'strip', nodeFlags);
     server.stop();
-    what = `books Ready, ${RB} books, --concurrency ${cc}: ${fmt(run.readyMs)} ms (ideal ${(RB * LAT) / cc}), ${run.patches} patches${run.error ? `; ${run.error}` : ''}`;
+    what = `books Ready, ${RB} books, --concurrency ${cc}: ${fmt(run.readyMs)} ms (ideal ${(RB * 2 * LAT) / cc}), ${run.patches} status patches${run.error ? `; ${run.error}` : ''}`;
   } else if (scenario === 'memory') {
     const server = await startServer(MB, 0);
     const run = await memRun(server, s, MB, 'strip', nodeFlags);
     server.stop();
     what = `memory, ${MB} Ready books: heap ${fmt(run.heapUsed / 1048576, 1)} MB, peak RSS ${fmt(run.hwm)} MB${run.error ? `; ${run.error}` : ''}`;
   } else throw new Error(`--scenario ${scenario}: stream, paged, ready1, ready8 or memory`);
+  if (flags.heap) return heapProfile(dir, file, what);
   console.log(`\n## CPU profile of ${file} (${LAUNCHER_NAME.strip}), ${what}\n`);
   const files = existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.cpuprofile')) : [];
   // CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile: thread 0 is the main thread
@@ -1202,7 +1914,7 @@ async function profile(file: string, scenario: string) {
 async function warmUp() {
   const server = await startServer(100, 0);
   try {
-    for (const s of [CTRL, FLOORS, RAW]) {
+    for (const s of flags.raw ? [CTRL, FLOORS, RAW] : [CTRL, FLOORS]) {
       await server.call('reset', { books: 100, events: 0, watchlist: 1 });
       const c = spawnSubject(s, server);
       await c.waitLines(100, 2000, 60_000);
@@ -1216,22 +1928,34 @@ async function warmUp() {
 // ---------- main ----------
 if (flags.pin) execFileSync('taskset', ['-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
 const started = performance.now();
+const runtimeVersion =
+  MAIN === 'deno' || MAIN === 'bun'
+    ? execFileSync(runtimeBinary(MAIN), ['--version'], { encoding: 'utf8' }).split('\n')[0]
+    : `node ${process.version}`;
 console.log(
-  `# Book controller benchmark — ${new Date().toISOString()}, ${hostname()}: ${cpus().length} × ${cpus()[0]?.model ?? '?'}; bench on node ${process.version}; subjects on ${LAUNCHER_NAME[MAIN]}; controller ${CONTROLLER}`,
+  `# Book controller benchmark — ${new Date().toISOString()}, ${hostname()}: ${cpus().length} × ${cpus()[0]?.model ?? '?'}, ${fmt(totalmem() / 2 ** 30, 1)} GiB, Linux ${release()}, load ${loadavg()
+    .map((x) => x.toFixed(2))
+    .join(
+      ' ',
+    )}; bench on node ${process.version}; subjects on ${LAUNCHER_NAME[MAIN]} (${runtimeVersion}); controller ${CONTROLLER}`,
 );
 try {
   if (flags.profile) {
     await profile(CONTROLLER, flags.scenario);
   } else {
-    await warmUp();
-    if (!SKIP.has('sync')) await syncTable();
-    if (!SKIP.has('memory') && MB > 0) await memoryTable();
-    if (!SKIP.has('ready') && RB > 0) await readyTable();
-    if (!SKIP.has('idle')) await idleTable();
-    if (EXTRA.has('launchers')) await launcherTable();
-    if (EXTRA.has('imports')) await importTable();
+    if (!flags['skip-fake']) {
+      await warmUp();
+      if (!SKIP.has('sync')) await syncTable();
+      if (!SKIP.has('memory') && MB > 0) await memoryTable();
+      if (!SKIP.has('ready') && RB > 0) await readyTable();
+      if (!SKIP.has('idle')) await idleTable();
+      if (EXTRA.has('launchers')) await launcherTable();
+      if (EXTRA.has('imports')) await importTable();
+      if (EXTRA.has('tsx')) await tsxTable();
+    }
+    if (flags.real) await realTable();
     console.log(
-      `\n## issue 12's table (${LAUNCHER_NAME[MAIN]}, ${R} interleaved runs, medians [min–max])\n`,
+      `\n## issues 12 and 20: the table (${LAUNCHER_NAME[MAIN]}, ${R} interleaved runs on the fake${flags.real ? `, ${flags['real-runs']} on the real server` : ''}; medians [min–max])\n`,
     );
     printRows(SUMMARY);
     for (const n of NOTES.slice(0, 5)) console.log(`\nnote: ${n}`);
