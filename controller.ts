@@ -17,7 +17,7 @@
 //
 // The protocol it follows: https://kubernetes.io/docs/reference/using-api/api-concepts/
 
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
@@ -908,6 +908,7 @@ interface Entry {
   replaced: Book[] | undefined; // earlier books under this name, their Deleted not yet reconciled
   reconciled: Book | undefined; // what the last successful Added or Modified saw
   drifted: boolean; // someone changed what reconcile made: reconcile again, printing nothing
+  tried: boolean; // a reconcile of it began: its Deleted is owed, whether or not one succeeded
   ready: number | string; // the Ready condition on the server: see readyCondition
   since: number; // its lastTransitionTime
 }
@@ -938,7 +939,7 @@ class Books implements Cache {
     this.config = config;
     this.finalizer = finalizer;
     this.metrics = metrics;
-    const queue = { name: kind };
+    const queue = QUEUE;
     metrics.count('workqueue_adds_total', queue, 0);
     metrics.count('workqueue_retries_total', queue, 0);
     metrics.gauge('workqueue_depth', () => [[queue, this.due.size]]);
@@ -971,8 +972,9 @@ class Books implements Cache {
       // A book being deleted that we never saw is none of ours, unless our finalizer holds it.
       if (book.metadata.deleting && !this.holds(book)) return;
       const deleted: Entry['deleted'] = book.metadata.deleting ? 'due' : undefined;
+      const tried = this.holds(book); // our finalizer on it: an earlier run reconciled it
       const fresh = { book, deleted, replaced: undefined, reconciled: undefined, drifted: false };
-      this.entries.set(key, { ...fresh, ready, since });
+      this.entries.set(key, { ...fresh, tried, ready, since });
       return this.add(key);
     }
     const before = entry.book.metadata;
@@ -981,8 +983,11 @@ class Books implements Cache {
     entry.since = since;
     if (before.uid !== book.metadata.uid) {
       // Deleted and created again under the same name: the earlier ones' Deleted come first.
-      if (entry.deleted !== 'done') entry.replaced = [...(entry.replaced ?? []), entry.book];
-      Object.assign(entry, { book, reconciled: undefined, drifted: false });
+      if (entry.deleted !== 'done' && entry.tried) {
+        entry.replaced = [...(entry.replaced ?? []), entry.book];
+      }
+      const tried = this.holds(book);
+      Object.assign(entry, { book, reconciled: undefined, drifted: false, tried });
       entry.deleted = book.metadata.deleting ? 'due' : undefined;
       return this.add(key);
     }
@@ -1070,7 +1075,7 @@ class Books implements Cache {
     this.timers.delete(key);
     if (this.due.has(key)) return;
     this.due.set(key, performance.now());
-    this.metrics.count('workqueue_adds_total', { name: kind });
+    this.metrics.count('workqueue_adds_total', QUEUE);
     this.waiting.shift()?.();
   }
 
@@ -1087,12 +1092,7 @@ class Books implements Cache {
       const now = performance.now();
       this.busy.set(key, now);
       const waited = (now - since) / 1000;
-      this.metrics.observe(
-        'workqueue_queue_duration_seconds',
-        { name: kind },
-        waited,
-        QUEUE_BUCKETS,
-      );
+      this.metrics.observe('workqueue_queue_duration_seconds', QUEUE, waited, QUEUE_BUCKETS);
       return key;
     }
   }
@@ -1102,12 +1102,12 @@ class Books implements Cache {
     const taken = this.busy.get(key) ?? performance.now();
     this.busy.delete(key);
     const seconds = (performance.now() - taken) / 1000;
-    this.metrics.observe('workqueue_work_duration_seconds', { name: kind }, seconds, QUEUE_BUCKETS);
+    this.metrics.observe('workqueue_work_duration_seconds', QUEUE, seconds, QUEUE_BUCKETS);
     const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
     // About 1 s, doubling to 5 minutes.
     const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : 0;
     if (failed && !this.stopped) {
-      this.metrics.count('workqueue_retries_total', { name: kind });
+      this.metrics.count('workqueue_retries_total', QUEUE);
       this.failures.set(key, failures);
       this.timers.set(
         key,
@@ -1138,7 +1138,7 @@ const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs
 interface OwnedEntry {
   owner: string; // the key of the book that controls it, or '' if no book does
   uid: string; // the uid of its controller, or ''
-  fingerprint: string; // a digest of what it says (see fingerprint)
+  fingerprint: number; // a digest of what it says (see fingerprint)
 }
 
 type Reference = {
@@ -1153,7 +1153,7 @@ type Owned = { metadata?: { name?: string; namespace?: string; ownerReferences?:
 class OwnedObjects implements Cache {
   readonly entries = new Map<string, OwnedEntry>();
   // Applies in flight: what each applies, and whether another change came meanwhile.
-  private readonly applying = new Map<string, { fingerprint: string; overtaken: boolean }>();
+  private readonly applying = new Map<string, { fingerprint: number; overtaken: boolean }>();
   private readonly books: Books;
 
   constructor(books: Books) {
@@ -1247,9 +1247,10 @@ class OwnedObjects implements Cache {
     const applying = { fingerprint: wanted.fingerprint, overtaken: false };
     this.applying.set(key, applying);
     try {
-      const applied = await api.json<unknown>(request);
-      // So that its watch event is no change; unless the watch already told something newer.
-      if (!applying.overtaken) this.entries.set(key, this.entryOf(applied));
+      await readAll(await api.call(request));
+      // The object says at least this now: its watch event is no change. Unless the watch
+      // already told something newer.
+      if (!applying.overtaken) this.entries.set(key, wanted);
     } catch (err) {
       // The server allows one controller: tell whose it is, if that is why it refused.
       if (!isApiError(err, 422) || !wanted.uid) throw err;
@@ -1274,11 +1275,24 @@ class OwnedObjects implements Cache {
  * A digest of what an object says: its labels, annotations, owners and content, not what the
  * server adds. Equal digests of what reconcile applies and of what the server has: nothing to do.
  */
-function fingerprint(object: unknown): string {
+function fingerprint(object: unknown): number {
   const { apiVersion, kind, metadata = {}, status, ...content } = object as Record<string, unknown>;
   const { labels, annotations, ownerReferences } = metadata as Record<string, unknown>;
-  const said = canonical({ labels, annotations, ownerReferences, ...content });
-  return createHash('sha256').update(said).digest('base64').slice(0, 22);
+  return hash(canonical({ labels, annotations, ownerReferences, ...content }));
+}
+
+/** A 53-bit hash of a text (cyrb53): a number, so that each cached object keeps 8 bytes. */
+function hash(text: string): number {
+  let h1 = 0xdeadbeef;
+  let h2 = 0x41c6ce57;
+  for (let i = 0; i < text.length; i++) {
+    const code = text.charCodeAt(i);
+    h1 = Math.imul(h1 ^ code, 2654435761);
+    h2 = Math.imul(h2 ^ code, 1597334677);
+  }
+  h1 = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+  h2 = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(h1 ^ (h1 >>> 13), 3266489909);
+  return 4294967296 * (2097151 & h2) + (h1 >>> 0);
 }
 
 /** JSON with every object's keys sorted, so that equal content gives equal text. */
@@ -1439,17 +1453,17 @@ class ClusterProblems {
 
 /** Counts a reconcile as controller-runtime does. */
 function count(metrics: Metrics, succeeded: boolean, seconds: number) {
-  const controller = { controller: kind };
-  const result = succeeded ? 'success' : 'error';
-  metrics.count('controller_runtime_reconcile_total', { ...controller, result });
-  if (!succeeded) metrics.count('controller_runtime_reconcile_errors_total', controller);
-  metrics.observe(
-    'controller_runtime_reconcile_time_seconds',
-    controller,
-    seconds,
-    RECONCILE_BUCKETS,
-  );
+  metrics.count('controller_runtime_reconcile_total', succeeded ? SUCCEEDED : FAILED);
+  if (!succeeded) metrics.count('controller_runtime_reconcile_errors_total', CONTROLLER_LABEL);
+  const family = 'controller_runtime_reconcile_time_seconds';
+  metrics.observe(family, CONTROLLER_LABEL, seconds, RECONCILE_BUCKETS);
 }
+
+// The labels of the controller's and its queue's metrics (one object each: see labelText).
+const CONTROLLER_LABEL = { controller: kind };
+const SUCCEEDED = { controller: kind, result: 'success' };
+const FAILED = { controller: kind, result: 'error' };
+const QUEUE = { name: kind };
 
 /** Reconciles what changed since the last success; throws what the reconcile threw. */
 async function reconcileEntry(worker: Worker, key: string, entry: Entry) {
@@ -1459,6 +1473,7 @@ async function reconcileEntry(worker: Worker, key: string, entry: Entry) {
     api.fence();
     const drifted = entry.drifted;
     if (change !== 'Deleted') entry.drifted = false; // a change from now on needs another repair
+    if (change !== 'Deleted') entry.tried = true;
     try {
       await worker.reconcile(change, book, context);
     } catch (err) {
@@ -1473,10 +1488,13 @@ async function reconcileEntry(worker: Worker, key: string, entry: Entry) {
     if (entry.replaced?.length === 0) entry.replaced = undefined;
   }
   const { book, reconciled } = entry;
-  if (entry.deleted === 'due') {
+  // A book deleted before any reconcile of it began has nothing to clean up: no line either.
+  if (entry.deleted === 'due' && entry.tried) {
     await reconcile('Deleted', book);
     await print('Deleted', book, key, signal);
-    if (entry.deleted === 'due') entry.deleted = 'done';
+  }
+  if (entry.deleted === 'due') {
+    entry.deleted = 'done'; // unless it came back during its Deleted
     entry.reconciled = undefined;
   }
   if (entry.deleted === 'done') {
@@ -1955,10 +1973,19 @@ class Histogram {
   }
 }
 
-const labelText = (labels: Record<string, string>) =>
-  Object.entries(labels)
-    .map(([name, value]) => `${name}="${value.replace(/[\\"]/g, '\\$&').replace(/\n/g, '\\n')}"`)
-    .join(',');
+// The label text of each labels object, worked out once: most are the same few objects.
+const labelTexts = new WeakMap<Record<string, string>, string>();
+
+function labelText(labels: Record<string, string>): string {
+  let text = labelTexts.get(labels);
+  if (text === undefined) {
+    text = Object.entries(labels)
+      .map(([name, value]) => `${name}="${value.replace(/[\\"]/g, '\\$&').replace(/\n/g, '\\n')}"`)
+      .join(',');
+    labelTexts.set(labels, text);
+  }
+  return text;
+}
 
 class Metrics {
   private readonly samples = new Map<Family, Map<string, number | Histogram>>();
@@ -2261,10 +2288,9 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     reconcile: options.reconcile ?? reconcile,
     signal,
   };
-  const controller = { controller: kind };
-  for (const result of ['success', 'error']) {
-    metrics.count('controller_runtime_reconcile_total', { ...controller, result }, 0);
-  }
+  const controller = CONTROLLER_LABEL;
+  metrics.count('controller_runtime_reconcile_total', SUCCEEDED, 0);
+  metrics.count('controller_runtime_reconcile_total', FAILED, 0);
   metrics.count('controller_runtime_reconcile_errors_total', controller, 0);
   metrics.gauge('controller_runtime_active_workers', () => [[controller, books.busy.size]]);
   metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
