@@ -13,6 +13,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import diagnostics from 'node:diagnostics_channel';
 import { copyFileSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -23,12 +24,20 @@ import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import {
+  type Book,
+  type BookSpec,
+  type Change,
   checkBook,
   checkSpec,
+  type Client,
+  describe as describeChange,
+  GROUP,
+  KIND,
   main,
-  type Book,
-  type Change,
+  PLURAL,
   type Reconcile,
+  reconcile as exampleReconcile,
+  VERSION,
 } from './controller.ts';
 import {
   type ApiRequest,
@@ -40,6 +49,9 @@ import {
   TOKEN,
   writeKubeconfig as writeKubeconfigFor,
 } from './fake-apiserver.ts';
+
+// The spec of the books the tests make: a copy for another resource changes this line only.
+const sample = (text: string): BookSpec => ({ title: text });
 
 // ---------------------------------------------------------------------------------------------
 // Waiting on events, never on the clock: every output line and every request wakes the waiters.
@@ -214,10 +226,51 @@ const readLines = (child: ReturnType<typeof spawnController>['child'], out: stri
     wake();
   });
 
-const added = (name: string, title: string) => `Added a book ${name} with title '${title}'`;
-const modified = (name: string, title: string) => `Modified a book ${name} with title '${title}'`;
-const deleted = (name: string) => `Deleted a book ${name}`;
-const MOBY_DICK = { title: 'Moby Dick', authors: ['Herman Melville'] };
+// The lines as controller.ts's describe() words them, for a book of spec sample(text).
+const kind = KIND.toLowerCase();
+const bookOf = (name: string, spec: BookSpec): Book => ({
+  metadata: { name, namespace: 'default', uid: '', generation: 1 },
+  spec,
+});
+const added = (name: string, text: string) =>
+  describeChange('Added', bookOf(name, sample(text)), name);
+const modified = (name: string, text: string) =>
+  describeChange('Modified', bookOf(name, sample(text)), name);
+const deleted = (name: string) => describeChange('Deleted', bookOf(name, sample('')), name);
+/** The text a spec was made from by sample(text). */
+function textOf(spec: BookSpec): string {
+  const text = Object.values(spec).find(
+    (value) => typeof value === 'string' && isDeepStrictEqual(spec, sample(value)),
+  );
+  assert.equal(typeof text, 'string', `not a sample: ${JSON.stringify(spec)}`);
+  return String(text);
+}
+/** The data of the ConfigMap that controller.ts's own reconcile applies for a book of `spec`. */
+async function dataFor(spec: Record<string, unknown>, name = 'moby-dick') {
+  const checked = checkSpec(spec);
+  if (typeof checked === 'string') assert.fail(checked);
+  const book: Book = {
+    metadata: { name, namespace: 'default', uid: 'u', generation: 1 },
+    spec: checked,
+  };
+  let applied: { data?: Record<string, string> } | undefined;
+  const client: Client = {
+    get: async () => undefined,
+    create: async () => assert.fail('the example reconcile creates nothing'),
+    apply: async (_path, object) => {
+      applied = object as typeof applied;
+    },
+    delete: async () => {},
+  };
+  await exampleReconcile('Added', book, { name, signal: new AbortController().signal, client });
+  return applied?.data;
+}
+/** A string as a regular expression that matches it literally. */
+const RESOURCE = literally(`${PLURAL}.${GROUP}`); // as in messages, for a RegExp
+function literally(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+const MOBY_DICK = { ...sample('Moby Dick') };
 const SERVER = /https:\/\/127\.0\.0\.1:\d+/.source;
 
 /** The Ready condition the fake stores for a book, if any. */
@@ -242,6 +295,23 @@ function retryingMs(line: string | undefined): number {
 }
 // The printed delay is rounded to 0.1 s and timers may fire a little early: the slack for lower bounds.
 const SLACK_MS = 60;
+// client-go's reflector backoff for lists and watches: the first wait is 0.8-1.6 s (jittered).
+const FIRST_RETRY = /retrying in (0\.[89]|1\.[0-6])s/.source;
+
+/** The one line of a server that cannot stream lists (400 or 422 to sendInitialEvents). */
+const CANNOT_STREAM = new RegExp(
+  `^${SERVER} cannot stream lists \\(.+\\); listing in pages from now on$`,
+);
+/** stderr without that line, which must be there exactly once. */
+function besidesCannotStream(lines: string[]): string[] {
+  const said = lines.filter((line) => CANNOT_STREAM.test(line));
+  assert.equal(
+    said.length,
+    1,
+    `said once that the server cannot stream lists:\n${lines.join('\n')}`,
+  );
+  return lines.filter((line) => !CANNOT_STREAM.test(line));
+}
 
 // Controller bugs found by this suite and not fixed yet (reported to the lead): the test runs, its failure is not counted.
 // Seen on Deno only, not explained yet: an extra identical request, a few ms after the first, with nothing on stderr.
@@ -250,9 +320,25 @@ const DENO_EXTRA_REQUEST = process.versions.deno
       todo: 'Deno: an identical request sent twice a few ms apart (a second status PATCH, a third list): unexplained, reported',
     }
   : {};
+/**
+ * The requests without that Deno echo: on Deno, a request identical to the one before it (method,
+ * path, query, body) within 100 ms is dropped, so that a test can still run there.
+ */
+function withoutDenoEcho(requests: ApiRequest[]): ApiRequest[] {
+  if (!process.versions.deno) return requests;
+  const same = (a: ApiRequest, b: ApiRequest) =>
+    a.method === b.method &&
+    a.path === b.path &&
+    isDeepStrictEqual(a.query, b.query) &&
+    isDeepStrictEqual(a.body, b.body);
+  return requests.filter((r, i) => {
+    const before = requests.slice(0, i).findLast((b) => b.resource === r.resource);
+    return !(before && same(before, r) && r.at - before.at < 100);
+  });
+}
 
 /** The requests for books (not status, not leases), as verb and query. */
-const bookRequests = () => fake.requests.filter((r) => r.resource === 'books');
+const bookRequests = () => fake.requests.filter((r) => r.resource === PLURAL);
 const streamingQuery = (timeoutSeconds = '300') => ({
   watch: 'true',
   sendInitialEvents: 'true',
@@ -314,9 +400,9 @@ describe('the seed walkthrough', () => {
       'the listed book is printed and Ready',
       () => stdout.length === 1 && isReady('moby-dick'),
     );
-    fake.create('hamlet', { title: 'Hamlet', authors: ['William Shakespeare'] });
+    fake.create('hamlet', { ...sample('Hamlet') });
     await until('hamlet printed', () => stdout.length === 2);
-    fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] });
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
     await until('moby-dick Ready at generation 2', () => isReady('moby-dick', 2));
 
     const { status: stored } = fake.get('moby-dick') ?? {};
@@ -364,6 +450,9 @@ describe('the seed walkthrough', () => {
 
   test('the demo (npm run demo) plays the walkthrough against the real controller.ts and ends by itself', {
     timeout: 60_000,
+    skip:
+      KIND !== 'Book' &&
+      "the demo plays the Book's walkthrough: fake-apiserver.ts's runDemo writes Book specs of its own",
   }, async () => {
     let text = '';
     const narration: string[] = [];
@@ -379,7 +468,7 @@ describe('the seed walkthrough', () => {
       deleted('moby-dick'),
     ]);
     assert.ok(
-      narration.some((line) => line.startsWith('kubectl apply -f book.yaml')),
+      narration.some((line) => line.startsWith(`kubectl apply -f ${kind}.yaml`)),
       narration.join('\n'),
     );
     assert.ok(requests.some((r) => r.verb === 'patch'));
@@ -391,7 +480,7 @@ describe('status: written back, never echoed', () => {
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick Ready', () => isReady('moby-dick'));
-    fake.create('hamlet', { title: 'Hamlet' }); // comes after the status write's MODIFIED, so it is handled after it
+    fake.create('hamlet', { ...sample('Hamlet') }); // comes after the status write's MODIFIED, so it is handled after it
     await until('hamlet Ready', () => isReady('hamlet'));
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
@@ -407,7 +496,7 @@ describe('status: written back, never echoed', () => {
     const controller = start();
     await until('moby-dick Ready', () => isReady('moby-dick'));
     fake.label('moby-dick', { shelf: 'classics' });
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     await until('hamlet printed', () => stdout.length === 2);
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
@@ -421,19 +510,18 @@ describe('status: written back, never echoed', () => {
   });
 
   test('a restart writes no status for books already Ready at their generation', async () => {
-    fake.create('a', { title: 'A' });
-    fake.create('b', { title: 'B' });
+    fake.create('a', { ...sample('A') });
+    fake.create('b', { ...sample('B') });
     let controller = start();
     await until('a and b Ready', () => isReady('a') && isReady('b'));
     await controller.stop();
-    const before = fake.patches().length;
+    const before = withoutDenoEcho(fake.patches()).length;
     controller = start();
-    fake.create('c', { title: 'C' });
+    fake.create('c', { ...sample('C') });
     await until('c Ready', () => isReady('c'));
     await controller.stop();
     assert.deepEqual(
-      fake
-        .patches()
+      withoutDenoEcho(fake.patches())
         .slice(before)
         .map((p) => p.name),
       ['c'],
@@ -444,18 +532,20 @@ describe('status: written back, never echoed', () => {
 
   test('403 on status: one line naming patch on books/status and the can-i command, then no more patches; printing goes on', async () => {
     fake.forbidStatus = true;
-    fake.create('a', { title: 'A' });
-    fake.create('b', { title: 'B' });
+    fake.create('a', { ...sample('A') });
+    fake.create('b', { ...sample('B') });
     const controller = start(['-n', 'default']);
     await until('a and b printed', () => stdout.length === 2);
-    fake.create('c', { title: 'C' });
+    fake.create('c', { ...sample('C') });
     await until('c printed', () => stdout.length === 3);
     await controller.stop();
     assert.deepEqual(stdout, [added('a', 'A'), added('b', 'B'), added('c', 'C')]);
     assert.equal(stderr.length, 1);
     assert.match(
       stderr[0] ?? '',
-      /^not allowed to patch books\/status in namespace default \(403: .*cannot patch resource "books\/status".*\); going on without status — grant patch on books\/status \(kubectl auth can-i patch books\.example\.technosophos\.com --subresource=status -n default\)$/,
+      new RegExp(
+        `^not allowed to patch ${PLURAL}/status in namespace default \\(403: .*cannot patch resource "${PLURAL}/status".*\\); going on without status — grant patch on ${PLURAL}/status \\(kubectl auth can-i patch ${RESOURCE} --subresource=status -n default\\)$`,
+      ),
     );
     assert.equal(fake.patches().length, 1);
   });
@@ -486,18 +576,29 @@ describe('status: written back, never echoed', () => {
       reconcile: async (change, _book, { name }) => void calls.push(`${change} ${name}`),
     });
     await until('moby-dick Ready', () => isReady('moby-dick'));
+    await until('the next success said', () => stderr.length >= 2);
     await controller.stop();
     assert.deepEqual(calls, ['Added moby-dick']);
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
-    assert.equal(stderr.length, 1);
+    // A 500 is the cluster's problem, not the book's: one line for all the books it holds up,
+    // about a second after the first failure, and one when it clears.
+    assert.equal(stderr.length, 2, stderr.join('\n'));
     assert.match(
       stderr[0] ?? '',
-      /^cannot write the status of book moby-dick \(etcdserver: request timed out\); retrying in \d+\.\ds$/,
+      new RegExp(
+        `^${SERVER} failed to patch \\(500: etcdserver: request timed out\\): 1 ${KIND.toLowerCase()} waits for it; the next try in (\\d+\\.\\d)s$`,
+      ),
     );
+    assert.match(stderr[1] ?? '', new RegExp(`^${SERVER} works again, after \\d+s$`));
     const [first, second] = fake.patches();
     assert.ok(first && second);
+    const nextTryMs = Number(/the next try in (\d+\.\d)s/.exec(stderr[0] ?? '')?.[1]) * 1000;
     assert.ok(
-      second.at - first.at >= retryingMs(stderr[0]) - SLACK_MS,
+      second.at - (stderrAt[0] ?? 0) >= nextTryMs - SLACK_MS,
+      `the second patch came ${second.at - (stderrAt[0] ?? 0)} ms after ${stderr[0]}`,
+    );
+    assert.ok(
+      second.at - first.at >= 1000 - SLACK_MS,
       `the second patch came ${second.at - first.at} ms after the first`,
     );
   });
@@ -514,14 +615,14 @@ describe('reconcile: the reader’s function, run by workers', () => {
       attempts.push(performance.now());
       if (attempts.length <= 2) throw new Error('the ink is wet\nsecond line of the stack');
     };
-    fake.create('cursed', { title: 'Cursed' });
+    fake.create('cursed', { ...sample('Cursed') });
     const controller = start([], { reconcile });
     await until(
       'the first failure reported and written',
       () => stderr.length === 1 && ready('cursed')?.status === 'False',
     );
     failedStatus.push(ready('cursed'));
-    fake.create('hamlet', { title: 'Hamlet' }); // while cursed waits for its retry
+    fake.create('hamlet', { ...sample('Hamlet') }); // while cursed waits for its retry
     await until('hamlet printed', () => stdout.includes(added('hamlet', 'Hamlet')));
     assert.equal(attempts.length, 1, 'hamlet went ahead while cursed waited');
     await until('cursed Ready', () => isReady('cursed'));
@@ -530,7 +631,10 @@ describe('reconcile: the reader’s function, run by workers', () => {
     assert.deepEqual(stdout, [added('hamlet', 'Hamlet'), added('cursed', 'Cursed')]);
     assert.equal(stderr.length, 2);
     for (const line of stderr)
-      assert.match(line, /^reconcile of book cursed failed: the ink is wet; retrying in \d+\.\ds$/);
+      assert.match(
+        line,
+        new RegExp(`^reconcile of ${kind} cursed failed: the ink is wet; retrying in \\d+\\.\\ds$`),
+      );
     assert.deepEqual(
       { ...(failedStatus[0] as object), lastTransitionTime: '' },
       {
@@ -562,14 +666,14 @@ describe('reconcile: the reader’s function, run by workers', () => {
   test('a new change to a failing book reconciles it at once, cutting its backoff short', async () => {
     const seen: string[] = [];
     const reconcile: Reconcile = async (_change, book) => {
-      seen.push(book.spec.title);
-      if (book.spec.title === 'Wet ink') throw new Error('the ink is wet');
+      seen.push(textOf(book.spec));
+      if (textOf(book.spec) === 'Wet ink') throw new Error('the ink is wet');
     };
-    fake.create('cursed', { title: 'Wet ink' });
+    fake.create('cursed', { ...sample('Wet ink') });
     const controller = start([], { reconcile });
     await until('the failure reported', () => stderr.length === 1);
     const failedAt = performance.now();
-    fake.update('cursed', { title: 'Dry ink' });
+    fake.update('cursed', { ...sample('Dry ink') });
     await until('the fixed book printed', () => stdout.length === 1);
     const fixedAfter = performance.now() - failedAt;
     await controller.stop();
@@ -583,10 +687,10 @@ describe('reconcile: the reader’s function, run by workers', () => {
 
   test('a slow reconcile (300 ms) under a burst of 40 events leaves the watch open and ends in the latest state', async () => {
     const reconcile: Reconcile = async () => void (await sleep(300)); // the reader's slow work
-    fake.create('a', { title: 'Title 0' });
+    fake.create('a', { ...sample('Title 0') });
     const controller = start(['--watch-timeout', '5'], { reconcile });
     await until('a printed', () => stdout.length === 1);
-    for (let i = 1; i <= 40; i++) fake.update('a', { title: `Title ${i}` });
+    for (let i = 1; i <= 40; i++) fake.update('a', { ...sample(`Title ${i}`) });
     await until('a Ready at its last generation', () => isReady('a', 41));
     await controller.stop();
     assert.equal(stdout.at(-1), modified('a', 'Title 40'));
@@ -616,19 +720,21 @@ describe('reconcile: the reader’s function, run by workers', () => {
       active.delete(name);
     };
     const names = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'];
-    for (const name of names) fake.create(name, { title: name });
+    for (const name of names) fake.create(name, { ...sample(name) });
     const controller = start(['--concurrency', '4'], { reconcile });
     await until('a reconcile running', () => active.size > 0);
-    for (const name of names) fake.update(name, { title: `${name}2` }); // due again while busy
+    for (const name of names) fake.update(name, { ...sample(`${name}2`) }); // due again while busy
     await until('all Ready at generation 2', () => names.every((name) => isReady(name, 2)));
     await controller.stop();
     assert.equal(most, 4);
     assert.deepEqual(overlaps, []);
     // Each book's last line is its latest state (books not reconciled before the update are Added with it).
     for (const name of names)
-      assert.match(
-        stdout.findLast((line) => line.includes(`book ${name} `)) ?? '',
-        new RegExp(`title '${name}2'$`),
+      assert.ok(
+        [added(name, `${name}2`), modified(name, `${name}2`)].includes(
+          stdout.findLast((line) => line.includes(`${kind} ${name} `)) ?? '',
+        ),
+        `the last line of ${name}: ${stdout.join('\n')}`,
       );
   });
 
@@ -640,7 +746,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
     fake.hold(); // both events reach the controller in one replay, so the worker sees only the new book
     fake.endWatches();
     await until('the watch resumed', () => bookRequests().length === 2);
-    fake.recreate('moby-dick', { title: 'Moby Dick (2nd ed.)' });
+    fake.recreate('moby-dick', { ...sample('Moby Dick (2nd ed.)') });
     fake.release();
     await until('three lines', () => stdout.length === 3);
     await until('the new moby-dick Ready', () => isReady('moby-dick'));
@@ -671,7 +777,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
       },
     });
     await until('the reconcile started', () => calls.length === 1);
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     const stopped = performance.now();
     assert.equal(await controller.stop(), 0);
     assert.ok(
@@ -695,9 +801,9 @@ describe('reading the watch stream', () => {
       fake.hold(); // so the three events reach the next watch together, as one replay
       fake.endWatches();
       await until('the watch resumed', () => bookRequests().length === 2);
-      fake.create('baijing', { title: '白鯨', authors: ['赫尔曼·梅尔维尔'] });
-      fake.create('emoji', { title: 'Moby Dick 🐋📚' });
-      fake.update('baijing', { title: '白鯨記' });
+      fake.create('baijing', { ...sample('白鯨') });
+      fake.create('emoji', { ...sample('Moby Dick 🐋📚') });
+      fake.update('baijing', { ...sample('白鯨記') });
       fake.release();
       await until('two lines', () => stdout.length === 2);
       await controller.stop();
@@ -721,7 +827,7 @@ describe('reading the watch stream', () => {
     );
     fake.sendRaw('{"kind":"Status"}\n'); // JSON, but not an event
     await until('a third watch', () => bookRequests().length === 3 && fake.openWatches === 1);
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     await until('hamlet printed', () => stdout.length === 2);
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
@@ -740,29 +846,39 @@ describe('reading the watch stream', () => {
     assert.equal(third, second);
   });
 
-  test('skips a book that fails the check, with a stderr line naming it and the kubectl edit that fixes it', async () => {
-    fake.create('no-title', { authors: ['Anonymous'] }, 'library');
+  test('skips a book that fails the check, with a stderr line naming it and the kubectl edit that fixes it; once per reason', async () => {
+    // Specs that checkSpec refuses (here, and in a copy with its own spec): the reasons are its own.
+    const untitled = { authors: ['Anonymous'] };
+    const stillUntitled = { title: 42 };
+    const badAuthors = { title: 'Beowulf', authors: 'unknown' };
+    const why = (spec: Record<string, unknown>) => {
+      const reason = checkSpec(spec);
+      assert.equal(typeof reason, 'string', `checkSpec accepts ${JSON.stringify(spec)}`);
+      return String(reason);
+    };
+    const ignoring = (name: string, spec: Record<string, unknown>) =>
+      `ignoring ${KIND.toLowerCase()} library/${name}: ${why(spec)} — fix it with kubectl edit ${KIND.toLowerCase()} ${name} -n library`;
+    fake.create('no-title', untitled, 'library');
     fake.create('moby-dick', MOBY_DICK, 'library');
     const controller = start(['-A']);
     await until(
       'moby-dick printed, no-title reported',
       () => stdout.length === 1 && stderr.length === 1,
     );
-    fake.update('no-title', { title: 42 }, 'library');
-    fake.create('bad-authors', { title: 'Beowulf', authors: 'unknown' }, 'library');
-    await until('two more reports', () => stderr.length === 3);
-    fake.update('no-title', { title: 'The Cloud of Unknowing' }, 'library'); // fixed: news to the reconcile, so Added
+    fake.update('no-title', stillUntitled, 'library'); // the same reason: not said again
+    fake.create('bad-authors', badAuthors, 'library');
+    const expected = [ignoring('no-title', untitled)];
+    if (why(stillUntitled) !== why(untitled)) expected.push(ignoring('no-title', stillUntitled));
+    expected.push(ignoring('bad-authors', badAuthors));
+    await until('bad-authors reported', () => stderr.length === expected.length);
+    fake.update('no-title', { ...sample('The Cloud of Unknowing') }, 'library'); // fixed: news to the reconcile, so Added
     await until('no-title printed', () => stdout.length === 2);
     await controller.stop();
     assert.deepEqual(stdout, [
       added('library/moby-dick', 'Moby Dick'),
       added('library/no-title', 'The Cloud of Unknowing'),
     ]);
-    assert.deepEqual(stderr, [
-      'ignoring book library/no-title: spec.title is not a string — fix it with kubectl edit book no-title -n library',
-      'ignoring book library/no-title: spec.title is not a string — fix it with kubectl edit book no-title -n library',
-      'ignoring book library/bad-authors: spec.authors is not a list of strings — fix it with kubectl edit book bad-authors -n library',
-    ]);
+    assert.deepEqual(stderr, expected);
   });
 });
 
@@ -786,31 +902,48 @@ describe('the initial state: a streaming list, else pages', () => {
     assert.deepEqual(list?.query, { limit: '500' });
     assert.ok(!rest.some(isStreamingList), 'no second streaming list in this run');
     assert.equal(fake.listRequests().length, 2); // the second after the 410
-    assert.deepEqual(stderr, []);
+    // Said once for the run (the ConfigMaps' lists too), with the server's own words.
+    assert.deepEqual(besidesCannotStream(stderr), []);
+    assert.match(
+      stderr[0] ?? '',
+      /\(ListOptions\.meta\.k8s\.io "" is invalid: sendInitialEvents: /,
+    );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
   });
 
-  test('falls back to lists when the stream ends before the initial-events-end bookmark', async () => {
-    fake.endInitialEventsEarly = true;
+  test('a streaming list cut short streams again, with backoff, nothing lost', async () => {
+    fake.endInitialEventsEarly = true; // a restarting server: 200, the ADDEDs, then the end, no bookmark
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
+    const aboutBooks = () => stderr.filter((line) => !line.includes('configmaps'));
+    await until('the cut reported', () => aboutBooks().length === 1);
+    const saidAt = stderrAt[stderr.indexOf(aboutBooks()[0] ?? '')] ?? 0;
+    fake.endInitialEventsEarly = false; // the server is back
     await until(
-      'watching after a list',
-      () => fake.listRequests().length === 1 && fake.openWatches === 1,
+      'moby-dick printed, then watching',
+      () => stdout.length === 1 && fake.openWatches === 1,
     );
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     await until('two lines', () => stdout.length === 2);
     await controller.stop();
-    assert.deepEqual(
-      bookRequests().map((r) => [r.verb, isStreamingList(r)]),
-      [
-        ['watch', true],
-        ['list', false],
-        ['watch', false],
-      ],
-    );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
-    assert.deepEqual(stderr, []);
+    assert.deepEqual(aboutBooks().length, 1, aboutBooks().join('\n'));
+    assert.match(
+      aboutBooks()[0] ?? '',
+      new RegExp(
+        `^the list of ${PLURAL} ended before it was complete \\(${SERVER}\\); ${FIRST_RETRY}$`,
+      ),
+    );
+    // Streamed again (never in pages), after the wait it announced.
+    const requests = bookRequests();
+    assert.ok(requests.length >= 2 && requests.every(isStreamingList), 'streaming lists only');
+    assert.deepEqual(fake.listRequests(), []);
+    assert.deepEqual(fake.listRequests('configmaps'), []);
+    const second = requests[1];
+    assert.ok(
+      second && second.at - saidAt >= retryingMs(aboutBooks()[0]) - SLACK_MS,
+      `the second streaming list came ${(second?.at ?? 0) - saidAt} ms after the line`,
+    );
   });
 
   test('a 410 during the streaming list starts the streaming list again, quietly', async () => {
@@ -837,38 +970,42 @@ describe('the initial state: a streaming list, else pages', () => {
     assert.deepEqual(stderr, []);
   });
 
-  test('another ERROR during the streaming list falls back to lists', async () => {
+  test('another ERROR during the streaming list streams again, with backoff, nothing lost', async () => {
     fake.failInitialEvents(500, 'InternalError', 'etcdserver: leader changed');
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick printed', () => stdout.length === 1);
-    await until(
-      'watching after a list',
-      () => fake.listRequests().length === 1 && fake.openWatches === 1,
-    );
+    await until('watching', () => fake.openWatches === 1);
+    fake.create('hamlet', { ...sample('Hamlet') });
+    await until('two lines', () => stdout.length === 2);
     await controller.stop();
-    assert.deepEqual(
-      bookRequests()
-        .slice(0, 3)
-        .map((r) => [r.verb, isStreamingList(r)]),
-      [
-        ['watch', true],
-        ['list', false],
-        ['watch', false],
-      ],
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+    const [first, second, ...rest] = bookRequests();
+    assert.ok(first && second && isStreamingList(first) && isStreamingList(second));
+    assert.deepEqual(rest, []);
+    assert.deepEqual(fake.listRequests(), []);
+    assert.equal(stderr.length, 1, stderr.join('\n'));
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^${SERVER} failed to watch ${PLURAL} \\(500: etcdserver: leader changed\\); ${FIRST_RETRY}$`,
+      ),
     );
-    assert.equal(bookRequests().filter(isStreamingList).length, 1);
+    assert.ok(
+      second.at - (stderrAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS,
+      `the second streaming list came ${second.at - (stderrAt[0] ?? 0)} ms after the line`,
+    );
   });
 
   test('a list that fails after its first page lists again from the first: every book Added once, then the watch', async () => {
     fake.watchList = false;
     for (let i = 0; i < 600; i++)
-      fake.create(`book-${String(i).padStart(3, '0')}`, { title: `Book ${i}` });
+      fake.create(`book-${String(i).padStart(3, '0')}`, { ...sample(`Book ${i}`) });
     const controller = start();
     await until('the first page asked', () => fake.listRequests().length === 1);
     fake.failNext(500, 'InternalError', 'etcdserver: request timed out', {
       verb: 'list',
-      resource: 'books',
+      resource: PLURAL,
     }); // the second page
     await until(
       '600 books printed and a watch open',
@@ -880,16 +1017,17 @@ describe('the initial state: a streaming list, else pages', () => {
       fake.listRequests().map((r) => (r.query.continue === undefined ? 'first page' : 'next page')),
       ['first page', 'next page', 'first page', 'next page'],
     );
-    assert.equal(stderr.length, 1);
+    const [report, ...more] = besidesCannotStream(stderr);
+    assert.deepEqual(more, []);
     assert.match(
-      stderr[0] ?? '',
-      /failed to list books \(500: etcdserver: request timed out\); retrying in/,
+      report ?? '',
+      new RegExp(`failed to list ${PLURAL} \\(500: etcdserver: request timed out\\); retrying in`),
     );
   });
 
   test('lists in pages of 500 following continue, and starts over when a continue token expires', async () => {
     fake.watchList = false;
-    for (let i = 0; i < 1200; i++) fake.create(`book-${i}`, { title: `Book ${i}` });
+    for (let i = 0; i < 1200; i++) fake.create(`book-${i}`, { ...sample(`Book ${i}`) });
     fake.expireNextContinueToken = true;
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
@@ -908,7 +1046,7 @@ describe('the initial state: a streaming list, else pages', () => {
         { limit: '500', continue: 'token-2' },
       ],
     );
-    assert.deepEqual(stderr, []);
+    assert.deepEqual(besidesCannotStream(stderr), []);
   });
 });
 
@@ -918,13 +1056,15 @@ describe('resuming and relisting', () => {
       fake.create('moby-dick', MOBY_DICK);
       const controller = start();
       await until('watching', () => fake.openWatches === 1);
-      const hamletAt = Number(fake.create('hamlet', { title: 'Hamlet' }).metadata.resourceVersion);
+      const hamletAt = Number(
+        fake.create('hamlet', { ...sample('Hamlet') }).metadata.resourceVersion,
+      );
       await until('two lines', () => stdout.length === 2);
       await until('both Ready', () => isReady('moby-dick') && isReady('hamlet'));
       // The last book event read before the cut: hamlet's ADDED or a later status echo (a reset
       // may discard what was not read yet; the fake's own resourceVersion moves with ConfigMaps).
       const readyAt = Number(lastBookVersion('moby-dick', 'hamlet'));
-      fake.createAndCutMidEvent('beowulf', { title: 'Beowulf' }, how);
+      fake.createAndCutMidEvent('beowulf', { ...sample('Beowulf') }, how);
       await until('three lines', () => stdout.length === 3);
       await controller.stop();
       assert.deepEqual(stdout, [
@@ -954,7 +1094,7 @@ describe('resuming and relisting', () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1 && stdout.length === 1);
     fake.hold();
-    fake.createAndCutMidEvent('hamlet', { title: 'Hamlet' }, 'reset');
+    fake.createAndCutMidEvent('hamlet', { ...sample('Hamlet') }, 'reset');
     await until('the resume asked', () => bookRequests().length === 2);
     fake.compact(); // the resume point is gone: 410
     fake.release();
@@ -968,38 +1108,29 @@ describe('resuming and relisting', () => {
     );
   });
 
-  test('backs off when the server ends every watch at once, instead of spinning', async () => {
+  test('backs off when the server ends every watch at once, instead of spinning: one line, doubling waits', {
+    timeout: 30_000,
+  }, async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
     fake.endWatchesAtOnce = true; // the ConfigMaps' watch too: their reports name them
     fake.endWatches();
-    const aboutBooks = () =>
-      stderr.flatMap((line, i) => (line.includes('configmaps') ? [] : [[line, stderrAt[i] ?? 0]]));
-    await until('two reports', () => aboutBooks().length === 2);
-    await until('the watch after the second wait', () => bookRequests().length === 4);
+    // The first watch had events: its end is routine, the next starts at once. The next ones end at once.
+    await until('the watch after the second wait', () => bookRequests().length === 4, 15);
     await controller.stop();
-    const [[first = '', firstAt = 0] = [], [second = '', secondAt = 0] = []] = aboutBooks() as [
-      string,
-      number,
-    ][];
+    const aboutBooks = stderr.filter((line) => !line.includes('configmaps'));
+    assert.equal(aboutBooks.length, 1, `said once while it lasts:\n${aboutBooks.join('\n')}`);
     assert.match(
-      first,
-      new RegExp(
-        `^the watch ended at once, without any event \\(${SERVER}\\); retrying in 0\\.[2-5]s$`,
-      ),
+      aboutBooks[0] ?? '',
+      new RegExp(`^the watch ended at once, without any event \\(${SERVER}\\); ${FIRST_RETRY}$`),
     );
-    assert.match(second, /retrying in (0\.[5-9]|1\.0)s$/); // doubling
-    // The fake saw each next watch only after the announced wait.
-    const [, , third, fourth] = bookRequests();
-    assert.ok(third && fourth);
-    assert.ok(
-      third.at - firstAt >= retryingMs(first) - SLACK_MS,
-      `watch 3 came ${third.at - firstAt} ms after ${first}`,
-    );
-    assert.ok(
-      fourth.at - secondAt >= retryingMs(second) - SLACK_MS,
-      `watch 4 came ${fourth.at - secondAt} ms after ${second}`,
-    );
+    // The fake saw each next watch only after a wait, and the second wait is the longer (doubling).
+    const [, second, third, fourth] = bookRequests();
+    assert.ok(second && third && fourth);
+    const firstWait = third.at - second.at;
+    const secondWait = fourth.at - third.at;
+    assert.ok(firstWait >= 800 - SLACK_MS && firstWait < 1600 + 400, `first wait ${firstWait} ms`);
+    assert.ok(secondWait >= 1600 - SLACK_MS, `second wait ${secondWait} ms`);
     assert.equal(fake.listRequests().length, 0);
   });
 
@@ -1021,7 +1152,7 @@ describe('resuming and relisting', () => {
     await until('watching', () => fake.openWatches === 1);
     fake.create('moby-dick', MOBY_DICK); // the server will end this watch after a second
     await until('the second watch', () => bookRequests().length === 2);
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     await until('two lines', () => stdout.length === 2);
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
@@ -1045,7 +1176,7 @@ describe('resuming and relisting', () => {
     fake.compact(); // so that resuming from an older resourceVersion would cost a relist
     fake.endWatches();
     await until('the second watch', () => bookRequests().length === 2);
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     await until('two lines', () => stdout.length === 2);
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
@@ -1069,7 +1200,7 @@ describe('resuming and relisting', () => {
     test(`relists after 410 Gone as ${form}: the worker prints exactly the gap, books absent from the new state Deleted`, async () => {
       fake.watchList = watchList;
       fake.goneAsHttp = goneAsHttp;
-      for (const name of ['a', 'b', 'c']) fake.create(name, { title: name.toUpperCase() });
+      for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name.toUpperCase()) });
       const controller = start();
       await until(
         'watching, all Ready',
@@ -1081,12 +1212,12 @@ describe('resuming and relisting', () => {
       const resumes = bookRequests().length + 1;
       await until('the resume asked', () => bookRequests().length === resumes);
       fake.remove('a');
-      fake.update('b', { title: 'B, second edition' });
-      fake.create('d', { title: 'D' });
+      fake.update('b', { ...sample('B, second edition') });
+      fake.create('d', { ...sample('D') });
       fake.compact();
       fake.release();
       await until('the gap printed', () => stdout.length === 6);
-      fake.create('e', { title: 'E' }); // and the new watch carries on from the new state
+      fake.create('e', { ...sample('E') }); // and the new watch carries on from the new state
       await until('e printed', () => stdout.length === 7);
       await controller.stop();
       assert.deepEqual(stdout.slice(3), [
@@ -1095,7 +1226,7 @@ describe('resuming and relisting', () => {
         deleted('a'),
         added('e', 'E'),
       ]);
-      assert.deepEqual(stderr, []); // one 410 is routine
+      assert.deepEqual(watchList ? stderr : besidesCannotStream(stderr), []); // one 410 is routine
       const initial = watchList ? ['watch'] : ['watch', 'list', 'watch'];
       assert.deepEqual(
         bookRequests().map((r) => r.verb),
@@ -1127,43 +1258,56 @@ describe('resuming and relisting', () => {
       `the list was abandoned after ${abandonedAfter} ms`,
     );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
-    assert.equal(stderr.length, 2);
+    const reports = besidesCannotStream(stderr);
+    assert.equal(reports.length, 2, reports.join('\n'));
     assert.match(
-      stderr[0] ?? '',
+      reports[0] ?? '',
       new RegExp(`^the list was not over after 6s \\(${SERVER}\\); retrying in \\d+\\.\\ds$`),
     );
     assert.match(
-      stderr[1] ?? '',
+      reports[1] ?? '',
       new RegExp(`^the watch was not over after 6s \\(${SERVER}\\); retrying in \\d+\\.\\ds$`),
     );
     assert.equal(fake.listRequests().length, 2);
   });
 
-  test('reports a server that answers every watch with 410, and waits before each relist', async () => {
+  test('a server that answers every watch with 410: the first relists at once and quietly, the second in a row is said once and waits', async () => {
     // With lists in pages: a streaming list is itself the watch, so there only resumes could meet the 410.
     fake.watchList = false;
     fake.create('moby-dick', MOBY_DICK);
     fake.goneForever = true;
     const controller = start();
+    // The ConfigMaps' watch meets the same 410s: its own line names them.
+    const reports = () =>
+      stderr.filter((line) => !CANNOT_STREAM.test(line) && !line.includes('configmaps'));
     await until(
       'a report, and the relist after it',
-      () => stderr.length === 1 && fake.listRequests().length === 3,
+      () => reports().length === 1 && fake.listRequests().length === 3,
     );
     await controller.stop();
+    assert.equal(reports().length, 1, reports().join('\n'));
+    besidesCannotStream(stderr);
+    const report = reports()[0];
+    const reportAt = stderrAt[stderr.indexOf(report ?? '')] ?? 0;
     assert.match(
-      stderr[0] ?? '',
+      report ?? '',
       new RegExp(
-        `^${SERVER} failed to watch books \\(410: too old resource version: \\d+ \\(\\d+\\)\\); retrying in \\d+\\.\\ds$`,
+        `^${SERVER} failed to watch ${PLURAL} \\(410: too old resource version: \\d+ \\(\\d+\\)\\); ${FIRST_RETRY}$`,
       ),
     );
     assert.deepEqual(
-      bookRequests().map((r) => r.verb),
+      withoutDenoEcho(bookRequests()).map((r) => r.verb),
       ['watch', 'list', 'watch', 'list', 'watch', 'list'],
     );
-    const relist = fake.listRequests()[2];
+    const [, list1, watch1, list2, watch2, list3] = withoutDenoEcho(bookRequests());
+    assert.ok(list1 && watch1 && list2 && watch2 && list3);
     assert.ok(
-      relist && relist.at - (stderrAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS,
-      'the relist waited',
+      list2.at - watch1.at < 500,
+      `the first 410 relisted after ${list2.at - watch1.at} ms`,
+    );
+    assert.ok(
+      list3.at - reportAt >= retryingMs(report) - SLACK_MS,
+      `the second relist came ${list3.at - reportAt} ms after ${report}`,
     );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]); // a relist of the same book prints nothing
   });
@@ -1189,7 +1333,9 @@ describe('resuming and relisting', () => {
     assert.equal(stderr.length, 1);
     assert.match(
       stderr[0] ?? '',
-      /failed to watch books \(500: etcdserver: leader changed\); retrying in \d+\.\ds$/,
+      new RegExp(
+        `failed to watch ${PLURAL} \\(500: etcdserver: leader changed\\); retrying in \\d+\\.\\ds$`,
+      ),
     );
     const [first, second] = bookRequests();
     assert.ok(
@@ -1320,7 +1466,9 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     await controller.stop();
     assert.match(
       stderr[0] ?? '',
-      /^not allowed to watch books in namespace library \(403: .*cannot watch resource "books".*\); retrying in \d+\.\ds — grant list and watch on books\.example\.technosophos\.com \(kubectl auth can-i watch books\.example\.technosophos\.com -n library\)$/,
+      new RegExp(
+        `^not allowed to watch ${PLURAL} in namespace library \\(403: .*cannot watch resource "${PLURAL}".*\\); retrying in \\d+\\.\\ds — grant list and watch on ${RESOURCE} \\(kubectl auth can-i watch ${RESOURCE} -n library\\)$`,
+      ),
     );
   });
 
@@ -1335,7 +1483,7 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     assert.match(
       stderr[0] ?? '',
       new RegExp(
-        `^the Book CRD is not installed on ${SERVER} \\(404: 404 page not found\\); retrying in \\d+\\.\\ds — kubectl apply -f crd\\.yaml$`,
+        `^the ${KIND} CRD is not installed on ${SERVER} \\(404: 404 page not found\\); retrying in \\d+\\.\\ds — kubectl apply -f crd\\.yaml$`,
       ),
     );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
@@ -1350,31 +1498,55 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     assert.equal(stderr.length, 1);
     assert.match(
       stderr[0] ?? '',
-      /failed to watch books \(500: etcdserver: request timed out\); retrying in 0\.\ds$/,
+      new RegExp(
+        `failed to watch ${PLURAL} \\(500: etcdserver: request timed out\\); ${FIRST_RETRY}$`,
+      ),
     );
     const [first, second] = bookRequests();
     assert.ok(first && second && second.at - first.at >= retryingMs(stderr[0]) - SLACK_MS);
   });
 
-  test('server unreachable: names the server URL, and waits longer each time', async () => {
+  test('server unreachable: names the server URL once while it stays down, and waits longer each time', {
+    timeout: 30_000,
+  }, async () => {
     writeKubeconfig({ server: 'https://127.0.0.1:1' });
-    const controller = start();
-    await until('three reports', () => stderr.length === 3);
-    await controller.stop();
-    // Backoff: the first wait is 0.25-0.5 s, the second 0.5-1 s (jittered).
+    // Nothing listens there to log the attempts: the runtime's own HTTP client tells of each.
+    const attempts: number[] = [];
+    const onRequest = (message: unknown) => {
+      const { request } = message as {
+        request: { path?: string; getHeader?: (n: string) => unknown };
+      };
+      const host = String(request.getHeader?.('host') ?? '');
+      if (host.endsWith(':1') && request.path?.includes(`/${PLURAL}?`)) {
+        attempts.push(performance.now());
+        wake();
+      }
+    };
+    diagnostics.subscribe('http.client.request.start', onRequest);
+    try {
+      const controller = start();
+      await until('three attempts to watch books', () => attempts.length >= 3, 15);
+      await controller.stop();
+    } finally {
+      diagnostics.unsubscribe('http.client.request.start', onRequest);
+    }
+    assert.deepEqual(stderr.length, 1, stderr.join('\n')); // for books and ConfigMaps alike
     assert.match(
       stderr[0] ?? '',
-      /^cannot reach https:\/\/127\.0\.0\.1:1 \(ECONNREFUSED\); retrying in 0\.[2-5]s — is the cluster running\? \(kubectl cluster-info\)$/,
+      new RegExp(
+        `^cannot reach https://127\\.0\\.0\\.1:1 \\(ECONNREFUSED\\); ${FIRST_RETRY} — is the cluster running\\? \\(kubectl cluster-info\\)$`,
+      ),
     );
-    assert.match(stderr[1] ?? '', /retrying in (0\.[5-9]|1\.0)s/);
-    // Nothing listens to see the attempts, but each report comes from the next attempt, after the wait.
-    for (const i of [1, 2]) {
-      const waited = (stderrAt[i] ?? 0) - (stderrAt[i - 1] ?? 0);
-      assert.ok(
-        waited >= retryingMs(stderr[i - 1]) - SLACK_MS,
-        `report ${i + 1} came ${waited} ms after ${stderr[i - 1]}`,
-      );
-    }
+    // client-go's backoff: 0.8-1.6 s, then 1.6-3.2 s.
+    const [first = 0, second = 0, third = 0] = attempts;
+    assert.ok(
+      second - first >= 800 - SLACK_MS,
+      `the second attempt came ${second - first} ms after the first`,
+    );
+    assert.ok(
+      third - second >= 1600 - SLACK_MS,
+      `the third attempt came ${third - second} ms after the second`,
+    );
   });
 
   test("a TLS certificate the kubeconfig's CA did not sign", async () => {
@@ -1411,7 +1583,7 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     assert.equal(await main([], new AbortController().signal), 1);
     assert.deepEqual(stderr, [
       "the kubeconfig's server http://127.0.0.1:8080 is plain HTTP, which kubectl refuses too" +
-        ' — use its https:// address, or set insecure-skip-tls-verify: true on the cluster to allow it',
+        ' — use its https:// address, or set insecure-skip-tls-verify: true on the cluster',
     ]);
   });
 
@@ -1427,7 +1599,7 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     assert.equal(stderr.length, 1);
     assert.match(
       stderr[0] ?? '',
-      /^no kubeconfig found \(KUBECONFIG, ~\/\.kube\/config or a pod's service account\) — create a cluster \(kind create cluster\) or set KUBECONFIG; npm run demo shows the controller without one$/,
+      /^no kubeconfig found \(KUBECONFIG, ~\/\.kube\/config or a pod's service account\) — create a cluster \(kind create cluster\) or set KUBECONFIG$/,
     );
   });
 
@@ -1470,7 +1642,7 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
 describe('flags, as kubectl has them', () => {
   test('-A watches every namespace and names books NAMESPACE/NAME', async () => {
     fake.create('moby-dick', MOBY_DICK, 'library');
-    fake.create('moby-dick', { title: 'Moby Dick, the musical' }, 'theatre'); // the same name, another book
+    fake.create('moby-dick', { ...sample('Moby Dick, the musical') }, 'theatre'); // the same name, another book
     const controller = start(['-A']);
     await until('two lines', () => stdout.length === 2);
     fake.remove('moby-dick', 'theatre');
@@ -1491,8 +1663,8 @@ describe('flags, as kubectl has them', () => {
   test('the namespace comes from -n, else the kubeconfig context, else "default"', async () => {
     writeKubeconfig({ namespace: 'library' });
     fake.create('moby-dick', MOBY_DICK, 'library');
-    fake.create('hamlet', { title: 'Hamlet' }, 'theatre');
-    fake.create('beowulf', { title: 'Beowulf' });
+    fake.create('hamlet', { ...sample('Hamlet') }, 'theatre');
+    fake.create('beowulf', { ...sample('Beowulf') });
     const runs: [string, string[], () => void][] = [
       ['the context', [], () => {}],
       ['-n', ['--namespace', 'theatre'], () => {}],
@@ -1519,8 +1691,8 @@ describe('flags, as kubectl has them', () => {
   });
 
   test('-l sends the selector as labelSelector; a book relabelled out is Deleted, one relabelled in is Added', async () => {
-    fake.create('a', { title: 'A' }, 'default', { shelf: 'fiction' });
-    fake.create('b', { title: 'B' }, 'default', { shelf: 'poetry' });
+    fake.create('a', { ...sample('A') }, 'default', { shelf: 'fiction' });
+    fake.create('b', { ...sample('B') }, 'default', { shelf: 'poetry' });
     const controller = start(['-l', 'shelf=fiction']);
     await until('a printed', () => stdout.length === 1);
     fake.label('a', { shelf: 'poetry' });
@@ -1534,26 +1706,33 @@ describe('flags, as kubectl has them', () => {
   });
 
   test('-o json prints one object per line, Deleted carrying the last spec', async () => {
-    fake.create('moby-dick', MOBY_DICK);
+    // The spec as checkSpec keeps it (authors too, where a book has them).
+    const mobyDick = { ...sample('Moby Dick'), authors: ['Herman Melville'] };
+    fake.create('moby-dick', mobyDick);
     const controller = start(['-o', 'json']);
     await until('one line', () => stdout.length === 1);
-    fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] });
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
     await until('two lines', () => stdout.length === 2);
     fake.remove('moby-dick');
     await until('three lines', () => stdout.length === 3);
     await controller.stop();
-    const retitled = { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] };
+    const retitled = { ...sample('Moby-Dick; or, The Whale') };
     assert.deepEqual(
       stdout.map((line) => JSON.parse(line)),
       [
-        { type: 'Added', namespace: 'default', name: 'moby-dick', spec: MOBY_DICK },
-        { type: 'Modified', namespace: 'default', name: 'moby-dick', spec: retitled },
-        { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: retitled },
+        { type: 'Added', namespace: 'default', name: 'moby-dick', spec: checkSpec(mobyDick) },
+        { type: 'Modified', namespace: 'default', name: 'moby-dick', spec: checkSpec(retitled) },
+        { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: checkSpec(retitled) },
       ],
     );
     assert.equal(
       stdout[0],
-      '{"type":"Added","namespace":"default","name":"moby-dick","spec":{"title":"Moby Dick","authors":["Herman Melville"]}}',
+      JSON.stringify({
+        type: 'Added',
+        namespace: 'default',
+        name: 'moby-dick',
+        spec: checkSpec(mobyDick),
+      }),
     );
   });
 
@@ -1672,7 +1851,7 @@ describe('leader election (--leader-elect)', () => {
     await until('the follower waiting', () =>
       stderr.some((line) => line.startsWith('waiting to lead')),
     );
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     await until('hamlet printed', () => leader.lines.length === 2);
     await until(
       'the follower checked the lease again',
@@ -1682,14 +1861,14 @@ describe('leader election (--leader-elect)', () => {
     assert.deepEqual(follower.lines, []);
     const identity = identityIn(leadingLine());
     assert.deepEqual(stderr, [
-      `leading as ${identity} (the Lease default/book-controller)`,
-      `waiting to lead: the Lease default/book-controller is held by ${identity}`,
+      `leading as ${identity} (the Lease default/${kind}-controller)`,
+      `waiting to lead: the Lease default/${kind}-controller is held by ${identity}`,
     ]);
     assert.deepEqual(
       new Set(fake.requests.filter((r) => r.token === 'token-b').map((r) => r.resource)),
       new Set(['leases']),
     );
-    const lease = fake.lease('default', 'book-controller');
+    const lease = fake.lease('default', `${kind}-controller`);
     assert.equal(lease?.spec.holderIdentity, identity);
     assert.equal(lease?.spec.leaseDurationSeconds, 15);
     assert.match(lease?.spec.renewTime ?? '', /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$/); // MicroTime: six digits
@@ -1705,13 +1884,13 @@ describe('leader election (--leader-elect)', () => {
       stderr.some((line) => line.startsWith('waiting to lead')),
     );
     assert.equal(await leader.stop(), 0);
-    const released = fake.lease('kube-system', 'book-controller')?.spec;
+    const released = fake.lease('kube-system', `${kind}-controller`)?.spec;
     assert.equal(released?.holderIdentity, '');
     assert.equal(released?.leaseDurationSeconds, 1);
     await until('the follower leads and prints', () => follower.lines.length === 1, 5);
     assert.deepEqual(follower.lines, [added('moby-dick', 'Moby Dick')]);
     assert.equal(stderr.filter((line) => line.startsWith('leading as ')).length, 2);
-    assert.equal(fake.lease('kube-system', 'book-controller')?.spec.leaseTransitions, 1);
+    assert.equal(fake.lease('kube-system', `${kind}-controller`)?.spec.leaseTransitions, 1);
   });
 
   test('a leader that cannot renew stops acting and returns 1 with one line', {
@@ -1732,7 +1911,9 @@ describe('leader election (--leader-elect)', () => {
     assert.equal(stopLines.length, 1);
     assert.match(
       stopLines[0] ?? '',
-      /^stopped leading: could not renew the Lease default\/book-controller for 10s \(.+\) — exiting, so that a new replica starts clean$/,
+      new RegExp(
+        `^stopped leading: could not renew the Lease default/${kind}-controller for 10s \\(.+\\) — exiting, so that a new replica starts clean$`,
+      ),
     );
     assert.deepEqual(
       stderr.filter((line) => !line.startsWith('leading as ')),
@@ -1782,33 +1963,39 @@ describe('health endpoints (--health-port)', () => {
 });
 
 describe('checkBook and checkSpec', () => {
-  test('accept a book with a title and optional authors, keep only what the controller uses, and say what is wrong otherwise', () => {
+  test('accept a book with a title and optional authors, keep only what the controller uses, and say what is wrong otherwise', {
+    skip: KIND !== 'Book' && 'about the Book spec itself: a copy tests its own spec here',
+  }, () => {
     const metadata = { name: 'm', namespace: 'default', uid: 'u', generation: 2 };
     const book: Book = { metadata, spec: { title: 'Moby Dick', authors: ['Herman Melville'] } };
     assert.deepEqual(checkBook({ ...book, metadata: { ...metadata, resourceVersion: '1' } }), book);
     const fromServer = {
-      apiVersion: 'example.technosophos.com/v1',
-      kind: 'Book',
+      apiVersion: `${GROUP}/${VERSION}`,
+      kind: KIND,
       metadata: { ...metadata, resourceVersion: '1', managedFields: [{}] },
       spec: { title: 'x', extra: 1 },
       status: {},
     };
-    assert.deepEqual(checkBook(fromServer), { metadata, spec: { title: 'x' } });
+    assert.deepEqual(checkBook(fromServer), { metadata, spec: { ...sample('x') } });
     // Without a generation (a server without it), the resourceVersion stands in for it.
     assert.equal(
-      (checkBook({ metadata: { name: 'm', resourceVersion: '7' }, spec: { title: 'x' } }) as Book)
-        .metadata.generation,
+      (
+        checkBook({
+          metadata: { name: 'm', resourceVersion: '7' },
+          spec: { ...sample('x') },
+        }) as Book
+      ).metadata.generation,
       '7',
     );
     assert.equal(checkBook({ metadata: { ...metadata, resourceVersion: '1' } }), 'it has no spec');
-    assert.equal(checkBook({ metadata, spec: { title: 'x' } }), 'it has no metadata'); // no resourceVersion
+    assert.equal(checkBook({ metadata, spec: { ...sample('x') } }), 'it has no metadata'); // no resourceVersion
     assert.equal(checkSpec({ authors: [] }), 'spec.title is not a string');
     assert.equal(checkSpec({ title: 'x', authors: [1] }), 'spec.authors is not a list of strings');
-    assert.deepEqual(checkSpec({ title: 'x' }), { title: 'x' });
+    assert.deepEqual(checkSpec({ ...sample('x') }), { ...sample('x') });
   });
 
   test('the reconcile is not called again once the controller is stopped', async () => {
-    for (const name of ['a', 'b', 'c']) fake.create(name, { title: name });
+    for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name) });
     const calls: string[] = [];
     const stopper = new AbortController();
     const reconcile: Reconcile = async (_change: Change, _book, { name }) => {
@@ -1831,7 +2018,7 @@ describe('as a program, on this runtime', () => {
       const out: string[] = [];
       readLines(child, out);
       await until('the first line', () => out.length === 1, 20);
-      fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale' });
+      fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
       await until('two lines', () => out.length === 2);
       fake.remove('moby-dick');
       await until('three lines', () => out.length === 3);
@@ -1855,7 +2042,11 @@ describe('as a program, on this runtime', () => {
     timeout: 60_000,
   }, async () => {
     const long = 'x'.repeat(100); // so that the lines overflow the pipe while the reader waits
-    for (let i = 0; i < 3000; i++) fake.create(`book-${i}`, { title: `Book ${i} ${long}` });
+    const nameOf = new Map<string, string>(); // each line expected, and the book it is about
+    for (let i = 0; i < 3000; i++) {
+      fake.create(`book-${i}`, { ...sample(`Book ${i} ${long}`) });
+      nameOf.set(added(`book-${i}`, `Book ${i} ${long}`), `book-${i}`);
+    }
     const { child, err, exited } = spawnController();
     // The reader does not read yet: the pipe fills, and the controller must wait for it.
     await until('some books reconciled', () => fake.patches().length >= 200, 30);
@@ -1864,9 +2055,7 @@ describe('as a program, on this runtime', () => {
     readLines(child, out);
     assert.equal(await exited, 0);
     const patched = new Set(fake.patches().map((p) => p.name));
-    const printed = new Set(
-      out.map((line) => /^Added a book (\S+) with title 'Book \d+ x+'$/.exec(line)?.[1]),
-    );
+    const printed = new Set(out.map((line) => nameOf.get(line)));
     assert.ok(!printed.has(undefined), 'every line whole');
     const lost = [...patched].filter((name) => !printed.has(name));
     assert.deepEqual(
@@ -1888,7 +2077,7 @@ describe('as a program, on this runtime', () => {
     await until('the first line', () => out.length === 1, 20);
     child.stdout.destroy(); // head -1 has its line and exits
     for (let i = 0; !hasExited() && i < 50; i++) {
-      fake.create(`book-${i}`, { title: `Book ${i}` }); // the next line meets the closed pipe
+      fake.create(`book-${i}`, { ...sample(`Book ${i}`) }); // the next line meets the closed pipe
       await until(
         'the book reconciled',
         () => fake.get(`book-${i}`)?.status !== undefined || hasExited(),
@@ -1926,7 +2115,7 @@ const leaseWrites = (token: string) =>
 function churn(name: string, everyMs: number) {
   let i = 0;
   const timer = setInterval(() => {
-    if (fake.get(name)) fake.update(name, { title: `${name} ${++i}` });
+    if (fake.get(name)) fake.update(name, { ...sample(`${name} ${++i}`) });
   }, everyMs);
   return () => clearInterval(timer);
 }
@@ -1954,10 +2143,11 @@ describe('leadership is a fence, not a flag (issue 17)', () => {
     const pausedAt = performance.now();
     try {
       await until('B leads', () => leadingLines().length === 1, 30);
-      const retitled = { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] };
-      fake.update('moby-dick', retitled);
+      const retitledText = 'Moby-Dick; or, The Whale';
+      fake.update('moby-dick', { ...sample(retitledText) });
       await until('B prints the retitled book', () =>
-        b.lines.some((line) => line.endsWith(`'${retitled.title}'`)),
+        // Added or Modified: B may have listed the book before or after the update
+        [added, modified].some((line) => b.lines.includes(line('moby-dick', retitledText))),
       );
       await until("B's status for generation 2", () => isReady('moby-dick', 2));
     } finally {
@@ -1974,7 +2164,7 @@ describe('leadership is a fence, not a flag (issue 17)', () => {
     const aErr = a.err.join('').split('\n').filter(Boolean);
     assert.equal(stoppedLeading(aErr).length, 1, aErr.join('\n'));
     const identityB = /^leading as (\S+) /.exec(leadingLines()[0] ?? '')?.[1];
-    assert.equal(fake.lease('default', 'book-controller')?.spec.holderIdentity, identityB);
+    assert.equal(fake.lease('default', `${kind}-controller`)?.spec.holderIdentity, identityB);
     await b.stop();
   });
 
@@ -2055,7 +2245,7 @@ describe('leadership is a fence, not a flag (issue 17)', () => {
       );
       assert.equal(await a.exited, 1);
       await until('B leads', () => leadingLines().length === 2, 30);
-      fake.update('moby-dick', { title: 'Moby-Dick; or, The Whale' });
+      fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
       await until('B prints the retitled book', () =>
         b.lines.some((line) => line.includes('Moby-Dick; or, The Whale')),
       );
@@ -2084,7 +2274,7 @@ describe('leadership is a fence, not a flag (issue 17)', () => {
           leader.exitCode() !== undefined,
         15,
       );
-      fake.create('hamlet', { title: 'Hamlet' });
+      fake.create('hamlet', { ...sample('Hamlet') });
       await until(
         'hamlet printed, or an exit',
         () => leader.lines.length === 2 || leader.exitCode() !== undefined,
@@ -2203,10 +2393,10 @@ describe('backoff that holds (issue 17)', () => {
 describe('Deleted is never lost (issue 17)', () => {
   test('17.6 a book whose Added always failed, then deleted: its Deleted reconcile runs and is printed', async () => {
     const calls: string[] = [];
-    fake.create('cursed', { title: 'Cursed' });
+    fake.create('cursed', { ...sample('Cursed') });
     const controller = start([], {
       reconcile: async (change, book) => {
-        calls.push(`${change} ${book.spec.title}`);
+        calls.push(`${change} ${textOf(book.spec)}`);
         if (change !== 'Deleted') throw new Error('the ink is wet');
       },
     });
@@ -2224,12 +2414,12 @@ describe('Deleted is never lost (issue 17)', () => {
     fake.create('moby-dick', MOBY_DICK);
     const controller = start(['-o', 'json'], {
       reconcile: async (change, book) => {
-        seen.push(`${change} ${book.spec.title}`);
+        seen.push(`${change} ${textOf(book.spec)}`);
         if (change === 'Modified') throw new Error('the ink is wet');
       },
     });
     await until('moby-dick Ready', () => isReady('moby-dick'));
-    const retitled = { title: 'Moby-Dick; or, The Whale', authors: ['Herman Melville'] };
+    const retitled = { ...sample('Moby-Dick; or, The Whale') };
     fake.update('moby-dick', retitled);
     await until('the Modified failed', () => stderr.length === 1);
     fake.remove('moby-dick');
@@ -2313,23 +2503,27 @@ describe('relists back off (issue 17)', () => {
     await controller.stop();
     const lists = fake
       .listRequests()
-      .filter((r) => r.resource === 'books' && r.at - startedAt <= 10_000);
+      .filter((r) => r.resource === PLURAL && r.at - startedAt <= 10_000);
     assert.ok(lists.length >= 3 && lists.length <= 6, `${lists.length} lists of books in 10 s`);
-    const reports = stderr.filter((line) => /books.*410/.test(line));
+    besidesCannotStream(stderr); // said once
+    const reports = stderr.filter((line) => line.includes(`${PLURAL} (410`));
     assert.equal(reports.length, 1, reports.join('\n'));
-    assert.match(reports[0] ?? '', /failed to watch books \(410: too old resource version/);
+    assert.match(
+      reports[0] ?? '',
+      new RegExp(`failed to watch ${PLURAL} \\(410: too old resource version`),
+    );
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
   });
 });
 
 describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
-  const F = 'example.technosophos.com/cleanup';
+  const F = `${GROUP}/cleanup`;
   const bookPatches = (name: string) =>
-    fake.requests.filter((r) => r.resource === 'books' && r.verb === 'patch' && r.name === name);
+    fake.requests.filter((r) => r.resource === PLURAL && r.verb === 'patch' && r.name === name);
 
   test('it is added before a book’s first reconcile, beside any other finalizer, by a JSON patch that tests the uid', async () => {
     const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     fake.setFinalizers('hamlet', ['example.com/other']);
     const seen: string[] = [];
     const controller = start([], {
@@ -2367,7 +2561,7 @@ describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
       finalizer: F,
       reconcile: async (change, book) => {
         calls.push(
-          `${change} ${book.spec.title}, ${fake.get('moby-dick') ? 'still there' : 'gone'}`,
+          `${change} ${textOf(book.spec)}, ${fake.get('moby-dick') ? 'still there' : 'gone'}`,
         );
       },
     });
@@ -2403,7 +2597,7 @@ describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
   });
 
   test('it is removed from a book that leaves the -l selector, which stays', async () => {
-    fake.create('a', { title: 'A' }, 'default', { shelf: 'fiction' });
+    fake.create('a', { ...sample('A') }, 'default', { shelf: 'fiction' });
     const controller = start(['-l', 'shelf=fiction'], { finalizer: F, reconcile: async () => {} });
     await until('a has our finalizer and is Ready', () => isReady('a'));
     assert.deepEqual(fake.finalizers('a'), [F]);
@@ -2424,7 +2618,7 @@ describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
     await until('the follower waiting', () =>
       stderr.some((line) => line.startsWith('waiting to lead')),
     );
-    fake.create('hamlet', { title: 'Hamlet' });
+    fake.create('hamlet', { ...sample('Hamlet') });
     await until('hamlet Ready', () => isReady('hamlet'));
     fake.remove('hamlet');
     await until('hamlet gone', () => fake.get('hamlet') === undefined);
@@ -2440,7 +2634,7 @@ describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
       [],
     );
     assert.deepEqual(
-      writesBy('token-a', 0, (r) => r.resource === 'books').map((r) => r.name),
+      writesBy('token-a', 0, (r) => r.resource === PLURAL).map((r) => r.name),
       ['moby-dick', 'hamlet', 'hamlet'], // added to each, removed from hamlet
     );
     assert.deepEqual(follower.lines, []);
@@ -2451,11 +2645,11 @@ describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
 // Issue 16: the reconcile acts on the cluster, a ConfigMap per book, owned by it.
 
 describe('a ConfigMap per book, owned by it (issue 16)', () => {
-  const MANAGED_BY = { 'app.kubernetes.io/managed-by': 'book-controller' };
+  const MANAGED_BY = { 'app.kubernetes.io/managed-by': `${kind}-controller` };
   const ownedBy = (book: { metadata: { name: string; uid: string } }) => [
     {
-      apiVersion: 'example.technosophos.com/v1',
-      kind: 'Book',
+      apiVersion: `${GROUP}/${VERSION}`,
+      kind: KIND,
       name: book.metadata.name,
       uid: book.metadata.uid,
       controller: true,
@@ -2467,11 +2661,13 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
     fake.configMapRequests('apply').filter((r) => name === undefined || r.name === name);
 
   test('the walkthrough leaves a ConfigMap with the data, label and owner, applied before the line and the Ready status, and kept up to date', async () => {
-    const book = fake.create('moby-dick', MOBY_DICK);
+    // With authors, as book.yaml has them: the data is what controller.ts's reconcile says.
+    const mobyDick = { ...sample('Moby Dick'), authors: ['Herman Melville'] };
+    const book = fake.create('moby-dick', mobyDick);
     const controller = start();
     await until('moby-dick Ready', () => isReady('moby-dick'));
     const configMap = fake.configMap('default', 'moby-dick');
-    assert.deepEqual(configMap?.data, { title: 'Moby Dick', authors: 'Herman Melville' });
+    assert.deepEqual(configMap?.data, await dataFor(mobyDick));
     assert.deepEqual(configMap?.metadata.labels, MANAGED_BY);
     assert.deepEqual(configMap?.metadata.ownerReferences, ownedBy(book));
     const [apply, ...more] = applies('moby-dick');
@@ -2479,24 +2675,22 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
     assert.equal(apply?.method, 'PATCH');
     assert.equal(apply?.path, '/api/v1/namespaces/default/configmaps/moby-dick');
     assert.equal(apply?.contentType, 'application/apply-patch+yaml');
-    assert.deepEqual(apply?.query, { fieldManager: 'book-controller', force: 'true' });
+    assert.deepEqual(apply?.query, { fieldManager: `${kind}-controller`, force: 'true' });
     assert.ok(
       apply && apply.at < (controller.times[0] ?? 0) && apply.at < (fake.patches()[0]?.at ?? 0),
       'applied before the line and before the status',
     );
 
-    fake.update('moby-dick', {
-      title: 'Moby-Dick; or, The Whale',
+    const retitled = {
+      ...sample('Moby-Dick; or, The Whale'),
       authors: ['Herman Melville', 'Ishmael'],
-    });
+    };
+    fake.update('moby-dick', retitled);
     await until('moby-dick Ready at generation 2', () => isReady('moby-dick', 2));
-    assert.deepEqual(configMapData('moby-dick'), {
-      title: 'Moby-Dick; or, The Whale',
-      authors: 'Herman Melville\nIshmael',
-    });
-    fake.update('moby-dick', { title: 'Moby-Dick' }); // no authors: no key
+    assert.deepEqual(configMapData('moby-dick'), await dataFor(retitled));
+    fake.update('moby-dick', { ...sample('Moby-Dick') }); // no authors: no key
     await until('moby-dick Ready at generation 3', () => isReady('moby-dick', 3));
-    assert.deepEqual(configMapData('moby-dick'), { title: 'Moby-Dick' });
+    assert.deepEqual(configMapData('moby-dick'), await dataFor({ ...sample('Moby-Dick') }));
 
     const appliesBefore = fake
       .configMapRequests()
@@ -2531,7 +2725,9 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
       const wanted = fake.configMap('default', 'moby-dick');
       if (drift === 'deleted') fake.deleteConfigMap('default', 'moby-dick');
       else if (drift === 'edited by another manager')
-        fake.editConfigMap('default', 'moby-dick', { title: 'Moby Duck' });
+        fake.editConfigMap('default', 'moby-dick', {
+          [Object.keys(wanted?.data ?? {})[0] ?? 'title']: 'Moby Duck',
+        });
       else
         fake.putConfigMap({
           metadata: { name: 'moby-dick', ownerReferences: ownedBy(book) },
@@ -2544,7 +2740,7 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
         () => {
           const now = fake.configMap('default', 'moby-dick');
           return (
-            isDeepStrictEqual(now?.data, { title: 'Moby Dick', authors: 'Herman Melville' }) &&
+            isDeepStrictEqual(now?.data, wanted?.data) &&
             isDeepStrictEqual(now?.metadata.labels, MANAGED_BY) &&
             isDeepStrictEqual(now?.metadata.ownerReferences, ownedBy(book))
           );
@@ -2552,7 +2748,7 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
         5,
       );
       // A sentinel: once hamlet is done, anything more for moby-dick would have shown.
-      fake.create('hamlet', { title: 'Hamlet' });
+      fake.create('hamlet', { ...sample('Hamlet') });
       await until('hamlet Ready', () => isReady('hamlet'));
       await controller.stop();
       assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
@@ -2569,8 +2765,8 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
   for (const labelled of [true, false]) {
     test(`a ConfigMap controlled by another owner (${labelled ? 'with' : 'without'} our label) is left alone, and the book's status says who controls it`, async () => {
       const other = {
-        apiVersion: 'example.technosophos.com/v1',
-        kind: 'Book',
+        apiVersion: `${GROUP}/${VERSION}`,
+        kind: KIND,
         name: 'other-book',
         uid: 'aaaaaaaa-0000-4000-8000-000000000001',
         controller: true,
@@ -2581,7 +2777,7 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
           ownerReferences: [other],
           ...(labelled && { labels: MANAGED_BY }),
         },
-        data: { title: 'theirs' },
+        data: { note: 'theirs' },
       });
       fake.create('moby-dick', MOBY_DICK);
       const controller = start();
@@ -2590,20 +2786,20 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
         () => ready('moby-dick')?.status === 'False' && stderr.length === 1,
       );
       await controller.stop();
-      const why = `ConfigMap default/moby-dick is controlled by Book other-book (uid ${other.uid}), not by this book`;
+      const why = `ConfigMap default/moby-dick is controlled by ${KIND} other-book (uid ${other.uid}), not by this ${kind}`;
       assert.equal(ready('moby-dick')?.message, why);
       assert.equal(ready('moby-dick')?.reason, 'ReconcileFailed');
       assert.equal(
         fake.configMap('default', 'moby-dick')?.metadata.resourceVersion,
         theirs.metadata.resourceVersion,
       );
-      assert.deepEqual(fake.configMap('default', 'moby-dick')?.data, { title: 'theirs' });
+      assert.deepEqual(fake.configMap('default', 'moby-dick')?.data, { note: 'theirs' });
       assert.deepEqual(stdout, []);
       assert.equal(stderr.length, 1);
       assert.match(
         stderr[0] ?? '',
         new RegExp(
-          `^reconcile of book moby-dick failed: ${why.replace(/[()]/g, '\\$&')}; retrying in \\d+\\.\\ds$`,
+          `^reconcile of ${kind} moby-dick failed: ${literally(why)}; retrying in \\d+\\.\\ds$`,
         ),
       );
       if (labelled) assert.equal(applies().length, 0, 'the cache knew: no request');
@@ -2611,8 +2807,8 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
   }
 
   test('a restart over Ready books with correct ConfigMaps writes nothing: no PATCH, POST or PUT, no resourceVersion moved', async () => {
-    fake.create('a', { title: 'A', authors: ['Anon'] });
-    fake.create('b', { title: 'B' });
+    fake.create('a', { ...sample('A'), authors: ['Anon'] }); // authors: a second data key, where a book has them
+    fake.create('b', { ...sample('B') });
     let controller = startWithToken('token-first');
     await until('a and b Ready', () => isReady('a') && isReady('b'));
     await controller.stop();
@@ -2624,14 +2820,14 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
     const before = versions();
     controller = startWithToken('token-restart');
     await until('a and b printed', () => controller.lines.length === 2);
-    fake.create('c', { title: 'C' }); // a sentinel: handled after a and b
+    fake.create('c', { ...sample('C') }); // a sentinel: handled after a and b
     await until('c Ready', () => isReady('c'));
     await controller.stop();
     assert.deepEqual(versions(), before);
     // Writes for c only (a set: Deno sometimes sends one request twice, see DENO_EXTRA_REQUEST).
     assert.deepEqual(
       new Set(writesBy('token-restart').map((r) => `${r.verb} ${r.resource} ${r.name}`)),
-      new Set(['apply configmaps c', 'patch books/status c']),
+      new Set(['apply configmaps c', `patch ${PLURAL}/status c`]),
     );
     assert.deepEqual(controller.lines, [added('a', 'A'), added('b', 'B'), added('c', 'C')]);
   });
@@ -2658,7 +2854,7 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
     assert.equal(stderr.length, 1);
     assert.equal(
       stderr[0]?.replace(/retrying in \d+\.\ds$/, 'retrying in N'),
-      `reconcile of book moby-dick failed: ${message}; retrying in N`,
+      `reconcile of ${kind} moby-dick failed: ${message}; retrying in N`,
     );
   });
 
@@ -2675,7 +2871,7 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
           apiVersion: 'v1',
           kind: 'ConfigMap',
           metadata: { name: 'notes' },
-          data: { about: book.spec.title },
+          data: { about: textOf(book.spec) },
         });
         seen.push(made.metadata.name);
         seen.push((await client.get<{ data: unknown }>(`${path}/notes`))?.data);
@@ -2702,5 +2898,433 @@ describe('a ConfigMap per book, owned by it (issue 16)', () => {
       ],
     );
     assert.deepEqual(stderr, []);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Issue 18: /metrics with controller-runtime's names, and Events on the book.
+
+interface Sample {
+  name: string;
+  labels: Record<string, string>;
+  value: number;
+}
+
+/**
+ * Parses the Prometheus text format 0.0.4, strictly: every sample's family has its HELP and TYPE
+ * before it, once; names and labels are well formed; every histogram series has buckets that never
+ * decrease, a +Inf bucket equal to its _count, and a _sum.
+ */
+function parseMetrics(text: string) {
+  assert.ok(text.endsWith('\n'), 'the text ends with a newline');
+  const help = new Map<string, string>();
+  const types = new Map<string, string>();
+  const samples: Sample[] = [];
+  const NAME = '[a-zA-Z_:][a-zA-Z0-9_:]*';
+  for (const line of text.slice(0, -1).split('\n')) {
+    const comment = new RegExp(`^# (HELP|TYPE) (${NAME}) (.*)$`).exec(line);
+    if (comment) {
+      const [, what, family = '', rest = ''] = comment;
+      const seen = what === 'HELP' ? help : types;
+      assert.ok(!seen.has(family), `a second ${what} for ${family}`);
+      if (what === 'TYPE') {
+        assert.match(rest, /^(counter|gauge|histogram|summary|untyped)$/, line);
+        assert.ok(help.has(family), `HELP before TYPE: ${line}`);
+      }
+      seen.set(family, rest);
+      continue;
+    }
+    assert.ok(!line.startsWith('#') && line !== '', `not a sample: ${JSON.stringify(line)}`);
+    const sample = new RegExp(`^(${NAME})(?:\\{(.*)\\})? (\\S+)$`).exec(line);
+    assert.ok(sample, `not a sample: ${line}`);
+    const [, name = '', labelText = '', valueText = ''] = sample;
+    const labels: Record<string, string> = {};
+    const rest = labelText.replace(
+      /([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"(?:,|$)/g,
+      (_all, label: string, value: string) => {
+        assert.ok(!(label in labels), `label ${label} twice: ${line}`);
+        labels[label] = value.replace(/\\(.)/g, (_m, c: string) => (c === 'n' ? '\n' : c));
+        return '';
+      },
+    );
+    assert.equal(rest, '', `labels not well formed: ${line}`);
+    const value = ['+Inf', '-Inf'].includes(valueText)
+      ? Number(valueText.replace('Inf', 'Infinity'))
+      : Number(valueText);
+    assert.ok(valueText === 'NaN' || !Number.isNaN(value), `not a number: ${line}`);
+    const base = name.replace(/_(bucket|sum|count)$/, '');
+    const family = types.get(base) === 'histogram' ? base : name;
+    assert.ok(
+      help.has(family) && types.has(family),
+      `${family} has no HELP and TYPE before ${line}`,
+    );
+    if (family !== name) assert.equal(types.get(family), 'histogram');
+    samples.push({ name, labels, value });
+  }
+  // Each histogram series (its labels but le): buckets in order, never decreasing, up to +Inf.
+  for (const [family, type] of types) {
+    if (type !== 'histogram') continue;
+    const series = new Map<string, Sample[]>();
+    for (const s of samples.filter((s) => s.name.startsWith(family))) {
+      const { le: _le, ...rest } = s.labels;
+      const key = JSON.stringify(rest);
+      series.set(key, [...(series.get(key) ?? []), s]);
+    }
+    assert.ok(series.size > 0, `histogram ${family} has samples`);
+    for (const [key, all] of series) {
+      const buckets = all.filter((s) => s.name === `${family}_bucket`);
+      const bounds = buckets.map((s) => Number(String(s.labels.le).replace('Inf', 'Infinity')));
+      assert.deepEqual(
+        bounds,
+        [...bounds].sort((x, y) => x - y),
+        `${family}${key}: le in order`,
+      );
+      assert.equal(buckets.at(-1)?.labels.le, '+Inf', `${family}${key} has a +Inf bucket`);
+      const counts = buckets.map((s) => s.value);
+      assert.deepEqual(
+        counts,
+        [...counts].sort((x, y) => x - y),
+        `${family}${key} decreases`,
+      );
+      const count = all.find((s) => s.name === `${family}_count`);
+      assert.ok(count, `${family}${key} has _count`);
+      assert.ok(
+        all.some((s) => s.name === `${family}_sum`),
+        `${family}${key} has _sum`,
+      );
+      assert.equal(buckets.at(-1)?.value, count.value, `${family}${key}: +Inf is _count`);
+    }
+  }
+  /** The value of the one sample with this name whose labels include `labels`. */
+  const value = (name: string, labels: Record<string, string> = {}) => {
+    const found = samples.filter(
+      (s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v),
+    );
+    assert.equal(found.length, 1, `one ${name} ${JSON.stringify(labels)}: ${found.length}`);
+    return found[0]?.value ?? Number.NaN;
+  };
+  return { samples, types, value };
+}
+
+describe('/metrics and Events (issue 18)', () => {
+  const controllerLabel = { controller: kind };
+  const queueLabel = { name: kind };
+  const metricsOf = async (port: number) => {
+    const response = await fetch(`http://127.0.0.1:${port}/metrics`);
+    assert.equal(response.status, 200);
+    assert.match(response.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/);
+    return parseMetrics(await response.text());
+  };
+  /** Reads /metrics until `holds`, failing after `seconds` with what it waited for. */
+  async function metricsWhen(
+    port: number,
+    description: string,
+    holds: (m: ReturnType<typeof parseMetrics>) => boolean,
+    seconds = 10,
+  ) {
+    const deadline = performance.now() + seconds * 1000;
+    for (;;) {
+      const metrics = await metricsOf(port);
+      if (holds(metrics)) return metrics;
+      if (performance.now() > deadline) {
+        throw new Error(`timed out after ${seconds}s waiting for /metrics: ${description}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50)); // a poll: /metrics wakes no waiter
+    }
+  }
+  const successes = (m: ReturnType<typeof parseMetrics>) =>
+    m.value('controller_runtime_reconcile_total', { ...controllerLabel, result: 'success' });
+
+  test('after the walkthrough /metrics parses strictly and counts three successful reconciles; no Event is written', async () => {
+    const port = await freePort();
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start(['--health-port', String(port)]);
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('moby-dick Ready at generation 2', () => isReady('moby-dick', 2));
+    fake.remove('moby-dick');
+    await until('three lines', () => stdout.length === 3);
+    const metrics = await metricsWhen(
+      port,
+      'three successful reconciles',
+      (m) => successes(m) === 3,
+    );
+    await controller.stop();
+    assert.equal(successes(metrics), 3);
+    assert.equal(metrics.value('controller_runtime_reconcile_errors_total', controllerLabel), 0);
+    assert.equal(
+      metrics.value('controller_runtime_reconcile_time_seconds_count', controllerLabel),
+      3,
+    );
+    assert.equal(metrics.value('controller_runtime_max_concurrent_reconciles', controllerLabel), 1);
+    assert.equal(metrics.value('workqueue_depth', queueLabel), 0);
+    assert.ok(metrics.value('workqueue_adds_total', queueLabel) >= 3);
+    assert.equal(metrics.value('workqueue_retries_total', queueLabel), 0);
+    for (const family of [
+      'controller_runtime_active_workers',
+      'workqueue_queue_duration_seconds',
+      'workqueue_work_duration_seconds',
+      'workqueue_longest_running_processor_seconds',
+      'workqueue_unfinished_work_seconds',
+      'rest_client_requests_total',
+      'process_resident_memory_bytes',
+      'process_cpu_seconds_total',
+      'process_start_time_seconds',
+    ]) {
+      assert.ok(metrics.types.has(family), `${family} is there`);
+    }
+    assert.ok(!metrics.types.has('leader_election_master_status'), 'only with --leader-elect');
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      modified('moby-dick', 'Moby-Dick; or, The Whale'),
+      deleted('moby-dick'),
+    ]);
+    assert.deepEqual(fake.events(), [], 'a healthy controller writes no Event');
+    assert.deepEqual(fake.eventRequests(), []);
+  });
+
+  test('a failing book moves reconcile_errors_total and workqueue_retries_total; once fixed, reconcile_total{result="success"}', async () => {
+    const port = await freePort();
+    let failing = true;
+    const reconcile: Reconcile = async (_change, _book, { name }) => {
+      if (name === 'cursed' && failing) throw new Error('the ink is wet');
+    };
+    fake.create('cursed', { ...sample('Cursed') });
+    const controller = start(['--health-port', String(port)], { reconcile });
+    await until('the failure reported', () => stderr.length === 1);
+    const failed = await metricsWhen(
+      port,
+      'the error counted',
+      (m) => m.value('controller_runtime_reconcile_errors_total', controllerLabel) >= 1,
+    );
+    assert.ok(failed.value('workqueue_retries_total', queueLabel) >= 1);
+    assert.equal(successes(failed), 0);
+    assert.ok(
+      failed.value('controller_runtime_reconcile_total', { ...controllerLabel, result: 'error' }) >=
+        1,
+    );
+    failing = false;
+    await until('cursed Ready', () => isReady('cursed'));
+    const fixed = await metricsWhen(port, 'a success counted', (m) => successes(m) === 1);
+    await controller.stop();
+    assert.ok(fixed.value('controller_runtime_reconcile_errors_total', controllerLabel) >= 1);
+    assert.deepEqual(stdout, [added('cursed', 'Cursed')]);
+  });
+
+  test('workqueue_depth goes up under a burst, and back to 0', async () => {
+    const port = await freePort();
+    let open = () => {};
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    let started = 0;
+    const reconcile: Reconcile = async () => {
+      started++;
+      wake();
+      await gate; // the reader's slow work, held until the burst is in
+    };
+    const controller = start(['--health-port', String(port)], { reconcile });
+    await until('watching', () => fake.openWatches === 1);
+    const names = Array.from({ length: 30 }, (_, i) => `burst-${i}`);
+    for (const name of names) fake.create(name, { ...sample(name) });
+    await until('the first reconcile running', () => started === 1);
+    const busy = await metricsWhen(
+      port,
+      'the burst queued',
+      (m) => m.value('workqueue_depth', queueLabel) === names.length - 1,
+    );
+    assert.equal(busy.value('controller_runtime_active_workers', controllerLabel), 1);
+    open();
+    await until('all Ready', () => names.every((name) => isReady(name)), 20);
+    const idle = await metricsWhen(
+      port,
+      'the queue empty',
+      (m) => m.value('workqueue_depth', queueLabel) === 0 && successes(m) === names.length,
+    );
+    await controller.stop();
+    assert.equal(idle.value('controller_runtime_active_workers', controllerLabel), 0);
+    assert.ok(idle.value('workqueue_adds_total', queueLabel) >= names.length);
+    assert.equal(stdout.length, names.length);
+  });
+
+  test('leader_election_master_status is 1 for the leader and 0 for a follower', async () => {
+    const [leaderPort, followerPort] = [await freePort(), await freePort()];
+    const status = { name: `${kind}-controller` };
+    const leader = startWithToken('token-a', [
+      '--leader-elect',
+      '--health-port',
+      String(leaderPort),
+    ]);
+    await until('a leader', () => stderr.some((line) => line.startsWith('leading as')));
+    const follower = startWithToken('token-b', [
+      '--leader-elect',
+      '--health-port',
+      String(followerPort),
+    ]);
+    await until('the follower waiting', () =>
+      stderr.some((line) => line.startsWith('waiting to lead')),
+    );
+    const [ofLeader, ofFollower] = [await metricsOf(leaderPort), await metricsOf(followerPort)];
+    await follower.stop();
+    await leader.stop();
+    assert.equal(ofLeader.value('leader_election_master_status', status), 1);
+    assert.equal(ofFollower.value('leader_election_master_status', status), 0);
+  });
+
+  test('a book that fails five times leaves one Warning ReconcileFailed Event with a count of 5 or more, then one Normal Reconciled', {
+    timeout: 30_000,
+  }, async () => {
+    let attempts = 0;
+    const reconcile: Reconcile = async (_change, _book, { name }) => {
+      if (name !== 'cursed') return;
+      attempts++;
+      wake();
+      if (attempts <= 5) throw new Error('the ink is wet\nsecond line of the stack');
+    };
+    fake.create('cursed', { ...sample('Cursed 0') });
+    const controller = start([], { reconcile });
+    // A new spec cuts the backoff short: five failures, and the fix, without waiting minutes.
+    for (let i = 1; i <= 5; i++) {
+      await until(`failure ${i}`, () => attempts === i);
+      fake.update('cursed', { ...sample(`Cursed ${i}`) });
+    }
+    await until('the fifth failure, then Ready', () => attempts === 6 && isReady('cursed', 6));
+    const counted = () => fake.events().find((e) => e.reason === 'ReconcileFailed');
+    await until(
+      'the Warning counted five times, and the Normal',
+      () => Number(counted()?.count) >= 5 && fake.events().some((e) => e.reason === 'Reconciled'),
+    );
+    await controller.stop();
+    const events = fake.events();
+    assert.deepEqual(
+      events.map((e) => [e.type, e.reason]),
+      [
+        ['Warning', 'ReconcileFailed'],
+        ['Normal', 'Reconciled'],
+      ],
+    );
+    const [warning, normal] = events as Record<string, unknown>[];
+    assert.equal(warning?.message, 'the ink is wet');
+    assert.ok(Number(warning?.count) >= 5, `count ${warning?.count}`);
+    for (const event of [warning, normal]) {
+      assert.deepEqual(event?.source, { component: `${kind}-controller` });
+      const involved = event?.involvedObject as Record<string, unknown> | undefined;
+      assert.equal(involved?.kind, KIND);
+      assert.equal(involved?.name, 'cursed');
+      assert.equal(involved?.uid, fake.get('cursed')?.metadata.uid);
+    }
+    assert.deepEqual(stdout, [added('cursed', 'Cursed 5')]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Issue 20: one stderr line per problem through an outage; streaming lists survive a restart.
+
+describe('through outages, at scale (issue 20)', () => {
+  const BOOKS = 300;
+  const names = Array.from({ length: BOOKS }, (_, i) => `many-${String(i).padStart(3, '0')}`);
+  const allReady = () => names.every((name) => isReady(name));
+
+  test(`a 5 s outage (connections refused) with ${BOOKS} books pending: a few stderr lines, every book Ready after`, {
+    timeout: 90_000,
+  }, async () => {
+    for (const name of names) fake.create(name, { ...sample(name) });
+    fake.statusLatencyMs = 20; // so that most books still wait for their status write
+    const controller = start(['--concurrency', '8']);
+    await until('some books Ready', () => fake.patches().length >= 20, 30);
+    const outage = fake.refuseConnections(5000);
+    const readyBefore = names.filter((name) => isReady(name)).length;
+    await outage;
+    await until('every book Ready', allReady, 60);
+    await controller.stop();
+    assert.ok(readyBefore < BOOKS / 2, `${readyBefore} books were Ready before the outage`);
+    assert.ok(stderr.length <= 6, `${stderr.length} lines on stderr:\n${stderr.join('\n')}`);
+    assert.ok(
+      stderr.some((line) => line.startsWith(`cannot reach ${fake.url} (ECONNREFUSED)`)),
+      stderr.join('\n'),
+    );
+    assert.ok(
+      stderr.some((line) => new RegExp(`^${SERVER} works again, after \\d+s`).test(line)),
+      stderr.join('\n'),
+    );
+    assert.ok(!stderr.some((line) => line.includes('many-')), 'no line names a book');
+    assert.equal(new Set(stdout).size, BOOKS);
+    assert.deepEqual(new Set(stdout), new Set(names.map((name) => added(name, name))));
+  });
+
+  test(`a server answering 503 for a while with ${BOOKS} books pending: one line when it starts, one when it ends; every book Ready`, {
+    timeout: 90_000,
+  }, async () => {
+    for (const name of names) fake.create(name, { ...sample(name) });
+    const controller = start(['--concurrency', '8']);
+    await until(
+      'watching books and ConfigMaps',
+      () => fake.openWatches === 1 && fake.openWatchesOf('configmaps') === 1,
+    );
+    // The next 400 requests (the workers' applies and status writes) get 503.
+    for (let i = 0; i < 400; i++) {
+      fake.failNext(
+        503,
+        'ServiceUnavailable',
+        'the server is currently unable to handle the request',
+      );
+    }
+    await until('every book Ready', allReady, 60);
+    await controller.stop();
+    assert.ok(stderr.length <= 6, `${stderr.length} lines on stderr:\n${stderr.join('\n')}`);
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^${SERVER} failed to \\w+ \\(503: the server is currently unable to handle the request\\): \\d+ ${PLURAL} wait for it; the next try in \\d+\\.\\ds$`,
+      ),
+    );
+    assert.match(stderr.at(-1) ?? '', new RegExp(`^${SERVER} works again, after \\d+s`));
+    assert.ok(!stderr.some((line) => line.includes('many-')), 'no line names a book');
+    assert.deepEqual(new Set(stdout), new Set(names.map((name) => added(name, name))));
+    assert.equal(stdout.length, BOOKS);
+    assert.deepEqual(fake.events(), [], "the cluster's failure is no book's Event");
+  });
+
+  test('a relist whose streaming list ends early, then a server that streams again: the relist streams again, nothing lost', {
+    timeout: 30_000,
+  }, async () => {
+    for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name.toUpperCase()) });
+    const controller = start();
+    await until('watching, all Ready', () => fake.openWatches === 1 && stdout.length === 3);
+    const before = bookRequests().length;
+    // A restarting server: it has forgotten our resourceVersion, and its first streams end early.
+    fake.hold();
+    fake.bookmark();
+    fake.endWatches();
+    await until('the resume asked', () => bookRequests().length === before + 1);
+    fake.remove('a');
+    fake.update('b', { ...sample('B, second edition') });
+    fake.create('d', { ...sample('D') });
+    fake.compact();
+    fake.endInitialEventsEarly = true;
+    fake.release();
+    const aboutBooks = () => stderr.filter((line) => !line.includes('configmaps'));
+    await until('the cut-short relist reported', () => aboutBooks().length === 1);
+    fake.endInitialEventsEarly = false;
+    await until('the gap printed', () => stdout.length === 6);
+    fake.create('e', { ...sample('E') });
+    await until('e printed', () => stdout.length === 7);
+    await controller.stop();
+    assert.deepEqual(
+      stdout.slice(3).sort(),
+      [modified('b', 'B, second edition'), added('d', 'D'), deleted('a'), added('e', 'E')].sort(),
+    );
+    assert.match(
+      aboutBooks()[0] ?? '',
+      new RegExp(
+        `^the list of ${PLURAL} ended before it was complete \\(${SERVER}\\); ${FIRST_RETRY}$`,
+      ),
+    );
+    // Every initial state came as a streaming list: never a list in pages.
+    const relists = bookRequests().filter((r) => r.query.resourceVersion === undefined);
+    assert.ok(relists.length >= 3, `${relists.length} streaming lists`);
+    assert.ok(relists.every(isStreamingList), 'sendInitialEvents=true each time');
+    assert.deepEqual(fake.listRequests(), [], 'no limit=500 list');
+    assert.deepEqual(fake.listRequests('configmaps'), []);
   });
 });

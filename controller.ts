@@ -1433,7 +1433,8 @@ class ClusterProblems {
           ? `cannot reach ${this.server} (${cause})`
           : `lost the connection to ${this.server} (${cause})`;
     const when = Number.isFinite(next) ? `; the next try in ${inSeconds(next - now)}` : '';
-    console.error(`${what}: ${count} ${PLURAL} wait for it${when}`);
+    const waiting = count === 1 ? `1 ${kind} waits` : `${count} ${PLURAL} wait`;
+    console.error(`${what}: ${waiting} for it${when}`);
   }
 
   /** A book succeeded: the cluster works again. */
