@@ -2379,5 +2379,5 @@ if (isEntryPoint) {
   process.stdout.write('', () => process.exit(exitCode));
 }
 
-// Where to go next: Events for kubectl describe; metrics; more kinds of owned objects, each
-// watched like OWNED.
+// Where to go next: more kinds of owned objects, each watched like OWNED (kube-rs's
+// Controller::owns); conditions beyond Ready; a field of your own in the status.
