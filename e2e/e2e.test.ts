@@ -291,6 +291,20 @@ function bookRequests(ns: string) {
     .map((event) => ({ ...event, query: new URL(event.requestURI, 'https://x').searchParams }));
 }
 
+/**
+ * Waits until one of the replicas prints `line`. Either may be the leader, and each wakes only its
+ * own waiters: so wait on both.
+ */
+async function eitherPrints(replicas: Controller[], line: string) {
+  const printed = () => replicas.some((replica) => replica.out.includes(line));
+  const what = 'one replica to print the book';
+  await Promise.any(replicas.map((replica) => replica.until(what, printed, 60_000))).catch(
+    (err: AggregateError) => {
+      throw new Error(err.errors.map((each: Error) => each.message).join('\n'));
+    },
+  );
+}
+
 /** kubectl apply -f crd.yaml, then kube-controller-manager's garbage collector (it must see books). */
 async function withGarbageCollector() {
   await installCrd();
@@ -922,14 +936,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     const two = new Controller('replica 2', args, cluster.kubeconfig);
     await applyBook('e2e-leader', 'moby-dick', 'Moby Dick');
     const line = added('moby-dick', 'Moby Dick');
-    // Either replica may be the one that prints, and each wakes only its own waiters: wait on both.
-    const printed = () => one.out.includes(line) || two.out.includes(line);
-    const what = 'one replica to print the book';
-    await Promise.any([one.until(what, printed, 60_000), two.until(what, printed, 60_000)]).catch(
-      (err: AggregateError) => {
-        throw new Error(err.errors.map((each: Error) => each.message).join('\n'));
-      },
-    );
+    await eitherPrints([one, two], line);
     const [leader, follower] = one.out.includes(line) ? [one, two] : [two, one];
     await follower.stderr(/./, 30_000); // its one line: waiting, naming the holder
     assert.deepEqual(follower.out, [], 'the follower prints nothing');
@@ -1614,11 +1621,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     const [one, two] = replicas as [Controller, Controller];
     await applyBook('e2e-pause', 'moby-dick', 'Moby Dick');
     const line = added('moby-dick', 'Moby Dick');
-    await one.until(
-      'one replica to print the book',
-      () => one.out.includes(line) || two.out.includes(line),
-      60_000,
-    );
+    await eitherPrints([one, two], line);
     const leaderIndex = one.out.includes(line) ? 0 : 1;
     const leader = replicas[leaderIndex] as Controller;
     const follower = replicas[1 - leaderIndex] as Controller;
