@@ -27,7 +27,7 @@ import {
   type Book,
   type BookSpec,
   type Change,
-  checkBook,
+  checkObject,
   checkSpec,
   type Client,
   describe as describeChange,
@@ -1962,13 +1962,16 @@ describe('health endpoints (--health-port)', () => {
   });
 });
 
-describe('checkBook and checkSpec', () => {
+describe('checkObject and checkSpec', () => {
   test('accept a book with a title and optional authors, keep only what the controller uses, and say what is wrong otherwise', {
     skip: KIND !== 'Book' && 'about the Book spec itself: a copy tests its own spec here',
   }, () => {
     const metadata = { name: 'm', namespace: 'default', uid: 'u', generation: 2 };
     const book: Book = { metadata, spec: { title: 'Moby Dick', authors: ['Herman Melville'] } };
-    assert.deepEqual(checkBook({ ...book, metadata: { ...metadata, resourceVersion: '1' } }), book);
+    assert.deepEqual(
+      checkObject({ ...book, metadata: { ...metadata, resourceVersion: '1' } }),
+      book,
+    );
     const fromServer = {
       apiVersion: `${GROUP}/${VERSION}`,
       kind: KIND,
@@ -1976,19 +1979,22 @@ describe('checkBook and checkSpec', () => {
       spec: { title: 'x', extra: 1 },
       status: {},
     };
-    assert.deepEqual(checkBook(fromServer), { metadata, spec: { ...sample('x') } });
+    assert.deepEqual(checkObject(fromServer), { metadata, spec: { ...sample('x') } });
     // Without a generation (a server without it), the resourceVersion stands in for it.
     assert.equal(
       (
-        checkBook({
+        checkObject({
           metadata: { name: 'm', resourceVersion: '7' },
           spec: { ...sample('x') },
         }) as Book
       ).metadata.generation,
       '7',
     );
-    assert.equal(checkBook({ metadata: { ...metadata, resourceVersion: '1' } }), 'it has no spec');
-    assert.equal(checkBook({ metadata, spec: { ...sample('x') } }), 'it has no metadata'); // no resourceVersion
+    assert.equal(
+      checkObject({ metadata: { ...metadata, resourceVersion: '1' } }),
+      'it has no spec',
+    );
+    assert.equal(checkObject({ metadata, spec: { ...sample('x') } }), 'it has no metadata'); // no resourceVersion
     assert.equal(checkSpec({ authors: [] }), 'spec.title is not a string');
     assert.equal(checkSpec({ title: 'x', authors: [1] }), 'spec.authors is not a list of strings');
     assert.deepEqual(checkSpec({ ...sample('x') }), { ...sample('x') });

@@ -66,6 +66,9 @@ export function checkSpec(spec: Record<string, unknown>): BookSpec | string {
   return { title, authors };
 }
 
+/** A book as reconcile sees it: its metadata, and its spec as checkSpec returned it. */
+export type Book = Resource;
+
 /** The line printed for each change a reconcile saw (-o json prints the same facts as JSON). */
 export function describe(change: Change, book: Book, name: string): string {
   if (change === 'Deleted') return `Deleted a ${kind} ${name}`;
@@ -120,7 +123,7 @@ const apiVersion = `${GROUP}/${VERSION}`;
 export type Change = 'Added' | 'Modified' | 'Deleted';
 export type Reconcile = typeof reconcile;
 
-/** What reconcile gets besides the book: its name as printed, and a client for the cluster. */
+/** What reconcile gets besides the object: its name as printed, and a client for the cluster. */
 export interface Context {
   name: string; // NAME, or NAMESPACE/NAME with -A
   signal: AbortSignal; // aborts when the controller stops or stops leading
@@ -138,7 +141,10 @@ export interface Client {
   delete(path: string): Promise<void>;
 }
 
-export interface Book {
+type Spec = Exclude<ReturnType<typeof checkSpec>, string>; // the spec, as checkSpec returns it
+
+/** An object of the watched resource, as the cache keeps it: what checkObject let through. */
+export interface Resource {
   metadata: {
     name: string;
     namespace: string;
@@ -147,17 +153,17 @@ export interface Book {
     finalizers?: string[];
     deleting?: true; // it has a deletionTimestamp: Kubernetes waits for its finalizers
   };
-  spec: BookSpec;
+  spec: Spec;
 }
 
-/** An owner reference to `book`, as the controller of what it is put on. */
-export function ownerReference(book: Book) {
-  const { name, uid } = book.metadata;
+/** An owner reference to `object`, as the controller of what it is put on. */
+export function ownerReference(object: Resource) {
+  const { name, uid } = object.metadata;
   return { apiVersion, kind: KIND, name, uid, controller: true, blockOwnerDeletion: true };
 }
 
-/** Checks an object from the server: the Book in it, keeping only what is used, or why not. */
-export function checkBook(object: unknown): Book | string {
+/** Checks an object from the server: the Resource in it, keeping only what is used, or why not. */
+export function checkObject(object: unknown): Resource | string {
   const { metadata = {}, spec } = object as { metadata?: Record<string, unknown>; spec?: unknown };
   const { name, namespace = '', uid = '', generation, resourceVersion } = metadata;
   if (typeof name !== 'string' || typeof resourceVersion !== 'string') return 'it has no metadata';
@@ -167,14 +173,14 @@ export function checkBook(object: unknown): Book | string {
   // Where a server sets no generation, every change counts as a new spec (and no status is
   // written).
   const version = typeof generation === 'number' ? generation : resourceVersion;
-  const book: Book = {
+  const kept: Resource = {
     metadata: { name, namespace: String(namespace), uid: String(uid), generation: version },
     spec: checked,
   };
   const { finalizers, deletionTimestamp } = metadata;
-  if (Array.isArray(finalizers) && finalizers.length > 0) book.metadata.finalizers = finalizers;
-  if (deletionTimestamp) book.metadata.deleting = true;
-  return book;
+  if (Array.isArray(finalizers) && finalizers.length > 0) kept.metadata.finalizers = finalizers;
+  if (deletionTimestamp) kept.metadata.deleting = true;
+  return kept;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -899,14 +905,14 @@ function hint(err: unknown, { namespace }: Config, collection: Collection): stri
 }
 
 // ---------------------------------------------------------------------------------------------
-// The cache and the work queue: the watch marks books as due, workers reconcile them.
+// The cache and the work queue: the watch marks objects as due, workers reconcile them.
 
-/** What the controller knows of one book (a name: a book replaced under it is a new uid). */
+/** What the controller knows of one object (a name: one replaced under it is a new uid). */
 interface Entry {
-  book: Book; // the newest seen
+  object: Resource; // the newest seen
   deleted: undefined | 'due' | 'done'; // gone from the server, being deleted, or no longer selected
-  replaced: Book[] | undefined; // earlier books under this name, their Deleted not yet reconciled
-  reconciled: Book | undefined; // what the last successful Added or Modified saw
+  replaced: Resource[] | undefined; // earlier ones of this name, their Deleted not yet reconciled
+  reconciled: Resource | undefined; // what the last successful Added or Modified saw
   drifted: boolean; // someone changed what reconcile made: reconcile again, printing nothing
   tried: boolean; // a reconcile of it began: its Deleted is owed, whether or not one succeeded
   ready: number | string; // the Ready condition on the server: see readyCondition
@@ -914,12 +920,12 @@ interface Entry {
 }
 
 /**
- * The books by namespace/name, and which of them are due. The queue keeps client-go's workqueue
- * rules: a book is never reconciled by two workers at once; one that changes meanwhile is
+ * The objects by namespace/name, and which of them are due. It keeps client-go's workqueue
+ * rules: an object is never reconciled by two workers at once; one that changes meanwhile is
  * reconciled again afterwards; one that failed waits its own backoff, which only a success, a new
  * spec or a new uid ends.
  */
-class Books implements Cache {
+class Queue implements Cache {
   readonly entries = new Map<string, Entry>();
   private readonly due = new Map<string, number>(); // when each became due, in that order
   readonly busy = new Map<string, number>(); // when each was taken
@@ -927,7 +933,7 @@ class Books implements Cache {
   private readonly again = new Map<string, boolean>();
   private readonly failures = new Map<string, number>();
   private readonly timers = new Map<string, ReturnType<typeof setTimeout>>();
-  private readonly invalid = new Map<string, string>(); // books that fail checkBook, and why
+  private readonly invalid = new Map<string, string>(); // objects that fail checkObject, and why
   private waiting: (() => void)[] = []; // idle workers
   readonly config: Config;
   readonly finalizer: string;
@@ -954,66 +960,67 @@ class Books implements Cache {
     });
   }
 
-  /** Whether our finalizer keeps `book` on the server until we let it go. */
-  holds(book: Book): boolean {
-    return this.finalizer !== '' && book.metadata.finalizers?.includes(this.finalizer) === true;
+  /** Whether our finalizer keeps `object` on the server until we let it go. */
+  holds(object: Resource): boolean {
+    return this.finalizer !== '' && object.metadata.finalizers?.includes(this.finalizer) === true;
   }
 
   update(object: unknown, listed?: Set<string>) {
     const key = this.keyOf(object);
     listed?.add(key);
-    const book = checkBook(object);
-    if (typeof book === 'string') return this.ignore(key, object, book);
+    const checked = checkObject(object);
+    if (typeof checked === 'string') return this.ignore(key, object, checked);
     this.invalid.delete(key);
-    book.metadata.namespace = this.config.namespace ?? book.metadata.namespace; // one copy for all
+    // One copy of the namespace for all, when one namespace is watched.
+    checked.metadata.namespace = this.config.namespace ?? checked.metadata.namespace;
     const { ready, since } = readyCondition(object);
     const entry = this.entries.get(key);
     if (!entry) {
-      // A book being deleted that we never saw is none of ours, unless our finalizer holds it.
-      if (book.metadata.deleting && !this.holds(book)) return;
-      const deleted: Entry['deleted'] = book.metadata.deleting ? 'due' : undefined;
-      const tried = this.holds(book); // our finalizer on it: an earlier run reconciled it
-      const fresh = { book, deleted, replaced: undefined, reconciled: undefined, drifted: false };
-      this.entries.set(key, { ...fresh, tried, ready, since });
+      // One being deleted that we never saw is none of ours, unless our finalizer holds it.
+      if (checked.metadata.deleting && !this.holds(checked)) return;
+      const deleted: Entry['deleted'] = checked.metadata.deleting ? 'due' : undefined;
+      const tried = this.holds(checked); // our finalizer on it: an earlier run reconciled it
+      const fresh = { deleted, replaced: undefined, reconciled: undefined, drifted: false };
+      this.entries.set(key, { object: checked, ...fresh, tried, ready, since });
       return this.add(key);
     }
-    const before = entry.book.metadata;
+    const before = entry.object.metadata;
     const readyChanged = entry.ready !== ready || entry.since !== since;
     entry.ready = ready;
     entry.since = since;
-    if (before.uid !== book.metadata.uid) {
+    if (before.uid !== checked.metadata.uid) {
       // Deleted and created again under the same name: the earlier ones' Deleted come first.
       if (entry.deleted !== 'done' && entry.tried) {
-        entry.replaced = [...(entry.replaced ?? []), entry.book];
+        entry.replaced = [...(entry.replaced ?? []), entry.object];
       }
-      const tried = this.holds(book);
-      Object.assign(entry, { book, reconciled: undefined, drifted: false, tried });
-      entry.deleted = book.metadata.deleting ? 'due' : undefined;
+      const tried = this.holds(checked);
+      Object.assign(entry, { object: checked, reconciled: undefined, drifted: false, tried });
+      entry.deleted = checked.metadata.deleting ? 'due' : undefined;
       return this.add(key);
     }
-    const newSpec = before.generation !== book.metadata.generation;
-    const deleting = book.metadata.deleting === true && !entry.deleted;
-    // Back in the -l selector before or after its Deleted: a book like any other again.
-    const back = entry.deleted !== undefined && !book.metadata.deleting;
+    const newSpec = before.generation !== checked.metadata.generation;
+    const deleting = checked.metadata.deleting === true && !entry.deleted;
+    // Back in the -l selector before or after its Deleted: an object like any other again.
+    const back = entry.deleted !== undefined && !checked.metadata.deleting;
     if (newSpec || deleting || back) {
-      entry.book = book;
+      entry.object = checked;
       entry.deleted = deleting ? 'due' : back ? undefined : entry.deleted;
       return this.add(key);
     }
-    // The finalizers are kept up to date in place: the book is the same one.
-    if (String(before.finalizers) !== String(book.metadata.finalizers)) {
-      before.finalizers = book.metadata.finalizers;
+    // The finalizers are kept up to date in place: the object is the same one.
+    if (String(before.finalizers) !== String(checked.metadata.finalizers)) {
+      before.finalizers = checked.metadata.finalizers;
     }
     // Nothing a reconcile acts on changed (a label, a status write, a relist). A Ready condition
-    // other than ours makes the book due, to write ours again; but never cuts its backoff short.
+    // other than ours makes it due, to write ours again; but never cuts its backoff short.
     if (readyChanged) this.add(key, false);
   }
 
-  /** A book the check refuses: said once for each reason, and left as the cache last had it. */
+  /** An object the check refuses: said once for each reason, and left as the cache last had it. */
   private ignore(key: string, object: unknown, why: string) {
     if (this.invalid.get(key) === why) return;
     this.invalid.set(key, why);
-    const { name, namespace } = (object as { metadata: Book['metadata'] }).metadata;
+    const { name, namespace } = (object as { metadata: Resource['metadata'] }).metadata;
     const fix = `fix it with kubectl edit ${kind} ${name} -n ${namespace}`;
     console.error(`ignoring ${kind} ${key}: ${why} — ${fix}`);
   }
@@ -1023,14 +1030,14 @@ class Books implements Cache {
     this.invalid.delete(key);
     const entry = this.entries.get(key);
     if (!entry) return;
-    const last = checkBook(object); // the newest spec, and whether our finalizer still holds it
-    if (typeof last !== 'string' && last.metadata.uid === entry.book.metadata.uid) {
-      last.metadata.namespace = entry.book.metadata.namespace;
-      entry.book = last;
+    const last = checkObject(object); // the newest spec, and whether our finalizer still holds it
+    if (typeof last !== 'string' && last.metadata.uid === entry.object.metadata.uid) {
+      last.metadata.namespace = entry.object.metadata.namespace;
+      entry.object = last;
     }
     if (entry.deleted === 'done') {
       // Gone for good, or left the selector with our finalizer still to take off.
-      if (entry.book.metadata.deleting || !this.holds(entry.book)) this.entries.delete(key);
+      if (entry.object.metadata.deleting || !this.holds(entry.object)) this.entries.delete(key);
       return;
     }
     if (entry.deleted) return;
@@ -1042,27 +1049,27 @@ class Books implements Cache {
     for (const [key, entry] of this.entries) {
       if (listed.has(key)) continue;
       if (entry.deleted === 'done' && !this.busy.has(key)) this.entries.delete(key);
-      else if (!entry.deleted) this.remove(entry.book);
+      else if (!entry.deleted) this.remove(entry.object);
     }
   }
 
   /** The name users see, and the cache's key: NAME, or NAMESPACE/NAME with -A. */
   keyOf(object: unknown): string {
-    const { metadata } = object as { metadata?: Partial<Book['metadata']> };
+    const { metadata } = object as { metadata?: Partial<Resource['metadata']> };
     const { namespace = '', name = '' } = metadata ?? {};
     return this.config.namespace === undefined ? `${namespace}/${name}` : name;
   }
 
-  /** Someone changed what the book's reconcile made: reconcile it again, after its backoff. */
+  /** Someone changed what the object's reconcile made: reconcile it again, after its backoff. */
   repair(key: string, uid: string) {
     const entry = this.entries.get(key);
-    if (!entry || entry.deleted || entry.book.metadata.uid !== uid) return;
+    if (!entry || entry.deleted || entry.object.metadata.uid !== uid) return;
     entry.drifted = true;
     this.add(key, false);
   }
 
   /**
-   * Marks a book as due. A change of what it is (`hard`: a new spec, uid or deletion) ends its
+   * Marks an object as due. A change of what it is (`hard`: a new spec, uid or deletion) ends its
    * retry backoff; any other change waits for it.
    */
   add(key: string, hard = true) {
@@ -1079,7 +1086,7 @@ class Books implements Cache {
     this.waiting.shift()?.();
   }
 
-  /** Waits for the next due book and marks it busy; undefined once `signal` aborts. */
+  /** Waits for the next due object and marks it busy; undefined once `signal` aborts. */
   async next(signal: AbortSignal): Promise<string | undefined> {
     while (!signal.aborted) {
       const [first] = this.due;
@@ -1097,7 +1104,7 @@ class Books implements Cache {
     }
   }
 
-  /** A worker is done with a book. After a failure it is due again after its backoff (returned). */
+  /** A worker is done with `key`. After a failure it is due again after its backoff (returned). */
   done(key: string, failed: boolean): number {
     const taken = this.busy.get(key) ?? performance.now();
     this.busy.delete(key);
@@ -1136,7 +1143,7 @@ const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs
 // still says what reconcile applied.
 
 interface OwnedEntry {
-  owner: string; // the key of the book that controls it, or '' if no book does
+  owner: string; // the key of the object of ours that controls it, or '' if none does
   uid: string; // the uid of its controller, or ''
   fingerprint: number; // a digest of what it says (see fingerprint)
 }
@@ -1154,10 +1161,10 @@ class OwnedObjects implements Cache {
   readonly entries = new Map<string, OwnedEntry>();
   // Applies in flight: what each applies, and whether another change came meanwhile.
   private readonly applying = new Map<string, { fingerprint: number; overtaken: boolean }>();
-  private readonly books: Books;
+  private readonly queue: Queue;
 
-  constructor(books: Books) {
-    this.books = books;
+  constructor(queue: Queue) {
+    this.queue = queue;
   }
 
   keyOf(object: unknown): string {
@@ -1173,7 +1180,7 @@ class OwnedObjects implements Cache {
     const name = controller?.name ?? '';
     const owner = !ours
       ? ''
-      : this.books.config.namespace === undefined
+      : this.queue.config.namespace === undefined
         ? `${namespace}/${name}`
         : name;
     return { owner, uid, fingerprint: fingerprint(object) };
@@ -1189,7 +1196,7 @@ class OwnedObjects implements Cache {
     if (applying?.fingerprint === entry.fingerprint) return; // our own apply, coming back
     if (applying) applying.overtaken = true;
     if (before?.fingerprint !== entry.fingerprint || before.uid !== entry.uid) this.changed(entry);
-    // Someone took the owner reference off: the book that had it puts it back.
+    // Someone took the owner reference off: the object that had it puts it back.
     if (before?.owner && before.owner !== entry.owner) this.changed(before);
   }
 
@@ -1211,7 +1218,7 @@ class OwnedObjects implements Cache {
   }
 
   private changed({ owner, uid }: OwnedEntry) {
-    if (owner) this.books.repair(owner, uid);
+    if (owner) this.queue.repair(owner, uid);
   }
 
   /**
@@ -1222,7 +1229,7 @@ class OwnedObjects implements Cache {
     const key = this.keyOf(object);
     const wanted = this.entryOf(object);
     const cached = this.entries.get(key);
-    // Controlled by another owner: never taken over. Unless that owner is an earlier book under
+    // Controlled by another owner: never taken over. Unless that owner is an earlier one under
     // the same name, which is gone: the garbage collector would delete it a moment later.
     const earlier = cached?.owner === wanted.owner;
     if (cached?.uid && wanted.uid && cached.uid !== wanted.uid && !earlier) {
@@ -1307,29 +1314,30 @@ function canonical(value: unknown): string {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Workers: they take due books and reconcile them, one at a time each; --concurrency side by side.
+// Workers: they take due objects and reconcile them, one at a time each; --concurrency side by
+// side.
 
 interface Worker {
   api: Api;
   problems: ClusterProblems;
   events: EventRecorder;
-  books: Books;
+  queue: Queue;
   owned: OwnedObjects;
   print: Print;
   reconcile: Reconcile;
   signal: AbortSignal;
 }
 
-/** Takes due books and reconciles them until `signal` aborts. */
+/** Takes due objects and reconciles them until `signal` aborts. */
 async function work(worker: Worker) {
-  const { books, signal } = worker;
-  for (let key = await books.next(signal); key !== undefined; key = await books.next(signal)) {
-    const entry = books.entries.get(key);
+  const { queue, signal } = worker;
+  for (let key = await queue.next(signal); key !== undefined; key = await queue.next(signal)) {
+    const entry = queue.entries.get(key);
     if (!entry) {
-      books.done(key, false); // deleted and reconciled while it was due again
+      queue.done(key, false); // deleted and reconciled while it was due again
       continue;
     }
-    const { book } = entry;
+    const { object } = entry;
     const started = performance.now();
     let failure: unknown;
     try {
@@ -1338,19 +1346,19 @@ async function work(worker: Worker) {
       failure = err ?? new Error(`threw ${err}`);
     }
     if (signal.aborted) return;
-    // A book that changed meanwhile is due again: its status waits for its latest state.
+    // An object that changed meanwhile is due again: its status waits for its latest state.
     let statusFailure: unknown;
-    if (entry.book === book && !entry.deleted) {
+    if (entry.object === object && !entry.deleted) {
       statusFailure = await writeStatus(worker, entry, failure).catch((err: unknown) => err);
     }
     if (signal.aborted) return;
     const err = failure ?? statusFailure;
-    const delayMs = books.done(key, err !== undefined);
+    const delayMs = queue.done(key, err !== undefined);
     count(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
     if (failure !== undefined && clusterCause(failure) === undefined) {
-      worker.events.failed(key, book, messageOf(failure));
+      worker.events.failed(key, object, messageOf(failure));
     } else if (err === undefined && !entry.deleted) {
-      worker.events.recovered(key, entry.book);
+      worker.events.recovered(key, entry.object);
     } else if (entry.deleted) {
       worker.events.forget(key);
     }
@@ -1370,13 +1378,13 @@ async function work(worker: Worker) {
 
 // ---------------------------------------------------------------------------------------------
 // Problems the cluster has: while it is unreachable, failing (5xx), busy (429) or silent, every
-// book fails the same way. That is said once, with how many books wait, and once when it clears;
-// each book's status still says why it waits.
+// object fails the same way. That is said once, with how many wait, and once when it clears;
+// each object's status still says why it waits.
 
 const UNREACHABLE = /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|E\w*UNREACH|ETIMEDOUT)$/;
 const NETWORK = /^(ECONNRESET|EPIPE|EPAUSED)$/;
 
-/** The cause of a failure that is the cluster's, not one book's; undefined for a book's own. */
+/** The cause of a failure that is the cluster's, not one object's; undefined for its own. */
 function clusterCause(err: unknown): string | undefined {
   if (isApiError(err)) return err.code === 429 || err.code >= 500 ? String(err.code) : undefined;
   const code = (err as { code?: unknown })?.code;
@@ -1386,7 +1394,7 @@ function clusterCause(err: unknown): string | undefined {
 }
 
 class ClusterProblems {
-  private readonly waiting = new Map<string, { cause: string; retryAt: number }>(); // by book key
+  private readonly waiting = new Map<string, { cause: string; retryAt: number }>(); // by object key
   private said: string[] = []; // the causes said on stderr, until they clear
   private clearedAt = Number.NEGATIVE_INFINITY;
   private since = 0;
@@ -1397,7 +1405,7 @@ class ClusterProblems {
     this.server = server;
   }
 
-  /** A book failed. Whether the cluster is the cause: then this says it, once for all books. */
+  /** An object failed. Whether the cluster is the cause: then this says it, once for all. */
   held(key: string, err: unknown, delayMs: number): boolean {
     const cause = clusterCause(err);
     if (cause === undefined) return false;
@@ -1407,7 +1415,7 @@ class ClusterProblems {
     this.waiting.set(key, { cause, retryAt: now + delayMs });
     // Requests sent before the cluster came back fail for a moment more: that is not news.
     if (this.said.includes(cause) || this.timer || now - this.clearedAt < 5_000) return true;
-    // A moment later, so that the line can say how many books it holds up.
+    // A moment later, so that the line can say how many objects it holds up.
     this.timer = setTimeout(() => this.say(cause, err), 1_000);
     this.timer.unref?.();
     return true;
@@ -1437,7 +1445,7 @@ class ClusterProblems {
     console.error(`${what}: ${waiting} for it${when}`);
   }
 
-  /** A book succeeded: the cluster works again. */
+  /** An object succeeded: the cluster works again. */
   cleared(key: string) {
     this.waiting.delete(key);
     if (this.said.length === 0) return;
@@ -1468,15 +1476,15 @@ const QUEUE = { name: kind };
 
 /** Reconciles what changed since the last success; throws what the reconcile threw. */
 async function reconcileEntry(worker: Worker, key: string, entry: Entry) {
-  const { api, books, print, signal } = worker;
+  const { api, queue, print, signal } = worker;
   const context: Context = { name: key, signal, client: clientFor(api, worker.owned, signal) };
-  const reconcile = async (change: Change, book: Book) => {
+  const reconcile = async (change: Change, object: Resource) => {
     api.fence();
     const drifted = entry.drifted;
     if (change !== 'Deleted') entry.drifted = false; // a change from now on needs another repair
     if (change !== 'Deleted') entry.tried = true;
     try {
-      await worker.reconcile(change, book, context);
+      await worker.reconcile(change, object, context);
     } catch (err) {
       if (drifted) entry.drifted = true;
       throw err;
@@ -1488,47 +1496,49 @@ async function reconcileEntry(worker: Worker, key: string, entry: Entry) {
     entry.replaced = entry.replaced?.slice(1);
     if (entry.replaced?.length === 0) entry.replaced = undefined;
   }
-  const { book, reconciled } = entry;
-  // A book deleted before any reconcile of it began has nothing to clean up: no line either.
+  const { object, reconciled } = entry;
+  // An object deleted before any reconcile of it began has nothing to clean up: no line either.
   if (entry.deleted === 'due' && entry.tried) {
-    await reconcile('Deleted', book);
-    await print('Deleted', book, key, signal);
+    await reconcile('Deleted', object);
+    await print('Deleted', object, key, signal);
   }
   if (entry.deleted === 'due') {
     entry.deleted = 'done'; // unless it came back during its Deleted
     entry.reconciled = undefined;
   }
   if (entry.deleted === 'done') {
-    const last = entry.book;
-    if (books.holds(last)) await removeFinalizer(api, last, books.finalizer, signal);
+    const last = entry.object;
+    if (queue.holds(last)) await removeFinalizer(api, last, queue.finalizer, signal);
     // Unless it came back meanwhile (into the -l selector), it is gone for us.
-    if (entry.deleted === 'done' && entry.book === last) books.entries.delete(key);
+    if (entry.deleted === 'done' && entry.object === last) queue.entries.delete(key);
     return;
   }
-  if (books.finalizer && !books.holds(book)) {
-    await addFinalizer(api, book, books.finalizer, signal);
+  if (queue.finalizer && !queue.holds(object)) {
+    await addFinalizer(api, object, queue.finalizer, signal);
   }
-  if (book.metadata.generation !== reconciled?.metadata.generation) {
+  if (object.metadata.generation !== reconciled?.metadata.generation) {
     const change = reconciled ? 'Modified' : 'Added';
-    await reconcile(change, book);
-    await print(change, book, key, signal);
-    if (entry.book.metadata.uid === book.metadata.uid) entry.reconciled = book;
+    await reconcile(change, object);
+    await print(change, object, key, signal);
+    if (entry.object.metadata.uid === object.metadata.uid) entry.reconciled = object;
   } else if (entry.drifted) {
-    await reconcile('Modified', book); // a repair: the book is as it was, so nothing is printed
+    await reconcile('Modified', object); // a repair: it is as it was, so nothing is printed
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Writes to the book. Each carries its uid as a JSON patch test, so that the server refuses it
-// for another book created since under the same name (a merge patch's uid is no precondition).
+// Writes to the object. Each carries its uid as a JSON patch test, so that the server refuses
+// it for another object created since under the same name (a merge patch's uid is no precondition).
 
 const JSON_PATCH = 'application/json-patch+json';
 const MERGE_PATCH = 'application/merge-patch+json';
-const uidTest = (book: Book) => ({ op: 'test', path: '/metadata/uid', value: book.metadata.uid });
-const bookPath = (book: Book) =>
-  `/apis/${GROUP}/${VERSION}/namespaces/${book.metadata.namespace}/${PLURAL}/${book.metadata.name}`;
+function uidTest(object: Resource) {
+  return { op: 'test', path: '/metadata/uid', value: object.metadata.uid };
+}
+const objectPath = ({ metadata }: Resource) =>
+  `${collectionPath(metadata.namespace)}/${metadata.name}`;
 
-interface BookNow {
+interface Current {
   metadata: {
     uid: string;
     resourceVersion: string;
@@ -1537,71 +1547,78 @@ interface BookNow {
   };
 }
 
-/** The book as the server has it now; undefined if it is gone. */
-async function getBook(api: Api, book: Book, signal: AbortSignal): Promise<BookNow | undefined> {
-  return api.json<BookNow>({ verb: 'get', path: bookPath(book), signal }).catch((err) => {
+/** The object as the server has it now; undefined if it is gone. */
+async function getCurrent(api: Api, object: Resource, signal: AbortSignal) {
+  return api.json<Current>({ verb: 'get', path: objectPath(object), signal }).catch((err) => {
     if (isApiError(err, 404)) return undefined;
     throw err;
   });
 }
 
 /**
- * After a 422 for a JSON patch (a failed test says no more than that): whether the book under that
- * name is now another one, or gone.
+ * After a 422 for a JSON patch (a failed test says no more than that): whether the object under
+ * that name is now another one, or gone.
  */
-async function replaced(api: Api, book: Book, signal: AbortSignal): Promise<boolean> {
-  return (await getBook(api, book, signal))?.metadata.uid !== book.metadata.uid;
+async function replaced(api: Api, object: Resource, signal: AbortSignal): Promise<boolean> {
+  return (await getCurrent(api, object, signal))?.metadata.uid !== object.metadata.uid;
 }
 
-async function patchBook(api: Api, book: Book, body: object[], signal: AbortSignal, sub = '') {
+async function patchObject(
+  api: Api,
+  object: Resource,
+  body: object[],
+  signal: AbortSignal,
+  sub = '',
+) {
   const request = { verb: 'patch', method: 'PATCH', contentType: JSON_PATCH, signal };
-  await readAll(await api.call({ ...request, path: `${bookPath(book)}${sub}`, body }));
+  await readAll(await api.call({ ...request, path: `${objectPath(object)}${sub}`, body }));
 }
 
 /**
- * Sets the book's finalizers to `change(current)`, read fresh: a JSON patch replaces a list whole,
- * so it tests the resourceVersion it was read at, and the server refuses it if anyone wrote since.
+ * Sets the object's finalizers to `change(current)`, read fresh: a JSON patch replaces a list
+ * whole, so it tests the resourceVersion it was read at, and the server refuses it if anyone
+ * wrote since.
  */
 async function editFinalizers(
   api: Api,
-  book: Book,
+  object: Resource,
   change: (finalizers: string[]) => string[],
   signal: AbortSignal,
 ) {
-  const now = await getBook(api, book, signal);
-  if (!now || now.metadata.uid !== book.metadata.uid) return; // gone, or another book now
-  const finalizers = now.metadata.finalizers ?? [];
+  const current = await getCurrent(api, object, signal);
+  if (!current || current.metadata.uid !== object.metadata.uid) return; // gone, or another one now
+  const finalizers = current.metadata.finalizers ?? [];
   const wanted = change(finalizers);
   if (String(wanted) === String(finalizers)) return;
-  const { resourceVersion } = now.metadata;
+  const { resourceVersion } = current.metadata;
   const patch = [
-    uidTest(book),
+    uidTest(object),
     { op: 'test', path: '/metadata/resourceVersion', value: resourceVersion },
     { op: 'add', path: '/metadata/finalizers', value: wanted },
   ];
-  await patchBook(api, book, patch, signal).catch((err) => {
+  await patchObject(api, object, patch, signal).catch((err) => {
     if (!isApiError(err, 404)) throw err; // gone already
   });
 }
 
-/** Adds our finalizer, so that a deleted book waits for its Deleted reconcile. */
-async function addFinalizer(api: Api, book: Book, finalizer: string, signal: AbortSignal) {
-  if (book.metadata.deleting) return; // the server refuses a finalizer for a book being deleted
+/** Adds our finalizer, so that a deleted object waits for its Deleted reconcile. */
+async function addFinalizer(api: Api, object: Resource, finalizer: string, signal: AbortSignal) {
+  if (object.metadata.deleting) return; // the server refuses a finalizer for one being deleted
   await editFinalizers(
     api,
-    book,
+    object,
     (all) => (all.includes(finalizer) ? all : [...all, finalizer]),
     signal,
   );
 }
 
-/** Removes our finalizer, once the book's Deleted is reconciled: Kubernetes then deletes it. */
-async function removeFinalizer(api: Api, book: Book, finalizer: string, signal: AbortSignal) {
-  await editFinalizers(api, book, (all) => all.filter((name) => name !== finalizer), signal);
+/** Removes our finalizer, once the object's Deleted is reconciled: Kubernetes then deletes it. */
+async function removeFinalizer(api: Api, object: Resource, finalizer: string, signal: AbortSignal) {
+  await editFinalizers(api, object, (all) => all.filter((name) => name !== finalizer), signal);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Status: the outcome of the last reconcile, on the book itself, for kubectl get and kubectl wait.
+// Status: the outcome of the last reconcile, on the object itself, for kubectl get and wait.
 
 interface Condition {
   type?: string;
@@ -1622,16 +1639,16 @@ function readyCondition(object: unknown): { ready: number | string; since: numbe
     return { ready: '', since: 0 };
   }
   const since = Date.parse(ready.lastTransitionTime ?? '') || 0;
-  // Most books are Ready, and there may be many: for them this is a number, not a string.
+  // Most objects are Ready, and there may be many: for them this is a number, not a string.
   if (is === 'True' && reason === 'Reconciled' && !message) return { ready: generation, since };
   return { ready: `${is} ${reason} ${generation} ${message}`, since };
 }
 
-/** Writes the book's Ready condition, unless it already says exactly that. */
-async function writeStatus({ api, books, signal }: Worker, entry: Entry, failure: unknown) {
-  const { book } = entry;
-  const { generation } = book.metadata;
-  if (books.statusForbidden || typeof generation !== 'number') return;
+/** Writes the object's Ready condition, unless it already says exactly that. */
+async function writeStatus({ api, queue, signal }: Worker, entry: Entry, failure: unknown) {
+  const { object } = entry;
+  const { generation } = object.metadata;
+  if (queue.statusForbidden || typeof generation !== 'number') return;
   const condition =
     failure === undefined
       ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '' }
@@ -1653,22 +1670,22 @@ async function writeStatus({ api, books, signal }: Worker, entry: Entry, failure
   const before = { ready: entry.ready, since: entry.since };
   Object.assign(entry, { ready, since });
   try {
-    await patchBook(
+    await patchObject(
       api,
-      book,
-      [uidTest(book), { op: 'add', path: '/status', value: status }],
+      object,
+      [uidTest(object), { op: 'add', path: '/status', value: status }],
       signal,
       '/status',
     );
   } catch (err) {
     if (entry.ready === ready && entry.since === since) Object.assign(entry, before);
-    // Gone, or another book under the same name: its own events make it due.
+    // Gone, or another object under the same name: its own events make it due.
     if (isApiError(err, 404)) return;
-    if (isApiError(err, 422) && (await replaced(api, book, signal))) return;
+    if (isApiError(err, 422) && (await replaced(api, object, signal))) return;
     if (!isApiError(err, 403)) throw err;
-    if (books.statusForbidden) return; // another worker said so already
-    books.statusForbidden = true;
-    const { namespace } = book.metadata;
+    if (queue.statusForbidden) return; // another worker said so already
+    queue.statusForbidden = true;
+    const { namespace } = object.metadata;
     const can = `kubectl auth can-i patch ${resource} --subresource=status -n ${namespace}`;
     console.error(
       `not allowed to patch ${PLURAL}/status in namespace ${namespace} (403: ${err.message}); ` +
@@ -1680,17 +1697,17 @@ async function writeStatus({ api, books, signal }: Worker, entry: Entry, failure
 // ---------------------------------------------------------------------------------------------
 // Output: stdout is the product, so a pipe gets every line, in order, and a slow reader slows us.
 
-type Print = (change: Change, book: Book, name: string, signal: AbortSignal) => Promise<void>;
+type Print = (change: Change, object: Resource, name: string, signal: AbortSignal) => Promise<void>;
 
 /** One line per change. While stdout is full it waits, so that a slow reader slows the workers. */
 function printer(stdout: Writable, json: boolean, fence: () => void): Print {
-  return async (change, book, name, signal) => {
+  return async (change, object, name, signal) => {
     signal.throwIfAborted(); // once stopped, not one more line
     fence();
-    const { namespace, name: bookName } = book.metadata;
+    const { namespace, name: objectName } = object.metadata;
     const line = json
-      ? JSON.stringify({ type: change, namespace, name: bookName, spec: book.spec })
-      : describe(change, book, name);
+      ? JSON.stringify({ type: change, namespace, name: objectName, spec: object.spec })
+      : describe(change, object, name);
     // A speed trick: the lines of one tick go out in one write.
     if (!stdout.writableCorked) {
       stdout.cork();
@@ -2065,11 +2082,11 @@ function processMetrics(metrics: Metrics) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Events: what kubectl describe shows under the book. core/v1 Events, as client-go's recorder
+// Events: what kubectl describe shows under the object. core/v1 Events, as client-go's recorder
 // writes them (every kubectl reads them; a repeat is one merge patch of its count).
 
 class EventRecorder {
-  // The last failure of each failing book: the Event that says it, and how often it happened.
+  // The last failure of each failing object: the Event that says it, and how often it happened.
   private readonly failures = new Map<
     string,
     { uid: string; name: string; message: string; count: number; first: string }
@@ -2080,41 +2097,41 @@ class EventRecorder {
     this.api = api;
   }
 
-  /** A reconcile failed: one Warning per book and message; a repeat raises its count. */
-  failed(key: string, book: Book, message: string) {
+  /** A reconcile failed: one Warning per object and message; a repeat raises its count. */
+  failed(key: string, object: Resource, message: string) {
     const last = this.failures.get(key);
     const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
-    if (last?.message === message && last.uid === book.metadata.uid) {
+    if (last?.message === message && last.uid === object.metadata.uid) {
       last.count++;
-      const path = `/api/v1/namespaces/${book.metadata.namespace}/events/${last.name}`;
+      const path = `/api/v1/namespaces/${object.metadata.namespace}/events/${last.name}`;
       const body = { count: last.count, lastTimestamp: now };
       const patch = { verb: 'patch', method: 'PATCH', path, body, contentType: MERGE_PATCH };
       // An Event expires (after an hour) or was deleted: write it again, with its count.
-      this.send(patch, () => this.create(book, last, 'Warning', 'ReconcileFailed', now));
+      this.send(patch, () => this.create(object, last, 'Warning', 'ReconcileFailed', now));
       return;
     }
     const failure = {
-      uid: book.metadata.uid,
-      name: eventName(book),
+      uid: object.metadata.uid,
+      name: eventName(object),
       message,
       count: 1,
       first: now,
     };
     this.failures.set(key, failure);
-    this.create(book, failure, 'Warning', 'ReconcileFailed', now);
+    this.create(object, failure, 'Warning', 'ReconcileFailed', now);
   }
 
-  /** A book is Ready again after failing: one Normal Event. */
-  recovered(key: string, book: Book) {
+  /** An object is Ready again after failing: one Normal Event. */
+  recovered(key: string, object: Resource) {
     if (!this.failures.delete(key)) return;
     const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
     const event = {
-      name: eventName(book),
+      name: eventName(object),
       message: `${KIND} is Ready again`,
       count: 1,
       first: now,
     };
-    this.create(book, event, 'Normal', 'Reconciled', now);
+    this.create(object, event, 'Normal', 'Reconciled', now);
   }
 
   forget(key: string) {
@@ -2122,13 +2139,13 @@ class EventRecorder {
   }
 
   private create(
-    book: Book,
+    object: Resource,
     event: { name: string; message: string; count: number; first: string },
     type: string,
     reason: string,
     now: string,
   ) {
-    const { namespace, name, uid } = book.metadata;
+    const { namespace, name, uid } = object.metadata;
     const body = {
       apiVersion: 'v1',
       kind: 'Event',
@@ -2163,8 +2180,8 @@ class EventRecorder {
   }
 }
 
-const eventName = (book: Book) =>
-  `${book.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
+const eventName = (object: Resource) =>
+  `${object.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
 
 // ---------------------------------------------------------------------------------------------
 // Health: what the kubelet asks before it restarts us (/healthz) or counts us in (/readyz).
@@ -2276,14 +2293,14 @@ export async function main(
 /** The watches and the workers, until `signal` aborts. */
 async function control(api: Api, health: Health, options: Options, signal: AbortSignal) {
   const { config, metrics } = api;
-  const books = new Books(config, options.finalizer ?? FINALIZER, metrics);
-  const owned = new OwnedObjects(books);
+  const queue = new Queue(config, options.finalizer ?? FINALIZER, metrics);
+  const owned = new OwnedObjects(queue);
   const stdout = options.stdout ?? process.stdout;
   const worker: Worker = {
     api,
     problems: new ClusterProblems(config.server),
     events: new EventRecorder(api),
-    books,
+    queue,
     owned,
     print: printer(stdout, config.json, () => api.fence()),
     reconcile: options.reconcile ?? reconcile,
@@ -2293,14 +2310,14 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   metrics.count('controller_runtime_reconcile_total', SUCCEEDED, 0);
   metrics.count('controller_runtime_reconcile_total', FAILED, 0);
   metrics.count('controller_runtime_reconcile_errors_total', controller, 0);
-  metrics.gauge('controller_runtime_active_workers', () => [[controller, books.busy.size]]);
+  metrics.gauge('controller_runtime_active_workers', () => [[controller, queue.busy.size]]);
   metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
     [controller, config.concurrency],
   ]);
   // Workers start once both caches hold an initial state, so that a restart repeats no write.
-  const booksIn = signalled();
+  const objectsIn = signalled();
   const ownedIn = signalled();
-  const synced = Promise.all([booksIn.promise, ownedIn.promise]);
+  const synced = Promise.all([objectsIn.promise, ownedIn.promise]);
   void synced.then(() => {
     health.ready = true;
   });
@@ -2308,19 +2325,19 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     await synced;
     await work(worker);
   });
-  const bookCollection = {
+  const objectCollection = {
     plural: PLURAL,
-    path: booksPath(config.namespace),
+    path: collectionPath(config.namespace),
     selector: config.selector,
-    cache: books,
+    cache: queue,
   };
   // What the two say on stderr is shared: a problem of the server's is one line, not two.
   const shared = { health, stdout, said: { problems: new Set<string>(), streaming: true } };
   await Promise.all([
-    listAndWatch(api, bookCollection, shared, booksIn.resolve, signal),
+    listAndWatch(api, objectCollection, shared, objectsIn.resolve, signal),
     listAndWatch(api, ownedCollection(config, owned), shared, ownedIn.resolve, signal),
   ]);
-  books.stop();
+  queue.stop();
   // In-flight reconciles were told to stop; wait briefly.
   await Promise.race([Promise.all(workers), sleep(300)]);
 }
@@ -2348,7 +2365,7 @@ function signalled() {
   return { promise, resolve: () => resolve() };
 }
 
-const booksPath = (namespace: string | undefined) =>
+const collectionPath = (namespace: string | undefined) =>
   `/apis/${GROUP}/${VERSION}${namespace === undefined ? '' : `/namespaces/${namespace}`}/${PLURAL}`;
 
 /** An error's message on one line: every diagnostic is one line. */
