@@ -715,6 +715,19 @@ async function listInPages(api: Api, collection: Collection, health: Health, sig
   return resourceVersion;
 }
 
+/**
+ * The query of a watch from `resourceVersion`; without one, of a streaming list, which sends the
+ * initial state first. Bookmarks tell even an idle watch the newer resourceVersions to resume from.
+ * At timeoutSeconds the server ends the watch, and we resume: no connection is trusted for ever.
+ */
+function watchQuery(config: Config, collection: Collection, resourceVersion: string) {
+  const from: Record<string, string> = resourceVersion
+    ? { resourceVersion }
+    : { sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan' };
+  const timeoutSeconds = String(config.watchTimeoutSeconds);
+  return query(collection, { watch: 'true', ...from, allowWatchBookmarks: 'true', timeoutSeconds });
+}
+
 /** One watch, until the server ends it; with no resourceVersion, a streaming list first. */
 async function watch(
   api: Api,
@@ -729,19 +742,8 @@ async function watch(
   signal: AbortSignal,
 ) {
   const { cache } = collection;
-  // Bookmarks tell even an idle watch the newer resourceVersions to resume from. At
-  // timeoutSeconds the server ends the watch, and we resume: no connection is trusted for ever.
   const { resourceVersion } = position;
-  const from: Record<string, string> = resourceVersion
-    ? { resourceVersion }
-    : { sendInitialEvents: 'true', resourceVersionMatch: 'NotOlderThan' };
-  const timeoutSeconds = String(api.config.watchTimeoutSeconds);
-  const params = query(collection, {
-    watch: 'true',
-    ...from,
-    allowWatchBookmarks: 'true',
-    timeoutSeconds,
-  });
+  const params = watchQuery(api.config, collection, resourceVersion);
   position.listed = resourceVersion ? undefined : new Set();
   const started = performance.now();
   let events = 0;
@@ -1604,12 +1606,8 @@ async function editFinalizers(
 /** Adds our finalizer, so that a deleted object waits for its Deleted reconcile. */
 async function addFinalizer(api: Api, object: Resource, finalizer: string, signal: AbortSignal) {
   if (object.metadata.deleting) return; // the server refuses a finalizer for one being deleted
-  await editFinalizers(
-    api,
-    object,
-    (all) => (all.includes(finalizer) ? all : [...all, finalizer]),
-    signal,
-  );
+  const add = (all: string[]) => (all.includes(finalizer) ? all : [...all, finalizer]);
+  await editFinalizers(api, object, add, signal);
 }
 
 /** Removes our finalizer, once the object's Deleted is reconciled: Kubernetes then deletes it. */
@@ -1670,13 +1668,8 @@ async function writeStatus({ api, queue, signal }: Worker, entry: Entry, failure
   const before = { ready: entry.ready, since: entry.since };
   Object.assign(entry, { ready, since });
   try {
-    await patchObject(
-      api,
-      object,
-      [uidTest(object), { op: 'add', path: '/status', value: status }],
-      signal,
-      '/status',
-    );
+    const patch = [uidTest(object), { op: 'add', path: '/status', value: status }];
+    await patchObject(api, object, patch, signal, '/status');
   } catch (err) {
     if (entry.ready === ready && entry.since === since) Object.assign(entry, before);
     // Gone, or another object under the same name: its own events make it due.
@@ -2085,12 +2078,12 @@ function processMetrics(metrics: Metrics) {
 // Events: what kubectl describe shows under the object. core/v1 Events, as client-go's recorder
 // writes them (every kubectl reads them; a repeat is one merge patch of its count).
 
+/** An Event as written: its name, what it says, how often it happened, and since when. */
+type Recorded = { name: string; message: string; count: number; first: string };
+
 class EventRecorder {
   // The last failure of each failing object: the Event that says it, and how often it happened.
-  private readonly failures = new Map<
-    string,
-    { uid: string; name: string; message: string; count: number; first: string }
-  >();
+  private readonly failures = new Map<string, Recorded & { uid: string }>();
   private readonly api: Api;
 
   constructor(api: Api) {
@@ -2110,13 +2103,8 @@ class EventRecorder {
       this.send(patch, () => this.create(object, last, 'Warning', 'ReconcileFailed', now));
       return;
     }
-    const failure = {
-      uid: object.metadata.uid,
-      name: eventName(object),
-      message,
-      count: 1,
-      first: now,
-    };
+    const { uid } = object.metadata;
+    const failure = { uid, name: eventName(object), message, count: 1, first: now };
     this.failures.set(key, failure);
     this.create(object, failure, 'Warning', 'ReconcileFailed', now);
   }
@@ -2125,12 +2113,8 @@ class EventRecorder {
   recovered(key: string, object: Resource) {
     if (!this.failures.delete(key)) return;
     const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
-    const event = {
-      name: eventName(object),
-      message: `${KIND} is Ready again`,
-      count: 1,
-      first: now,
-    };
+    const message = `${KIND} is Ready again`;
+    const event = { name: eventName(object), message, count: 1, first: now };
     this.create(object, event, 'Normal', 'Reconciled', now);
   }
 
@@ -2138,13 +2122,7 @@ class EventRecorder {
     this.failures.delete(key);
   }
 
-  private create(
-    object: Resource,
-    event: { name: string; message: string; count: number; first: string },
-    type: string,
-    reason: string,
-    now: string,
-  ) {
+  private create(object: Resource, event: Recorded, type: string, reason: string, now: string) {
     const { namespace, name, uid } = object.metadata;
     const body = {
       apiVersion: 'v1',
