@@ -418,6 +418,8 @@ class Api {
     http: new http.Agent({ keepAlive: true }),
     https: new https.Agent({ keepAlive: true }),
   };
+  // The labels of rest_client_requests_total, one object for each code, method and host.
+  private readonly labels = new Map<string, Record<string, string>>();
 
   constructor(config: Config, metrics: Metrics) {
     this.config = config;
@@ -445,12 +447,12 @@ class Api {
     if (!kubeConfig.getCurrentCluster()?.proxyUrl) {
       options.agent = url.protocol === 'http:' ? this.agents.http : this.agents.https;
     }
-    const counted = { method, host: url.host };
+    const count = (code: string) => this.countRequest(code, method, url.host);
     const response = await new Promise<http.IncomingMessage>((resolve, reject) => {
       const client = url.protocol === 'http:' ? http : https;
       const sent = client.request(url, options, resolve);
       sent.on('error', (err) => {
-        this.metrics.count('rest_client_requests_total', { code: '<error>', ...counted });
+        count('<error>');
         reject(err);
       });
       sent.on('timeout', () => sent.destroy(silence(`${server} did not answer for 30s`, 30_000)));
@@ -462,7 +464,7 @@ class Api {
     }
     response.setEncoding('utf8'); // decodes across chunks, even inside a multi-byte character
     const code = response.statusCode ?? 0;
-    this.metrics.count('rest_client_requests_total', { code: String(code), ...counted });
+    count(String(code));
     if (code < 300) return response;
     const text = await readAll(response);
     // A missing CRD answers "404 page not found\n", not a Status.
@@ -473,6 +475,15 @@ class Api {
       (header ? (Date.parse(header) - Date.now()) / 1000 : 0) ||
       status.details?.retryAfterSeconds;
     throw apiError(code, status.message ?? `HTTP ${code}`, verb, Math.max(0, retryAfter || 0));
+  }
+  private countRequest(code: string, method: string, host: string) {
+    const key = `${code} ${method} ${host}`;
+    let labels = this.labels.get(key);
+    if (!labels) {
+      labels = { code, method, host };
+      this.labels.set(key, labels);
+    }
+    this.metrics.count('rest_client_requests_total', labels);
   }
 
   async json<T>(request: Call): Promise<T> {
@@ -2292,15 +2303,15 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
     [controller, config.concurrency],
   ]);
-  // Workers start once both caches hold an initial state, so that a restart repeats no write.
+  // Workers start once the cache of what reconcile made holds its initial state, so that a
+  // restart repeats no write; the objects are reconciled as their initial state comes in.
   const objectsIn = signalled();
   const ownedIn = signalled();
-  const synced = Promise.all([objectsIn.promise, ownedIn.promise]);
-  void synced.then(() => {
+  void Promise.all([objectsIn.promise, ownedIn.promise]).then(() => {
     health.ready = true;
   });
   const workers = Array.from({ length: config.concurrency }, async () => {
-    await synced;
+    await ownedIn.promise;
     await work(worker);
   });
   const objectCollection = {
