@@ -580,12 +580,11 @@ interface List {
 
 // One line of a watch stream. ADDED, MODIFIED and DELETED carry an object, BOOKMARK only a newer
 // resourceVersion, ERROR a Status.
-type WatchEvent =
-  | {
-      type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK';
-      object: { metadata: { resourceVersion: string; annotations?: Record<string, string> } };
-    }
-  | { type: 'ERROR'; object: Status };
+type WatchEvent = ObjectEvent | { type: 'ERROR'; object: Status };
+type ObjectEvent = {
+  type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK';
+  object: { metadata: { resourceVersion: string; annotations?: Record<string, string> } };
+};
 
 /**
  * A connection can die without a word (a half-open TCP connection) and leave us waiting for ever.
@@ -752,7 +751,6 @@ async function watch(
   }: { health: Health; stdout: Writable; synced: () => void; retries: Retries },
   signal: AbortSignal,
 ) {
-  const { cache } = collection;
   const { resourceVersion } = position;
   const params = watchQuery(api.config, collection, resourceVersion);
   position.listed = resourceVersion ? undefined : new Set();
@@ -767,18 +765,8 @@ async function watch(
         if (position.listed && (code === 400 || code === 422)) throw new NoStreamingList(message);
         throw apiError(code, message, 'watch', details?.retryAfterSeconds);
       }
-      const { metadata } = event.object;
-      const { listed } = position;
-      if (!listed) retries.cleared(); // the watch works: what failed before is over
-      if (event.type === 'DELETED') cache.remove(event.object);
-      else if (event.type !== 'BOOKMARK') cache.update(event.object, listed);
-      else if (listed && metadata.annotations?.['k8s.io/initial-events-end'] === 'true') {
-        cache.removeAllBut(listed); // the initial state is complete
-        position.listed = undefined;
-        synced();
-      }
-      // The initial events come in no order of resourceVersion: resume from them once complete.
-      if (!position.listed) position.resourceVersion = metadata.resourceVersion;
+      if (!position.listed) retries.cleared(); // the watch works: what failed before is over
+      handleEvent(event, collection.cache, position, synced);
       events++;
       health.progress();
     }
@@ -793,6 +781,25 @@ async function watch(
   if (events === 0 && performance.now() - started < 1000) {
     throw new Error('the watch ended at once, without any event');
   }
+}
+
+/**
+ * Puts one watch event into the cache. During a streaming list it notes each key, and at the
+ * list's closing bookmark removes what the list did not have. (A function of its own, so that a
+ * watch waiting for its next event does not keep the list's keys.)
+ */
+function handleEvent(event: ObjectEvent, cache: Cache, position: Position, synced: () => void) {
+  const { listed } = position;
+  const { metadata } = event.object;
+  if (event.type === 'DELETED') cache.remove(event.object);
+  else if (event.type !== 'BOOKMARK') cache.update(event.object, listed);
+  else if (listed && metadata.annotations?.['k8s.io/initial-events-end'] === 'true') {
+    cache.removeAllBut(listed); // the initial state is complete
+    position.listed = undefined;
+    synced();
+  }
+  // The initial events come in no order of resourceVersion: resume from them once complete.
+  if (!position.listed) position.resourceVersion = metadata.resourceVersion;
 }
 
 /**
@@ -922,6 +929,7 @@ function hint(err: unknown, { namespace }: Config, collection: Collection): stri
 
 /** What the controller knows of one object (a name: one replaced under it is a new uid). */
 interface Entry {
+  key: string; // NAME, or NAMESPACE/NAME with -A
   object: Resource; // the newest seen
   deleted: undefined | 'due' | 'done'; // gone from the server, being deleted, or no longer selected
   replaced: Resource[] | undefined; // earlier ones of this name, their Deleted not yet reconciled
@@ -929,7 +937,7 @@ interface Entry {
   drifted: boolean; // someone changed what reconcile made: reconcile again, printing nothing
   tried: boolean; // a reconcile of it began: its Deleted is owed, whether or not one succeeded
   ready: number | string; // the Ready condition on the server: see readyCondition
-  since: number; // its lastTransitionTime
+  since: number; // its lastTransitionTime, in seconds as the API keeps it
 }
 
 /**
@@ -993,8 +1001,18 @@ class Queue implements Cache {
       if (checked.metadata.deleting && !this.holds(checked)) return;
       const deleted: Entry['deleted'] = checked.metadata.deleting ? 'due' : undefined;
       const tried = this.holds(checked); // our finalizer on it: an earlier run reconciled it
-      const fresh = { deleted, replaced: undefined, reconciled: undefined, drifted: false };
-      this.entries.set(key, { object: checked, ...fresh, tried, ready, since });
+      const fresh: Entry = {
+        key,
+        object: checked,
+        deleted,
+        replaced: undefined,
+        reconciled: undefined,
+        drifted: false,
+        tried,
+        ready,
+        since,
+      };
+      this.entries.set(key, fresh);
       return this.add(key);
     }
     const before = entry.object.metadata;
@@ -1070,7 +1088,8 @@ class Queue implements Cache {
   keyOf(object: unknown): string {
     const { metadata } = object as { metadata?: Partial<Resource['metadata']> };
     const { namespace = '', name = '' } = metadata ?? {};
-    return this.config.namespace === undefined ? `${namespace}/${name}` : name;
+    // join makes one flat string: a template would keep its parts too, for every cached object.
+    return this.config.namespace === undefined ? [namespace, name].join('/') : name;
   }
 
   /** Someone changed what the object's reconcile made: reconcile it again, after its backoff. */
@@ -1181,21 +1200,21 @@ class OwnedObjects implements Cache {
   }
 
   keyOf(object: unknown): string {
-    const { namespace = '', name = '' } = (object as Owned).metadata ?? {};
-    return `${namespace}/${name}`;
+    return this.queue.keyOf(object); // NAME, or NAMESPACE/NAME with -A, as for its owner
   }
 
   private entryOf(object: unknown): OwnedEntry {
-    const { namespace = '', ownerReferences = [] } = (object as Owned).metadata ?? {};
+    const { namespace, ownerReferences = [] } = (object as Owned).metadata ?? {};
     const controller = ownerReferences.find((reference) => reference.controller);
     const uid = controller?.uid ?? '';
     const ours = controller?.kind === KIND && controller.apiVersion === apiVersion;
-    const name = controller?.name ?? '';
-    const owner = !ours
-      ? ''
-      : this.queue.config.namespace === undefined
-        ? `${namespace}/${name}`
-        : name;
+    if (!ours) return { owner: '', uid, fingerprint: fingerprint(object) };
+    const owner = this.queue.keyOf({ metadata: { namespace, name: controller.name } });
+    // The owner's own strings, when it is cached: one copy of each, not two, per owner.
+    const known = this.queue.entries.get(owner);
+    if (known?.object.metadata.uid === uid) {
+      return { owner: known.key, uid: known.object.metadata.uid, fingerprint: fingerprint(object) };
+    }
     return { owner, uid, fingerprint: fingerprint(object) };
   }
 
@@ -1252,7 +1271,10 @@ class OwnedObjects implements Cache {
           `(uid ${cached.uid}), not by this ${kind}`,
       );
     }
-    if (cached?.fingerprint === wanted.fingerprint) return;
+    if (cached?.fingerprint === wanted.fingerprint) {
+      this.entries.set(key, wanted); // the same, sharing its owner's strings (see entryOf)
+      return;
+    }
     const query = new URLSearchParams({ fieldManager: CONTROLLER, force: 'true' });
     const contentType = 'application/apply-patch+yaml'; // JSON is YAML
     const request = {
@@ -1287,7 +1309,8 @@ class OwnedObjects implements Cache {
   }
 
   private describe(object: object): string {
-    return `${(object as { kind?: string }).kind ?? 'the object'} ${this.keyOf(object)}`;
+    const { kind = 'the object', metadata } = object as Owned & { kind?: string };
+    return `${kind} ${metadata?.namespace}/${metadata?.name}`;
   }
 }
 
@@ -1647,7 +1670,7 @@ function readyCondition(object: unknown): { ready: number | string; since: numbe
   if (generation === undefined || generation !== status?.observedGeneration) {
     return { ready: '', since: 0 };
   }
-  const since = Date.parse(ready.lastTransitionTime ?? '') || 0;
+  const since = Math.floor(Date.parse(ready.lastTransitionTime ?? '') / 1000) || 0;
   // Most objects are Ready, and there may be many: for them this is a number, not a string.
   if (is === 'True' && reason === 'Reconciled' && !message) return { ready: generation, since };
   return { ready: `${is} ${reason} ${generation} ${message}`, since };
@@ -1669,8 +1692,8 @@ async function writeStatus({ api, queue, signal }: Worker, entry: Entry, failure
   // It changes only on a flip, and in whole seconds as the server keeps it (so its echo is no
   // change).
   const flipped = was !== condition.status || !entry.since;
-  const since = flipped ? Math.floor(Date.now() / 1000) * 1000 : entry.since;
-  const lastTransitionTime = new Date(since).toISOString().replace('.000Z', 'Z');
+  const since = flipped ? Math.floor(Date.now() / 1000) : entry.since;
+  const lastTransitionTime = new Date(since * 1000).toISOString().replace('.000Z', 'Z');
   const status = {
     observedGeneration: generation,
     conditions: [{ ...conditions[0], lastTransitionTime }],
