@@ -757,8 +757,9 @@ async function watch(
   const started = performance.now();
   let events = 0;
   for await (const chunk of watchEvents(api, collection.path, params, signal)) {
-    // stdout is full: stop reading, so that the server waits on TCP
-    if (stdout.writableNeedDrain) await once(stdout, 'drain', { signal });
+    // stdout is full: stop reading, so that the server waits on TCP. Not during a streaming list,
+    // which would end at its deadline with no resourceVersion to resume from.
+    if (!position.listed && stdout.writableNeedDrain) await once(stdout, 'drain', { signal });
     for (const event of chunk) {
       if (event.type === 'ERROR') {
         const { code = 500, message = 'ERROR event', details } = event.object;
@@ -1199,8 +1200,10 @@ class OwnedObjects implements Cache {
     this.queue = queue;
   }
 
+  /** NAME in the namespace watched (its owner's key: one string for both); or NAMESPACE/NAME. */
   keyOf(object: unknown): string {
-    return this.queue.keyOf(object); // NAME, or NAMESPACE/NAME with -A, as for its owner
+    const { namespace = '', name = '' } = (object as Owned).metadata ?? {};
+    return namespace === this.queue.config.namespace ? name : [namespace, name].join('/');
   }
 
   private entryOf(object: unknown): OwnedEntry {
@@ -1309,8 +1312,8 @@ class OwnedObjects implements Cache {
   }
 
   private describe(object: object): string {
-    const { kind = 'the object', metadata } = object as Owned & { kind?: string };
-    return `${kind} ${metadata?.namespace}/${metadata?.name}`;
+    const { kind = 'the object', metadata = {} } = object as Owned & { kind?: string };
+    return `${kind} ${metadata.namespace ?? ''}/${metadata.name ?? ''}`;
   }
 }
 
@@ -2409,4 +2412,5 @@ if (isEntryPoint) {
 }
 
 // Where to go next: more kinds of owned objects, each watched like OWNED (kube-rs's
-// Controller::owns); conditions beyond Ready; a field of your own in the status.
+// Controller::owns), the workers waiting for each one's initial state; conditions beyond Ready;
+// a field of your own in the status.
