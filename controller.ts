@@ -24,6 +24,7 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import { hostname } from 'node:os';
 import type { Writable } from 'node:stream';
+import { finished } from 'node:stream/promises';
 import { setInterval } from 'node:timers';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { basename } from 'node:path';
@@ -439,9 +440,11 @@ class Api {
     // A request other than a watch that hears nothing for 30 s is on a dead connection.
     const timeout = verb === 'watch' ? undefined : 30_000;
     const options: https.RequestOptions = { method, signal, headers, timeout };
-    // On every request, since exec and OIDC credentials refresh here; a plugin that hangs is
-    // bounded by the request's signal like the request itself.
-    await untilAborted(kubeConfig.applyToHTTPSOptions(options), signal);
+    // On every request, since exec and OIDC credentials refresh here; a plugin (exec or
+    // auth-provider) that hangs is bounded by the request's signal like the request itself.
+    const credentials = kubeConfig.applyToHTTPSOptions(options);
+    const user = kubeConfig.getCurrentUser();
+    await (user?.exec || user?.authProvider ? untilAborted(credentials, signal) : credentials);
     if (method !== 'GET' && !path.includes('/leases')) this.fence(); // credentials take time
     // Only a proxy-url in the kubeconfig needs client-node's own agent.
     if (!kubeConfig.getCurrentCluster()?.proxyUrl) {
@@ -462,7 +465,6 @@ class Api {
       response.destroy(); // Deno lets a response in after its request was aborted
       throw signal.reason;
     }
-    response.setEncoding('utf8'); // decodes across chunks, even inside a multi-byte character
     const code = response.statusCode ?? 0;
     count(String(code));
     if (code < 300) return response;
@@ -524,9 +526,16 @@ function silence(message: string, ms: number): Error {
 }
 
 async function readAll(response: http.IncomingMessage): Promise<string> {
+  response.setEncoding('utf8'); // decodes across chunks, even inside a multi-byte character
   let body = '';
   for await (const chunk of response) body += chunk;
   return body;
+}
+
+/** Reads an answer we do not need to its end, so that its connection serves the next request. */
+async function discard(response: http.IncomingMessage): Promise<void> {
+  response.resume();
+  await finished(response);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -623,6 +632,7 @@ async function* watchEvents(api: Api, path: string, params: URLSearchParams, sig
   let response: http.IncomingMessage | undefined;
   try {
     response = await api.call({ verb: 'watch', path, query: params, signal: limit.signal });
+    response.setEncoding('utf8');
     let partial = '';
     for await (const chunk of response) {
       const lines = (partial + chunk).split('\n');
@@ -1292,7 +1302,7 @@ class OwnedObjects implements Cache {
     const applying = { fingerprint: wanted.fingerprint, overtaken: false };
     this.applying.set(key, applying);
     try {
-      await readAll(await api.call(request));
+      await discard(await api.call(request));
       // The object says at least this now: its watch event is no change. Unless the watch
       // already told something newer.
       if (!applying.overtaken) this.entries.set(key, wanted);
@@ -1324,32 +1334,50 @@ class OwnedObjects implements Cache {
 function fingerprint(object: unknown): number {
   const { apiVersion, kind, metadata = {}, status, ...content } = object as Record<string, unknown>;
   const { labels, annotations, ownerReferences } = metadata as Record<string, unknown>;
-  return hash(canonical({ labels, annotations, ownerReferences, ...content }));
+  return new Digest().add({ labels, annotations, ownerReferences, ...content }).value();
 }
 
-/** A 53-bit hash of a text (cyrb53): a number, so that each cached object keeps 8 bytes. */
-function hash(text: string): number {
-  let h1 = 0xdeadbeef;
-  let h2 = 0x41c6ce57;
-  for (let i = 0; i < text.length; i++) {
-    const code = text.charCodeAt(i);
-    h1 = Math.imul(h1 ^ code, 2654435761);
-    h2 = Math.imul(h2 ^ code, 1597334677);
+/**
+ * A 53-bit digest (cyrb53) of a value, taking each object's keys in sorted order, so that equal
+ * content digests equal whatever order its keys come in. It reads the strings where they are,
+ * building none: many ConfigMaps pass through here.
+ */
+class Digest {
+  private h1 = 0xdeadbeef;
+  private h2 = 0x41c6ce57;
+
+  add(value: unknown): this {
+    if (typeof value === 'string') return this.text(`${value.length}"`).text(value);
+    if (typeof value !== 'object' || value === null) return this.text(String(value));
+    if (Array.isArray(value)) {
+      this.text('[');
+      for (const item of value) this.add(item).text(',');
+      return this.text(']');
+    }
+    this.text('{');
+    for (const key of Object.keys(value).sort()) {
+      const field = (value as Record<string, unknown>)[key];
+      if (field !== undefined) this.add(key).add(field);
+    }
+    return this.text('}');
   }
-  h1 = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
-  h2 = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(h1 ^ (h1 >>> 13), 3266489909);
-  return 4294967296 * (2097151 & h2) + (h1 >>> 0);
-}
 
-/** JSON with every object's keys sorted, so that equal content gives equal text. */
-function canonical(value: unknown): string {
-  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`;
-  if (typeof value !== 'object' || value === null) return JSON.stringify(value) ?? 'null';
-  const keys = Object.keys(value).sort();
-  const fields = keys
-    .filter((key) => (value as Record<string, unknown>)[key] !== undefined)
-    .map((key) => `${JSON.stringify(key)}:${canonical((value as Record<string, unknown>)[key])}`);
-  return `{${fields.join(',')}}`;
+  private text(text: string): this {
+    for (let i = 0; i < text.length; i++) {
+      const code = text.charCodeAt(i);
+      this.h1 = Math.imul(this.h1 ^ code, 2654435761);
+      this.h2 = Math.imul(this.h2 ^ code, 1597334677);
+    }
+    return this;
+  }
+
+  /** A number, so that each cached object keeps 8 bytes. */
+  value(): number {
+    const { h1, h2 } = this;
+    const a = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+    const b = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(a ^ (a >>> 13), 3266489909);
+    return 4294967296 * (2097151 & b) + (a >>> 0);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1610,7 +1638,7 @@ async function patchObject(
   sub = '',
 ) {
   const request = { verb: 'patch', method: 'PATCH', contentType: JSON_PATCH, signal };
-  await readAll(await api.call({ ...request, path: `${objectPath(object)}${sub}`, body }));
+  await discard(await api.call({ ...request, path: `${objectPath(object)}${sub}`, body }));
 }
 
 /**
