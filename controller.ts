@@ -1010,20 +1010,7 @@ class Queue implements Cache {
     if (!entry) {
       // One being deleted that we never saw is none of ours, unless our finalizer holds it.
       if (checked.metadata.deleting && !this.holds(checked)) return;
-      const deleted: Entry['deleted'] = checked.metadata.deleting ? 'due' : undefined;
-      const tried = this.holds(checked); // our finalizer on it: an earlier run reconciled it
-      const fresh: Entry = {
-        key,
-        object: checked,
-        deleted,
-        replaced: undefined,
-        reconciled: undefined,
-        drifted: false,
-        tried,
-        ready,
-        since,
-      };
-      this.entries.set(key, fresh);
+      this.entries.set(key, this.newEntry(key, checked, ready, since));
       return this.add(key);
     }
     const before = entry.object.metadata;
@@ -1056,6 +1043,20 @@ class Queue implements Cache {
     // Nothing a reconcile acts on changed (a label, a status write, a relist). A Ready condition
     // other than ours makes it due, to write ours again; but never cuts its backoff short.
     if (readyChanged) this.add(key, false);
+  }
+
+  private newEntry(key: string, object: Resource, ready: Entry['ready'], since: number): Entry {
+    return {
+      key,
+      object,
+      deleted: object.metadata.deleting ? 'due' : undefined,
+      replaced: undefined,
+      reconciled: undefined,
+      drifted: false,
+      tried: this.holds(object), // our finalizer on it: an earlier run reconciled it
+      ready,
+      since,
+    };
   }
 
   /** An object the check refuses: said once for each reason, and left as the cache last had it. */
