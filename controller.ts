@@ -938,6 +938,14 @@ function hint(err: unknown, { namespace }: Config, collection: Collection): stri
 // ---------------------------------------------------------------------------------------------
 // The cache and the work queue: the watch marks objects as due, workers reconcile them.
 
+/** The name users see, and the caches' key: NAME in the namespace watched, else NAMESPACE/NAME. */
+function keyOf(object: unknown, config: Config): string {
+  const { metadata } = object as { metadata?: { namespace?: string; name?: string } };
+  const { namespace = '', name = '' } = metadata ?? {};
+  // join makes one flat string: a template would keep its parts too, for every cached object.
+  return namespace === config.namespace ? name : [namespace, name].join('/');
+}
+
 /** What the controller knows of one object (a name: one replaced under it is a new uid). */
 interface Entry {
   key: string; // NAME, or NAMESPACE/NAME with -A
@@ -1098,10 +1106,7 @@ class Queue implements Cache {
 
   /** The name users see, and the cache's key: NAME, or NAMESPACE/NAME with -A. */
   keyOf(object: unknown): string {
-    const { metadata } = object as { metadata?: Partial<Resource['metadata']> };
-    const { namespace = '', name = '' } = metadata ?? {};
-    // join makes one flat string: a template would keep its parts too, for every cached object.
-    return this.config.namespace === undefined ? [namespace, name].join('/') : name;
+    return keyOf(object, this.config);
   }
 
   /** Someone changed what the object's reconcile made: reconcile it again, after its backoff. */
@@ -1213,8 +1218,7 @@ class OwnedObjects implements Cache {
 
   /** NAME in the namespace watched (its owner's key: one string for both); or NAMESPACE/NAME. */
   keyOf(object: unknown): string {
-    const { namespace = '', name = '' } = (object as Owned).metadata ?? {};
-    return namespace === this.queue.config.namespace ? name : [namespace, name].join('/');
+    return keyOf(object, this.queue.config); // as its owner's: one string for both
   }
 
   private entryOf(object: unknown): OwnedEntry {
@@ -1222,14 +1226,15 @@ class OwnedObjects implements Cache {
     const controller = ownerReferences.find((reference) => reference.controller);
     const uid = controller?.uid ?? '';
     const ours = controller?.kind === KIND && controller.apiVersion === apiVersion;
-    if (!ours) return { owner: '', uid, fingerprint: fingerprint(object) };
+    const digest = fingerprint(object);
+    if (!ours) return { owner: '', uid, fingerprint: digest };
     const owner = this.queue.keyOf({ metadata: { namespace, name: controller.name } });
     // The owner's own strings, when it is cached: one copy of each, not two, per owner.
     const known = this.queue.entries.get(owner);
     if (known?.object.metadata.uid === uid) {
-      return { owner: known.key, uid: known.object.metadata.uid, fingerprint: fingerprint(object) };
+      return { owner: known.key, uid: known.object.metadata.uid, fingerprint: digest };
     }
-    return { owner, uid, fingerprint: fingerprint(object) };
+    return { owner, uid, fingerprint: digest };
   }
 
   update(object: unknown, listed?: Set<string>) {
@@ -1348,7 +1353,7 @@ class Digest {
   private h2 = 0x41c6ce57;
 
   add(value: unknown): this {
-    if (typeof value === 'string') return this.text(`${value.length}"`).text(value);
+    if (typeof value === 'string') return this.mix(value.length).mix(34).text(value); // 34: "
     if (typeof value !== 'object' || value === null) return this.text(String(value));
     if (Array.isArray(value)) {
       this.text('[');
@@ -1364,11 +1369,13 @@ class Digest {
   }
 
   private text(text: string): this {
-    for (let i = 0; i < text.length; i++) {
-      const code = text.charCodeAt(i);
-      this.h1 = Math.imul(this.h1 ^ code, 2654435761);
-      this.h2 = Math.imul(this.h2 ^ code, 1597334677);
-    }
+    for (let i = 0; i < text.length; i++) this.mix(text.charCodeAt(i));
+    return this;
+  }
+
+  private mix(code: number): this {
+    this.h1 = Math.imul(this.h1 ^ code, 2654435761);
+    this.h2 = Math.imul(this.h2 ^ code, 1597334677);
     return this;
   }
 
