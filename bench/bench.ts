@@ -1780,6 +1780,23 @@ async function importTable() {
 }
 
 // ---------- --profile: top self-time functions of one run of a scenario ----------
+/** A profile's top entries as a table, then its share by package or file. */
+function printTop(
+  header: string,
+  self: Map<string, number>,
+  byFile: Map<string, number>,
+  total: number,
+  rows: number,
+  amount: (value: number) => string,
+) {
+  const top = (m: Map<string, number>, n: number) => [...m].sort((a, b) => b[1] - a[1]).slice(0, n);
+  console.log(`${header}\n|---|---|---|`);
+  for (const [k, v] of top(self, rows))
+    console.log(`| ${amount(v)} | ${fmt((100 * v) / total, 1)} | ${k.replaceAll('|', '\\|')} |`);
+  const shares = top(byFile, 8).map(([k, v]) => `${k} ${fmt((100 * v) / total, 1)}%`);
+  console.log(`\nby package / file: ${shares.join(', ')}`);
+}
+
 /** --profile --heap: what was still allocated when the process exited, by function (sampled). */
 function heapProfile(dir: string, file: string, what: string) {
   console.log(`\n## heap profile of ${file} (${LAUNCHER_NAME.strip}), ${what}\n`);
@@ -1814,18 +1831,8 @@ function heapProfile(dir: string, file: string, what: string) {
     for (const c of n.children) walk(c);
   };
   walk(p.head);
-  const top = (m: Map<string, number>, n: number) => [...m].sort((a, b) => b[1] - a[1]).slice(0, n);
-  console.log(`| live at exit (MB) | % of ${fmt(total / 1048576, 1)} MB | allocated by url:line |`);
-  console.log('|---|---|---|');
-  for (const [k, v] of top(self, 15))
-    console.log(
-      `| ${fmt(v / 1048576, 1)} | ${fmt((100 * v) / total, 1)} | ${k.replaceAll('|', '\\|')} |`,
-    );
-  console.log(
-    `\nby package / file: ${top(byFile, 8)
-      .map(([k, v]) => `${k} ${fmt((100 * v) / total, 1)}%`)
-      .join(', ')}`,
-  );
+  const header = `| live at exit (MB) | % of ${fmt(total / 1048576, 1)} MB | allocated by url:line |`;
+  printTop(header, self, byFile, total, 15, (v) => fmt(v / 1048576, 1));
   console.log(`(profile: ${join(dir, main)})`);
 }
 
@@ -1894,19 +1901,8 @@ async function profile(file: string, scenario: string) {
     const f = cf.url ? short(cf.url).replace(/^(@[^/]+\/[^/]+|[^/]+)\/.*$/, '$1') : cf.functionName;
     byFile.set(f, (byFile.get(f) ?? 0) + dt);
   });
-  const top = (m: Map<string, number>, n: number) => [...m].sort((a, b) => b[1] - a[1]).slice(0, n);
-  console.log(
-    `| self time (ms) | % of busy ${fmt(total / 1000)} ms | function url:line |\n|---|---|---|`,
-  );
-  for (const [k, v] of top(self, 12))
-    console.log(
-      `| ${fmt(v / 1000, 1)} | ${fmt((100 * v) / total, 1)} | ${k.replaceAll('|', '\\|')} |`,
-    );
-  console.log(
-    `\nby package / file: ${top(byFile, 8)
-      .map(([k, v]) => `${k} ${fmt((100 * v) / total, 1)}%`)
-      .join(', ')}`,
-  );
+  const header = `| self time (ms) | % of busy ${fmt(total / 1000)} ms | function url:line |`;
+  printTop(header, self, byFile, total, 12, (v) => fmt(v / 1000, 1));
   console.log(`(profile: ${join(dir, main)}; other threads: ${files.length - 1} file(s))`);
 }
 
