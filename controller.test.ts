@@ -475,6 +475,266 @@ describe('the seed walkthrough', () => {
   });
 });
 
+// ---------------------------------------------------------------------------------------------
+// Issue 16: the reconcile acts on the cluster, a ConfigMap per book, owned by it.
+
+describe('a ConfigMap per book, owned by it (issue 16)', () => {
+  const MANAGED_BY = { 'app.kubernetes.io/managed-by': `${kind}-controller` };
+  const ownedBy = (book: { metadata: { name: string; uid: string } }) => [
+    {
+      apiVersion: `${GROUP}/${VERSION}`,
+      kind: KIND,
+      name: book.metadata.name,
+      uid: book.metadata.uid,
+      controller: true,
+      blockOwnerDeletion: true,
+    },
+  ];
+  const configMapData = (name: string) => fake.configMap('default', name)?.data;
+  const applies = (name?: string) =>
+    fake.configMapRequests('apply').filter((r) => name === undefined || r.name === name);
+
+  test('the walkthrough leaves a ConfigMap with the data, label and owner, applied before the line and the Ready status, and kept up to date', async () => {
+    // With authors, as book.yaml has them: the data is what controller.ts's reconcile says.
+    const mobyDick = { ...sample('Moby Dick'), authors: ['Herman Melville'] };
+    const book = fake.create('moby-dick', mobyDick);
+    const controller = start();
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    const configMap = fake.configMap('default', 'moby-dick');
+    assert.deepEqual(configMap?.data, await dataFor(mobyDick));
+    assert.deepEqual(configMap?.metadata.labels, MANAGED_BY);
+    assert.deepEqual(configMap?.metadata.ownerReferences, ownedBy(book));
+    const [apply, ...more] = applies('moby-dick');
+    assert.equal(more.length, 0);
+    assert.equal(apply?.method, 'PATCH');
+    assert.equal(apply?.path, '/api/v1/namespaces/default/configmaps/moby-dick');
+    assert.equal(apply?.contentType, 'application/apply-patch+yaml');
+    assert.deepEqual(apply?.query, { fieldManager: `${kind}-controller`, force: 'true' });
+    assert.ok(
+      apply && apply.at < (controller.times[0] ?? 0) && apply.at < (fake.patches()[0]?.at ?? 0),
+      'applied before the line and before the status',
+    );
+
+    const retitled = {
+      ...sample('Moby-Dick; or, The Whale'),
+      authors: ['Herman Melville', 'Ishmael'],
+    };
+    fake.update('moby-dick', retitled);
+    await until('moby-dick Ready at generation 2', () => isReady('moby-dick', 2));
+    assert.deepEqual(configMapData('moby-dick'), await dataFor(retitled));
+    fake.update('moby-dick', { ...sample('Moby-Dick') }); // no authors: no key
+    await until('moby-dick Ready at generation 3', () => isReady('moby-dick', 3));
+    assert.deepEqual(configMapData('moby-dick'), await dataFor({ ...sample('Moby-Dick') }));
+
+    const appliesBefore = fake
+      .configMapRequests()
+      .filter((r) => r.verb !== 'list' && r.verb !== 'watch').length;
+    fake.collectGarbage = true; // kube-controller-manager's garbage collector
+    fake.remove('moby-dick');
+    await until('Deleted printed', () => stdout.length === 4);
+    await until(
+      'the ConfigMap collected with its owner',
+      () => !fake.configMap('default', 'moby-dick'),
+    );
+    await controller.stop();
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      modified('moby-dick', 'Moby-Dick; or, The Whale'),
+      modified('moby-dick', 'Moby-Dick'),
+      deleted('moby-dick'),
+    ]);
+    assert.equal(
+      fake.configMapRequests().filter((r) => r.verb !== 'list' && r.verb !== 'watch').length,
+      appliesBefore,
+      'Deleted makes no request: the garbage collector deletes the ConfigMap',
+    );
+    assert.deepEqual(stderr, []);
+  });
+
+  for (const drift of ['deleted', 'edited by another manager', 'unlabelled'] as const) {
+    test(`a ConfigMap ${drift} is repaired within 5 s, with nothing printed`, async () => {
+      const book = fake.create('moby-dick', MOBY_DICK);
+      const controller = start();
+      await until('moby-dick Ready', () => isReady('moby-dick'));
+      const wanted = fake.configMap('default', 'moby-dick');
+      if (drift === 'deleted') fake.deleteConfigMap('default', 'moby-dick');
+      else if (drift === 'edited by another manager')
+        fake.editConfigMap('default', 'moby-dick', {
+          [Object.keys(wanted?.data ?? {})[0] ?? 'title']: 'Moby Duck',
+        });
+      else
+        fake.putConfigMap({
+          metadata: { name: 'moby-dick', ownerReferences: ownedBy(book) },
+          data: wanted?.data,
+        });
+      const said = (c: typeof wanted) => [c?.data, c?.metadata.labels, c?.metadata.ownerReferences];
+      assert.notDeepEqual(said(fake.configMap('default', 'moby-dick')), said(wanted), 'drifted');
+      await until(
+        'the ConfigMap as the book says again',
+        () => {
+          const now = fake.configMap('default', 'moby-dick');
+          return (
+            isDeepStrictEqual(now?.data, wanted?.data) &&
+            isDeepStrictEqual(now?.metadata.labels, MANAGED_BY) &&
+            isDeepStrictEqual(now?.metadata.ownerReferences, ownedBy(book))
+          );
+        },
+        5,
+      );
+      // A sentinel: once hamlet is done, anything more for moby-dick would have shown.
+      fake.create('hamlet', { ...sample('Hamlet') });
+      await until('hamlet Ready', () => isReady('hamlet'));
+      await controller.stop();
+      assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+      assert.deepEqual(stderr, []);
+      assert.equal(applies('moby-dick').length, 2, 'one apply to make it, one to repair it');
+      assert.equal(
+        fake.patches().filter((p) => p.name === 'moby-dick').length,
+        1,
+        'no status write',
+      );
+    });
+  }
+
+  for (const labelled of [true, false]) {
+    test(`a ConfigMap controlled by another owner (${labelled ? 'with' : 'without'} our label) is left alone, and the book's status says who controls it`, async () => {
+      const other = {
+        apiVersion: `${GROUP}/${VERSION}`,
+        kind: KIND,
+        name: 'other-book',
+        uid: 'aaaaaaaa-0000-4000-8000-000000000001',
+        controller: true,
+      };
+      const theirs = fake.putConfigMap({
+        metadata: {
+          name: 'moby-dick',
+          ownerReferences: [other],
+          ...(labelled && { labels: MANAGED_BY }),
+        },
+        data: { note: 'theirs' },
+      });
+      fake.create('moby-dick', MOBY_DICK);
+      const controller = start();
+      await until(
+        'moby-dick Ready=False, and reported',
+        () => ready('moby-dick')?.status === 'False' && stderr.length === 1,
+      );
+      await controller.stop();
+      const why = `ConfigMap default/moby-dick is controlled by ${KIND} other-book (uid ${other.uid}), not by this ${kind}`;
+      assert.equal(ready('moby-dick')?.message, why);
+      assert.equal(ready('moby-dick')?.reason, 'ReconcileFailed');
+      assert.equal(
+        fake.configMap('default', 'moby-dick')?.metadata.resourceVersion,
+        theirs.metadata.resourceVersion,
+      );
+      assert.deepEqual(fake.configMap('default', 'moby-dick')?.data, { note: 'theirs' });
+      assert.deepEqual(stdout, []);
+      assert.equal(stderr.length, 1);
+      assert.match(
+        stderr[0] ?? '',
+        new RegExp(
+          `^reconcile of ${kind} moby-dick failed: ${literally(why)}; retrying in \\d+\\.\\ds$`,
+        ),
+      );
+      if (labelled) assert.equal(applies().length, 0, 'the cache knew: no request');
+    });
+  }
+
+  test('a restart over Ready books with correct ConfigMaps writes nothing: no PATCH, POST or PUT, no resourceVersion moved', async () => {
+    fake.create('a', { ...sample('A'), authors: ['Anon'] }); // authors: a second data key, where a book has them
+    fake.create('b', { ...sample('B') });
+    let controller = startWithToken('token-first');
+    await until('a and b Ready', () => isReady('a') && isReady('b'));
+    await controller.stop();
+    const versions = () =>
+      ['a', 'b'].map((name) => [
+        fake.get(name)?.metadata.resourceVersion,
+        fake.configMap('default', name)?.metadata.resourceVersion,
+      ]);
+    const before = versions();
+    controller = startWithToken('token-restart');
+    await until('a and b printed', () => controller.lines.length === 2);
+    fake.create('c', { ...sample('C') }); // a sentinel: handled after a and b
+    await until('c Ready', () => isReady('c'));
+    await controller.stop();
+    assert.deepEqual(versions(), before);
+    // Writes for c only (a set: Deno sometimes sends one request twice, see DENO_EXTRA_REQUEST).
+    assert.deepEqual(
+      new Set(writesBy('token-restart').map((r) => `${r.verb} ${r.resource} ${r.name}`)),
+      new Set(['apply configmaps c', `patch ${PLURAL}/status c`]),
+    );
+    assert.deepEqual(controller.lines, [added('a', 'A'), added('b', 'B'), added('c', 'C')]);
+  });
+
+  test('a reconcile error carries the server’s Status message, on one line, to the status and stderr', async () => {
+    const message =
+      'ConfigMap "" is invalid: metadata.name: Required value: name or generateName is required';
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start([], {
+      reconcile: async (_change, _book, { client }) => {
+        await client.create('/api/v1/namespaces/default/configmaps', {
+          apiVersion: 'v1',
+          kind: 'ConfigMap',
+          metadata: {},
+        });
+      },
+    });
+    await until(
+      'moby-dick Ready=False, and reported',
+      () => ready('moby-dick')?.status === 'False' && stderr.length === 1,
+    );
+    await controller.stop();
+    assert.equal(ready('moby-dick')?.message, message);
+    assert.equal(stderr.length, 1);
+    assert.equal(
+      stderr[0]?.replace(/retrying in \d+\.\ds$/, 'retrying in N'),
+      `reconcile of ${kind} moby-dick failed: ${message}; retrying in N`,
+    );
+  });
+
+  test('the client gets (undefined when missing), creates and deletes any resource path, with the controller’s credentials', async () => {
+    fake.tokens.add('token-client');
+    writeKubeconfig({ token: 'token-client' });
+    fake.create('moby-dick', MOBY_DICK);
+    const seen: unknown[] = [];
+    const path = '/api/v1/namespaces/default/configmaps';
+    const controller = start([], {
+      reconcile: async (_change, book, { client }) => {
+        seen.push(await client.get(`${path}/notes`));
+        const made = await client.create<{ metadata: { name: string } }>(path, {
+          apiVersion: 'v1',
+          kind: 'ConfigMap',
+          metadata: { name: 'notes' },
+          data: { about: textOf(book.spec) },
+        });
+        seen.push(made.metadata.name);
+        seen.push((await client.get<{ data: unknown }>(`${path}/notes`))?.data);
+        await client.delete(`${path}/notes`);
+        await client.delete(`${path}/notes`); // already gone: fine
+        seen.push(await client.get(`${path}/notes`));
+      },
+    });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    assert.deepEqual(seen, [undefined, 'notes', { about: 'Moby Dick' }, undefined]);
+    assert.deepEqual(
+      fake
+        .configMapRequests()
+        .filter((r) => r.name === 'notes' || r.verb === 'create')
+        .map((r) => `${r.verb} ${r.token}`),
+      [
+        'get token-client',
+        'create token-client',
+        'get token-client',
+        'delete token-client',
+        'delete token-client',
+        'get token-client',
+      ],
+    );
+    assert.deepEqual(stderr, []);
+  });
+});
+
 describe('status: written back, never echoed', () => {
   test("the controller's own status writes print nothing", DENO_EXTRA_REQUEST, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -604,87 +864,669 @@ describe('status: written back, never echoed', () => {
   });
 });
 
-describe('reconcile: the reader’s function, run by workers', () => {
-  test('a reconcile that throws is retried with growing delays while other books go on, then the book is Ready', {
+describe('Deleted is never lost (issue 17)', () => {
+  test('a book deleted and created again under its name (new uid) is reported Deleted, then Added', async () => {
+    fake.collectGarbage = true; // as in a cluster: the old book's ConfigMap goes with it
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    fake.hold(); // both events reach the controller in one replay, so the worker sees only the new book
+    fake.endWatches();
+    await until('the watch resumed', () => bookRequests().length === 2);
+    fake.recreate('moby-dick', { ...sample('Moby Dick (2nd ed.)') });
+    fake.release();
+    await until('three lines', () => stdout.length === 3);
+    await until('the new moby-dick Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby Dick (2nd ed.)'),
+    ]);
+  });
+
+  test('17.6 a book whose Added always failed, then deleted: its Deleted reconcile runs and is printed', async () => {
+    const calls: string[] = [];
+    fake.create('cursed', { ...sample('Cursed') });
+    const controller = start([], {
+      reconcile: async (change, book) => {
+        calls.push(`${change} ${textOf(book.spec)}`);
+        if (change !== 'Deleted') throw new Error('the ink is wet');
+      },
+    });
+    await until('the Added failed', () => stderr.length === 1);
+    fake.remove('cursed');
+    await until('Deleted printed', () => stdout.includes(deleted('cursed')));
+    await controller.stop();
+    assert.deepEqual(stdout, [deleted('cursed')]);
+    assert.deepEqual(calls.at(-1), 'Deleted Cursed');
+    assert.ok(calls.slice(0, -1).every((call) => call === 'Added Cursed'));
+  });
+
+  test('17.6 a book whose Modified failed, then deleted: Deleted receives the newest spec', async () => {
+    const seen: string[] = [];
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start(['-o', 'json'], {
+      reconcile: async (change, book) => {
+        seen.push(`${change} ${textOf(book.spec)}`);
+        if (change === 'Modified') throw new Error('the ink is wet');
+      },
+    });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    const retitled = { ...sample('Moby-Dick; or, The Whale') };
+    fake.update('moby-dick', retitled);
+    await until('the Modified failed', () => stderr.length === 1);
+    fake.remove('moby-dick');
+    await until('Deleted printed', () => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(seen, [
+      'Added Moby Dick',
+      'Modified Moby-Dick; or, The Whale',
+      'Deleted Moby-Dick; or, The Whale',
+    ]);
+    assert.deepEqual(
+      stdout.map((line) => JSON.parse(line)),
+      [
+        { type: 'Added', namespace: 'default', name: 'moby-dick', spec: MOBY_DICK },
+        { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: retitled },
+      ],
+    );
+  });
+});
+
+describe('errors a user will meet: one stderr line, cause then fix', () => {
+  test('401: the credentials', async () => {
+    writeKubeconfig({ token: 'expired' });
+    const controller = start();
+    await until('the report', () => stderr.length === 1);
+    await controller.stop();
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^${SERVER} does not accept our credentials \\(401 Unauthorized\\); retrying in \\d+\\.\\ds — refresh them in your kubeconfig \\(kubectl auth whoami\\)$`,
+      ),
+    );
+  });
+
+  test('403: names watch, the verb a streaming list needs, and the can-i command', async () => {
+    fake.forbidden = true;
+    const controller = start(['-n', 'library']);
+    await until('the report', () => stderr.length === 1);
+    await controller.stop();
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^not allowed to watch ${PLURAL} in namespace library \\(403: .*cannot watch resource "${PLURAL}".*\\); retrying in \\d+\\.\\ds — grant list and watch on ${RESOURCE} \\(kubectl auth can-i watch ${RESOURCE} -n library\\)$`,
+      ),
+    );
+  });
+
+  test('404: the CRD is missing (a plain-text 404, on one line); once installed, picked up without a restart', async () => {
+    fake.crdInstalled = false;
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until('the report', () => stderr.length === 1);
+    fake.crdInstalled = true;
+    await until('moby-dick printed', () => stdout.length === 1);
+    await controller.stop();
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^the ${KIND} CRD is not installed on ${SERVER} \\(404: 404 page not found\\); retrying in \\d+\\.\\ds — kubectl apply -f crd\\.yaml$`,
+      ),
+    );
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
+  });
+
+  test('500 on the initial state: one line, backs off and retries', async () => {
+    fake.failNext(500, 'InternalError', 'etcdserver: request timed out');
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until('moby-dick printed', () => stdout.length === 1);
+    await controller.stop();
+    assert.equal(stderr.length, 1);
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `failed to watch ${PLURAL} \\(500: etcdserver: request timed out\\); ${FIRST_RETRY}$`,
+      ),
+    );
+    const [first, second] = bookRequests();
+    assert.ok(first && second && second.at - first.at >= retryingMs(stderr[0]) - SLACK_MS);
+  });
+
+  test('server unreachable: names the server URL once while it stays down, and waits longer each time', {
     timeout: 30_000,
   }, async () => {
+    writeKubeconfig({ server: 'https://127.0.0.1:1' });
+    // Nothing listens there to log the attempts: the runtime's own HTTP client tells of each.
     const attempts: number[] = [];
-    const failedStatus: unknown[] = [];
-    const reconcile: Reconcile = async (_change, _book, { name }) => {
-      if (name !== 'cursed') return;
-      attempts.push(performance.now());
-      if (attempts.length <= 2) throw new Error('the ink is wet\nsecond line of the stack');
+    const onRequest = (message: unknown) => {
+      const { request } = message as {
+        request: { path?: string; getHeader?: (n: string) => unknown };
+      };
+      const host = String(request.getHeader?.('host') ?? '');
+      if (host.endsWith(':1') && request.path?.includes(`/${PLURAL}?`)) {
+        attempts.push(performance.now());
+        wake();
+      }
     };
-    fake.create('cursed', { ...sample('Cursed') });
-    const controller = start([], { reconcile });
-    await until(
-      'the first failure reported and written',
-      () => stderr.length === 1 && ready('cursed')?.status === 'False',
+    diagnostics.subscribe('http.client.request.start', onRequest);
+    try {
+      const controller = start();
+      await until('three attempts to watch books', () => attempts.length >= 3, 15);
+      await controller.stop();
+    } finally {
+      diagnostics.unsubscribe('http.client.request.start', onRequest);
+    }
+    assert.deepEqual(stderr.length, 1, stderr.join('\n')); // for books and ConfigMaps alike
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^cannot reach https://127\\.0\\.0\\.1:1 \\(ECONNREFUSED\\); ${FIRST_RETRY} — is the cluster running\\? \\(kubectl cluster-info\\)$`,
+      ),
     );
-    failedStatus.push(ready('cursed'));
-    fake.create('hamlet', { ...sample('Hamlet') }); // while cursed waits for its retry
-    await until('hamlet printed', () => stdout.includes(added('hamlet', 'Hamlet')));
-    assert.equal(attempts.length, 1, 'hamlet went ahead while cursed waited');
-    await until('cursed Ready', () => isReady('cursed'));
-    await controller.stop();
-
-    assert.deepEqual(stdout, [added('hamlet', 'Hamlet'), added('cursed', 'Cursed')]);
-    assert.equal(stderr.length, 2);
-    for (const line of stderr)
-      assert.match(
-        line,
-        new RegExp(`^reconcile of ${kind} cursed failed: the ink is wet; retrying in \\d+\\.\\ds$`),
-      );
-    assert.deepEqual(
-      { ...(failedStatus[0] as object), lastTransitionTime: '' },
-      {
-        type: 'Ready',
-        status: 'False',
-        reason: 'ReconcileFailed',
-        message: 'the ink is wet',
-        observedGeneration: 1,
-        lastTransitionTime: '',
-      },
-    );
-    // The retries really wait: each at least the delay the line announced, the second longer than the first.
+    // client-go's backoff: 0.8-1.6 s, then 1.6-3.2 s.
     const [first = 0, second = 0, third = 0] = attempts;
-    const [delay1, delay2] = stderr.map(retryingMs);
     assert.ok(
-      second - first >= (delay1 ?? 0) - SLACK_MS,
-      `second attempt ${second - first} ms after the first; announced ${delay1} ms`,
+      second - first >= 800 - SLACK_MS,
+      `the second attempt came ${second - first} ms after the first`,
     );
     assert.ok(
-      third - second >= (delay2 ?? 0) - SLACK_MS,
-      `third attempt ${third - second} ms after the second; announced ${delay2} ms`,
-    );
-    assert.ok(
-      (delay1 ?? 0) >= 500 && (delay2 ?? 0) >= (delay1 ?? 0),
-      `delays ${delay1} then ${delay2}`,
+      third - second >= 1600 - SLACK_MS,
+      `the third attempt came ${third - second} ms after the second`,
     );
   });
 
-  test('a new change to a failing book reconciles it at once, cutting its backoff short', async () => {
-    const seen: string[] = [];
-    const reconcile: Reconcile = async (_change, book) => {
-      seen.push(textOf(book.spec));
-      if (textOf(book.spec) === 'Wet ink') throw new Error('the ink is wet');
-    };
-    fake.create('cursed', { ...sample('Wet ink') });
-    const controller = start([], { reconcile });
-    await until('the failure reported', () => stderr.length === 1);
-    const failedAt = performance.now();
-    fake.update('cursed', { ...sample('Dry ink') });
-    await until('the fixed book printed', () => stdout.length === 1);
-    const fixedAfter = performance.now() - failedAt;
+  test("a TLS certificate the kubeconfig's CA did not sign", async () => {
+    writeKubeconfig({ ca: SERVER_CERT }); // not the CA that signed the server's certificate
+    const controller = start();
+    await until('the report', () => stderr.length === 1);
     await controller.stop();
-    assert.deepEqual(seen, ['Wet ink', 'Dry ink']);
-    assert.deepEqual(stdout, [added('cursed', 'Dry ink')]);
-    assert.ok(
-      fixedAfter < retryingMs(stderr[0]),
-      `reconciled ${fixedAfter} ms after the change, not before its backoff of ${stderr[0]}`,
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^the TLS certificate of ${SERVER} did not verify \\(\\w+\\); retrying in \\d\\.\\ds — check certificate-authority-data in your kubeconfig$`,
+      ),
+    );
+    assert.equal(fake.requests.length, 0);
+  });
+
+  test('insecure-skip-tls-verify: one warning line, and it works', async () => {
+    writeKubeconfig({ insecure: true });
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until('moby-dick printed', () => stdout.length === 1);
+    await controller.stop();
+    assert.equal(stderr.length, 1);
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^warning: insecure-skip-tls-verify is set, so the certificate of ${SERVER} is not checked — `,
+      ),
     );
   });
 
+  test('a plain http:// server: one line saying kubectl refuses it too, exit 1', async () => {
+    writeKubeconfig({ server: 'http://127.0.0.1:8080' });
+    assert.equal(await main([], new AbortController().signal), 1);
+    assert.deepEqual(stderr, [
+      "the kubeconfig's server http://127.0.0.1:8080 is plain HTTP, which kubectl refuses too" +
+        ' — use its https:// address, or set insecure-skip-tls-verify: true on the cluster',
+    ]);
+  });
+
+  test('no kubeconfig at all: one line saying how to get one, exit 1', async () => {
+    const home = process.env.HOME;
+    delete process.env.KUBECONFIG;
+    process.env.HOME = mkdtempSync(join(tmpdir(), 'empty-home-'));
+    try {
+      assert.equal(await main([], new AbortController().signal), 1);
+    } finally {
+      process.env.HOME = home;
+    }
+    assert.equal(stderr.length, 1);
+    assert.match(
+      stderr[0] ?? '',
+      /^no kubeconfig found \(KUBECONFIG, ~\/\.kube\/config or a pod's service account\) — create a cluster \(kind create cluster\) or set KUBECONFIG$/,
+    );
+  });
+
+  test('a kubeconfig that is missing, broken, or names no cluster: one line, exit 1', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'bad-kubeconfig-'));
+    const broken = join(dir, 'broken');
+    writeFileSync(broken, 'clusters:\n  - name: fake\n   cluster: {\n');
+    const noCluster = join(dir, 'no-cluster');
+    writeFileSync(
+      noCluster,
+      JSON.stringify({
+        apiVersion: 'v1',
+        kind: 'Config',
+        'current-context': 'gone',
+        contexts: [],
+        clusters: [],
+        users: [],
+      }),
+    );
+    for (const file of [join(dir, 'missing'), broken, noCluster]) {
+      process.env.KUBECONFIG = file;
+      assert.equal(await main([], new AbortController().signal), 1);
+    }
+    assert.equal(stderr.length, 3);
+    assert.match(
+      stderr[0] ?? '',
+      /^cannot load the kubeconfig .*missing: ENOENT.* — check the file, or point --kubeconfig at another$/,
+    );
+    assert.match(
+      stderr[1] ?? '',
+      /^cannot load the kubeconfig .*broken: .+ — check the file, or point --kubeconfig at another$/,
+    );
+    assert.match(
+      stderr[2] ?? '',
+      /^the kubeconfig's context 'gone' names no cluster — pick another with kubectl config use-context NAME$/,
+    );
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Issue 20: one stderr line per problem through an outage; streaming lists survive a restart.
+
+describe('through outages, at scale (issue 20)', () => {
+  const BOOKS = 300;
+  const names = Array.from({ length: BOOKS }, (_, i) => `many-${String(i).padStart(3, '0')}`);
+  const allReady = () => names.every((name) => isReady(name));
+
+  test(`a 5 s outage (connections refused) with ${BOOKS} books pending: a few stderr lines, every book Ready after`, {
+    timeout: 90_000,
+  }, async () => {
+    for (const name of names) fake.create(name, { ...sample(name) });
+    fake.statusLatencyMs = 20; // so that most books still wait for their status write
+    const controller = start(['--concurrency', '8']);
+    await until('some books Ready', () => fake.patches().length >= 20, 30);
+    const outage = fake.refuseConnections(5000);
+    const readyBefore = names.filter((name) => isReady(name)).length;
+    await outage;
+    await until('every book Ready', allReady, 60);
+    await controller.stop();
+    assert.ok(readyBefore < BOOKS / 2, `${readyBefore} books were Ready before the outage`);
+    assert.ok(stderr.length <= 6, `${stderr.length} lines on stderr:\n${stderr.join('\n')}`);
+    assert.ok(
+      stderr.some((line) => line.startsWith(`cannot reach ${fake.url} (ECONNREFUSED)`)),
+      stderr.join('\n'),
+    );
+    assert.ok(
+      stderr.some((line) => new RegExp(`^${SERVER} works again, after \\d+s`).test(line)),
+      stderr.join('\n'),
+    );
+    assert.ok(!stderr.some((line) => line.includes('many-')), 'no line names a book');
+    assert.equal(new Set(stdout).size, BOOKS);
+    assert.deepEqual(new Set(stdout), new Set(names.map((name) => added(name, name))));
+  });
+
+  test(`a server answering 503 for a while with ${BOOKS} books pending: one line when it starts, one when it ends; every book Ready`, {
+    timeout: 90_000,
+  }, async () => {
+    for (const name of names) fake.create(name, { ...sample(name) });
+    const controller = start(['--concurrency', '8']);
+    await until(
+      'watching books and ConfigMaps',
+      () => fake.openWatches === 1 && fake.openWatchesOf('configmaps') === 1,
+    );
+    // The next 400 requests (the workers' applies and status writes) get 503.
+    for (let i = 0; i < 400; i++) {
+      fake.failNext(
+        503,
+        'ServiceUnavailable',
+        'the server is currently unable to handle the request',
+      );
+    }
+    await until('every book Ready', allReady, 60);
+    await controller.stop();
+    assert.ok(stderr.length <= 6, `${stderr.length} lines on stderr:\n${stderr.join('\n')}`);
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^${SERVER} failed to \\w+ \\(503: the server is currently unable to handle the request\\): \\d+ ${PLURAL} wait for it; the next try in \\d+\\.\\ds$`,
+      ),
+    );
+    assert.match(stderr.at(-1) ?? '', new RegExp(`^${SERVER} works again, after \\d+s`));
+    assert.ok(!stderr.some((line) => line.includes('many-')), 'no line names a book');
+    assert.deepEqual(new Set(stdout), new Set(names.map((name) => added(name, name))));
+    assert.equal(stdout.length, BOOKS);
+    assert.deepEqual(fake.events(), [], "the cluster's failure is no book's Event");
+  });
+});
+
+describe('as a program, on this runtime', () => {
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, {
+      timeout: 30_000,
+    }, async () => {
+      fake.create('moby-dick', MOBY_DICK);
+      const { child, err, exited } = spawnController();
+      const out: string[] = [];
+      readLines(child, out);
+      await until('the first line', () => out.length === 1, 20);
+      fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+      await until('two lines', () => out.length === 2);
+      fake.remove('moby-dick');
+      await until('three lines', () => out.length === 3);
+      const signalled = Date.now();
+      process.kill(child.pid ?? 0, signal); // not child.kill(): Deno then reports the signal, not the exit code
+      assert.equal(await exited, 0);
+      assert.ok(
+        Date.now() - signalled < 1000,
+        `exited ${Date.now() - signalled} ms after ${signal}`,
+      );
+      assert.deepEqual(out, [
+        added('moby-dick', 'Moby Dick'),
+        modified('moby-dick', 'Moby-Dick; or, The Whale'),
+        deleted('moby-dick'),
+      ]);
+      assert.deepEqual(err, []);
+    });
+  }
+
+  test('after a large initial list and SIGTERM, every line it printed reaches a slow reader', {
+    timeout: 60_000,
+  }, async () => {
+    const long = 'x'.repeat(100); // so that the lines overflow the pipe while the reader waits
+    const nameOf = new Map<string, string>(); // each line expected, and the book it is about
+    for (let i = 0; i < 3000; i++) {
+      fake.create(`book-${i}`, { ...sample(`Book ${i} ${long}`) });
+      nameOf.set(added(`book-${i}`, `Book ${i} ${long}`), `book-${i}`);
+    }
+    const { child, err, exited } = spawnController();
+    // The reader does not read yet: the pipe fills, and the controller must wait for it.
+    await until('some books reconciled', () => fake.patches().length >= 200, 30);
+    process.kill(child.pid ?? 0, 'SIGTERM');
+    const out: string[] = [];
+    readLines(child, out);
+    assert.equal(await exited, 0);
+    const patched = new Set(fake.patches().map((p) => p.name));
+    const printed = new Set(out.map((line) => nameOf.get(line)));
+    assert.ok(!printed.has(undefined), 'every line whole');
+    const lost = [...patched].filter((name) => !printed.has(name));
+    assert.deepEqual(
+      lost,
+      [],
+      `${lost.length} books were reconciled and written Ready but their lines never came`,
+    );
+    assert.equal(printed.size, out.length);
+    assert.deepEqual(err, []);
+  });
+
+  test('stdout closed by the reader (| head -1): exits 0, quietly', {
+    timeout: 30_000,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const { child, err, exited, hasExited } = spawnController();
+    const out: string[] = [];
+    readLines(child, out);
+    await until('the first line', () => out.length === 1, 20);
+    child.stdout.destroy(); // head -1 has its line and exits
+    for (let i = 0; !hasExited() && i < 50; i++) {
+      fake.create(`book-${i}`, { ...sample(`Book ${i}`) }); // the next line meets the closed pipe
+      await until(
+        'the book reconciled',
+        () => fake.get(`book-${i}`)?.status !== undefined || hasExited(),
+      );
+    }
+    assert.equal(await exited, 0);
+    assert.deepEqual(err, []);
+  });
+
+  test('copied without node_modules: says run npm ci first, exit 1', {
+    timeout: 30_000,
+  }, async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'copied-'));
+    copyFileSync(join(here, 'controller.ts'), join(dir, 'controller.ts'));
+    // Node strips the types itself there: tsx is not installed either.
+    const { err, exited } = spawnController([], { copiedTo: dir });
+    assert.equal(await exited, 1);
+    const lines = err.join('').split('\n').filter(Boolean);
+    assert.equal(lines.length, 1, lines.join('\n'));
+    assert.match(lines[0] ?? '', /@kubernetes\/client-node.* — run npm ci first$/);
+  });
+});
+
+describe('flags, as kubectl has them', () => {
+  test('-A watches every namespace and names books NAMESPACE/NAME', async () => {
+    fake.create('moby-dick', MOBY_DICK, 'library');
+    fake.create('moby-dick', { ...sample('Moby Dick, the musical') }, 'theatre'); // the same name, another book
+    const controller = start(['-A']);
+    await until('two lines', () => stdout.length === 2);
+    fake.remove('moby-dick', 'theatre');
+    await until('three lines', () => stdout.length === 3);
+    await controller.stop();
+    assert.deepEqual(stdout, [
+      added('library/moby-dick', 'Moby Dick'),
+      added('theatre/moby-dick', 'Moby Dick, the musical'),
+      deleted('theatre/moby-dick'),
+    ]);
+    assert.ok(bookRequests().every((r) => r.namespace === undefined));
+    assert.deepEqual(
+      fake.patches().map((p) => p.namespace),
+      ['library', 'theatre'],
+    );
+  });
+
+  test('the namespace comes from -n, else the kubeconfig context, else "default"', async () => {
+    writeKubeconfig({ namespace: 'library' });
+    fake.create('moby-dick', MOBY_DICK, 'library');
+    fake.create('hamlet', { ...sample('Hamlet') }, 'theatre');
+    fake.create('beowulf', { ...sample('Beowulf') });
+    const runs: [string, string[], () => void][] = [
+      ['the context', [], () => {}],
+      ['-n', ['--namespace', 'theatre'], () => {}],
+      ['the default', [], () => writeKubeconfig()],
+    ];
+    for (const [which, args, setUp] of runs) {
+      setUp();
+      const controller = start(args);
+      await until(
+        `a line for ${which}`,
+        () => stdout.length === runs.findIndex(([w]) => w === which) + 1,
+      );
+      await controller.stop();
+    }
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      added('hamlet', 'Hamlet'),
+      added('beowulf', 'Beowulf'),
+    ]);
+    assert.deepEqual(
+      bookRequests().map((r) => r.namespace),
+      ['library', 'theatre', 'default'],
+    );
+  });
+
+  test('-l sends the selector as labelSelector; a book relabelled out is Deleted, one relabelled in is Added', async () => {
+    fake.create('a', { ...sample('A') }, 'default', { shelf: 'fiction' });
+    fake.create('b', { ...sample('B') }, 'default', { shelf: 'poetry' });
+    const controller = start(['-l', 'shelf=fiction']);
+    await until('a printed', () => stdout.length === 1);
+    fake.label('a', { shelf: 'poetry' });
+    await until('a deleted', () => stdout.length === 2);
+    fake.label('b', { shelf: 'fiction' });
+    await until('b added', () => stdout.length === 3);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('a', 'A'), deleted('a'), added('b', 'B')]);
+    assert.ok(bookRequests().every((r) => r.query.labelSelector === 'shelf=fiction'));
+    assert.deepEqual(stderr, []);
+  });
+
+  test('-o json prints one object per line, Deleted carrying the last spec', async () => {
+    // The spec as checkSpec keeps it (authors too, where a book has them).
+    const mobyDick = { ...sample('Moby Dick'), authors: ['Herman Melville'] };
+    fake.create('moby-dick', mobyDick);
+    const controller = start(['-o', 'json']);
+    await until('one line', () => stdout.length === 1);
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('two lines', () => stdout.length === 2);
+    fake.remove('moby-dick');
+    await until('three lines', () => stdout.length === 3);
+    await controller.stop();
+    const retitled = { ...sample('Moby-Dick; or, The Whale') };
+    assert.deepEqual(
+      stdout.map((line) => JSON.parse(line)),
+      [
+        { type: 'Added', namespace: 'default', name: 'moby-dick', spec: checkSpec(mobyDick) },
+        { type: 'Modified', namespace: 'default', name: 'moby-dick', spec: checkSpec(retitled) },
+        { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: checkSpec(retitled) },
+      ],
+    );
+    assert.equal(
+      stdout[0],
+      JSON.stringify({
+        type: 'Added',
+        namespace: 'default',
+        name: 'moby-dick',
+        spec: checkSpec(mobyDick),
+      }),
+    );
+  });
+
+  test('--kubeconfig and --context pick a context of a kubeconfig with two', async () => {
+    const file = join(mkdtempSync(join(tmpdir(), 'two-contexts-')), 'config');
+    writeFileSync(
+      file,
+      JSON.stringify({
+        apiVersion: 'v1',
+        kind: 'Config',
+        clusters: [
+          {
+            name: 'fake',
+            cluster: { server: fake.url, 'certificate-authority-data': btoa(CA_CERT) },
+          },
+          {
+            name: 'gone',
+            cluster: { server: 'https://127.0.0.1:1', 'certificate-authority-data': btoa(CA_CERT) },
+          },
+        ],
+        users: [{ name: 'reader', user: { token: TOKEN } }],
+        contexts: [
+          { name: 'gone', context: { cluster: 'gone', user: 'reader', namespace: 'theatre' } },
+          { name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: 'library' } },
+        ],
+        'current-context': 'gone',
+      }),
+    );
+    process.env.KUBECONFIG = join(tmpdir(), 'no-such-kubeconfig'); // --kubeconfig wins over it
+    fake.create('moby-dick', MOBY_DICK, 'library');
+    const controller = start(['--kubeconfig', file, '--context', 'fake']);
+    await until('moby-dick printed', () => stdout.length === 1);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
+    assert.deepEqual(stderr, []);
+    assert.equal(
+      await main(['--kubeconfig', file, '--context', 'nosuch'], new AbortController().signal),
+      1,
+    );
+    assert.deepEqual(stderr, [
+      `the kubeconfig ${file} has no context 'nosuch' — list them with kubectl config get-contexts`,
+    ]);
+  });
+
+  test('--help prints the flags; a bad flag exits 2 with one line', async () => {
+    assert.equal(await main(['--help'], new AbortController().signal), 0);
+    for (const flag of [
+      '--namespace',
+      '--all-namespaces',
+      '--selector',
+      '--output',
+      '--context',
+      '--kubeconfig',
+      '--watch-timeout',
+      '--concurrency',
+      '--leader-elect',
+      '--health-port',
+      '--help',
+    ])
+      assert.ok(helpText.join('\n').includes(flag), flag);
+    assert.equal(await main(['--colour'], new AbortController().signal), 2);
+    assert.equal(await main(['--watch-timeout', 'soon'], new AbortController().signal), 2);
+    assert.equal(stderr.length, 2);
+    assert.match(stderr[0] ?? '', /^Unknown option '--colour'.* — see --help$/);
+    assert.equal(
+      stderr[1],
+      "--watch-timeout takes whole seconds from 1 to 86400, not 'soon' — see --help",
+    );
+  });
+
+  test('conflicting or out-of-range flags: one line each, exit 2, before the kubeconfig is read', async () => {
+    process.env.KUBECONFIG = join(tmpdir(), 'no-such-kubeconfig'); // reading it would say so: it must not be read
+    const cases: [string[], RegExp][] = [
+      [['-n', 'foo', '-A'], /^-n and -A cannot be used together — see --help$/],
+      [['--watch-timeout', '-5'], /--watch-timeout.* — see --help$/],
+      [
+        ['--watch-timeout', '3000000'],
+        /^--watch-timeout takes whole seconds from 1 to 86400, not '3000000' — see --help$/,
+      ],
+      [['-o', 'yaml'], /^-o takes text or json, not 'yaml' — see --help$/],
+      [
+        ['--concurrency', '0'],
+        /^--concurrency takes a whole number from 1 to 1000, not '0' — see --help$/,
+      ],
+    ];
+    for (const [args, line] of cases) {
+      stderr = [];
+      assert.equal(await main(args, new AbortController().signal), 2, args.join(' '));
+      assert.equal(stderr.length, 1, `${args.join(' ')}: ${stderr.join('\n')}`);
+      assert.match(stderr[0] ?? '', line);
+    }
+    assert.equal(fake.requests.length, 0);
+  });
+
+  test('stops promptly when asked, while watching', async () => {
+    const controller = start();
+    await until('watching', () => fake.openWatches === 1);
+    const stopped = performance.now();
+    assert.equal(await controller.stop(), 0);
+    assert.ok(performance.now() - stopped < 1000);
+  });
+});
+
+describe('checkObject and checkSpec', () => {
+  test('accept a book with a title and optional authors, keep only what the controller uses, and say what is wrong otherwise', {
+    skip: KIND !== 'Book' && 'about the Book spec itself: a copy tests its own spec here',
+  }, () => {
+    const metadata = { name: 'm', namespace: 'default', uid: 'u', generation: 2 };
+    const book: Book = { metadata, spec: { title: 'Moby Dick', authors: ['Herman Melville'] } };
+    assert.deepEqual(
+      checkObject({ ...book, metadata: { ...metadata, resourceVersion: '1' } }),
+      book,
+    );
+    const fromServer = {
+      apiVersion: `${GROUP}/${VERSION}`,
+      kind: KIND,
+      metadata: { ...metadata, resourceVersion: '1', managedFields: [{}] },
+      spec: { title: 'x', extra: 1 },
+      status: {},
+    };
+    assert.deepEqual(checkObject(fromServer), { metadata, spec: { ...sample('x') } });
+    // Without a generation (a server without it), the resourceVersion stands in for it.
+    assert.equal(
+      (
+        checkObject({
+          metadata: { name: 'm', resourceVersion: '7' },
+          spec: { ...sample('x') },
+        }) as Book
+      ).metadata.generation,
+      '7',
+    );
+    assert.equal(
+      checkObject({ metadata: { ...metadata, resourceVersion: '1' } }),
+      'it has no spec',
+    );
+    assert.equal(checkObject({ metadata, spec: { ...sample('x') } }), 'it has no metadata'); // no resourceVersion
+    assert.equal(checkSpec({ authors: [] }), 'spec.title is not a string');
+    assert.equal(checkSpec({ title: 'x', authors: [1] }), 'spec.authors is not a list of strings');
+    assert.deepEqual(checkSpec({ ...sample('x') }), { ...sample('x') });
+  });
+});
+
+describe('reconcile: the reader’s function, run by workers', () => {
   test('a slow reconcile (300 ms) under a burst of 40 events leaves the watch open and ends in the latest state', async () => {
     const reconcile: Reconcile = async () => void (await sleep(300)); // the reader's slow work
     fake.create('a', { ...sample('Title 0') });
@@ -738,26 +1580,6 @@ describe('reconcile: the reader’s function, run by workers', () => {
       );
   });
 
-  test('a book deleted and created again under its name (new uid) is reported Deleted, then Added', async () => {
-    fake.collectGarbage = true; // as in a cluster: the old book's ConfigMap goes with it
-    fake.create('moby-dick', MOBY_DICK);
-    const controller = start();
-    await until('moby-dick Ready', () => isReady('moby-dick'));
-    fake.hold(); // both events reach the controller in one replay, so the worker sees only the new book
-    fake.endWatches();
-    await until('the watch resumed', () => bookRequests().length === 2);
-    fake.recreate('moby-dick', { ...sample('Moby Dick (2nd ed.)') });
-    fake.release();
-    await until('three lines', () => stdout.length === 3);
-    await until('the new moby-dick Ready', () => isReady('moby-dick'));
-    await controller.stop();
-    assert.deepEqual(stdout, [
-      added('moby-dick', 'Moby Dick'),
-      deleted('moby-dick'),
-      added('moby-dick', 'Moby Dick (2nd ed.)'),
-    ]);
-  });
-
   test('a stop aborts the signal of a reconcile in flight, and main returns 0 promptly', async () => {
     let aborted = false;
     const reconcile: Reconcile = (_change, _book, { signal }) =>
@@ -787,6 +1609,19 @@ describe('reconcile: the reader’s function, run by workers', () => {
     assert.ok(aborted);
     assert.deepEqual(calls, ['moby-dick']); // nothing more once stopped
     assert.deepEqual(stdout, []);
+  });
+
+  test('the reconcile is not called again once the controller is stopped', async () => {
+    for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name) });
+    const calls: string[] = [];
+    const stopper = new AbortController();
+    const reconcile: Reconcile = async (_change: Change, _book, { name }) => {
+      calls.push(name);
+      stopper.abort(); // as SIGTERM would, while the reconcile is busy
+    };
+    assert.equal(await main([], stopper.signal, { reconcile, stdout: linesOf(stdout) }), 0);
+    assert.deepEqual(calls, ['a']);
+    assert.deepEqual(stdout, []); // stopped: not one more line
   });
 });
 
@@ -1048,6 +1883,49 @@ describe('the initial state: a streaming list, else pages', () => {
     );
     assert.deepEqual(besidesCannotStream(stderr), []);
   });
+
+  test('a relist whose streaming list ends early, then a server that streams again: the relist streams again, nothing lost', {
+    timeout: 30_000,
+  }, async () => {
+    for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name.toUpperCase()) });
+    const controller = start();
+    await until('watching, all Ready', () => fake.openWatches === 1 && stdout.length === 3);
+    const before = bookRequests().length;
+    // A restarting server: it has forgotten our resourceVersion, and its first streams end early.
+    fake.hold();
+    fake.bookmark();
+    fake.endWatches();
+    await until('the resume asked', () => bookRequests().length === before + 1);
+    fake.remove('a');
+    fake.update('b', { ...sample('B, second edition') });
+    fake.create('d', { ...sample('D') });
+    fake.compact();
+    fake.endInitialEventsEarly = true;
+    fake.release();
+    const aboutBooks = () => stderr.filter((line) => !line.includes('configmaps'));
+    await until('the cut-short relist reported', () => aboutBooks().length === 1);
+    fake.endInitialEventsEarly = false;
+    await until('the gap printed', () => stdout.length === 6);
+    fake.create('e', { ...sample('E') });
+    await until('e printed', () => stdout.length === 7);
+    await controller.stop();
+    assert.deepEqual(
+      stdout.slice(3).sort(),
+      [modified('b', 'B, second edition'), added('d', 'D'), deleted('a'), added('e', 'E')].sort(),
+    );
+    assert.match(
+      aboutBooks()[0] ?? '',
+      new RegExp(
+        `^the list of ${PLURAL} ended before it was complete \\(${SERVER}\\); ${FIRST_RETRY}$`,
+      ),
+    );
+    // Every initial state came as a streaming list: never a list in pages.
+    const relists = bookRequests().filter((r) => r.query.resourceVersion === undefined);
+    assert.ok(relists.length >= 3, `${relists.length} streaming lists`);
+    assert.ok(relists.every(isStreamingList), 'sendInitialEvents=true each time');
+    assert.deepEqual(fake.listRequests(), [], 'no limit=500 list');
+    assert.deepEqual(fake.listRequests('configmaps'), []);
+  });
 });
 
 describe('resuming and relisting', () => {
@@ -1106,32 +1984,6 @@ describe('resuming and relisting', () => {
       bookRequests().map((r) => isStreamingList(r)),
       [true, false, true],
     );
-  });
-
-  test('backs off when the server ends every watch at once, instead of spinning: one line, doubling waits', {
-    timeout: 30_000,
-  }, async () => {
-    const controller = start();
-    await until('watching', () => fake.openWatches === 1);
-    fake.endWatchesAtOnce = true; // the ConfigMaps' watch too: their reports name them
-    fake.endWatches();
-    // The first watch had events: its end is routine, the next starts at once. The next ones end at once.
-    await until('the watch after the second wait', () => bookRequests().length === 4, 15);
-    await controller.stop();
-    const aboutBooks = stderr.filter((line) => !line.includes('configmaps'));
-    assert.equal(aboutBooks.length, 1, `said once while it lasts:\n${aboutBooks.join('\n')}`);
-    assert.match(
-      aboutBooks[0] ?? '',
-      new RegExp(`^the watch ended at once, without any event \\(${SERVER}\\); ${FIRST_RETRY}$`),
-    );
-    // The fake saw each next watch only after a wait, and the second wait is the longer (doubling).
-    const [, second, third, fourth] = bookRequests();
-    assert.ok(second && third && fourth);
-    const firstWait = third.at - second.at;
-    const secondWait = fourth.at - third.at;
-    assert.ok(firstWait >= 800 - SLACK_MS && firstWait < 1600 + 400, `first wait ${firstWait} ms`);
-    assert.ok(secondWait >= 1600 - SLACK_MS, `second wait ${secondWait} ms`);
-    assert.equal(fake.listRequests().length, 0);
   });
 
   test('keeps an idle watch open, quietly, while nothing changes for longer than a keep-alive timeout', {
@@ -1271,6 +2123,181 @@ describe('resuming and relisting', () => {
     assert.equal(fake.listRequests().length, 2);
   });
 
+  test('an ERROR event other than 410 backs off and resumes from the same resourceVersion, without relisting', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until('watching', () => fake.openWatches === 1);
+    const synced = fake.resourceVersionNow;
+    fake.sendRaw(
+      `${JSON.stringify({
+        type: 'ERROR',
+        object: status(500, 'InternalError', 'etcdserver: leader changed'),
+      })}\n`,
+    );
+    await until('the second watch', () => bookRequests().length === 2);
+    await controller.stop();
+    const [, ...resumes] = bookRequests();
+    assert.ok(
+      resumes.every((r) => r.verb === 'watch' && r.query.resourceVersion === synced),
+      'resumed from where it was, no relist',
+    );
+    assert.equal(stderr.length, 1);
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `failed to watch ${PLURAL} \\(500: etcdserver: leader changed\\); retrying in \\d+\\.\\ds$`,
+      ),
+    );
+    const [first, second] = bookRequests();
+    assert.ok(
+      first && second && second.at - (stderrAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS,
+    );
+  });
+});
+
+describe('backoff', () => {
+  test('a reconcile that throws is retried with growing delays while other books go on, then the book is Ready', {
+    timeout: 30_000,
+  }, async () => {
+    const attempts: number[] = [];
+    const failedStatus: unknown[] = [];
+    const reconcile: Reconcile = async (_change, _book, { name }) => {
+      if (name !== 'cursed') return;
+      attempts.push(performance.now());
+      if (attempts.length <= 2) throw new Error('the ink is wet\nsecond line of the stack');
+    };
+    fake.create('cursed', { ...sample('Cursed') });
+    const controller = start([], { reconcile });
+    await until(
+      'the first failure reported and written',
+      () => stderr.length === 1 && ready('cursed')?.status === 'False',
+    );
+    failedStatus.push(ready('cursed'));
+    fake.create('hamlet', { ...sample('Hamlet') }); // while cursed waits for its retry
+    await until('hamlet printed', () => stdout.includes(added('hamlet', 'Hamlet')));
+    assert.equal(attempts.length, 1, 'hamlet went ahead while cursed waited');
+    await until('cursed Ready', () => isReady('cursed'));
+    await controller.stop();
+
+    assert.deepEqual(stdout, [added('hamlet', 'Hamlet'), added('cursed', 'Cursed')]);
+    assert.equal(stderr.length, 2);
+    for (const line of stderr)
+      assert.match(
+        line,
+        new RegExp(`^reconcile of ${kind} cursed failed: the ink is wet; retrying in \\d+\\.\\ds$`),
+      );
+    assert.deepEqual(
+      { ...(failedStatus[0] as object), lastTransitionTime: '' },
+      {
+        type: 'Ready',
+        status: 'False',
+        reason: 'ReconcileFailed',
+        message: 'the ink is wet',
+        observedGeneration: 1,
+        lastTransitionTime: '',
+      },
+    );
+    // The retries really wait: each at least the delay the line announced, the second longer than the first.
+    const [first = 0, second = 0, third = 0] = attempts;
+    const [delay1, delay2] = stderr.map(retryingMs);
+    assert.ok(
+      second - first >= (delay1 ?? 0) - SLACK_MS,
+      `second attempt ${second - first} ms after the first; announced ${delay1} ms`,
+    );
+    assert.ok(
+      third - second >= (delay2 ?? 0) - SLACK_MS,
+      `third attempt ${third - second} ms after the second; announced ${delay2} ms`,
+    );
+    assert.ok(
+      (delay1 ?? 0) >= 500 && (delay2 ?? 0) >= (delay1 ?? 0),
+      `delays ${delay1} then ${delay2}`,
+    );
+  });
+
+  test('a new change to a failing book reconciles it at once, cutting its backoff short', async () => {
+    const seen: string[] = [];
+    const reconcile: Reconcile = async (_change, book) => {
+      seen.push(textOf(book.spec));
+      if (textOf(book.spec) === 'Wet ink') throw new Error('the ink is wet');
+    };
+    fake.create('cursed', { ...sample('Wet ink') });
+    const controller = start([], { reconcile });
+    await until('the failure reported', () => stderr.length === 1);
+    const failedAt = performance.now();
+    fake.update('cursed', { ...sample('Dry ink') });
+    await until('the fixed book printed', () => stdout.length === 1);
+    const fixedAfter = performance.now() - failedAt;
+    await controller.stop();
+    assert.deepEqual(seen, ['Wet ink', 'Dry ink']);
+    assert.deepEqual(stdout, [added('cursed', 'Dry ink')]);
+    assert.ok(
+      fixedAfter < retryingMs(stderr[0]),
+      `reconciled ${fixedAfter} ms after the change, not before its backoff of ${stderr[0]}`,
+    );
+  });
+
+  for (const varying of [false, true]) {
+    const how = varying
+      ? 'a message that varies, each write seen before its answer'
+      : 'a constant message';
+    test(`17.5 two controllers over one book, one succeeding and one failing with ${how}: a few status writes in 10 s, not thousands`, {
+      timeout: 40_000,
+    }, async () => {
+      // e.g. a replica started without --leader-elect from a laptop, next to the deployment
+      if (varying) fake.statusAnswerDelayMs = 50; // the write's own MODIFIED arrives before its answer
+      fake.create('moby-dick', MOBY_DICK);
+      let attempts = 0;
+      const failing = startWithToken('token-fail', [], {
+        reconcile: async () => {
+          attempts++;
+          throw new Error(varying ? `request ${randomUUID()} failed` : 'the ink is wet');
+        },
+      });
+      const succeeding = startWithToken('token-ok', [], { reconcile: async () => {} });
+      const startedAt = performance.now();
+      await sleep(10_000); // the behaviour under test: what ten seconds of this cost
+      await failing.stop();
+      await succeeding.stop();
+      const patches = fake.patches().filter((p) => p.at - startedAt <= 10_000);
+      assert.ok(
+        patches.length <= 12,
+        `${patches.length} status PATCHes and ${attempts} failed reconciles in 10 s`,
+      );
+      assert.ok(attempts >= 2 && attempts <= 6, `${attempts} failed reconciles in 10 s`);
+      assert.ok(
+        patches.some((p) => p.token === 'token-ok') &&
+          patches.some((p) => p.token === 'token-fail'),
+        'both wrote',
+      );
+    });
+  }
+
+  test('backs off when the server ends every watch at once, instead of spinning: one line, doubling waits', {
+    timeout: 30_000,
+  }, async () => {
+    const controller = start();
+    await until('watching', () => fake.openWatches === 1);
+    fake.endWatchesAtOnce = true; // the ConfigMaps' watch too: their reports name them
+    fake.endWatches();
+    // The first watch had events: its end is routine, the next starts at once. The next ones end at once.
+    await until('the watch after the second wait', () => bookRequests().length === 4, 15);
+    await controller.stop();
+    const aboutBooks = stderr.filter((line) => !line.includes('configmaps'));
+    assert.equal(aboutBooks.length, 1, `said once while it lasts:\n${aboutBooks.join('\n')}`);
+    assert.match(
+      aboutBooks[0] ?? '',
+      new RegExp(`^the watch ended at once, without any event \\(${SERVER}\\); ${FIRST_RETRY}$`),
+    );
+    // The fake saw each next watch only after a wait, and the second wait is the longer (doubling).
+    const [, second, third, fourth] = bookRequests();
+    assert.ok(second && third && fourth);
+    const firstWait = third.at - second.at;
+    const secondWait = fourth.at - third.at;
+    assert.ok(firstWait >= 800 - SLACK_MS && firstWait < 1600 + 400, `first wait ${firstWait} ms`);
+    assert.ok(secondWait >= 1600 - SLACK_MS, `second wait ${secondWait} ms`);
+    assert.equal(fake.listRequests().length, 0);
+  });
+
   test('a server that answers every watch with 410: the first relists at once and quietly, the second in a row is said once and waits', async () => {
     // With lists in pages: a streaming list is itself the watch, so there only resumes could meet the 410.
     fake.watchList = false;
@@ -1312,39 +2339,30 @@ describe('resuming and relisting', () => {
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]); // a relist of the same book prints nothing
   });
 
-  test('an ERROR event other than 410 backs off and resumes from the same resourceVersion, without relisting', async () => {
+  test('17.8 every watch answered 410, in list mode: a few lists in 10 s (0.8 s doubling), and one stderr line', {
+    timeout: 30_000,
+  }, async () => {
+    fake.watchList = false;
     fake.create('moby-dick', MOBY_DICK);
+    fake.goneForever = true;
     const controller = start();
-    await until('watching', () => fake.openWatches === 1);
-    const synced = fake.resourceVersionNow;
-    fake.sendRaw(
-      `${JSON.stringify({
-        type: 'ERROR',
-        object: status(500, 'InternalError', 'etcdserver: leader changed'),
-      })}\n`,
-    );
-    await until('the second watch', () => bookRequests().length === 2);
+    const startedAt = performance.now();
+    await sleep(10_000); // the behaviour under test: how many lists ten seconds of 410s cost
     await controller.stop();
-    const [, ...resumes] = bookRequests();
-    assert.ok(
-      resumes.every((r) => r.verb === 'watch' && r.query.resourceVersion === synced),
-      'resumed from where it was, no relist',
-    );
-    assert.equal(stderr.length, 1);
+    const lists = fake
+      .listRequests()
+      .filter((r) => r.resource === PLURAL && r.at - startedAt <= 10_000);
+    assert.ok(lists.length >= 3 && lists.length <= 6, `${lists.length} lists of books in 10 s`);
+    besidesCannotStream(stderr); // said once
+    const reports = stderr.filter((line) => line.includes(`${PLURAL} (410`));
+    assert.equal(reports.length, 1, reports.join('\n'));
     assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `failed to watch ${PLURAL} \\(500: etcdserver: leader changed\\); retrying in \\d+\\.\\ds$`,
-      ),
+      reports[0] ?? '',
+      new RegExp(`failed to watch ${PLURAL} \\(410: too old resource version`),
     );
-    const [first, second] = bookRequests();
-    assert.ok(
-      first && second && second.at - (stderrAt[0] ?? 0) >= retryingMs(stderr[0]) - SLACK_MS,
-    );
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
   });
-});
 
-describe('Retry-After and routine 429s', () => {
   test('429 with Retry-After in seconds: one line, and the next request waits that long', async () => {
     fake.failNext(
       429,
@@ -1445,396 +2463,74 @@ describe('Retry-After and routine 429s', () => {
   });
 });
 
-describe('errors a user will meet: one stderr line, cause then fix', () => {
-  test('401: the credentials', async () => {
-    writeKubeconfig({ token: 'expired' });
-    const controller = start();
-    await until('the report', () => stderr.length === 1);
-    await controller.stop();
-    assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `^${SERVER} does not accept our credentials \\(401 Unauthorized\\); retrying in \\d+\\.\\ds — refresh them in your kubeconfig \\(kubectl auth whoami\\)$`,
-      ),
-    );
-  });
-
-  test('403: names watch, the verb a streaming list needs, and the can-i command', async () => {
-    fake.forbidden = true;
-    const controller = start(['-n', 'library']);
-    await until('the report', () => stderr.length === 1);
-    await controller.stop();
-    assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `^not allowed to watch ${PLURAL} in namespace library \\(403: .*cannot watch resource "${PLURAL}".*\\); retrying in \\d+\\.\\ds — grant list and watch on ${RESOURCE} \\(kubectl auth can-i watch ${RESOURCE} -n library\\)$`,
-      ),
-    );
-  });
-
-  test('404: the CRD is missing (a plain-text 404, on one line); once installed, picked up without a restart', async () => {
-    fake.crdInstalled = false;
-    fake.create('moby-dick', MOBY_DICK);
-    const controller = start();
-    await until('the report', () => stderr.length === 1);
-    fake.crdInstalled = true;
-    await until('moby-dick printed', () => stdout.length === 1);
-    await controller.stop();
-    assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `^the ${KIND} CRD is not installed on ${SERVER} \\(404: 404 page not found\\); retrying in \\d+\\.\\ds — kubectl apply -f crd\\.yaml$`,
-      ),
-    );
-    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
-  });
-
-  test('500 on the initial state: one line, backs off and retries', async () => {
-    fake.failNext(500, 'InternalError', 'etcdserver: request timed out');
-    fake.create('moby-dick', MOBY_DICK);
-    const controller = start();
-    await until('moby-dick printed', () => stdout.length === 1);
-    await controller.stop();
-    assert.equal(stderr.length, 1);
-    assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `failed to watch ${PLURAL} \\(500: etcdserver: request timed out\\); ${FIRST_RETRY}$`,
-      ),
-    );
-    const [first, second] = bookRequests();
-    assert.ok(first && second && second.at - first.at >= retryingMs(stderr[0]) - SLACK_MS);
-  });
-
-  test('server unreachable: names the server URL once while it stays down, and waits longer each time', {
-    timeout: 30_000,
-  }, async () => {
-    writeKubeconfig({ server: 'https://127.0.0.1:1' });
-    // Nothing listens there to log the attempts: the runtime's own HTTP client tells of each.
-    const attempts: number[] = [];
-    const onRequest = (message: unknown) => {
-      const { request } = message as {
-        request: { path?: string; getHeader?: (n: string) => unknown };
-      };
-      const host = String(request.getHeader?.('host') ?? '');
-      if (host.endsWith(':1') && request.path?.includes(`/${PLURAL}?`)) {
-        attempts.push(performance.now());
+describe('writes carry a uid precondition (issue 17)', () => {
+  test('17.7 a status write in flight when the book is deleted and created again does not land on the successor; refused quietly, the new book reconciled', async () => {
+    fake.statusLatencyMs = 500; // the PATCH reaches the book only after half a second
+    const first = fake.create('moby-dick', MOBY_DICK);
+    let release = () => {};
+    const successorReconciling = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const started: string[] = [];
+    const controller = start([], {
+      reconcile: async (change, book) => {
+        started.push(`${change} ${book.metadata.uid}`);
         wake();
-      }
-    };
-    diagnostics.subscribe('http.client.request.start', onRequest);
-    try {
-      const controller = start();
-      await until('three attempts to watch books', () => attempts.length >= 3, 15);
-      await controller.stop();
-    } finally {
-      diagnostics.unsubscribe('http.client.request.start', onRequest);
-    }
-    assert.deepEqual(stderr.length, 1, stderr.join('\n')); // for books and ConfigMaps alike
-    assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `^cannot reach https://127\\.0\\.0\\.1:1 \\(ECONNREFUSED\\); ${FIRST_RETRY} — is the cluster running\\? \\(kubectl cluster-info\\)$`,
-      ),
+        if (book.metadata.uid !== first.metadata.uid && change !== 'Deleted')
+          await successorReconciling; // its own Added is still running
+      },
+    });
+    await until('the first status write on its way', () => fake.patches().length === 1);
+    const second = fake.recreate('moby-dick', MOBY_DICK);
+    await until('the successor’s reconcile started', () =>
+      started.includes(`Added ${second.metadata.uid}`),
     );
-    // client-go's backoff: 0.8-1.6 s, then 1.6-3.2 s.
-    const [first = 0, second = 0, third = 0] = attempts;
+    assert.equal(fake.get('moby-dick')?.metadata.uid, second.metadata.uid);
+    assert.notEqual(ready('moby-dick')?.status, 'True', 'the old write landed on the new book');
+    release();
+    await until('the new moby-dick Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    const [oldWrite, newWrite] = fake.patches();
     assert.ok(
-      second - first >= 800 - SLACK_MS,
-      `the second attempt came ${second - first} ms after the first`,
+      Array.isArray(oldWrite?.body) &&
+        oldWrite.body.some(
+          (op: { op?: string; path?: string; value?: unknown }) =>
+            op.op === 'test' && op.path === '/metadata/uid' && op.value === first.metadata.uid,
+        ),
+      `the first PATCH tests the uid: ${JSON.stringify(oldWrite?.body)}`,
     );
+    assert.equal(oldWrite?.contentType, 'application/json-patch+json');
     assert.ok(
-      third - second >= 1600 - SLACK_MS,
-      `the third attempt came ${third - second} ms after the second`,
+      JSON.stringify(newWrite?.body).includes(second.metadata.uid),
+      'the second PATCH tests the new uid',
     );
-  });
-
-  test("a TLS certificate the kubeconfig's CA did not sign", async () => {
-    writeKubeconfig({ ca: SERVER_CERT }); // not the CA that signed the server's certificate
-    const controller = start();
-    await until('the report', () => stderr.length === 1);
-    await controller.stop();
-    assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `^the TLS certificate of ${SERVER} did not verify \\(\\w+\\); retrying in \\d\\.\\ds — check certificate-authority-data in your kubeconfig$`,
-      ),
-    );
-    assert.equal(fake.requests.length, 0);
-  });
-
-  test('insecure-skip-tls-verify: one warning line, and it works', async () => {
-    writeKubeconfig({ insecure: true });
-    fake.create('moby-dick', MOBY_DICK);
-    const controller = start();
-    await until('moby-dick printed', () => stdout.length === 1);
-    await controller.stop();
-    assert.equal(stderr.length, 1);
-    assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `^warning: insecure-skip-tls-verify is set, so the certificate of ${SERVER} is not checked — `,
-      ),
-    );
-  });
-
-  test('a plain http:// server: one line saying kubectl refuses it too, exit 1', async () => {
-    writeKubeconfig({ server: 'http://127.0.0.1:8080' });
-    assert.equal(await main([], new AbortController().signal), 1);
-    assert.deepEqual(stderr, [
-      "the kubeconfig's server http://127.0.0.1:8080 is plain HTTP, which kubectl refuses too" +
-        ' — use its https:// address, or set insecure-skip-tls-verify: true on the cluster',
-    ]);
-  });
-
-  test('no kubeconfig at all: one line saying how to get one, exit 1', async () => {
-    const home = process.env.HOME;
-    delete process.env.KUBECONFIG;
-    process.env.HOME = mkdtempSync(join(tmpdir(), 'empty-home-'));
-    try {
-      assert.equal(await main([], new AbortController().signal), 1);
-    } finally {
-      process.env.HOME = home;
-    }
-    assert.equal(stderr.length, 1);
-    assert.match(
-      stderr[0] ?? '',
-      /^no kubeconfig found \(KUBECONFIG, ~\/\.kube\/config or a pod's service account\) — create a cluster \(kind create cluster\) or set KUBECONFIG$/,
-    );
-  });
-
-  test('a kubeconfig that is missing, broken, or names no cluster: one line, exit 1', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'bad-kubeconfig-'));
-    const broken = join(dir, 'broken');
-    writeFileSync(broken, 'clusters:\n  - name: fake\n   cluster: {\n');
-    const noCluster = join(dir, 'no-cluster');
-    writeFileSync(
-      noCluster,
-      JSON.stringify({
-        apiVersion: 'v1',
-        kind: 'Config',
-        'current-context': 'gone',
-        contexts: [],
-        clusters: [],
-        users: [],
-      }),
-    );
-    for (const file of [join(dir, 'missing'), broken, noCluster]) {
-      process.env.KUBECONFIG = file;
-      assert.equal(await main([], new AbortController().signal), 1);
-    }
-    assert.equal(stderr.length, 3);
-    assert.match(
-      stderr[0] ?? '',
-      /^cannot load the kubeconfig .*missing: ENOENT.* — check the file, or point --kubeconfig at another$/,
-    );
-    assert.match(
-      stderr[1] ?? '',
-      /^cannot load the kubeconfig .*broken: .+ — check the file, or point --kubeconfig at another$/,
-    );
-    assert.match(
-      stderr[2] ?? '',
-      /^the kubeconfig's context 'gone' names no cluster — pick another with kubectl config use-context NAME$/,
-    );
-  });
-});
-
-describe('flags, as kubectl has them', () => {
-  test('-A watches every namespace and names books NAMESPACE/NAME', async () => {
-    fake.create('moby-dick', MOBY_DICK, 'library');
-    fake.create('moby-dick', { ...sample('Moby Dick, the musical') }, 'theatre'); // the same name, another book
-    const controller = start(['-A']);
-    await until('two lines', () => stdout.length === 2);
-    fake.remove('moby-dick', 'theatre');
-    await until('three lines', () => stdout.length === 3);
-    await controller.stop();
-    assert.deepEqual(stdout, [
-      added('library/moby-dick', 'Moby Dick'),
-      added('theatre/moby-dick', 'Moby Dick, the musical'),
-      deleted('theatre/moby-dick'),
-    ]);
-    assert.ok(bookRequests().every((r) => r.namespace === undefined));
-    assert.deepEqual(
-      fake.patches().map((p) => p.namespace),
-      ['library', 'theatre'],
-    );
-  });
-
-  test('the namespace comes from -n, else the kubeconfig context, else "default"', async () => {
-    writeKubeconfig({ namespace: 'library' });
-    fake.create('moby-dick', MOBY_DICK, 'library');
-    fake.create('hamlet', { ...sample('Hamlet') }, 'theatre');
-    fake.create('beowulf', { ...sample('Beowulf') });
-    const runs: [string, string[], () => void][] = [
-      ['the context', [], () => {}],
-      ['-n', ['--namespace', 'theatre'], () => {}],
-      ['the default', [], () => writeKubeconfig()],
-    ];
-    for (const [which, args, setUp] of runs) {
-      setUp();
-      const controller = start(args);
-      await until(
-        `a line for ${which}`,
-        () => stdout.length === runs.findIndex(([w]) => w === which) + 1,
-      );
-      await controller.stop();
-    }
     assert.deepEqual(stdout, [
       added('moby-dick', 'Moby Dick'),
-      added('hamlet', 'Hamlet'),
-      added('beowulf', 'Beowulf'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby Dick'),
     ]);
-    assert.deepEqual(
-      bookRequests().map((r) => r.namespace),
-      ['library', 'theatre', 'default'],
-    );
-  });
-
-  test('-l sends the selector as labelSelector; a book relabelled out is Deleted, one relabelled in is Added', async () => {
-    fake.create('a', { ...sample('A') }, 'default', { shelf: 'fiction' });
-    fake.create('b', { ...sample('B') }, 'default', { shelf: 'poetry' });
-    const controller = start(['-l', 'shelf=fiction']);
-    await until('a printed', () => stdout.length === 1);
-    fake.label('a', { shelf: 'poetry' });
-    await until('a deleted', () => stdout.length === 2);
-    fake.label('b', { shelf: 'fiction' });
-    await until('b added', () => stdout.length === 3);
-    await controller.stop();
-    assert.deepEqual(stdout, [added('a', 'A'), deleted('a'), added('b', 'B')]);
-    assert.ok(bookRequests().every((r) => r.query.labelSelector === 'shelf=fiction'));
-    assert.deepEqual(stderr, []);
-  });
-
-  test('-o json prints one object per line, Deleted carrying the last spec', async () => {
-    // The spec as checkSpec keeps it (authors too, where a book has them).
-    const mobyDick = { ...sample('Moby Dick'), authors: ['Herman Melville'] };
-    fake.create('moby-dick', mobyDick);
-    const controller = start(['-o', 'json']);
-    await until('one line', () => stdout.length === 1);
-    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
-    await until('two lines', () => stdout.length === 2);
-    fake.remove('moby-dick');
-    await until('three lines', () => stdout.length === 3);
-    await controller.stop();
-    const retitled = { ...sample('Moby-Dick; or, The Whale') };
-    assert.deepEqual(
-      stdout.map((line) => JSON.parse(line)),
-      [
-        { type: 'Added', namespace: 'default', name: 'moby-dick', spec: checkSpec(mobyDick) },
-        { type: 'Modified', namespace: 'default', name: 'moby-dick', spec: checkSpec(retitled) },
-        { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: checkSpec(retitled) },
-      ],
-    );
-    assert.equal(
-      stdout[0],
-      JSON.stringify({
-        type: 'Added',
-        namespace: 'default',
-        name: 'moby-dick',
-        spec: checkSpec(mobyDick),
-      }),
-    );
-  });
-
-  test('--kubeconfig and --context pick a context of a kubeconfig with two', async () => {
-    const file = join(mkdtempSync(join(tmpdir(), 'two-contexts-')), 'config');
-    writeFileSync(
-      file,
-      JSON.stringify({
-        apiVersion: 'v1',
-        kind: 'Config',
-        clusters: [
-          {
-            name: 'fake',
-            cluster: { server: fake.url, 'certificate-authority-data': btoa(CA_CERT) },
-          },
-          {
-            name: 'gone',
-            cluster: { server: 'https://127.0.0.1:1', 'certificate-authority-data': btoa(CA_CERT) },
-          },
-        ],
-        users: [{ name: 'reader', user: { token: TOKEN } }],
-        contexts: [
-          { name: 'gone', context: { cluster: 'gone', user: 'reader', namespace: 'theatre' } },
-          { name: 'fake', context: { cluster: 'fake', user: 'reader', namespace: 'library' } },
-        ],
-        'current-context': 'gone',
-      }),
-    );
-    process.env.KUBECONFIG = join(tmpdir(), 'no-such-kubeconfig'); // --kubeconfig wins over it
-    fake.create('moby-dick', MOBY_DICK, 'library');
-    const controller = start(['--kubeconfig', file, '--context', 'fake']);
-    await until('moby-dick printed', () => stdout.length === 1);
-    await controller.stop();
-    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
-    assert.deepEqual(stderr, []);
-    assert.equal(
-      await main(['--kubeconfig', file, '--context', 'nosuch'], new AbortController().signal),
-      1,
-    );
-    assert.deepEqual(stderr, [
-      `the kubeconfig ${file} has no context 'nosuch' — list them with kubectl config get-contexts`,
-    ]);
-  });
-
-  test('--help prints the flags; a bad flag exits 2 with one line', async () => {
-    assert.equal(await main(['--help'], new AbortController().signal), 0);
-    for (const flag of [
-      '--namespace',
-      '--all-namespaces',
-      '--selector',
-      '--output',
-      '--context',
-      '--kubeconfig',
-      '--watch-timeout',
-      '--concurrency',
-      '--leader-elect',
-      '--health-port',
-      '--help',
-    ])
-      assert.ok(helpText.join('\n').includes(flag), flag);
-    assert.equal(await main(['--colour'], new AbortController().signal), 2);
-    assert.equal(await main(['--watch-timeout', 'soon'], new AbortController().signal), 2);
-    assert.equal(stderr.length, 2);
-    assert.match(stderr[0] ?? '', /^Unknown option '--colour'.* — see --help$/);
-    assert.equal(
-      stderr[1],
-      "--watch-timeout takes whole seconds from 1 to 86400, not 'soon' — see --help",
-    );
-  });
-
-  test('conflicting or out-of-range flags: one line each, exit 2, before the kubeconfig is read', async () => {
-    process.env.KUBECONFIG = join(tmpdir(), 'no-such-kubeconfig'); // reading it would say so: it must not be read
-    const cases: [string[], RegExp][] = [
-      [['-n', 'foo', '-A'], /^-n and -A cannot be used together — see --help$/],
-      [['--watch-timeout', '-5'], /--watch-timeout.* — see --help$/],
-      [
-        ['--watch-timeout', '3000000'],
-        /^--watch-timeout takes whole seconds from 1 to 86400, not '3000000' — see --help$/,
-      ],
-      [['-o', 'yaml'], /^-o takes text or json, not 'yaml' — see --help$/],
-      [
-        ['--concurrency', '0'],
-        /^--concurrency takes a whole number from 1 to 1000, not '0' — see --help$/,
-      ],
-    ];
-    for (const [args, line] of cases) {
-      stderr = [];
-      assert.equal(await main(args, new AbortController().signal), 2, args.join(' '));
-      assert.equal(stderr.length, 1, `${args.join(' ')}: ${stderr.join('\n')}`);
-      assert.match(stderr[0] ?? '', line);
-    }
-    assert.equal(fake.requests.length, 0);
-  });
-
-  test('stops promptly when asked, while watching', async () => {
-    const controller = start();
-    await until('watching', () => fake.openWatches === 1);
-    const stopped = performance.now();
-    assert.equal(await controller.stop(), 0);
-    assert.ok(performance.now() - stopped < 1000);
+    assert.deepEqual(stderr, [], 'the refusal is quiet');
   });
 });
+
+// ---------------------------------------------------------------------------------------------
+// Issue 17: never act twice, never spin, never lose a Deleted.
+
+const RENEW_DEADLINE_MS = 10_000; // client-go's, and the controller's
+const leadingLines = () => stderr.filter((line) => line.startsWith('leading as '));
+const stoppedLeading = (lines: string[]) =>
+  lines.filter((line) => line.startsWith('stopped leading: '));
+const leaseWrites = (token: string) =>
+  fake.leaseRequests().filter((r) => r.token === token && r.verb !== 'get');
+
+/** Keeps a book changing every `everyMs` until the test ends: work for a leader, so that any act after its deadline would show. */
+function churn(name: string, everyMs: number) {
+  let i = 0;
+  const timer = setInterval(() => {
+    if (fake.get(name)) fake.update(name, { ...sample(`${name} ${++i}`) });
+  }, everyMs);
+  return () => clearInterval(timer);
+}
 
 describe('leader election (--leader-elect)', () => {
   /** Two controllers against one fake, told apart by their tokens. */
@@ -1921,212 +2617,7 @@ describe('leader election (--leader-elect)', () => {
       'one line',
     );
   });
-});
 
-// The health port listens on all interfaces: `npm run test:deno` allows 0.0.0.0 and [::] for it, besides 127.0.0.1.
-describe('health endpoints (--health-port)', () => {
-  const get = async (port: number, path: string) => {
-    const response = await fetch(`http://127.0.0.1:${port}${path}`);
-    return [response.status, (await response.text()).trim()] as const;
-  };
-
-  test('/healthz 200; /readyz 503 until the initial state is in, then 200; anything else 404', async () => {
-    const port = await freePort();
-    fake.create('moby-dick', MOBY_DICK);
-    fake.hold(); // the streaming list waits
-    const controller = start(['--health-port', String(port)]);
-    await until('the streaming list asked', () => bookRequests().length === 1);
-    assert.deepEqual(await get(port, '/readyz'), [503, 'the initial list is not handled yet']);
-    assert.deepEqual(await get(port, '/healthz'), [200, 'ok']);
-    assert.equal((await get(port, '/nothing-here'))[0], 404);
-    fake.release();
-    await until('moby-dick printed', () => stdout.length === 1);
-    assert.deepEqual(await get(port, '/readyz'), [200, 'ok']);
-    await controller.stop();
-  });
-
-  test('/readyz is 200 while following', async () => {
-    const port = await freePort();
-    fake.tokens.add('token-a');
-    writeKubeconfig({ token: 'token-a' });
-    const leader = start(['--leader-elect'], { lines: [] });
-    await until('a leader', () => stderr.some((line) => line.startsWith('leading as')));
-    const follower = start(['--leader-elect', '--health-port', String(port)], { lines: [] });
-    await until('the follower waiting', () =>
-      stderr.some((line) => line.startsWith('waiting to lead')),
-    );
-    assert.deepEqual(await get(port, '/readyz'), [200, 'ok']);
-    assert.deepEqual(await get(port, '/healthz'), [200, 'ok']);
-    await follower.stop();
-    await leader.stop();
-  });
-});
-
-describe('checkObject and checkSpec', () => {
-  test('accept a book with a title and optional authors, keep only what the controller uses, and say what is wrong otherwise', {
-    skip: KIND !== 'Book' && 'about the Book spec itself: a copy tests its own spec here',
-  }, () => {
-    const metadata = { name: 'm', namespace: 'default', uid: 'u', generation: 2 };
-    const book: Book = { metadata, spec: { title: 'Moby Dick', authors: ['Herman Melville'] } };
-    assert.deepEqual(
-      checkObject({ ...book, metadata: { ...metadata, resourceVersion: '1' } }),
-      book,
-    );
-    const fromServer = {
-      apiVersion: `${GROUP}/${VERSION}`,
-      kind: KIND,
-      metadata: { ...metadata, resourceVersion: '1', managedFields: [{}] },
-      spec: { title: 'x', extra: 1 },
-      status: {},
-    };
-    assert.deepEqual(checkObject(fromServer), { metadata, spec: { ...sample('x') } });
-    // Without a generation (a server without it), the resourceVersion stands in for it.
-    assert.equal(
-      (
-        checkObject({
-          metadata: { name: 'm', resourceVersion: '7' },
-          spec: { ...sample('x') },
-        }) as Book
-      ).metadata.generation,
-      '7',
-    );
-    assert.equal(
-      checkObject({ metadata: { ...metadata, resourceVersion: '1' } }),
-      'it has no spec',
-    );
-    assert.equal(checkObject({ metadata, spec: { ...sample('x') } }), 'it has no metadata'); // no resourceVersion
-    assert.equal(checkSpec({ authors: [] }), 'spec.title is not a string');
-    assert.equal(checkSpec({ title: 'x', authors: [1] }), 'spec.authors is not a list of strings');
-    assert.deepEqual(checkSpec({ ...sample('x') }), { ...sample('x') });
-  });
-
-  test('the reconcile is not called again once the controller is stopped', async () => {
-    for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name) });
-    const calls: string[] = [];
-    const stopper = new AbortController();
-    const reconcile: Reconcile = async (_change: Change, _book, { name }) => {
-      calls.push(name);
-      stopper.abort(); // as SIGTERM would, while the reconcile is busy
-    };
-    assert.equal(await main([], stopper.signal, { reconcile, stdout: linesOf(stdout) }), 0);
-    assert.deepEqual(calls, ['a']);
-    assert.deepEqual(stdout, []); // stopped: not one more line
-  });
-});
-
-describe('as a program, on this runtime', () => {
-  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
-    test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, {
-      timeout: 30_000,
-    }, async () => {
-      fake.create('moby-dick', MOBY_DICK);
-      const { child, err, exited } = spawnController();
-      const out: string[] = [];
-      readLines(child, out);
-      await until('the first line', () => out.length === 1, 20);
-      fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
-      await until('two lines', () => out.length === 2);
-      fake.remove('moby-dick');
-      await until('three lines', () => out.length === 3);
-      const signalled = Date.now();
-      process.kill(child.pid ?? 0, signal); // not child.kill(): Deno then reports the signal, not the exit code
-      assert.equal(await exited, 0);
-      assert.ok(
-        Date.now() - signalled < 1000,
-        `exited ${Date.now() - signalled} ms after ${signal}`,
-      );
-      assert.deepEqual(out, [
-        added('moby-dick', 'Moby Dick'),
-        modified('moby-dick', 'Moby-Dick; or, The Whale'),
-        deleted('moby-dick'),
-      ]);
-      assert.deepEqual(err, []);
-    });
-  }
-
-  test('after a large initial list and SIGTERM, every line it printed reaches a slow reader', {
-    timeout: 60_000,
-  }, async () => {
-    const long = 'x'.repeat(100); // so that the lines overflow the pipe while the reader waits
-    const nameOf = new Map<string, string>(); // each line expected, and the book it is about
-    for (let i = 0; i < 3000; i++) {
-      fake.create(`book-${i}`, { ...sample(`Book ${i} ${long}`) });
-      nameOf.set(added(`book-${i}`, `Book ${i} ${long}`), `book-${i}`);
-    }
-    const { child, err, exited } = spawnController();
-    // The reader does not read yet: the pipe fills, and the controller must wait for it.
-    await until('some books reconciled', () => fake.patches().length >= 200, 30);
-    process.kill(child.pid ?? 0, 'SIGTERM');
-    const out: string[] = [];
-    readLines(child, out);
-    assert.equal(await exited, 0);
-    const patched = new Set(fake.patches().map((p) => p.name));
-    const printed = new Set(out.map((line) => nameOf.get(line)));
-    assert.ok(!printed.has(undefined), 'every line whole');
-    const lost = [...patched].filter((name) => !printed.has(name));
-    assert.deepEqual(
-      lost,
-      [],
-      `${lost.length} books were reconciled and written Ready but their lines never came`,
-    );
-    assert.equal(printed.size, out.length);
-    assert.deepEqual(err, []);
-  });
-
-  test('stdout closed by the reader (| head -1): exits 0, quietly', {
-    timeout: 30_000,
-  }, async () => {
-    fake.create('moby-dick', MOBY_DICK);
-    const { child, err, exited, hasExited } = spawnController();
-    const out: string[] = [];
-    readLines(child, out);
-    await until('the first line', () => out.length === 1, 20);
-    child.stdout.destroy(); // head -1 has its line and exits
-    for (let i = 0; !hasExited() && i < 50; i++) {
-      fake.create(`book-${i}`, { ...sample(`Book ${i}`) }); // the next line meets the closed pipe
-      await until(
-        'the book reconciled',
-        () => fake.get(`book-${i}`)?.status !== undefined || hasExited(),
-      );
-    }
-    assert.equal(await exited, 0);
-    assert.deepEqual(err, []);
-  });
-
-  test('copied without node_modules: says run npm ci first, exit 1', {
-    timeout: 30_000,
-  }, async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'copied-'));
-    copyFileSync(join(here, 'controller.ts'), join(dir, 'controller.ts'));
-    // Node strips the types itself there: tsx is not installed either.
-    const { err, exited } = spawnController([], { copiedTo: dir });
-    assert.equal(await exited, 1);
-    const lines = err.join('').split('\n').filter(Boolean);
-    assert.equal(lines.length, 1, lines.join('\n'));
-    assert.match(lines[0] ?? '', /@kubernetes\/client-node.* — run npm ci first$/);
-  });
-});
-
-// ---------------------------------------------------------------------------------------------
-// Issue 17: never act twice, never spin, never lose a Deleted.
-
-const RENEW_DEADLINE_MS = 10_000; // client-go's, and the controller's
-const leadingLines = () => stderr.filter((line) => line.startsWith('leading as '));
-const stoppedLeading = (lines: string[]) =>
-  lines.filter((line) => line.startsWith('stopped leading: '));
-const leaseWrites = (token: string) =>
-  fake.leaseRequests().filter((r) => r.token === token && r.verb !== 'get');
-
-/** Keeps a book changing every `everyMs` until the test ends: work for a leader, so that any act after its deadline would show. */
-function churn(name: string, everyMs: number) {
-  let i = 0;
-  const timer = setInterval(() => {
-    if (fake.get(name)) fake.update(name, { ...sample(`${name} ${++i}`) });
-  }, everyMs);
-  return () => clearInterval(timer);
-}
-
-describe('leadership is a fence, not a flag (issue 17)', () => {
   test('17.1 a leader paused (SIGSTOP) while another takes over prints nothing and writes nothing when resumed, and exits 1 with "stopped leading"', {
     timeout: 90_000,
   }, async () => {
@@ -2355,555 +2846,6 @@ describe('leadership is a fence, not a flag (issue 17)', () => {
     assert.ok(leader.lines.length > 1, 'it acted while it led');
     assert.equal(await leader.exited, 1);
     assert.equal(stoppedLeading(stderr).length, 1);
-  });
-});
-
-describe('backoff that holds (issue 17)', () => {
-  for (const varying of [false, true]) {
-    const how = varying
-      ? 'a message that varies, each write seen before its answer'
-      : 'a constant message';
-    test(`17.5 two controllers over one book, one succeeding and one failing with ${how}: a few status writes in 10 s, not thousands`, {
-      timeout: 40_000,
-    }, async () => {
-      // e.g. a replica started without --leader-elect from a laptop, next to the deployment
-      if (varying) fake.statusAnswerDelayMs = 50; // the write's own MODIFIED arrives before its answer
-      fake.create('moby-dick', MOBY_DICK);
-      let attempts = 0;
-      const failing = startWithToken('token-fail', [], {
-        reconcile: async () => {
-          attempts++;
-          throw new Error(varying ? `request ${randomUUID()} failed` : 'the ink is wet');
-        },
-      });
-      const succeeding = startWithToken('token-ok', [], { reconcile: async () => {} });
-      const startedAt = performance.now();
-      await sleep(10_000); // the behaviour under test: what ten seconds of this cost
-      await failing.stop();
-      await succeeding.stop();
-      const patches = fake.patches().filter((p) => p.at - startedAt <= 10_000);
-      assert.ok(
-        patches.length <= 12,
-        `${patches.length} status PATCHes and ${attempts} failed reconciles in 10 s`,
-      );
-      assert.ok(attempts >= 2 && attempts <= 6, `${attempts} failed reconciles in 10 s`);
-      assert.ok(
-        patches.some((p) => p.token === 'token-ok') &&
-          patches.some((p) => p.token === 'token-fail'),
-        'both wrote',
-      );
-    });
-  }
-});
-
-describe('Deleted is never lost (issue 17)', () => {
-  test('17.6 a book whose Added always failed, then deleted: its Deleted reconcile runs and is printed', async () => {
-    const calls: string[] = [];
-    fake.create('cursed', { ...sample('Cursed') });
-    const controller = start([], {
-      reconcile: async (change, book) => {
-        calls.push(`${change} ${textOf(book.spec)}`);
-        if (change !== 'Deleted') throw new Error('the ink is wet');
-      },
-    });
-    await until('the Added failed', () => stderr.length === 1);
-    fake.remove('cursed');
-    await until('Deleted printed', () => stdout.includes(deleted('cursed')));
-    await controller.stop();
-    assert.deepEqual(stdout, [deleted('cursed')]);
-    assert.deepEqual(calls.at(-1), 'Deleted Cursed');
-    assert.ok(calls.slice(0, -1).every((call) => call === 'Added Cursed'));
-  });
-
-  test('17.6 a book whose Modified failed, then deleted: Deleted receives the newest spec', async () => {
-    const seen: string[] = [];
-    fake.create('moby-dick', MOBY_DICK);
-    const controller = start(['-o', 'json'], {
-      reconcile: async (change, book) => {
-        seen.push(`${change} ${textOf(book.spec)}`);
-        if (change === 'Modified') throw new Error('the ink is wet');
-      },
-    });
-    await until('moby-dick Ready', () => isReady('moby-dick'));
-    const retitled = { ...sample('Moby-Dick; or, The Whale') };
-    fake.update('moby-dick', retitled);
-    await until('the Modified failed', () => stderr.length === 1);
-    fake.remove('moby-dick');
-    await until('Deleted printed', () => stdout.length === 2);
-    await controller.stop();
-    assert.deepEqual(seen, [
-      'Added Moby Dick',
-      'Modified Moby-Dick; or, The Whale',
-      'Deleted Moby-Dick; or, The Whale',
-    ]);
-    assert.deepEqual(
-      stdout.map((line) => JSON.parse(line)),
-      [
-        { type: 'Added', namespace: 'default', name: 'moby-dick', spec: MOBY_DICK },
-        { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: retitled },
-      ],
-    );
-  });
-});
-
-describe('writes carry a uid precondition (issue 17)', () => {
-  test('17.7 a status write in flight when the book is deleted and created again does not land on the successor; refused quietly, the new book reconciled', async () => {
-    fake.statusLatencyMs = 500; // the PATCH reaches the book only after half a second
-    const first = fake.create('moby-dick', MOBY_DICK);
-    let release = () => {};
-    const successorReconciling = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    const started: string[] = [];
-    const controller = start([], {
-      reconcile: async (change, book) => {
-        started.push(`${change} ${book.metadata.uid}`);
-        wake();
-        if (book.metadata.uid !== first.metadata.uid && change !== 'Deleted')
-          await successorReconciling; // its own Added is still running
-      },
-    });
-    await until('the first status write on its way', () => fake.patches().length === 1);
-    const second = fake.recreate('moby-dick', MOBY_DICK);
-    await until('the successor’s reconcile started', () =>
-      started.includes(`Added ${second.metadata.uid}`),
-    );
-    assert.equal(fake.get('moby-dick')?.metadata.uid, second.metadata.uid);
-    assert.notEqual(ready('moby-dick')?.status, 'True', 'the old write landed on the new book');
-    release();
-    await until('the new moby-dick Ready', () => isReady('moby-dick'));
-    await controller.stop();
-    const [oldWrite, newWrite] = fake.patches();
-    assert.ok(
-      Array.isArray(oldWrite?.body) &&
-        oldWrite.body.some(
-          (op: { op?: string; path?: string; value?: unknown }) =>
-            op.op === 'test' && op.path === '/metadata/uid' && op.value === first.metadata.uid,
-        ),
-      `the first PATCH tests the uid: ${JSON.stringify(oldWrite?.body)}`,
-    );
-    assert.equal(oldWrite?.contentType, 'application/json-patch+json');
-    assert.ok(
-      JSON.stringify(newWrite?.body).includes(second.metadata.uid),
-      'the second PATCH tests the new uid',
-    );
-    assert.deepEqual(stdout, [
-      added('moby-dick', 'Moby Dick'),
-      deleted('moby-dick'),
-      added('moby-dick', 'Moby Dick'),
-    ]);
-    assert.deepEqual(stderr, [], 'the refusal is quiet');
-  });
-});
-
-describe('relists back off (issue 17)', () => {
-  test('17.8 every watch answered 410, in list mode: a few lists in 10 s (0.8 s doubling), and one stderr line', {
-    timeout: 30_000,
-  }, async () => {
-    fake.watchList = false;
-    fake.create('moby-dick', MOBY_DICK);
-    fake.goneForever = true;
-    const controller = start();
-    const startedAt = performance.now();
-    await sleep(10_000); // the behaviour under test: how many lists ten seconds of 410s cost
-    await controller.stop();
-    const lists = fake
-      .listRequests()
-      .filter((r) => r.resource === PLURAL && r.at - startedAt <= 10_000);
-    assert.ok(lists.length >= 3 && lists.length <= 6, `${lists.length} lists of books in 10 s`);
-    besidesCannotStream(stderr); // said once
-    const reports = stderr.filter((line) => line.includes(`${PLURAL} (410`));
-    assert.equal(reports.length, 1, reports.join('\n'));
-    assert.match(
-      reports[0] ?? '',
-      new RegExp(`failed to watch ${PLURAL} \\(410: too old resource version`),
-    );
-    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
-  });
-});
-
-describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
-  const F = `${GROUP}/cleanup`;
-  const bookPatches = (name: string) =>
-    fake.requests.filter((r) => r.resource === PLURAL && r.verb === 'patch' && r.name === name);
-
-  test('it is added before a book’s first reconcile, beside any other finalizer, by a JSON patch that tests the uid', async () => {
-    const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
-    fake.create('hamlet', { ...sample('Hamlet') });
-    fake.setFinalizers('hamlet', ['example.com/other']);
-    const seen: string[] = [];
-    const controller = start([], {
-      finalizer: F,
-      reconcile: async (change, book) => {
-        const { name } = book.metadata;
-        seen.push(`${change} ${name}: ${fake.finalizers(name).join(',')}`);
-      },
-    });
-    await until('both Ready', () => isReady('moby-dick') && isReady('hamlet'));
-    await controller.stop();
-    // When each reconcile ran, the server already had the finalizer.
-    assert.deepEqual(seen.sort(), [
-      `Added hamlet: example.com/other,${F}`,
-      `Added moby-dick: ${F}`,
-    ]);
-    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
-    assert.deepEqual(fake.finalizers('hamlet'), ['example.com/other', F]);
-    const [patch, ...more] = bookPatches('moby-dick');
-    assert.equal(more.length, 0);
-    assert.equal(patch?.contentType, 'application/json-patch+json');
-    const ops = (patch?.body ?? []) as unknown[];
-    assert.deepEqual(ops[0], { op: 'test', path: '/metadata/uid', value: uid });
-    assert.deepEqual(ops.at(-1), { op: 'add', path: '/metadata/finalizers', value: [F] });
-    assert.deepEqual(stderr, []);
-  });
-
-  test('a book deleted while no controller ran: Deleted runs and is printed at the next start, then the finalizer goes and so does the book', async () => {
-    const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
-    fake.setFinalizers('moby-dick', [F]); // put there by an earlier run
-    assert.equal(fake.remove('moby-dick'), false); // kubectl delete: held by the finalizer
-    assert.ok(fake.deletionTimestamp('moby-dick'));
-    const calls: string[] = [];
-    const controller = start([], {
-      finalizer: F,
-      reconcile: async (change, book) => {
-        calls.push(
-          `${change} ${textOf(book.spec)}, ${fake.get('moby-dick') ? 'still there' : 'gone'}`,
-        );
-      },
-    });
-    await until('the book gone', () => fake.get('moby-dick') === undefined);
-    await until('Deleted printed', () => stdout.includes(deleted('moby-dick')));
-    await controller.stop();
-    assert.deepEqual(calls, ['Deleted Moby Dick, still there']);
-    assert.deepEqual(stdout, [deleted('moby-dick')]);
-    const removal = bookPatches('moby-dick').at(-1);
-    assert.ok(removal);
-    assert.ok(
-      (controller.times[0] ?? Infinity) <= removal.at,
-      'the line came before the finalizer was removed',
-    );
-    assert.deepEqual((removal.body as unknown[])[0], {
-      op: 'test',
-      path: '/metadata/uid',
-      value: uid,
-    });
-    assert.deepEqual(stderr, []);
-  });
-
-  test('a book deleted while the controller runs: Deleted, then the finalizer removed, then the book is gone', async () => {
-    fake.create('moby-dick', MOBY_DICK);
-    const controller = start([], { finalizer: F, reconcile: async () => {} });
-    await until('moby-dick Ready', () => isReady('moby-dick'));
-    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
-    fake.remove('moby-dick');
-    await until('the book gone', () => fake.get('moby-dick') === undefined);
-    await controller.stop();
-    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), deleted('moby-dick')]);
-    assert.deepEqual(stderr, []);
-  });
-
-  test('it is removed from a book that leaves the -l selector, which stays', async () => {
-    fake.create('a', { ...sample('A') }, 'default', { shelf: 'fiction' });
-    const controller = start(['-l', 'shelf=fiction'], { finalizer: F, reconcile: async () => {} });
-    await until('a has our finalizer and is Ready', () => isReady('a'));
-    assert.deepEqual(fake.finalizers('a'), [F]);
-    fake.label('a', { shelf: 'poetry' });
-    await until('the finalizer removed', () => fake.finalizers('a').length === 0);
-    await until('a Deleted', () => stdout.length === 2);
-    await controller.stop();
-    assert.deepEqual(stdout, [added('a', 'A'), deleted('a')]);
-    assert.ok(fake.get('a'), 'the book itself stays');
-    assert.deepEqual(stderr, []);
-  });
-
-  test('with two --leader-elect replicas only the leader writes it', async () => {
-    fake.create('moby-dick', MOBY_DICK);
-    const leader = startWithToken('token-a', ['--leader-elect'], { finalizer: F });
-    await until('the leader reconciled moby-dick', () => isReady('moby-dick'));
-    const follower = startWithToken('token-b', ['--leader-elect'], { finalizer: F });
-    await until('the follower waiting', () =>
-      stderr.some((line) => line.startsWith('waiting to lead')),
-    );
-    fake.create('hamlet', { ...sample('Hamlet') });
-    await until('hamlet Ready', () => isReady('hamlet'));
-    fake.remove('hamlet');
-    await until('hamlet gone', () => fake.get('hamlet') === undefined);
-    await until(
-      'the follower checked the lease again',
-      () => fake.leaseRequests().filter((r) => r.token === 'token-b').length >= 3,
-    );
-    await follower.stop();
-    await leader.stop();
-    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
-    assert.deepEqual(
-      writesBy('token-b', 0, (r) => r.resource !== 'leases'),
-      [],
-    );
-    assert.deepEqual(
-      writesBy('token-a', 0, (r) => r.resource === PLURAL).map((r) => r.name),
-      ['moby-dick', 'hamlet', 'hamlet'], // added to each, removed from hamlet
-    );
-    assert.deepEqual(follower.lines, []);
-  });
-});
-
-// ---------------------------------------------------------------------------------------------
-// Issue 16: the reconcile acts on the cluster, a ConfigMap per book, owned by it.
-
-describe('a ConfigMap per book, owned by it (issue 16)', () => {
-  const MANAGED_BY = { 'app.kubernetes.io/managed-by': `${kind}-controller` };
-  const ownedBy = (book: { metadata: { name: string; uid: string } }) => [
-    {
-      apiVersion: `${GROUP}/${VERSION}`,
-      kind: KIND,
-      name: book.metadata.name,
-      uid: book.metadata.uid,
-      controller: true,
-      blockOwnerDeletion: true,
-    },
-  ];
-  const configMapData = (name: string) => fake.configMap('default', name)?.data;
-  const applies = (name?: string) =>
-    fake.configMapRequests('apply').filter((r) => name === undefined || r.name === name);
-
-  test('the walkthrough leaves a ConfigMap with the data, label and owner, applied before the line and the Ready status, and kept up to date', async () => {
-    // With authors, as book.yaml has them: the data is what controller.ts's reconcile says.
-    const mobyDick = { ...sample('Moby Dick'), authors: ['Herman Melville'] };
-    const book = fake.create('moby-dick', mobyDick);
-    const controller = start();
-    await until('moby-dick Ready', () => isReady('moby-dick'));
-    const configMap = fake.configMap('default', 'moby-dick');
-    assert.deepEqual(configMap?.data, await dataFor(mobyDick));
-    assert.deepEqual(configMap?.metadata.labels, MANAGED_BY);
-    assert.deepEqual(configMap?.metadata.ownerReferences, ownedBy(book));
-    const [apply, ...more] = applies('moby-dick');
-    assert.equal(more.length, 0);
-    assert.equal(apply?.method, 'PATCH');
-    assert.equal(apply?.path, '/api/v1/namespaces/default/configmaps/moby-dick');
-    assert.equal(apply?.contentType, 'application/apply-patch+yaml');
-    assert.deepEqual(apply?.query, { fieldManager: `${kind}-controller`, force: 'true' });
-    assert.ok(
-      apply && apply.at < (controller.times[0] ?? 0) && apply.at < (fake.patches()[0]?.at ?? 0),
-      'applied before the line and before the status',
-    );
-
-    const retitled = {
-      ...sample('Moby-Dick; or, The Whale'),
-      authors: ['Herman Melville', 'Ishmael'],
-    };
-    fake.update('moby-dick', retitled);
-    await until('moby-dick Ready at generation 2', () => isReady('moby-dick', 2));
-    assert.deepEqual(configMapData('moby-dick'), await dataFor(retitled));
-    fake.update('moby-dick', { ...sample('Moby-Dick') }); // no authors: no key
-    await until('moby-dick Ready at generation 3', () => isReady('moby-dick', 3));
-    assert.deepEqual(configMapData('moby-dick'), await dataFor({ ...sample('Moby-Dick') }));
-
-    const appliesBefore = fake
-      .configMapRequests()
-      .filter((r) => r.verb !== 'list' && r.verb !== 'watch').length;
-    fake.collectGarbage = true; // kube-controller-manager's garbage collector
-    fake.remove('moby-dick');
-    await until('Deleted printed', () => stdout.length === 4);
-    await until(
-      'the ConfigMap collected with its owner',
-      () => !fake.configMap('default', 'moby-dick'),
-    );
-    await controller.stop();
-    assert.deepEqual(stdout, [
-      added('moby-dick', 'Moby Dick'),
-      modified('moby-dick', 'Moby-Dick; or, The Whale'),
-      modified('moby-dick', 'Moby-Dick'),
-      deleted('moby-dick'),
-    ]);
-    assert.equal(
-      fake.configMapRequests().filter((r) => r.verb !== 'list' && r.verb !== 'watch').length,
-      appliesBefore,
-      'Deleted makes no request: the garbage collector deletes the ConfigMap',
-    );
-    assert.deepEqual(stderr, []);
-  });
-
-  for (const drift of ['deleted', 'edited by another manager', 'unlabelled'] as const) {
-    test(`a ConfigMap ${drift} is repaired within 5 s, with nothing printed`, async () => {
-      const book = fake.create('moby-dick', MOBY_DICK);
-      const controller = start();
-      await until('moby-dick Ready', () => isReady('moby-dick'));
-      const wanted = fake.configMap('default', 'moby-dick');
-      if (drift === 'deleted') fake.deleteConfigMap('default', 'moby-dick');
-      else if (drift === 'edited by another manager')
-        fake.editConfigMap('default', 'moby-dick', {
-          [Object.keys(wanted?.data ?? {})[0] ?? 'title']: 'Moby Duck',
-        });
-      else
-        fake.putConfigMap({
-          metadata: { name: 'moby-dick', ownerReferences: ownedBy(book) },
-          data: wanted?.data,
-        });
-      const said = (c: typeof wanted) => [c?.data, c?.metadata.labels, c?.metadata.ownerReferences];
-      assert.notDeepEqual(said(fake.configMap('default', 'moby-dick')), said(wanted), 'drifted');
-      await until(
-        'the ConfigMap as the book says again',
-        () => {
-          const now = fake.configMap('default', 'moby-dick');
-          return (
-            isDeepStrictEqual(now?.data, wanted?.data) &&
-            isDeepStrictEqual(now?.metadata.labels, MANAGED_BY) &&
-            isDeepStrictEqual(now?.metadata.ownerReferences, ownedBy(book))
-          );
-        },
-        5,
-      );
-      // A sentinel: once hamlet is done, anything more for moby-dick would have shown.
-      fake.create('hamlet', { ...sample('Hamlet') });
-      await until('hamlet Ready', () => isReady('hamlet'));
-      await controller.stop();
-      assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
-      assert.deepEqual(stderr, []);
-      assert.equal(applies('moby-dick').length, 2, 'one apply to make it, one to repair it');
-      assert.equal(
-        fake.patches().filter((p) => p.name === 'moby-dick').length,
-        1,
-        'no status write',
-      );
-    });
-  }
-
-  for (const labelled of [true, false]) {
-    test(`a ConfigMap controlled by another owner (${labelled ? 'with' : 'without'} our label) is left alone, and the book's status says who controls it`, async () => {
-      const other = {
-        apiVersion: `${GROUP}/${VERSION}`,
-        kind: KIND,
-        name: 'other-book',
-        uid: 'aaaaaaaa-0000-4000-8000-000000000001',
-        controller: true,
-      };
-      const theirs = fake.putConfigMap({
-        metadata: {
-          name: 'moby-dick',
-          ownerReferences: [other],
-          ...(labelled && { labels: MANAGED_BY }),
-        },
-        data: { note: 'theirs' },
-      });
-      fake.create('moby-dick', MOBY_DICK);
-      const controller = start();
-      await until(
-        'moby-dick Ready=False, and reported',
-        () => ready('moby-dick')?.status === 'False' && stderr.length === 1,
-      );
-      await controller.stop();
-      const why = `ConfigMap default/moby-dick is controlled by ${KIND} other-book (uid ${other.uid}), not by this ${kind}`;
-      assert.equal(ready('moby-dick')?.message, why);
-      assert.equal(ready('moby-dick')?.reason, 'ReconcileFailed');
-      assert.equal(
-        fake.configMap('default', 'moby-dick')?.metadata.resourceVersion,
-        theirs.metadata.resourceVersion,
-      );
-      assert.deepEqual(fake.configMap('default', 'moby-dick')?.data, { note: 'theirs' });
-      assert.deepEqual(stdout, []);
-      assert.equal(stderr.length, 1);
-      assert.match(
-        stderr[0] ?? '',
-        new RegExp(
-          `^reconcile of ${kind} moby-dick failed: ${literally(why)}; retrying in \\d+\\.\\ds$`,
-        ),
-      );
-      if (labelled) assert.equal(applies().length, 0, 'the cache knew: no request');
-    });
-  }
-
-  test('a restart over Ready books with correct ConfigMaps writes nothing: no PATCH, POST or PUT, no resourceVersion moved', async () => {
-    fake.create('a', { ...sample('A'), authors: ['Anon'] }); // authors: a second data key, where a book has them
-    fake.create('b', { ...sample('B') });
-    let controller = startWithToken('token-first');
-    await until('a and b Ready', () => isReady('a') && isReady('b'));
-    await controller.stop();
-    const versions = () =>
-      ['a', 'b'].map((name) => [
-        fake.get(name)?.metadata.resourceVersion,
-        fake.configMap('default', name)?.metadata.resourceVersion,
-      ]);
-    const before = versions();
-    controller = startWithToken('token-restart');
-    await until('a and b printed', () => controller.lines.length === 2);
-    fake.create('c', { ...sample('C') }); // a sentinel: handled after a and b
-    await until('c Ready', () => isReady('c'));
-    await controller.stop();
-    assert.deepEqual(versions(), before);
-    // Writes for c only (a set: Deno sometimes sends one request twice, see DENO_EXTRA_REQUEST).
-    assert.deepEqual(
-      new Set(writesBy('token-restart').map((r) => `${r.verb} ${r.resource} ${r.name}`)),
-      new Set(['apply configmaps c', `patch ${PLURAL}/status c`]),
-    );
-    assert.deepEqual(controller.lines, [added('a', 'A'), added('b', 'B'), added('c', 'C')]);
-  });
-
-  test('a reconcile error carries the server’s Status message, on one line, to the status and stderr', async () => {
-    const message =
-      'ConfigMap "" is invalid: metadata.name: Required value: name or generateName is required';
-    fake.create('moby-dick', MOBY_DICK);
-    const controller = start([], {
-      reconcile: async (_change, _book, { client }) => {
-        await client.create('/api/v1/namespaces/default/configmaps', {
-          apiVersion: 'v1',
-          kind: 'ConfigMap',
-          metadata: {},
-        });
-      },
-    });
-    await until(
-      'moby-dick Ready=False, and reported',
-      () => ready('moby-dick')?.status === 'False' && stderr.length === 1,
-    );
-    await controller.stop();
-    assert.equal(ready('moby-dick')?.message, message);
-    assert.equal(stderr.length, 1);
-    assert.equal(
-      stderr[0]?.replace(/retrying in \d+\.\ds$/, 'retrying in N'),
-      `reconcile of ${kind} moby-dick failed: ${message}; retrying in N`,
-    );
-  });
-
-  test('the client gets (undefined when missing), creates and deletes any resource path, with the controller’s credentials', async () => {
-    fake.tokens.add('token-client');
-    writeKubeconfig({ token: 'token-client' });
-    fake.create('moby-dick', MOBY_DICK);
-    const seen: unknown[] = [];
-    const path = '/api/v1/namespaces/default/configmaps';
-    const controller = start([], {
-      reconcile: async (_change, book, { client }) => {
-        seen.push(await client.get(`${path}/notes`));
-        const made = await client.create<{ metadata: { name: string } }>(path, {
-          apiVersion: 'v1',
-          kind: 'ConfigMap',
-          metadata: { name: 'notes' },
-          data: { about: textOf(book.spec) },
-        });
-        seen.push(made.metadata.name);
-        seen.push((await client.get<{ data: unknown }>(`${path}/notes`))?.data);
-        await client.delete(`${path}/notes`);
-        await client.delete(`${path}/notes`); // already gone: fine
-        seen.push(await client.get(`${path}/notes`));
-      },
-    });
-    await until('moby-dick Ready', () => isReady('moby-dick'));
-    await controller.stop();
-    assert.deepEqual(seen, [undefined, 'notes', { about: 'Moby Dick' }, undefined]);
-    assert.deepEqual(
-      fake
-        .configMapRequests()
-        .filter((r) => r.name === 'notes' || r.verb === 'create')
-        .map((r) => `${r.verb} ${r.token}`),
-      [
-        'get token-client',
-        'create token-client',
-        'get token-client',
-        'delete token-client',
-        'delete token-client',
-        'get token-client',
-      ],
-    );
-    assert.deepEqual(stderr, []);
   });
 });
 
@@ -3223,114 +3165,166 @@ describe('/metrics and Events (issue 18)', () => {
   });
 });
 
-// ---------------------------------------------------------------------------------------------
-// Issue 20: one stderr line per problem through an outage; streaming lists survive a restart.
+// The health port listens on all interfaces: `npm run test:deno` allows 0.0.0.0 and [::] for it, besides 127.0.0.1.
+describe('health endpoints (--health-port)', () => {
+  const get = async (port: number, path: string) => {
+    const response = await fetch(`http://127.0.0.1:${port}${path}`);
+    return [response.status, (await response.text()).trim()] as const;
+  };
 
-describe('through outages, at scale (issue 20)', () => {
-  const BOOKS = 300;
-  const names = Array.from({ length: BOOKS }, (_, i) => `many-${String(i).padStart(3, '0')}`);
-  const allReady = () => names.every((name) => isReady(name));
-
-  test(`a 5 s outage (connections refused) with ${BOOKS} books pending: a few stderr lines, every book Ready after`, {
-    timeout: 90_000,
-  }, async () => {
-    for (const name of names) fake.create(name, { ...sample(name) });
-    fake.statusLatencyMs = 20; // so that most books still wait for their status write
-    const controller = start(['--concurrency', '8']);
-    await until('some books Ready', () => fake.patches().length >= 20, 30);
-    const outage = fake.refuseConnections(5000);
-    const readyBefore = names.filter((name) => isReady(name)).length;
-    await outage;
-    await until('every book Ready', allReady, 60);
-    await controller.stop();
-    assert.ok(readyBefore < BOOKS / 2, `${readyBefore} books were Ready before the outage`);
-    assert.ok(stderr.length <= 6, `${stderr.length} lines on stderr:\n${stderr.join('\n')}`);
-    assert.ok(
-      stderr.some((line) => line.startsWith(`cannot reach ${fake.url} (ECONNREFUSED)`)),
-      stderr.join('\n'),
-    );
-    assert.ok(
-      stderr.some((line) => new RegExp(`^${SERVER} works again, after \\d+s`).test(line)),
-      stderr.join('\n'),
-    );
-    assert.ok(!stderr.some((line) => line.includes('many-')), 'no line names a book');
-    assert.equal(new Set(stdout).size, BOOKS);
-    assert.deepEqual(new Set(stdout), new Set(names.map((name) => added(name, name))));
-  });
-
-  test(`a server answering 503 for a while with ${BOOKS} books pending: one line when it starts, one when it ends; every book Ready`, {
-    timeout: 90_000,
-  }, async () => {
-    for (const name of names) fake.create(name, { ...sample(name) });
-    const controller = start(['--concurrency', '8']);
-    await until(
-      'watching books and ConfigMaps',
-      () => fake.openWatches === 1 && fake.openWatchesOf('configmaps') === 1,
-    );
-    // The next 400 requests (the workers' applies and status writes) get 503.
-    for (let i = 0; i < 400; i++) {
-      fake.failNext(
-        503,
-        'ServiceUnavailable',
-        'the server is currently unable to handle the request',
-      );
-    }
-    await until('every book Ready', allReady, 60);
-    await controller.stop();
-    assert.ok(stderr.length <= 6, `${stderr.length} lines on stderr:\n${stderr.join('\n')}`);
-    assert.match(
-      stderr[0] ?? '',
-      new RegExp(
-        `^${SERVER} failed to \\w+ \\(503: the server is currently unable to handle the request\\): \\d+ ${PLURAL} wait for it; the next try in \\d+\\.\\ds$`,
-      ),
-    );
-    assert.match(stderr.at(-1) ?? '', new RegExp(`^${SERVER} works again, after \\d+s`));
-    assert.ok(!stderr.some((line) => line.includes('many-')), 'no line names a book');
-    assert.deepEqual(new Set(stdout), new Set(names.map((name) => added(name, name))));
-    assert.equal(stdout.length, BOOKS);
-    assert.deepEqual(fake.events(), [], "the cluster's failure is no book's Event");
-  });
-
-  test('a relist whose streaming list ends early, then a server that streams again: the relist streams again, nothing lost', {
-    timeout: 30_000,
-  }, async () => {
-    for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name.toUpperCase()) });
-    const controller = start();
-    await until('watching, all Ready', () => fake.openWatches === 1 && stdout.length === 3);
-    const before = bookRequests().length;
-    // A restarting server: it has forgotten our resourceVersion, and its first streams end early.
-    fake.hold();
-    fake.bookmark();
-    fake.endWatches();
-    await until('the resume asked', () => bookRequests().length === before + 1);
-    fake.remove('a');
-    fake.update('b', { ...sample('B, second edition') });
-    fake.create('d', { ...sample('D') });
-    fake.compact();
-    fake.endInitialEventsEarly = true;
+  test('/healthz 200; /readyz 503 until the initial state is in, then 200; anything else 404', async () => {
+    const port = await freePort();
+    fake.create('moby-dick', MOBY_DICK);
+    fake.hold(); // the streaming list waits
+    const controller = start(['--health-port', String(port)]);
+    await until('the streaming list asked', () => bookRequests().length === 1);
+    assert.deepEqual(await get(port, '/readyz'), [503, 'the initial list is not handled yet']);
+    assert.deepEqual(await get(port, '/healthz'), [200, 'ok']);
+    assert.equal((await get(port, '/nothing-here'))[0], 404);
     fake.release();
-    const aboutBooks = () => stderr.filter((line) => !line.includes('configmaps'));
-    await until('the cut-short relist reported', () => aboutBooks().length === 1);
-    fake.endInitialEventsEarly = false;
-    await until('the gap printed', () => stdout.length === 6);
-    fake.create('e', { ...sample('E') });
-    await until('e printed', () => stdout.length === 7);
+    await until('moby-dick printed', () => stdout.length === 1);
+    assert.deepEqual(await get(port, '/readyz'), [200, 'ok']);
     await controller.stop();
+  });
+
+  test('/readyz is 200 while following', async () => {
+    const port = await freePort();
+    fake.tokens.add('token-a');
+    writeKubeconfig({ token: 'token-a' });
+    const leader = start(['--leader-elect'], { lines: [] });
+    await until('a leader', () => stderr.some((line) => line.startsWith('leading as')));
+    const follower = start(['--leader-elect', '--health-port', String(port)], { lines: [] });
+    await until('the follower waiting', () =>
+      stderr.some((line) => line.startsWith('waiting to lead')),
+    );
+    assert.deepEqual(await get(port, '/readyz'), [200, 'ok']);
+    assert.deepEqual(await get(port, '/healthz'), [200, 'ok']);
+    await follower.stop();
+    await leader.stop();
+  });
+});
+
+describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
+  const F = `${GROUP}/cleanup`;
+  const bookPatches = (name: string) =>
+    fake.requests.filter((r) => r.resource === PLURAL && r.verb === 'patch' && r.name === name);
+
+  test('it is added before a book’s first reconcile, beside any other finalizer, by a JSON patch that tests the uid', async () => {
+    const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
+    fake.create('hamlet', { ...sample('Hamlet') });
+    fake.setFinalizers('hamlet', ['example.com/other']);
+    const seen: string[] = [];
+    const controller = start([], {
+      finalizer: F,
+      reconcile: async (change, book) => {
+        const { name } = book.metadata;
+        seen.push(`${change} ${name}: ${fake.finalizers(name).join(',')}`);
+      },
+    });
+    await until('both Ready', () => isReady('moby-dick') && isReady('hamlet'));
+    await controller.stop();
+    // When each reconcile ran, the server already had the finalizer.
+    assert.deepEqual(seen.sort(), [
+      `Added hamlet: example.com/other,${F}`,
+      `Added moby-dick: ${F}`,
+    ]);
+    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
+    assert.deepEqual(fake.finalizers('hamlet'), ['example.com/other', F]);
+    const [patch, ...more] = bookPatches('moby-dick');
+    assert.equal(more.length, 0);
+    assert.equal(patch?.contentType, 'application/json-patch+json');
+    const ops = (patch?.body ?? []) as unknown[];
+    assert.deepEqual(ops[0], { op: 'test', path: '/metadata/uid', value: uid });
+    assert.deepEqual(ops.at(-1), { op: 'add', path: '/metadata/finalizers', value: [F] });
+    assert.deepEqual(stderr, []);
+  });
+
+  test('a book deleted while no controller ran: Deleted runs and is printed at the next start, then the finalizer goes and so does the book', async () => {
+    const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
+    fake.setFinalizers('moby-dick', [F]); // put there by an earlier run
+    assert.equal(fake.remove('moby-dick'), false); // kubectl delete: held by the finalizer
+    assert.ok(fake.deletionTimestamp('moby-dick'));
+    const calls: string[] = [];
+    const controller = start([], {
+      finalizer: F,
+      reconcile: async (change, book) => {
+        calls.push(
+          `${change} ${textOf(book.spec)}, ${fake.get('moby-dick') ? 'still there' : 'gone'}`,
+        );
+      },
+    });
+    await until('the book gone', () => fake.get('moby-dick') === undefined);
+    await until('Deleted printed', () => stdout.includes(deleted('moby-dick')));
+    await controller.stop();
+    assert.deepEqual(calls, ['Deleted Moby Dick, still there']);
+    assert.deepEqual(stdout, [deleted('moby-dick')]);
+    const removal = bookPatches('moby-dick').at(-1);
+    assert.ok(removal);
+    assert.ok(
+      (controller.times[0] ?? Infinity) <= removal.at,
+      'the line came before the finalizer was removed',
+    );
+    assert.deepEqual((removal.body as unknown[])[0], {
+      op: 'test',
+      path: '/metadata/uid',
+      value: uid,
+    });
+    assert.deepEqual(stderr, []);
+  });
+
+  test('a book deleted while the controller runs: Deleted, then the finalizer removed, then the book is gone', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start([], { finalizer: F, reconcile: async () => {} });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
+    fake.remove('moby-dick');
+    await until('the book gone', () => fake.get('moby-dick') === undefined);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), deleted('moby-dick')]);
+    assert.deepEqual(stderr, []);
+  });
+
+  test('it is removed from a book that leaves the -l selector, which stays', async () => {
+    fake.create('a', { ...sample('A') }, 'default', { shelf: 'fiction' });
+    const controller = start(['-l', 'shelf=fiction'], { finalizer: F, reconcile: async () => {} });
+    await until('a has our finalizer and is Ready', () => isReady('a'));
+    assert.deepEqual(fake.finalizers('a'), [F]);
+    fake.label('a', { shelf: 'poetry' });
+    await until('the finalizer removed', () => fake.finalizers('a').length === 0);
+    await until('a Deleted', () => stdout.length === 2);
+    await controller.stop();
+    assert.deepEqual(stdout, [added('a', 'A'), deleted('a')]);
+    assert.ok(fake.get('a'), 'the book itself stays');
+    assert.deepEqual(stderr, []);
+  });
+
+  test('with two --leader-elect replicas only the leader writes it', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const leader = startWithToken('token-a', ['--leader-elect'], { finalizer: F });
+    await until('the leader reconciled moby-dick', () => isReady('moby-dick'));
+    const follower = startWithToken('token-b', ['--leader-elect'], { finalizer: F });
+    await until('the follower waiting', () =>
+      stderr.some((line) => line.startsWith('waiting to lead')),
+    );
+    fake.create('hamlet', { ...sample('Hamlet') });
+    await until('hamlet Ready', () => isReady('hamlet'));
+    fake.remove('hamlet');
+    await until('hamlet gone', () => fake.get('hamlet') === undefined);
+    await until(
+      'the follower checked the lease again',
+      () => fake.leaseRequests().filter((r) => r.token === 'token-b').length >= 3,
+    );
+    await follower.stop();
+    await leader.stop();
+    assert.deepEqual(fake.finalizers('moby-dick'), [F]);
     assert.deepEqual(
-      stdout.slice(3).sort(),
-      [modified('b', 'B, second edition'), added('d', 'D'), deleted('a'), added('e', 'E')].sort(),
+      writesBy('token-b', 0, (r) => r.resource !== 'leases'),
+      [],
     );
-    assert.match(
-      aboutBooks()[0] ?? '',
-      new RegExp(
-        `^the list of ${PLURAL} ended before it was complete \\(${SERVER}\\); ${FIRST_RETRY}$`,
-      ),
+    assert.deepEqual(
+      writesBy('token-a', 0, (r) => r.resource === PLURAL).map((r) => r.name),
+      ['moby-dick', 'hamlet', 'hamlet'], // added to each, removed from hamlet
     );
-    // Every initial state came as a streaming list: never a list in pages.
-    const relists = bookRequests().filter((r) => r.query.resourceVersion === undefined);
-    assert.ok(relists.length >= 3, `${relists.length} streaming lists`);
-    assert.ok(relists.every(isStreamingList), 'sendInitialEvents=true each time');
-    assert.deepEqual(fake.listRequests(), [], 'no limit=500 list');
-    assert.deepEqual(fake.listRequests('configmaps'), []);
+    assert.deepEqual(follower.lines, []);
   });
 });
