@@ -476,9 +476,9 @@ describe('the seed walkthrough', () => {
 });
 
 // ---------------------------------------------------------------------------------------------
-// Issue 16: the reconcile acts on the cluster, a ConfigMap per book, owned by it.
+// The example reconcile acts on the cluster: a ConfigMap per book, owned by it.
 
-describe('a ConfigMap per book, owned by it (issue 16)', () => {
+describe('a ConfigMap per book, owned by it', () => {
   const MANAGED_BY = { 'app.kubernetes.io/managed-by': `${kind}-controller` };
   const ownedBy = (book: { metadata: { name: string; uid: string } }) => [
     {
@@ -864,7 +864,7 @@ describe('status: written back, never echoed', () => {
   });
 });
 
-describe('Deleted is never lost (issue 17)', () => {
+describe('Deleted: every book that goes prints it, whatever came before', () => {
   test('a book deleted and created again under its name (new uid) is reported Deleted, then Added', async () => {
     fake.collectGarbage = true; // as in a cluster: the old book's ConfigMap goes with it
     fake.create('moby-dick', MOBY_DICK);
@@ -885,7 +885,7 @@ describe('Deleted is never lost (issue 17)', () => {
     ]);
   });
 
-  test('17.6 a book whose Added always failed, then deleted: its Deleted reconcile runs and is printed', async () => {
+  test('a book whose Added always failed, then deleted: its Deleted reconcile runs and is printed', async () => {
     const calls: string[] = [];
     fake.create('cursed', { ...sample('Cursed') });
     const controller = start([], {
@@ -903,7 +903,7 @@ describe('Deleted is never lost (issue 17)', () => {
     assert.ok(calls.slice(0, -1).every((call) => call === 'Added Cursed'));
   });
 
-  test('17.6 a book whose Modified failed, then deleted: Deleted receives the newest spec', async () => {
+  test('a book whose Modified failed, then deleted: Deleted receives the newest spec', async () => {
     const seen: string[] = [];
     fake.create('moby-dick', MOBY_DICK);
     const controller = start(['-o', 'json'], {
@@ -1129,9 +1129,9 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
 });
 
 // ---------------------------------------------------------------------------------------------
-// Issue 20: one stderr line per problem through an outage; streaming lists survive a restart.
+// Outages: one stderr line for all the books a failing cluster holds up, not one per book.
 
-describe('through outages, at scale (issue 20)', () => {
+describe('outages, with hundreds of books waiting: a few stderr lines, then every book Ready', () => {
   const BOOKS = 300;
   const names = Array.from({ length: BOOKS }, (_, i) => `many-${String(i).padStart(3, '0')}`);
   const allReady = () => names.every((name) => isReady(name));
@@ -2155,7 +2155,7 @@ describe('resuming and relisting', () => {
   });
 });
 
-describe('backoff', () => {
+describe('backoff: what fails is tried again later, with growing waits, and said once', () => {
   test('a reconcile that throws is retried with growing delays while other books go on, then the book is Ready', {
     timeout: 30_000,
   }, async () => {
@@ -2240,7 +2240,7 @@ describe('backoff', () => {
     const how = varying
       ? 'a message that varies, each write seen before its answer'
       : 'a constant message';
-    test(`17.5 two controllers over one book, one succeeding and one failing with ${how}: a few status writes in 10 s, not thousands`, {
+    test(`two controllers over one book, one succeeding and one failing with ${how}: a few status writes in 10 s, not thousands`, {
       timeout: 40_000,
     }, async () => {
       // e.g. a replica started without --leader-elect from a laptop, next to the deployment
@@ -2339,7 +2339,7 @@ describe('backoff', () => {
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]); // a relist of the same book prints nothing
   });
 
-  test('17.8 every watch answered 410, in list mode: a few lists in 10 s (0.8 s doubling), and one stderr line', {
+  test('every watch answered 410, in list mode: a few lists in 10 s (0.8 s doubling), and one stderr line', {
     timeout: 30_000,
   }, async () => {
     fake.watchList = false;
@@ -2463,8 +2463,8 @@ describe('backoff', () => {
   });
 });
 
-describe('writes carry a uid precondition (issue 17)', () => {
-  test('17.7 a status write in flight when the book is deleted and created again does not land on the successor; refused quietly, the new book reconciled', async () => {
+describe('a write for a book never lands on another created under its name', () => {
+  test('a status write in flight when the book is deleted and created again does not land on the successor; refused quietly, the new book reconciled', async () => {
     fake.statusLatencyMs = 500; // the PATCH reaches the book only after half a second
     const first = fake.create('moby-dick', MOBY_DICK);
     let release = () => {};
@@ -2514,7 +2514,7 @@ describe('writes carry a uid precondition (issue 17)', () => {
 });
 
 // ---------------------------------------------------------------------------------------------
-// Issue 17: never act twice, never spin, never lose a Deleted.
+// Leader election: of several replicas one acts, and one that stops leading acts no more.
 
 const RENEW_DEADLINE_MS = 10_000; // client-go's, and the controller's
 const leadingLines = () => stderr.filter((line) => line.startsWith('leading as '));
@@ -2618,7 +2618,7 @@ describe('leader election (--leader-elect)', () => {
     );
   });
 
-  test('17.1 a leader paused (SIGSTOP) while another takes over prints nothing and writes nothing when resumed, and exits 1 with "stopped leading"', {
+  test('a leader paused (SIGSTOP) while another takes over prints nothing and writes nothing when resumed, and exits 1 with "stopped leading"', {
     timeout: 90_000,
   }, async () => {
     // The real server keeps idle connections open (for 90 s): so must the fake, or the paused leader's
@@ -2665,7 +2665,7 @@ describe('leader election (--leader-elect)', () => {
     await b.stop();
   });
 
-  test('17.2 the renew deadline holds while an exec credential plugin hangs: "stopped leading" within it, exit 1, nothing printed after the takeover', {
+  test('the renew deadline holds while an exec credential plugin hangs: "stopped leading" within it, exit 1, nothing printed after the takeover', {
     timeout: 90_000,
   }, async () => {
     // A kubeconfig whose user is an exec plugin: its first credential expires in 5 s (4 to 5: whole
@@ -2754,7 +2754,7 @@ describe('leader election (--leader-elect)', () => {
     }
   });
 
-  test('17.3 a wall-clock step of +30 s does not make a healthy leader quit', {
+  test('a wall-clock step of +30 s does not make a healthy leader quit', {
     timeout: 40_000,
   }, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -2785,7 +2785,7 @@ describe('leader election (--leader-elect)', () => {
     assert.equal(await leader.stop(), 0);
   });
 
-  test('17.3 a wall-clock step of -1 h does not keep a leader whose renewals fail leading past the renew deadline', {
+  test('a wall-clock step of -1 h does not keep a leader whose renewals fail leading past the renew deadline', {
     timeout: 40_000,
   }, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -2818,7 +2818,7 @@ describe('leader election (--leader-elect)', () => {
     assert.equal(stoppedLeading(stderr).length, 1);
   });
 
-  test('17.4 a renewal is timed from when it was sent: answered 7.5 s late, the leader acts no more past sent + 10 s', {
+  test('a renewal is timed from when it was sent: answered 7.5 s late, the leader acts no more past sent + 10 s', {
     timeout: 40_000,
   }, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -2850,7 +2850,7 @@ describe('leader election (--leader-elect)', () => {
 });
 
 // ---------------------------------------------------------------------------------------------
-// Issue 18: /metrics with controller-runtime's names, and Events on the book.
+// /metrics with controller-runtime's names, and Events on the book.
 
 interface Sample {
   name: string;
@@ -2954,7 +2954,7 @@ function parseMetrics(text: string) {
   return { samples, types, value };
 }
 
-describe('/metrics and Events (issue 18)', () => {
+describe('/metrics and Events', () => {
   const controllerLabel = { controller: kind };
   const queueLabel = { name: kind };
   const metricsOf = async (port: number) => {
@@ -3204,7 +3204,7 @@ describe('health endpoints (--health-port)', () => {
   });
 });
 
-describe('a finalizer, for cleanup that survives restarts (issue 17)', () => {
+describe('a finalizer, for cleanup that survives restarts', () => {
   const F = `${GROUP}/cleanup`;
   const bookPatches = (name: string) =>
     fake.requests.filter((r) => r.resource === PLURAL && r.verb === 'patch' && r.name === name);

@@ -484,7 +484,7 @@ function eventsOf(
   );
 }
 
-/** What issue 18 says of an Event about a book: on the book (uid too), from book-controller. */
+/** What an Event about a book must say: on the book (uid too), from book-controller. */
 function assertBookEvent(
   event: EventObject | undefined,
   book: BookObject,
@@ -730,7 +730,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       '--role=book-reader',
       subject,
     ]);
-    // The books are readable now; the ConfigMaps it owns (issue 16) are not yet: one line says so.
+    // The books are readable now; the ConfigMaps it owns are not yet: one line says so.
     const configMaps = await controller.stderr(/not allowed to (list|watch) configmaps/, 60_000);
     assert.match(
       configMaps,
@@ -969,7 +969,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     console.error(
       `e2e: SIGKILL takeover: the follower printed ${JSON.stringify(follower.out[0])} ${takeover} ms after the leader was killed`,
     );
-    // The issue asks for lease duration + a retry period (17 s). The worst case is a retry period more: the follower
+    // A takeover should take the lease duration and a retry period (17 s). The worst case is a retry period more: the follower
     // polls every 2 s, so it may see the leader's last renewal up to 2 s after it happened, and judges expiry from
     // then (client-go does the same). Measured: 14.6-16.1 s on Node and Bun, 18.1 s once on Deno.
     assert.ok(
@@ -1100,7 +1100,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       async () => ((await getConfigMap('e2e-sa', 'moby-dick')) ? undefined : true),
       30_000,
     );
-    // Events with that token (issue 18: create and patch on core/v1 events): a book that cannot be
+    // Events with that token (create and patch on core/v1 events): a book that cannot be
     // reconciled (its ConfigMap is another book's) gets a Warning, raised by a patch on a repeat;
     // fixed, a Normal one. The audit log shows the ServiceAccount wrote them.
     const since = Date.now();
@@ -1152,8 +1152,8 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     }
   });
 
-  // Issue 16: each book gets a ConfigMap of the same name, by server-side apply, owned by the book.
-  test('issue 16: the walkthrough leaves ConfigMap moby-dick (data, label, ownerReference); edits and deletes are repaired within 5 s, silently; kubectl delete book removes it through GC', {
+  // Each book gets a ConfigMap of the same name, by server-side apply, owned by the book.
+  test('the walkthrough leaves ConfigMap moby-dick (data, label, ownerReference); edits and deletes are repaired within 5 s, silently; kubectl delete book removes it through GC', {
     timeout: 120_000,
   }, async () => {
     await withGarbageCollector();
@@ -1289,7 +1289,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
   });
 
   // What the controller's uid precondition relies on, so that the fake can answer the same.
-  test("issue 17: a JSON patch that tests another uid is refused (422) on /status and on the book; a merge patch's uid is no precondition on /status", {
+  test("a JSON patch that tests another uid is refused (422) on /status and on the book; a merge patch's uid is no precondition on /status", {
     timeout: 60_000,
   }, async () => {
     await namespace('e2e-uid');
@@ -1344,7 +1344,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     assert.equal((await getBook('e2e-uid', 'moby-dick'))?.metadata.uid, book.metadata.uid);
   });
 
-  test('issue 16: a ConfigMap controlled by another owner is left alone, and the Ready condition (False) says why', {
+  test('a ConfigMap controlled by another owner is left alone, and the Ready condition (False) says why', {
     timeout: 150_000,
   }, async () => {
     await withGarbageCollector();
@@ -1433,7 +1433,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     });
   });
 
-  test('issue 17: a book deleted and created again under the same name: Deleted, Added; the new one is Ready and owns the ConfigMap', {
+  test('a book deleted and created again under the same name: Deleted, Added; the new one is Ready and owns the ConfigMap', {
     timeout: 90_000,
   }, async () => {
     await withGarbageCollector();
@@ -1493,7 +1493,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     assert.equal(controller.err, '', 'a replaced book is routine: quiet');
   });
 
-  test('issue 17: with a finalizer (FINALIZER set in a copy, as a reader would) a book deleted while the controller is down is still reconciled as Deleted, then goes', {
+  test('with a finalizer (FINALIZER set in a copy, as a reader would) a book deleted while the controller is down is still reconciled as Deleted, then goes', {
     timeout: 120_000,
   }, async () => {
     await withGarbageCollector();
@@ -1603,7 +1603,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     assert.equal(controller.err, '');
   });
 
-  test('issue 17: a paused leader (SIGSTOP) loses the lease; the other takes over; resumed (SIGCONT), it prints and writes nothing more and exits 1 with stopped leading', {
+  test('a paused leader (SIGSTOP) loses the lease; the other takes over; resumed (SIGCONT), it prints and writes nothing more and exits 1 with stopped leading', {
     skip: NEEDS_OWN,
     timeout: 150_000,
   }, async () => {
@@ -1705,7 +1705,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       'the new leader printed the change once',
     );
   });
-  test("issue 18: /metrics after the walkthrough parses with Prometheus' own parser (expfmt), with controller-runtime's and client-go's names, and counts the reconciles", {
+  test("/metrics after the walkthrough parses with Prometheus' own parser (expfmt), with controller-runtime's and client-go's names, and counts the reconciles", {
     timeout: 90_000,
   }, async () => {
     await withGarbageCollector();
@@ -1895,7 +1895,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     ]);
   });
 
-  test('issue 18: kubectl describe book shows the Warning ReconcileFailed Event (one, its count raised on a repeat); fixed, the book is Ready and a Normal Reconciled Event follows', {
+  test('kubectl describe book shows the Warning ReconcileFailed Event (one, its count raised on a repeat); fixed, the book is Ready and a Normal Reconciled Event follows', {
     timeout: 120_000,
   }, async () => {
     await withGarbageCollector();
@@ -1980,7 +1980,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     assert.deepEqual(await bookEvents(ns, 'other-name'), [], 'none about the healthy book');
   });
 
-  test('issue 20: kube-apiserver killed while the streaming list of 3,000 books is in flight: the relist streams again (no limit=500 pages), every book ends Ready, each Added printed once', {
+  test('kube-apiserver killed while the streaming list of 3,000 books is in flight: the relist streams again (no limit=500 pages), every book ends Ready, each Added printed once', {
     skip: NEEDS_OWN,
     timeout: 240_000,
   }, async () => {
