@@ -2,9 +2,11 @@
 //
 // The fake in fake-apiserver.ts behaves like the real API server as far as this controller meets it
 // (streaming and paginated lists, watch streams cut at any byte, bookmarks, 410 Gone, the status
-// subresource, label selectors, Leases, Status error bodies; see e2e-findings.md for what the real
-// one does). It is served over a real loopback TLS server, so the controller's own https request,
-// its CA check and its bearer token are exercised as against a cluster, on Node, Deno and Bun alike.
+// subresource, label selectors, Leases, Status error bodies). The e2e suite (e2e/e2e.test.ts) is
+// where the fake learns what the real server does: it runs the controller against a real
+// kube-apiserver. The fake is served over a real loopback TLS server, so the controller's own https
+// request, its CA check and its bearer token are exercised as against a cluster, on Node, Deno and
+// Bun alike.
 //
 //   npm test                  (Node)
 //   npm run test:deno         (Deno)
