@@ -17,6 +17,7 @@ import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import diagnostics from 'node:diagnostics_channel';
 import { copyFileSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { request as httpsRequest } from 'node:https';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -288,6 +289,43 @@ const isReady = (name: string, generation = 1) =>
 /** The newest resourceVersion among these books: the last book event a watch of books carried. */
 const lastBookVersion = (...names: string[]) =>
   String(Math.max(...names.map((name) => Number(fake.get(name)?.metadata.resourceVersion))));
+
+/**
+ * `kubectl annotate book NAME KEY=VALUE`, as kubectl sends it: a JSON merge patch of the book's
+ * metadata, over the fake's HTTPS API, with a token of its own (so that its request is not the
+ * controller's). Resolves to the book the server answers with.
+ */
+function annotate(name: string, annotations: Record<string, string>): Promise<Book> {
+  const token = 'token-kubectl';
+  fake.tokens.add(token);
+  const body = JSON.stringify({ metadata: { annotations } });
+  const url = new URL(`/apis/${GROUP}/${VERSION}/namespaces/default/${PLURAL}/${name}`, fake.url);
+  return new Promise((resolve, reject) => {
+    const request = httpsRequest(
+      url,
+      {
+        method: 'PATCH',
+        ca: CA_CERT,
+        headers: {
+          authorization: `Bearer ${token}`,
+          'content-type': 'application/merge-patch+json',
+          'content-length': Buffer.byteLength(body),
+        },
+      },
+      (response) => {
+        let text = '';
+        response.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
+        response.on('end', () =>
+          response.statusCode === 200
+            ? resolve(JSON.parse(text))
+            : reject(new Error(`kubectl annotate: ${response.statusCode} ${text}`)),
+        );
+      },
+    );
+    request.on('error', reject);
+    request.end(body);
+  });
+}
 
 /** The number N in the last "retrying in N.Ns" of a line, in milliseconds. */
 function retryingMs(line: string | undefined): number {
@@ -769,6 +807,38 @@ describe('status: written back, never echoed', () => {
         .filter((name) => name === 'moby-dick'),
       ['moby-dick'],
     );
+  });
+
+  test('an annotation edit (kubectl annotate) prints nothing, writes nothing and runs no reconcile', async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const calls: string[] = [];
+    const controller = start([], {
+      reconcile: (change, book, context) => {
+        calls.push(`${change} ${context.name}`);
+        return exampleReconcile(change, book, context); // its ConfigMap too, as a user's would
+      },
+    });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    const annotatedAt = performance.now();
+    const annotated = await annotate('moby-dick', { 'example.com/note': 'a first edition' });
+    assert.equal(annotated.metadata.generation, 1, 'metadata only: the generation stays');
+    // Books come in the order the watch sends them: hamlet is handled after moby-dick's annotation.
+    fake.create('hamlet', { ...sample('Hamlet') });
+    await until('hamlet Ready', () => isReady('hamlet'));
+    await controller.stop();
+    assert.deepEqual(fake.get('moby-dick')?.metadata.annotations, {
+      'example.com/note': 'a first edition',
+    });
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick'), added('hamlet', 'Hamlet')]);
+    assert.deepEqual(calls, ['Added moby-dick', 'Added hamlet'], 'no reconcile for the annotation');
+    assert.deepEqual(
+      writesBy(TOKEN, annotatedAt, (r) => r.name === 'moby-dick').map(
+        (r) => `${r.verb} ${r.resource} ${r.name}`,
+      ),
+      [],
+      'no status write, no apply of its ConfigMap',
+    );
+    assert.deepEqual(stderr, []);
   });
 
   test('a restart writes no status for books already Ready at their generation', async () => {
