@@ -936,68 +936,72 @@ function hint(err: unknown, { namespace }: Config, collection: Collection): stri
 }
 
 // ---------------------------------------------------------------------------------------------
-// The cache and the work queue: the watch marks objects as due, workers reconcile them.
+// The cache of objects: what the watch saw of each, and what each is owed (a reconcile of its
+// newest spec, the Deleted of an earlier one). It tells the work queue which keys are due.
 
 /** The name users see, and the caches' key: NAME in the namespace watched, else NAMESPACE/NAME. */
-function keyOf(object: unknown, config: Config): string {
+function keyOf(object: unknown, config: Pick<Config, 'namespace'>): string {
   const { metadata } = object as { metadata?: { namespace?: string; name?: string } };
   const { namespace = '', name = '' } = metadata ?? {};
   // join makes one flat string: a template would keep its parts too, for every cached object.
   return namespace === config.namespace ? name : [namespace, name].join('/');
 }
 
-/** What the controller knows of one object (a name: one replaced under it is a new uid). */
-interface Entry {
+/** What the controller knows of one name. One object at a time has it; each has its own uid. */
+export interface Entry {
   key: string; // NAME, or NAMESPACE/NAME with -A
-  object: Resource; // the newest seen
-  deleted: undefined | 'due' | 'done'; // gone from the server, being deleted, or no longer selected
-  replaced: Resource[] | undefined; // earlier ones of this name, their Deleted not yet reconciled
-  reconciled: Resource | undefined; // what the last successful Added or Modified saw
+  object: Resource | undefined; // the one the server has (selected, not being deleted), newest seen
+  reconciled: Resource['metadata']['generation'] | undefined; // what its last Added/Modified saw
+  tried: boolean; // a reconcile of it began (or our finalizer on it says so): its Deleted is owed
   drifted: boolean; // someone changed what reconcile made: reconcile again, printing nothing
-  tried: boolean; // a reconcile of it began: its Deleted is owed, whether or not one succeeded
+  gone: Gone[] | undefined; // earlier ones, oldest first, with what each is still owed
+  finished: string | undefined; // the uid of one being deleted whose Deleted ran: no news since
   ready: number | string; // the Ready condition on the server: see readyCondition
   since: number; // its lastTransitionTime, in seconds as the API keeps it
 }
 
-/**
- * The objects by namespace/name, and which of them are due. It keeps client-go's workqueue
- * rules: an object is never reconciled by two workers at once; one that changes meanwhile is
- * reconciled again afterwards; one that failed waits its own backoff, which only a success, a new
- * spec or a new uid ends.
- */
-class Queue implements Cache {
-  readonly entries = new Map<string, Entry>();
-  private readonly due = new Map<string, number>(); // when each became due, in that order
-  readonly busy = new Map<string, number>(); // when each was taken
-  // Changed while busy, and whether that change may cut a backoff short.
-  private readonly again = new Map<string, boolean>();
-  private readonly failures = new Map<string, number>();
-  private readonly timers = new Map<string, ReturnType<typeof setTimeout>>();
-  private readonly invalid = new Map<string, string>(); // objects that fail checkObject, and why
-  private waiting: (() => void)[] = []; // idle workers
-  readonly config: Config;
-  readonly finalizer: string;
-  private readonly metrics: Metrics;
-  statusForbidden = false; // once told, the rest of the run goes without status
-  private stopped = false;
+/** An object gone from the server (deleted, being deleted, or out of the -l selector). */
+interface Gone {
+  object: Resource; // the last seen
+  owed: boolean; // its Deleted reconcile; else only our finalizer is left to take off
+  watched: boolean; // still on the server and in the watch (being deleted): more events may come
+}
 
-  constructor(config: Config, finalizer: string, metrics: Metrics) {
+/**
+ * The objects by key. What the watch says changes an entry, by these rules, and makes its key
+ * due (urgent: it cuts a failure's backoff short) or not:
+ *
+ * | what the watch says            | what changes                                   | due      |
+ * | ------------------------------ | ---------------------------------------------- | -------- |
+ * | a new object (new name or uid) | it is the entry's object; the one before, gone | urgent   |
+ * | back in the -l selector        | the same, as if new                            | urgent   |
+ * | a new spec (generation)        | the newest is kept                             | urgent   |
+ * | deleted, or out of the -l      | it is gone: its Deleted is owed if a reconcile | urgent   |
+ * |   selector, or being deleted   |   of it began; else nothing (unless our        |          |
+ * |                                |   finalizer is on it: that must come off)      |          |
+ * | another Ready condition        | kept, so that ours is written again            | not      |
+ * | labels, annotations, status    | nothing                                        | no       |
+ * | what reconcile made, changed   | drifted: reconcile again, printing nothing     | not      |
+ *
+ * Whether the key is idle, due, taken by a worker or backing off is the work queue's (below):
+ * its rules make the same change right in every one of those states.
+ */
+export class ObjectCache implements Cache {
+  readonly entries = new Map<string, Entry>();
+  private readonly invalid = new Map<string, string>(); // objects that fail checkObject, and why
+  private readonly config: Pick<Config, 'namespace'>;
+  private readonly queue: WorkQueue;
+  readonly finalizer: string;
+
+  constructor(config: Pick<Config, 'namespace'>, queue: WorkQueue, finalizer: string) {
     this.config = config;
+    this.queue = queue;
     this.finalizer = finalizer;
-    this.metrics = metrics;
-    const queue = QUEUE;
-    metrics.count('workqueue_adds_total', queue, 0);
-    metrics.count('workqueue_retries_total', queue, 0);
-    metrics.gauge('workqueue_depth', () => [[queue, this.due.size]]);
-    metrics.gauge('workqueue_longest_running_processor_seconds', () => {
-      const [first] = this.busy.values(); // taken first, so running longest
-      return [[queue, first === undefined ? 0 : (performance.now() - first) / 1000]];
-    });
-    metrics.gauge('workqueue_unfinished_work_seconds', () => {
-      let total = 0;
-      for (const taken of this.busy.values()) total += performance.now() - taken;
-      return [[queue, total / 1000]];
-    });
+  }
+
+  /** The name users see, and the cache's key: NAME, or NAMESPACE/NAME with -A. */
+  keyOf(object: unknown): string {
+    return keyOf(object, this.config);
   }
 
   /** Whether our finalizer keeps `object` on the server until we let it go. */
@@ -1008,184 +1012,400 @@ class Queue implements Cache {
   update(object: unknown, listed?: Set<string>) {
     const key = this.keyOf(object);
     listed?.add(key);
-    const checked = checkObject(object);
-    if (typeof checked === 'string') return this.ignore(key, object, checked);
-    this.invalid.delete(key);
-    // One copy of the namespace for all, when one namespace is watched.
-    checked.metadata.namespace = this.config.namespace ?? checked.metadata.namespace;
+    const checked = this.check(key, object);
+    if (!checked) return;
+    if (checked.metadata.deleting) return this.gone(key, checked, true);
     const { ready, since } = readyCondition(object);
-    const entry = this.entries.get(key);
+    let entry = this.entries.get(key);
     if (!entry) {
-      // One being deleted that we never saw is none of ours, unless our finalizer holds it.
-      if (checked.metadata.deleting && !this.holds(checked)) return;
-      this.entries.set(key, this.newEntry(key, checked, ready, since));
-      return this.add(key);
+      entry = newEntry(key, ready, since);
+      this.entries.set(key, entry);
     }
-    const before = entry.object.metadata;
     const readyChanged = entry.ready !== ready || entry.since !== since;
     entry.ready = ready;
     entry.since = since;
-    if (before.uid !== checked.metadata.uid) {
-      // Deleted and created again under the same name: the earlier ones' Deleted come first.
-      if (entry.deleted !== 'done' && entry.tried) {
-        entry.replaced = [...(entry.replaced ?? []), entry.object];
-      }
-      const tried = this.holds(checked);
-      Object.assign(entry, { object: checked, reconciled: undefined, drifted: false, tried });
-      entry.deleted = checked.metadata.deleting ? 'due' : undefined;
-      return this.add(key);
-    }
-    const newSpec = before.generation !== checked.metadata.generation;
-    const deleting = checked.metadata.deleting === true && !entry.deleted;
-    // Back in the -l selector before or after its Deleted: an object like any other again.
-    const back = entry.deleted !== undefined && !checked.metadata.deleting;
-    if (newSpec || deleting || back) {
+    const before = entry.object?.metadata;
+    if (before?.uid !== checked.metadata.uid) {
+      if (entry.object) this.retire(entry, entry.object, false);
       entry.object = checked;
-      entry.deleted = deleting ? 'due' : back ? undefined : entry.deleted;
-      return this.add(key);
+      entry.tried = this.holds(checked); // our finalizer on it: an earlier run reconciled it
+      return this.queue.add(key);
+    }
+    if (before.generation !== checked.metadata.generation) {
+      entry.object = checked;
+      return this.queue.add(key);
     }
     // The finalizers are kept up to date in place: the object is the same one.
     if (String(before.finalizers) !== String(checked.metadata.finalizers)) {
       before.finalizers = checked.metadata.finalizers;
     }
-    // Nothing a reconcile acts on changed (a label, a status write, a relist). A Ready condition
-    // other than ours makes it due, to write ours again; but never cuts its backoff short.
-    if (readyChanged) this.add(key, false);
-  }
-
-  private newEntry(key: string, object: Resource, ready: Entry['ready'], since: number): Entry {
-    return {
-      key,
-      object,
-      deleted: object.metadata.deleting ? 'due' : undefined,
-      replaced: undefined,
-      reconciled: undefined,
-      drifted: false,
-      tried: this.holds(object), // our finalizer on it: an earlier run reconciled it
-      ready,
-      since,
-    };
-  }
-
-  /** An object the check refuses: said once for each reason, and left as the cache last had it. */
-  private ignore(key: string, object: unknown, why: string) {
-    if (this.invalid.get(key) === why) return;
-    this.invalid.set(key, why);
-    const { name, namespace } = (object as { metadata: Resource['metadata'] }).metadata;
-    const fix = `fix it with kubectl edit ${kind} ${name} -n ${namespace}`;
-    console.error(`ignoring ${kind} ${key}: ${why} — ${fix}`);
+    // A Ready condition other than ours makes it due, to write ours again; never urgently.
+    if (readyChanged) this.queue.add(key, false);
   }
 
   remove(object: unknown) {
     const key = this.keyOf(object);
     this.invalid.delete(key);
     const entry = this.entries.get(key);
-    if (!entry) return;
-    const last = checkObject(object); // the newest spec, and whether our finalizer still holds it
-    if (typeof last !== 'string' && last.metadata.uid === entry.object.metadata.uid) {
-      last.metadata.namespace = entry.object.metadata.namespace;
-      entry.object = last;
-    }
-    if (entry.deleted === 'done') {
-      // Gone for good, or left the selector with our finalizer still to take off.
-      if (entry.object.metadata.deleting || !this.holds(entry.object)) this.entries.delete(key);
-      return;
-    }
-    if (entry.deleted) return;
-    entry.deleted = 'due';
-    this.add(key);
+    const checked = checkObject(object);
+    const last = typeof checked === 'string' ? entry?.object : checked;
+    if (!entry || !last) return;
+    last.metadata.namespace = this.config.namespace ?? last.metadata.namespace;
+    if (entry.finished === last.metadata.uid)
+      entry.finished = undefined; // gone at last
+    else this.gone(key, last, false);
+    this.settle(key);
   }
 
   removeAllBut(listed: Set<string>) {
     for (const [key, entry] of this.entries) {
       if (listed.has(key)) continue;
-      if (entry.deleted === 'done' && !this.busy.has(key)) this.entries.delete(key);
-      else if (!entry.deleted) this.remove(entry.object);
+      entry.finished = undefined;
+      if (entry.object) this.gone(key, entry.object, false);
+      this.settle(key);
     }
-  }
-
-  /** The name users see, and the cache's key: NAME, or NAMESPACE/NAME with -A. */
-  keyOf(object: unknown): string {
-    return keyOf(object, this.config);
   }
 
   /** Someone changed what the object's reconcile made: reconcile it again, after its backoff. */
   repair(key: string, uid: string) {
     const entry = this.entries.get(key);
-    if (!entry || entry.deleted || entry.object.metadata.uid !== uid) return;
+    if (entry?.object?.metadata.uid !== uid) return;
     entry.drifted = true;
-    this.add(key, false);
+    this.queue.add(key, false);
   }
 
   /**
-   * Marks an object as due. A change of what it is (`hard`: a new spec, uid or deletion) ends its
-   * retry backoff; any other change waits for it.
+   * An object that carries our finalizer but is not selected by -l (it left the selector while no
+   * replica ran): its Deleted runs, and the finalizer comes off. Unless the watch has it.
    */
-  add(key: string, hard = true) {
-    if (this.busy.has(key)) {
-      this.again.set(key, hard || this.again.get(key) === true);
-      return;
-    }
-    if (!hard && this.timers.has(key)) return;
-    clearTimeout(this.timers.get(key));
-    this.timers.delete(key);
-    if (this.due.has(key)) return;
-    this.due.set(key, performance.now());
-    this.metrics.count('workqueue_adds_total', QUEUE);
-    this.waiting.shift()?.();
+  orphan(object: unknown) {
+    const key = this.keyOf(object);
+    const checked = checkObject(object);
+    if (typeof checked === 'string' || !this.holds(checked)) return;
+    checked.metadata.namespace = this.config.namespace ?? checked.metadata.namespace;
+    const entry = this.entries.get(key);
+    if (entry?.object?.metadata.uid === checked.metadata.uid) return;
+    this.gone(key, checked, false);
   }
 
-  /** Waits for the next due object and marks it busy; undefined once `signal` aborts. */
+  /** Our finalizer went onto `object`. Gone meanwhile (or out of -l), it must come off again. */
+  finalized(key: string, object: Resource) {
+    const entry = this.entries.get(key);
+    const { uid, finalizers = [] } = object.metadata;
+    if (!entry) return;
+    if (entry.object?.metadata.uid === uid) {
+      entry.object.metadata.finalizers = [...finalizers, this.finalizer]; // before the watch says
+      return;
+    }
+    if (entry.gone?.some((gone) => gone.object.metadata.uid === uid)) return; // the watch told
+    const held = { ...object, metadata: { ...object.metadata, finalizers: [...finalizers] } };
+    held.metadata.finalizers.push(this.finalizer);
+    entry.gone = [...(entry.gone ?? []), { object: held, owed: false, watched: false }];
+    this.queue.add(key);
+  }
+
+  /** An owner's key and uid, as the cache has them: one copy of each string, not two. */
+  owner(namespace: string | undefined, name: string | undefined, uid: string) {
+    const key = this.keyOf({ metadata: { namespace, name } });
+    const known = this.entries.get(key);
+    if (known?.object?.metadata.uid === uid)
+      return { key: known.key, uid: known.object.metadata.uid };
+    return { key, uid };
+  }
+
+  /** Forgets the key once it holds nothing and no worker has it. */
+  settle(key: string) {
+    const entry = this.entries.get(key);
+    if (!entry || entry.object || entry.gone || entry.finished || this.queue.busy.has(key)) return;
+    this.entries.delete(key);
+    this.queue.forget(key);
+  }
+
+  /** The object `last` is gone from the server, or is going: what is owed for it. */
+  private gone(key: string, last: Resource, watched: boolean) {
+    const { uid } = last.metadata;
+    const entry = this.entries.get(key);
+    if (entry?.finished === uid) return; // its Deleted ran: the rest is its finalizers going
+    const earlier = entry?.gone?.find((gone) => gone.object.metadata.uid === uid);
+    if (earlier) {
+      earlier.object = last; // its Deleted sees the newest spec
+      earlier.watched = watched;
+      return;
+    }
+    if (entry?.object?.metadata.uid === uid) return this.retire(entry, last, watched);
+    // One we never saw: ours only if our finalizer is on it (an earlier run reconciled it).
+    if (!this.holds(last)) return;
+    const owner = entry ?? newEntry(key, '', 0);
+    this.entries.set(key, owner);
+    if (owner.object) this.retire(owner, owner.object, false); // the watch has not told yet
+    owner.gone = [...(owner.gone ?? []), { object: last, owed: true, watched }];
+    this.queue.add(key);
+  }
+
+  /** The entry's object is gone: what it is owed moves to `gone`. */
+  private retire(entry: Entry, last: Resource, watched: boolean) {
+    // Our finalizer went on after the event that says it is gone (out of -l, say): it comes off.
+    if (entry.object && this.holds(entry.object) && !this.holds(last)) {
+      last.metadata.finalizers = [...(last.metadata.finalizers ?? []), this.finalizer];
+    }
+    if (entry.tried || this.holds(last)) {
+      entry.gone = [...(entry.gone ?? []), { object: last, owed: entry.tried, watched }];
+      this.queue.add(entry.key);
+    }
+    Object.assign(entry, {
+      object: undefined,
+      reconciled: undefined,
+      tried: false,
+      drifted: false,
+    });
+  }
+
+  /** The object, checked; an object the check refuses is said once per reason, and left. */
+  private check(key: string, object: unknown): Resource | undefined {
+    const checked = checkObject(object);
+    if (typeof checked !== 'string') {
+      this.invalid.delete(key);
+      // One copy of the namespace for all, when one namespace is watched.
+      checked.metadata.namespace = this.config.namespace ?? checked.metadata.namespace;
+      return checked;
+    }
+    if (this.invalid.get(key) === checked) return;
+    this.invalid.set(key, checked);
+    const { name, namespace } = (object as { metadata: Resource['metadata'] }).metadata;
+    const fix = `fix it with kubectl edit ${kind} ${name} -n ${namespace}`;
+    console.error(`ignoring ${kind} ${key}: ${checked} — ${fix}`);
+  }
+}
+
+function newEntry(key: string, ready: Entry['ready'], since: number): Entry {
+  return {
+    key,
+    object: undefined,
+    reconciled: undefined,
+    tried: false,
+    drifted: false,
+    gone: undefined,
+    finished: undefined,
+    ready,
+    since,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The work queue: which keys are due, and when the waiting ones will be. It knows keys, not
+// objects.
+
+/** Time as the work queue reads it, and its one timer (tests pass a clock they move by hand). */
+export interface Clock {
+  now(): number; // milliseconds, monotonic
+  after(ms: number, callback: () => void): () => void; // returns what cancels it
+}
+
+const monotonic: Clock = {
+  now: () => performance.now(),
+  after: (ms, callback) => {
+    const timer = setTimeout(callback, ms);
+    return () => clearTimeout(timer);
+  },
+};
+
+/** A key waiting for a time: its backoff after a failure, or a later look that reconcile asked for. */
+interface Wait {
+  at: number;
+  backoff: boolean;
+}
+
+/**
+ * Keys to reconcile, with client-go's workqueue rules:
+ * - a key is never taken by two workers at once;
+ * - a key added while a worker has it is taken again once that worker is done, in its latest
+ *   state (whatever was added meanwhile, once);
+ * - a key that failed waits its backoff (about 1 s, doubling to 5 minutes), which only an urgent
+ *   add (a new spec, uid or deletion) cuts short; a success forgets its failures;
+ * - a key may wait for a time (reconcile asked to look again later): an add before then takes it
+ *   at once. One timer serves every waiting key, the earliest, as client-go's delaying queue does.
+ * A key is in at most one of `due`, `busy` and `waits`.
+ */
+export class WorkQueue {
+  private readonly due = new Map<string, number>(); // due now, in order, and since when
+  readonly busy = new Map<string, number>(); // taken by a worker, and since when
+  private readonly again = new Map<string, boolean>(); // added while busy: whether urgently
+  private readonly failures = new Map<string, number>(); // in a row, for the backoff
+  private readonly waits = new Map<string, Wait>(); // waiting for a time
+  private readonly times: [number, string][] = []; // the same times as a heap, earliest first
+  private timer: { at: number; cancel: () => void } | undefined;
+  private idle: (() => void)[] = []; // workers waiting for a due key
+  private stopped = false;
+  private readonly clock: Clock;
+  private readonly metrics: Metrics | undefined;
+
+  constructor(clock: Clock = monotonic, metrics?: Metrics) {
+    this.clock = clock;
+    this.metrics = metrics;
+    if (metrics) this.measure(metrics);
+  }
+
+  /** Marks a key as due. Not `urgent`: a key backing off waits for its backoff to end. */
+  add(key: string, urgent = true) {
+    if (this.busy.has(key)) {
+      this.again.set(key, urgent || this.again.get(key) === true);
+      return;
+    }
+    if (!urgent && this.waits.get(key)?.backoff) return;
+    this.waits.delete(key); // its time in the heap is stale now
+    if (this.due.has(key)) return;
+    this.due.set(key, this.clock.now());
+    this.metrics?.count('workqueue_adds_total', QUEUE);
+    this.idle.shift()?.();
+  }
+
+  /** Waits for the next due key and marks it busy; undefined once `signal` aborts. */
   async next(signal: AbortSignal): Promise<string | undefined> {
-    while (!signal.aborted) {
+    while (!signal.aborted && !this.stopped) {
       const [first] = this.due;
       if (first === undefined) {
-        await new Promise<void>((resolve) => this.waiting.push(resolve));
+        await new Promise<void>((resolve) => this.idle.push(resolve));
         continue;
       }
       const [key, since] = first;
       this.due.delete(key);
-      const now = performance.now();
+      const now = this.clock.now();
       this.busy.set(key, now);
       const waited = (now - since) / 1000;
-      this.metrics.observe('workqueue_queue_duration_seconds', QUEUE, waited, QUEUE_BUCKETS);
+      this.metrics?.observe('workqueue_queue_duration_seconds', QUEUE, waited, QUEUE_BUCKETS);
       return key;
     }
   }
 
-  /** A worker is done with `key`. After a failure it is due again after its backoff (returned). */
-  done(key: string, failed: boolean): number {
-    const taken = this.busy.get(key) ?? performance.now();
+  /**
+   * A worker is done with `key`. After a failure it waits its backoff; after a success, the
+   * `laterMs` reconcile asked for, if any. Returns how long it waits (0: it does not).
+   */
+  done(key: string, failed: boolean, laterMs = 0): number {
+    const taken = this.busy.get(key) ?? this.clock.now();
     this.busy.delete(key);
-    const seconds = (performance.now() - taken) / 1000;
-    this.metrics.observe('workqueue_work_duration_seconds', QUEUE, seconds, QUEUE_BUCKETS);
+    const seconds = (this.clock.now() - taken) / 1000;
+    this.metrics?.observe('workqueue_work_duration_seconds', QUEUE, seconds, QUEUE_BUCKETS);
     const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
-    // About 1 s, doubling to 5 minutes.
-    const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : 0;
-    if (failed && !this.stopped) {
-      this.metrics.count('workqueue_retries_total', QUEUE);
+    if (failed) {
       this.failures.set(key, failures);
-      this.timers.set(
-        key,
-        setTimeout(() => this.add(key), delayMs),
-      );
+      this.metrics?.count('workqueue_retries_total', QUEUE);
     } else {
       this.failures.delete(key);
     }
+    const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : laterMs;
+    if (delayMs > 0) this.wait(key, delayMs, failed);
     const again = this.again.get(key);
     this.again.delete(key);
     if (again !== undefined) this.add(key, again);
     return delayMs;
   }
 
+  /** The key is gone for good: no backoff or wait is kept for it. */
+  forget(key: string) {
+    this.failures.delete(key);
+    this.waits.delete(key);
+  }
+
+  /** How many keys are due now. */
+  get depth(): number {
+    return this.due.size;
+  }
+
+  /** Whether the key waits for a time (a backoff, or a later look). */
+  isWaiting(key: string): boolean {
+    return this.waits.has(key);
+  }
+
   stop() {
     this.stopped = true;
-    for (const timer of this.timers.values()) clearTimeout(timer);
-    for (const wake of this.waiting) wake();
+    this.timer?.cancel();
+    for (const wake of this.idle) wake();
+  }
+
+  private wait(key: string, ms: number, backoff: boolean) {
+    if (this.stopped) return;
+    const at = this.clock.now() + ms;
+    this.waits.set(key, { at, backoff });
+    heapPush(this.times, [at, key]);
+    this.arm();
+  }
+
+  /** Sets the one timer for the earliest time in the heap that is still a key's. */
+  private arm() {
+    while (this.times[0] && this.waits.get(this.times[0][1])?.at !== this.times[0][0]) {
+      heapPop(this.times);
+    }
+    const earliest = this.times[0];
+    if (!earliest || this.stopped || (this.timer && this.timer.at <= earliest[0])) return;
+    this.timer?.cancel();
+    const at = earliest[0];
+    const fire = () => {
+      this.timer = undefined;
+      this.expire();
+    };
+    this.timer = { at, cancel: this.clock.after(Math.max(0, at - this.clock.now()), fire) };
+  }
+
+  /** The keys whose time has come are due. */
+  private expire() {
+    const now = this.clock.now();
+    while (this.times[0] && this.times[0][0] <= now) {
+      const [at, key] = heapPop(this.times) ?? [0, ''];
+      if (this.waits.get(key)?.at !== at) continue; // added since: a stale time
+      this.waits.delete(key);
+      this.add(key);
+    }
+    this.arm();
+  }
+
+  private measure(metrics: Metrics) {
+    metrics.count('workqueue_adds_total', QUEUE, 0);
+    metrics.count('workqueue_retries_total', QUEUE, 0);
+    metrics.gauge('workqueue_depth', () => [[QUEUE, this.due.size]]);
+    metrics.gauge('workqueue_longest_running_processor_seconds', () => {
+      const [first] = this.busy.values(); // taken first, so running longest
+      return [[QUEUE, first === undefined ? 0 : (this.clock.now() - first) / 1000]];
+    });
+    metrics.gauge('workqueue_unfinished_work_seconds', () => {
+      let total = 0;
+      for (const taken of this.busy.values()) total += this.clock.now() - taken;
+      return [[QUEUE, total / 1000]];
+    });
   }
 }
 
 const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs) / 2;
+
+/** Adds to a binary heap of [time, key], earliest first. */
+function heapPush(heap: [number, string][], item: [number, string]) {
+  heap.push(item);
+  for (let i = heap.length - 1; i > 0; ) {
+    const parent = (i - 1) >> 1;
+    if ((heap[parent]?.[0] ?? 0) <= item[0]) break;
+    [heap[i], heap[parent]] = [heap[parent] as [number, string], item];
+    i = parent;
+  }
+}
+
+/** Takes the earliest from a binary heap of [time, key]. */
+function heapPop(heap: [number, string][]): [number, string] | undefined {
+  const top = heap[0];
+  const last = heap.pop();
+  if (heap.length === 0 || !last) return top;
+  heap[0] = last;
+  for (let i = 0; ; ) {
+    const left = 2 * i + 1;
+    const right = left + 1;
+    let least = i;
+    if (left < heap.length && (heap[left]?.[0] ?? 0) < (heap[least]?.[0] ?? 0)) least = left;
+    if (right < heap.length && (heap[right]?.[0] ?? 0) < (heap[least]?.[0] ?? 0)) least = right;
+    if (least === i) break;
+    [heap[i], heap[least]] = [heap[least] as [number, string], heap[i] as [number, string]];
+    i = least;
+  }
+  return top;
+}
 
 // ---------------------------------------------------------------------------------------------
 // What reconcile made: a cache of just enough to find each object's owner and to tell whether it
@@ -1210,15 +1430,17 @@ class OwnedObjects implements Cache {
   readonly entries = new Map<string, OwnedEntry>();
   // Applies in flight: what each applies, and whether another change came meanwhile.
   private readonly applying = new Map<string, { fingerprint: number; overtaken: boolean }>();
-  private readonly queue: Queue;
+  private readonly config: Config;
+  private readonly objects: ObjectCache;
 
-  constructor(queue: Queue) {
-    this.queue = queue;
+  constructor(config: Config, objects: ObjectCache) {
+    this.config = config;
+    this.objects = objects;
   }
 
   /** NAME in the namespace watched (its owner's key: one string for both); or NAMESPACE/NAME. */
   keyOf(object: unknown): string {
-    return keyOf(object, this.queue.config); // as its owner's: one string for both
+    return keyOf(object, this.config);
   }
 
   private entryOf(object: unknown): OwnedEntry {
@@ -1228,13 +1450,8 @@ class OwnedObjects implements Cache {
     const ours = controller?.kind === KIND && controller.apiVersion === apiVersion;
     const digest = fingerprint(object);
     if (!ours) return { owner: '', uid, fingerprint: digest };
-    const owner = this.queue.keyOf({ metadata: { namespace, name: controller.name } });
-    // The owner's own strings, when it is cached: one copy of each, not two, per owner.
-    const known = this.queue.entries.get(owner);
-    if (known?.object.metadata.uid === uid) {
-      return { owner: known.key, uid: known.object.metadata.uid, fingerprint: digest };
-    }
-    return { owner, uid, fingerprint: digest };
+    const owner = this.objects.owner(namespace, controller.name, uid);
+    return { owner: owner.key, uid: owner.uid, fingerprint: digest };
   }
 
   update(object: unknown, listed?: Set<string>) {
@@ -1269,7 +1486,7 @@ class OwnedObjects implements Cache {
   }
 
   private changed({ owner, uid }: OwnedEntry) {
-    if (owner) this.queue.repair(owner, uid);
+    if (owner) this.objects.repair(owner, uid);
   }
 
   /**
@@ -1396,8 +1613,10 @@ interface Worker {
   api: Api;
   problems: ClusterProblems;
   events: EventRecorder;
-  queue: Queue;
+  queue: WorkQueue;
+  objects: ObjectCache;
   owned: OwnedObjects;
+  status: StatusWriter;
   print: Print;
   reconcile: Reconcile;
   signal: AbortSignal;
@@ -1405,36 +1624,34 @@ interface Worker {
 
 /** Takes due objects and reconciles them until `signal` aborts. */
 async function work(worker: Worker) {
-  const { queue, signal } = worker;
+  const { queue, objects, signal } = worker;
   for (let key = await queue.next(signal); key !== undefined; key = await queue.next(signal)) {
-    const entry = queue.entries.get(key);
-    if (!entry) {
-      queue.done(key, false); // deleted and reconciled while it was due again
-      continue;
-    }
-    const { object } = entry;
+    const entry = objects.entries.get(key);
+    const object = entry?.object;
+    const subject = entry?.gone?.[0]?.object ?? object; // what a failure is about
     const started = performance.now();
     let failure: unknown;
     try {
-      await reconcileEntry(worker, key, entry);
+      await reconcileKey(objects, key, stepsFor(worker, key));
     } catch (err) {
       failure = err ?? new Error(`threw ${err}`);
     }
     if (signal.aborted) return;
     // An object that changed meanwhile is due again: its status waits for its latest state.
     let statusFailure: unknown;
-    if (entry.object === object && !entry.deleted) {
-      statusFailure = await writeStatus(worker, entry, failure).catch((err: unknown) => err);
+    if (entry && object && entry.object === object) {
+      statusFailure = await worker.status.write(entry, failure, signal).catch((err) => err);
     }
     if (signal.aborted) return;
     const err = failure ?? statusFailure;
     const delayMs = queue.done(key, err !== undefined);
+    objects.settle(key);
     count(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
-    if (failure !== undefined && clusterCause(failure) === undefined) {
-      worker.events.failed(key, object, messageOf(failure));
-    } else if (err === undefined && !entry.deleted) {
+    if (failure !== undefined && subject && clusterCause(failure) === undefined) {
+      worker.events.failed(key, subject, messageOf(failure));
+    } else if (err === undefined && entry?.object) {
       worker.events.recovered(key, entry.object);
-    } else if (entry.deleted) {
+    } else if (!entry?.object) {
       worker.events.forget(key);
     }
     if (err === undefined) {
@@ -1449,6 +1666,77 @@ async function work(worker: Worker) {
       }
     }
   }
+}
+
+/** What reconciling a key does besides the cache: the reader's reconcile, and requests. */
+export interface Steps {
+  reconcile(change: Change, object: Resource): Promise<void>;
+  print(change: Change, object: Resource): Promise<void>;
+  addFinalizer(object: Resource): Promise<boolean>; // false: the server no longer has it
+  removeFinalizer(object: Resource): Promise<void>;
+}
+
+function stepsFor(worker: Worker, key: string): Steps {
+  const { api, objects, print, signal } = worker;
+  const context: Context = { name: key, signal, client: clientFor(api, worker.owned, signal) };
+  return {
+    reconcile: async (change, object) => {
+      api.fence();
+      await worker.reconcile(change, object, context);
+    },
+    print: (change, object) => print(change, object, key, signal),
+    addFinalizer: (object) => addFinalizer(api, object, objects.finalizer, signal),
+    removeFinalizer: (object) => removeFinalizer(api, object, objects.finalizer, signal),
+  };
+}
+
+/**
+ * Reconciles what changed for a key since its last success: first the Deleted owed to earlier
+ * objects of its name, oldest first, then the object it has now. Throws what a step threw; what
+ * succeeded before that is not done again.
+ */
+export async function reconcileKey(objects: ObjectCache, key: string, steps: Steps) {
+  const entry = objects.entries.get(key);
+  if (!entry) return;
+  for (let gone = entry.gone?.[0]; gone; gone = entry.gone?.[0]) {
+    if (gone.owed) {
+      const last = gone.object;
+      await steps.reconcile('Deleted', last);
+      await steps.print('Deleted', last);
+      gone.owed = false;
+    }
+    const { uid } = gone.object.metadata;
+    // Back in the -l selector meanwhile: it is the entry's object again, finalizer and all.
+    const back = entry.object?.metadata.uid === uid;
+    if (objects.holds(gone.object) && !back) await steps.removeFinalizer(gone.object);
+    if (gone.watched) entry.finished = uid; // its later events are its other finalizers going
+    entry.gone = entry.gone?.length === 1 ? undefined : entry.gone?.slice(1);
+  }
+  const { object } = entry;
+  if (!object) return;
+  if (objects.finalizer && !objects.holds(object)) {
+    if (!(await steps.addFinalizer(object))) return; // replaced or gone: the watch will say
+    objects.finalized(key, object);
+    if (entry.object !== object) return; // a new spec, or gone, meanwhile: it is due again
+  }
+  const newSpec = object.metadata.generation !== entry.reconciled;
+  if (!newSpec && !entry.drifted) return;
+  const change = entry.reconciled === undefined ? 'Added' : 'Modified';
+  const drifted = entry.drifted;
+  entry.drifted = false; // a change from now on needs another repair
+  entry.tried = true;
+  try {
+    await steps.reconcile(change, object);
+  } catch (err) {
+    if (drifted && entry.object === object) entry.drifted = true;
+    throw err;
+  }
+  if (!newSpec) return; // a repair: it is as it was, so nothing is printed
+  await steps.print(change, object);
+  // Unless it went meanwhile (it may be back, out of -l and in again: then it is new).
+  const { uid } = object.metadata;
+  const went = entry.gone?.some((gone) => gone.object.metadata.uid === uid);
+  if (entry.object?.metadata.uid === uid && !went) entry.reconciled = object.metadata.generation;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1549,58 +1837,6 @@ const SUCCEEDED = { controller: kind, result: 'success' };
 const FAILED = { controller: kind, result: 'error' };
 const QUEUE = { name: kind };
 
-/** Reconciles what changed since the last success; throws what the reconcile threw. */
-async function reconcileEntry(worker: Worker, key: string, entry: Entry) {
-  const { api, queue, print, signal } = worker;
-  const context: Context = { name: key, signal, client: clientFor(api, worker.owned, signal) };
-  const reconcile = async (change: Change, object: Resource) => {
-    api.fence();
-    const drifted = entry.drifted;
-    if (change !== 'Deleted') entry.drifted = false; // a change from now on needs another repair
-    if (change !== 'Deleted') entry.tried = true;
-    try {
-      await worker.reconcile(change, object, context);
-    } catch (err) {
-      if (drifted) entry.drifted = true;
-      throw err;
-    }
-  };
-  for (let earlier = entry.replaced?.[0]; earlier; earlier = entry.replaced?.[0]) {
-    await reconcile('Deleted', earlier);
-    await print('Deleted', earlier, key, signal);
-    entry.replaced = entry.replaced?.slice(1);
-    if (entry.replaced?.length === 0) entry.replaced = undefined;
-  }
-  const { object, reconciled } = entry;
-  // An object deleted before any reconcile of it began has nothing to clean up: no line either.
-  if (entry.deleted === 'due' && entry.tried) {
-    await reconcile('Deleted', object);
-    await print('Deleted', object, key, signal);
-  }
-  if (entry.deleted === 'due') {
-    entry.deleted = 'done'; // unless it came back during its Deleted
-    entry.reconciled = undefined;
-  }
-  if (entry.deleted === 'done') {
-    const last = entry.object;
-    if (queue.holds(last)) await removeFinalizer(api, last, queue.finalizer, signal);
-    // Unless it came back meanwhile (into the -l selector), it is gone for us.
-    if (entry.deleted === 'done' && entry.object === last) queue.entries.delete(key);
-    return;
-  }
-  if (queue.finalizer && !queue.holds(object)) {
-    await addFinalizer(api, object, queue.finalizer, signal);
-  }
-  if (object.metadata.generation !== reconciled?.metadata.generation) {
-    const change = reconciled ? 'Modified' : 'Added';
-    await reconcile(change, object);
-    await print(change, object, key, signal);
-    if (entry.object.metadata.uid === object.metadata.uid) entry.reconciled = object;
-  } else if (entry.drifted) {
-    await reconcile('Modified', object); // a repair: it is as it was, so nothing is printed
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Writes to the object. Each carries its uid as a JSON patch test, so that the server refuses
 // it for another object created since under the same name (a merge patch's uid is no precondition).
@@ -1652,35 +1888,39 @@ async function patchObject(
 /**
  * Sets the object's finalizers to `change(current)`, read fresh: a JSON patch replaces a list
  * whole, so it tests the resourceVersion it was read at, and the server refuses it if anyone
- * wrote since.
+ * wrote since. False if the server no longer has the object (gone, or another under its name).
  */
 async function editFinalizers(
   api: Api,
   object: Resource,
   change: (finalizers: string[]) => string[],
   signal: AbortSignal,
-) {
+): Promise<boolean> {
   const current = await getCurrent(api, object, signal);
-  if (!current || current.metadata.uid !== object.metadata.uid) return; // gone, or another one now
+  if (current?.metadata.uid !== object.metadata.uid) return false;
   const finalizers = current.metadata.finalizers ?? [];
   const wanted = change(finalizers);
-  if (String(wanted) === String(finalizers)) return;
+  if (String(wanted) === String(finalizers)) return true;
   const { resourceVersion } = current.metadata;
   const patch = [
     uidTest(object),
     { op: 'test', path: '/metadata/resourceVersion', value: resourceVersion },
     { op: 'add', path: '/metadata/finalizers', value: wanted },
   ];
-  await patchObject(api, object, patch, signal).catch((err) => {
-    if (!isApiError(err, 404)) throw err; // gone already
-  });
+  try {
+    await patchObject(api, object, patch, signal);
+    return true;
+  } catch (err) {
+    if (isApiError(err, 404)) return false;
+    if (isApiError(err, 422) && (await replaced(api, object, signal))) return false;
+    throw err;
+  }
 }
 
 /** Adds our finalizer, so that a deleted object waits for its Deleted reconcile. */
 async function addFinalizer(api: Api, object: Resource, finalizer: string, signal: AbortSignal) {
-  if (object.metadata.deleting) return; // the server refuses a finalizer for one being deleted
   const add = (all: string[]) => (all.includes(finalizer) ? all : [...all, finalizer]);
-  await editFinalizers(api, object, add, signal);
+  return editFinalizers(api, object, add, signal);
 }
 
 /** Removes our finalizer, once the object's Deleted is reconciled: Kubernetes then deletes it. */
@@ -1715,50 +1955,119 @@ function readyCondition(object: unknown): { ready: number | string; since: numbe
   return { ready: `${is} ${reason} ${generation} ${message}`, since };
 }
 
-/** Writes the object's Ready condition, unless it already says exactly that. */
-async function writeStatus({ api, queue, signal }: Worker, entry: Entry, failure: unknown) {
-  const { object } = entry;
-  const { generation } = object.metadata;
-  if (queue.statusForbidden || typeof generation !== 'number') return;
-  const condition =
-    failure === undefined
-      ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '' }
-      : { type: 'Ready', status: 'False', reason: 'ReconcileFailed', message: messageOf(failure) };
-  const conditions = [{ ...condition, observedGeneration: generation }];
-  const { ready } = readyCondition({ status: { observedGeneration: generation, conditions } });
-  if (entry.ready === ready) return;
-  const was = typeof entry.ready === 'number' ? 'True' : entry.ready.split(' ')[0];
-  // It changes only on a flip, and in whole seconds as the server keeps it (so its echo is no
-  // change).
-  const flipped = was !== condition.status || !entry.since;
-  const since = flipped ? Math.floor(Date.now() / 1000) : entry.since;
-  const lastTransitionTime = new Date(since * 1000).toISOString().replace('.000Z', 'Z');
-  const status = {
-    observedGeneration: generation,
-    conditions: [{ ...conditions[0], lastTransitionTime }],
-  };
-  // Known before it is sent, so that its echo is no change, even when it comes before the answer.
-  const before = { ready: entry.ready, since: entry.since };
-  Object.assign(entry, { ready, since });
-  try {
-    const patch = [uidTest(object), { op: 'add', path: '/status', value: status }];
-    await patchObject(api, object, patch, signal, '/status');
-  } catch (err) {
-    if (entry.ready === ready && entry.since === since) Object.assign(entry, before);
-    // Gone, or another object under the same name: its own events make it due.
-    if (isApiError(err, 404)) return;
-    if (isApiError(err, 422) && (await replaced(api, object, signal))) return;
-    if (!isApiError(err, 403)) throw err;
-    if (queue.statusForbidden) return; // another worker said so already
-    queue.statusForbidden = true;
+/**
+ * Writes each object's Ready condition, unless it says exactly that already. Where it may not
+ * (403, in a namespace) it says so once, then lets one write there try again every
+ * STATUS_RETRY_MS while the others wait; once one goes through, those that waited are written
+ * too. Fixing RBAC needs no restart, and a refusal costs a request per STATUS_RETRY_MS, not one per
+ * object.
+ */
+class StatusWriter {
+  private readonly refusals = new Map<string, Refusal>(); // by namespace
+  private readonly api: Api;
+  private readonly queue: WorkQueue;
+
+  constructor(api: Api, queue: WorkQueue) {
+    this.api = api;
+    this.queue = queue;
+  }
+
+  async write(entry: Entry, failure: unknown, signal: AbortSignal) {
+    const { object } = entry;
+    const generation = object?.metadata.generation;
+    if (!object || typeof generation !== 'number') return;
+    const condition =
+      failure === undefined
+        ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '' }
+        : {
+            type: 'Ready',
+            status: 'False',
+            reason: 'ReconcileFailed',
+            message: messageOf(failure),
+          };
+    const conditions = [{ ...condition, observedGeneration: generation }];
+    const { ready } = readyCondition({ status: { observedGeneration: generation, conditions } });
+    if (entry.ready === ready) return;
     const { namespace } = object.metadata;
-    const can = `kubectl auth can-i patch ${resource} --subresource=status -n ${namespace}`;
-    console.error(
-      `not allowed to patch ${PLURAL}/status in namespace ${namespace} (403: ${err.message}); ` +
-        `going on without status — grant patch on ${PLURAL}/status (${can})`,
-    );
+    const refusal = this.refusals.get(namespace);
+    if (refusal && (refusal.trying || refusal.timer)) {
+      refusal.waiting.add(entry.key);
+      return;
+    }
+    if (refusal) refusal.trying = true;
+    const was = typeof entry.ready === 'number' ? 'True' : entry.ready.split(' ')[0];
+    // It changes only on a flip, and in whole seconds as the server keeps it (so its echo is no
+    // change).
+    const flipped = was !== condition.status || !entry.since;
+    const since = flipped ? Math.floor(Date.now() / 1000) : entry.since;
+    const lastTransitionTime = new Date(since * 1000).toISOString().replace('.000Z', 'Z');
+    const status = {
+      observedGeneration: generation,
+      conditions: [{ ...conditions[0], lastTransitionTime }],
+    };
+    // Known before it is sent, so that its echo is no change, even when it comes before the answer.
+    const before = { ready: entry.ready, since: entry.since };
+    Object.assign(entry, { ready, since });
+    try {
+      const patch = [uidTest(object), { op: 'add', path: '/status', value: status }];
+      await patchObject(this.api, object, patch, signal, '/status');
+      if (refusal) this.allowed(namespace, refusal);
+    } catch (err) {
+      if (entry.ready === ready && entry.since === since) Object.assign(entry, before);
+      if (refusal) refusal.trying = false;
+      // Gone, or another object under the same name: its own events make it due.
+      if (isApiError(err, 404)) return;
+      if (isApiError(err, 422) && (await replaced(this.api, object, signal))) return;
+      if (!isApiError(err, 403)) throw err;
+      this.refused(entry.key, namespace, err.message);
+    }
+  }
+
+  stop() {
+    for (const { timer } of this.refusals.values()) clearTimeout(timer);
+  }
+
+  private refused(key: string, namespace: string, message: string) {
+    let refusal = this.refusals.get(namespace);
+    if (!refusal) {
+      refusal = { trying: false, timer: undefined, waiting: new Set() };
+      this.refusals.set(namespace, refusal);
+      const can = `kubectl auth can-i patch ${resource} --subresource=status -n ${namespace}`;
+      console.error(
+        `not allowed to patch ${PLURAL}/status in namespace ${namespace} (403: ${message}); ` +
+          `trying again every ${inSeconds(STATUS_RETRY_MS)} — grant patch on ${PLURAL}/status ` +
+          `(${can})`,
+      );
+    }
+    refusal.waiting.add(key);
+    const tryAgain = (waiting: Refusal) => {
+      waiting.timer = undefined;
+      this.again(waiting);
+    };
+    refusal.timer ??= setTimeout(tryAgain, STATUS_RETRY_MS, refusal);
+  }
+
+  private allowed(namespace: string, refusal: Refusal) {
+    this.refusals.delete(namespace);
+    console.error(`allowed to patch ${PLURAL}/status in namespace ${namespace} now`);
+    this.again(refusal);
+  }
+
+  /** The objects whose status waited are due again (never cutting a backoff short). */
+  private again(refusal: Refusal) {
+    for (const key of refusal.waiting) this.queue.add(key, false);
+    refusal.waiting.clear();
   }
 }
+
+/** Status writes that a namespace refused: they wait while one tries again. */
+interface Refusal {
+  trying: boolean;
+  timer: ReturnType<typeof setTimeout> | undefined;
+  waiting: Set<string>;
+}
+
+const STATUS_RETRY_MS = 10_000;
 
 // ---------------------------------------------------------------------------------------------
 // Output: stdout is the product, so a pipe gets every line, in order, and a slow reader slows us.
@@ -2344,15 +2653,19 @@ export async function main(
 /** The watches and the workers, until `signal` aborts. */
 async function control(api: Api, health: Health, options: Options, signal: AbortSignal) {
   const { config, metrics } = api;
-  const queue = new Queue(config, options.finalizer ?? FINALIZER, metrics);
-  const owned = new OwnedObjects(queue);
+  const queue = new WorkQueue(monotonic, metrics);
+  const objects = new ObjectCache(config, queue, options.finalizer ?? FINALIZER);
+  const owned = new OwnedObjects(config, objects);
+  const status = new StatusWriter(api, queue);
   const stdout = options.stdout ?? process.stdout;
   const worker: Worker = {
     api,
     problems: new ClusterProblems(config.server),
     events: new EventRecorder(api),
     queue,
+    objects,
     owned,
+    status,
     print: printer(stdout, config.json, () => api.fence()),
     reconcile: options.reconcile ?? reconcile,
     signal,
@@ -2376,12 +2689,11 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     await ownedIn.promise;
     await work(worker);
   });
-  const objectCollection = {
-    plural: PLURAL,
-    path: collectionPath(config.namespace),
-    selector: config.selector,
-    cache: queue,
-  };
+  const path = collectionPath(config.namespace);
+  const objectCollection = { plural: PLURAL, path, selector: config.selector, cache: objects };
+  if (objects.finalizer && config.selector) {
+    void objectsIn.promise.then(() => releaseUnselected(api, objects, path, signal));
+  }
   // What the two say on stderr is shared: a problem of the server's is one line, not two.
   const shared = { health, stdout, said: { problems: new Set<string>(), streaming: true } };
   await Promise.all([
@@ -2389,8 +2701,37 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     listAndWatch(api, ownedCollection(config, owned), shared, ownedIn.resolve, signal),
   ]);
   queue.stop();
+  status.stop();
   // In-flight reconciles were told to stop; wait briefly.
   await Promise.race([Promise.all(workers), sleep(300)]);
+}
+
+/**
+ * With -l and a finalizer: an object that left the selector while no replica ran still carries
+ * our finalizer, and no watch of ours will see it again. One list of the whole collection at the
+ * start (the objects outside the selector too) finds them: each gets its Deleted, and the
+ * finalizer comes off.
+ */
+async function releaseUnselected(
+  api: Api,
+  objects: ObjectCache,
+  path: string,
+  signal: AbortSignal,
+) {
+  const collection = { plural: PLURAL, path, selector: undefined, cache: objects };
+  while (!signal.aborted) {
+    try {
+      for await (const page of listPages(api, collection, signal)) {
+        for (const object of page.items ?? []) objects.orphan(object);
+      }
+      return;
+    } catch (err) {
+      if (signal.aborted) return;
+      const why = `cannot list the ${PLURAL} outside the selector that carry our finalizer`;
+      console.error(`${why} (${messageOf(err)}); retrying in 30s`);
+      await sleep(30_000, undefined, { signal }).catch(() => {});
+    }
+  }
 }
 
 /** The exit code for what stopped the controller, after its one line; or the error, rethrown. */
