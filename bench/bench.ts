@@ -1,5 +1,6 @@
-// Benchmark: controller.ts against a floor (bench/floor.ts) or a computed ideal, every row of
-// issues 12 and 20, each with its target and ✅/❌, all in one run.
+// Benchmark: controller.ts against a floor (bench/floor.ts) or a computed ideal: start-up, sync
+// and watch times, peak RSS, memory per book, requests and writes, time until new books are
+// Ready, idle traffic; each row with its target and ✅/❌, all in one run.
 //
 //   node bench/bench.ts [--runs R] [--runtime node|deno|bun] [--launcher strip|tsx|npx]
 //                       [--books N] [--events M] [--memory-books B] [--ready-books C] [--latency MS]
@@ -16,11 +17,11 @@
 //               streaming list under `npx tsx` (the controller's documented way to run). Controller
 //               and floor (the same work: list + watch of books and owned ConfigMaps, one awaited
 //               server-side apply and one awaited status patch per new generation; with --raw also
-//               round 1's raw floor) are run interleaved, in a rotating order, R times. Initial
+//               the raw floor, which only reads and prints) are run interleaved, in a rotating order, R times. Initial
 //               sync = spawn → the stdout line by which every one of the N books had its Added;
 //               first event = spawn → the first line; watch = the burst → in sync again (the last
 //               line, or the last write if later: a level-triggered controller may merge the
-//               burst's changes, issue 9). Peak RSS = VmHWM of the process running the code.
+//               burst's changes). Peak RSS = VmHWM of the process running the code.
 //   memory      B books already Ready, each with its correct ConfigMap (a restart: nothing to
 //               write), streaming list; each subject started with bench/memprobe.ts preloaded:
 //               after the B-th Added and 0.5 s, SIGUSR2 → forced GC → heapUsed. Per book =
@@ -35,7 +36,7 @@
 //               (writes counted in the audit log, and the books' and ConfigMaps' resourceVersions);
 //               peak RSS. A few minutes; --skip-fake runs only these.
 // Medians, [min–max] where runs > 1. Lines are checked against the workload: changes of one book
-// may merge while it waits (issue 9), but each book's lines follow its history and end in its
+// may merge while it waits, but each book's lines follow its history and end in its
 // final state. A controller flag it does not know (exit 2) makes its rows n/a.
 //
 // The server is a separate process: on 2 cores the client gets one core and the server shares
@@ -799,7 +800,7 @@ async function syncTable() {
   detail('spawn → N-th book Added (ms)', (r) => r.syncMs);
   detail('watch: burst of M events → in sync again (ms)', (r) => r.watchMs);
   detail('lines printed', (r) => r.lines);
-  detail('lines merged (issue 9)', (r) => r.merged);
+  detail('lines merged (changes of a book that came while it waited)', (r) => r.merged);
   detail('peak RSS (MB)', (r) => r.rssMB);
   detail('CPU user+sys (s)', (r) => r.cpuS, 2);
   detail('applies', (r) => r.requests.applies);
@@ -1951,7 +1952,7 @@ try {
     }
     if (flags.real) await realTable();
     console.log(
-      `\n## issues 12 and 20: the table (${LAUNCHER_NAME[MAIN]}, ${R} interleaved runs on the fake${flags.real ? `, ${flags['real-runs']} on the real server` : ''}; medians [min–max])\n`,
+      `\n## summary: each measure against its floor or ideal, and its target (${LAUNCHER_NAME[MAIN]}, ${R} interleaved runs on the fake${flags.real ? `, ${flags['real-runs']} on the real server` : ''}; medians [min–max])\n`,
     );
     printRows(SUMMARY);
     for (const n of NOTES.slice(0, 5)) console.log(`\nnote: ${n}`);

@@ -3,7 +3,7 @@
 //
 // What the controller does, without retries, validation, resume or backoff:
 // - it loads the kubeconfig with client-node, as the controller does, because importing
-//   client-node dominates start-up and memory (see /work/shared/PERFORMANCE.md);
+//   client-node dominates start-up and memory (bench.ts --tables imports measures it);
 // - it lists and watches the owned ConfigMaps (labelSelector app.kubernetes.io/managed-by=
 //   book-controller) and the books, each with the streaming list (or, if the server answers
 //   422/400, the paginated list then one watch), split lines, JSON.parse;
@@ -11,11 +11,11 @@
 //   for both), so that a restart writes nothing;
 // - it keeps one number per book (its generation) and one per ConfigMap (a 32-bit hash of its
 //   owner's uid and its data), and for each new generation of a book: one awaited server-side
-//   apply of its ConfigMap (the body of /tmp/team/SPEC.md), unless the ConfigMap already says
+//   apply of its ConfigMap (the body controller.ts applies), unless the ConfigMap already says
 //   that; then the line; then, unless the book is already Ready at that generation, one awaited
 //   status JSON patch (a test of /metadata/uid, then add /status), on a keep-alive connection.
 //   One book at a time, as `--concurrency 1`.
-//   --raw   no writes, no ConfigMaps, nothing kept per book: round 1's floor (prints every event)
+//   --raw   no writes, no ConfigMaps, nothing kept per book: only reads and prints every event
 //   --bare  reads the kubeconfig as JSON instead of importing client-node (the bench writes
 //           it as JSON, which is also YAML)
 import https from 'node:https';

@@ -2,8 +2,8 @@
 // so that serializing and encrypting does not delay the bench's event loop, which
 // timestamps the client's output lines.
 //
-// It plays what the controller needs of a real API server (see /work/shared/PROTOCOL.md and
-// /tmp/team/SPEC.md), for two resources that share one resourceVersion counter:
+// It plays what the controller needs of a real API server, for two resources that share one
+// resourceVersion counter:
 // - books with metadata.generation (+1 on each spec change);
 // - ConfigMaps, the ones the controller owns (label app.kubernetes.io/managed-by=book-controller);
 // and for each:
@@ -35,7 +35,8 @@
 // The workload's M watch events (bench/workload.ts) happen at once when bench.ts asks
 // (POST /bench/burst), which it does once the client is in sync (every book printed and
 // Ready): a burst during the initial sync would merge into it in a level-triggered
-// controller (issue 9) and measure neither.
+// controller (changes of one book that arrive while it waits are handled once) and measure
+// neither.
 //
 // Control (no auth, not counted), for bench.ts:
 //   POST /bench/reset?books=K&events=0|1&watchlist=0|1&latency=MS&ready=0|1

@@ -12,7 +12,7 @@ export function bookNames(n: number): string[] {
   return Array.from({ length: n }, (_, i) => `book-${String(i).padStart(6, '0')}`);
 }
 
-// The bench's book (issue 12): a 57-character title with a non-Latin-1 dash (so the
+// The bench's book: a 57-character title with a non-Latin-1 dash (so the
 // runtime stores it two bytes a character), and two authors (see server.ts).
 export function listTitle(name: string, i: number): string {
   const t =
@@ -55,7 +55,7 @@ const LINE = /^(Added|Modified|Deleted) a book (\S+)(?: with title '(.*)')?$/;
 
 /**
  * Checks printed lines against the workload, allowing what a level-triggered
- * controller may do (issue 9): changes of one book that arrive while it waits
+ * controller may do: changes of one book that arrive while it waits
  * merge, so a book may print fewer lines (an Added may carry a later title, a
  * book created and deleted while waiting may print nothing), but each book's
  * lines follow its history in order and end in its final state.
