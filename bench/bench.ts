@@ -17,8 +17,9 @@
 //               streaming list under `npx tsx` (the controller's documented way to run). Controller
 //               and floor (the same work: list + watch of books and owned ConfigMaps, one awaited
 //               server-side apply and one awaited status patch per new generation; with --raw also
-//               the raw floor, which only reads and prints) are run interleaved, in a rotating order, R times. Initial
-//               sync = spawn → the stdout line by which every one of the N books had its Added;
+//               the raw floor, which only reads and prints) are run interleaved, in a rotating
+//               order, R times. Initial sync = spawn → the stdout line by which every one of the N
+//               books had its Added;
 //               first event = spawn → the first line; watch = the burst → in sync again (the last
 //               line, or the last write if later: a level-triggered controller may merge the
 //               burst's changes). Peak RSS = VmHWM of the process running the code.
@@ -55,7 +56,6 @@ import {
   readSync,
   rmSync,
   statSync,
-  writeFileSync,
 } from 'node:fs';
 import { builtinModules } from 'node:module';
 import { cpus, hostname, loadavg, release, tmpdir, totalmem } from 'node:os';
@@ -63,6 +63,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { CA_CERT, writeKubeconfig } from '../fake-apiserver.ts';
 import { authors as authorsOf, checkLines, listTitle as listTitleOf } from './workload.ts';
 
 const BENCH = dirname(fileURLToPath(import.meta.url));
@@ -193,50 +194,16 @@ const MAIN: Launcher =
   flags.runtime === 'node' ? (flags.launcher as Launcher) : (flags.runtime as Launcher);
 
 // ---------- TLS, kubeconfig, server ----------
+// The tests' CA, server certificate, token and kubeconfig writer (fake-apiserver.ts): one of each
+// in the repository. bench/server.ts serves with that certificate.
 const tmp = mkdtempSync(join(tmpdir(), 'book-bench-'));
-function makeCerts() {
-  const ssl = (...a: string[]) => execFileSync('openssl', a, { cwd: tmp, stdio: 'pipe' });
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  ssl(
-    'req',
-    '-x509',
-    ...ec,
-    '-keyout',
-    'ca.key',
-    '-out',
-    'ca.crt',
-    '-days',
-    '1',
-    '-subj',
-    '/CN=book-bench-ca',
-  );
-  ssl('req', ...ec, '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=127.0.0.1');
-  writeFileSync(
-    join(tmp, 'ext.cnf'),
-    'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n',
-  );
-  ssl(
-    'x509',
-    '-req',
-    '-in',
-    'server.csr',
-    '-CA',
-    'ca.crt',
-    '-CAkey',
-    'ca.key',
-    '-CAcreateserial',
-    '-out',
-    'server.crt',
-    '-days',
-    '1',
-    '-extfile',
-    'ext.cnf',
-  );
+const kubeconfigDirs: string[] = []; // writeKubeconfig makes a temp dir per file: removed at the end
+function kubeconfig(options: Parameters<typeof writeKubeconfig>[0]): string {
+  const file = writeKubeconfig(options);
+  kubeconfigDirs.push(dirname(file));
+  return file;
 }
-makeCerts();
-const TOKEN = `bench-token-${Math.random().toString(36).slice(2)}`;
-const CA = readFileSync(join(tmp, 'ca.crt'));
-const control = new https.Agent({ keepAlive: true, ca: CA, maxSockets: 1 });
+const control = new https.Agent({ keepAlive: true, ca: CA_CERT, maxSockets: 1 });
 
 interface ServerStats {
   listPages: number;
@@ -290,9 +257,6 @@ async function startServer(books: number, events: number): Promise<Server> {
       join(BENCH, 'server.ts'),
       String(books),
       String(events),
-      join(tmp, 'server.crt'),
-      join(tmp, 'server.key'),
-      TOKEN,
     ],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
@@ -300,33 +264,8 @@ async function startServer(books: number, events: number): Promise<Server> {
     proc.stdout?.once('data', (d: Buffer) => resolve(JSON.parse(d.toString()).port));
     proc.once('exit', (c) => reject(new Error(`server exited (${c})`)));
   });
-  // JSON is YAML, so client-node reads it and the bare floor can JSON.parse it
-  const kubeconfig = join(tmp, `kubeconfig-${port}.json`);
-  writeFileSync(
-    kubeconfig,
-    JSON.stringify(
-      {
-        apiVersion: 'v1',
-        kind: 'Config',
-        'current-context': 'bench',
-        clusters: [
-          {
-            name: 'bench',
-            cluster: {
-              server: `https://127.0.0.1:${port}`,
-              'certificate-authority-data': CA.toString('base64'),
-            },
-          },
-        ],
-        users: [{ name: 'bench', user: { token: TOKEN } }],
-        contexts: [
-          { name: 'bench', context: { cluster: 'bench', user: 'bench', namespace: 'default' } },
-        ],
-      },
-      null,
-      2,
-    ),
-  );
+  // JSON (which is YAML): client-node reads it, and the bare floor can JSON.parse it
+  const file = kubeconfig({ server: `https://127.0.0.1:${port}`, namespace: 'default' });
   const call = (path: string, query: Record<string, string | number> = {}) =>
     new Promise<ServerStats>((resolve, reject) => {
       const q = new URLSearchParams(Object.entries(query).map(([k, v]) => [k, String(v)]));
@@ -346,7 +285,7 @@ async function startServer(books: number, events: number): Promise<Server> {
         .on('error', reject)
         .end();
     });
-  return { proc, kubeconfig, call, stop: () => proc.kill('SIGTERM') };
+  return { proc, kubeconfig: file, call, stop: () => proc.kill('SIGTERM') };
 }
 
 // ---------- /proc ----------
@@ -1176,13 +1115,8 @@ type ClusterModule = typeof import('../e2e/cluster.ts');
 type Cluster = Awaited<ReturnType<ClusterModule['startCluster']>>;
 
 /** A kubeconfig like the admin's, with `namespace` as its context's namespace. */
-function kubeconfigIn(cluster: Cluster, namespace: string): string {
-  const kc = JSON.parse(readFileSync(cluster.kubeconfig, 'utf8'));
-  for (const c of kc.contexts) c.context.namespace = namespace;
-  const file = join(tmp, `real-${namespace}.json`);
-  writeFileSync(file, JSON.stringify(kc));
-  return file;
-}
+const kubeconfigIn = (cluster: Cluster, namespace: string) =>
+  kubeconfig({ server: cluster.server, ca: cluster.ca, token: cluster.token, namespace });
 
 /** A request to the real server with the admin's token, on a keep-alive agent. */
 function realRequest(
@@ -1961,4 +1895,5 @@ try {
 } finally {
   control.destroy();
   if (!flags.profile) rmSync(tmp, { recursive: true, force: true });
+  for (const dir of kubeconfigDirs) rmSync(dir, { recursive: true, force: true });
 }

@@ -49,13 +49,15 @@
 //                            Ready, when the last write was answered (ms since the epoch); with
 //                            full=1 also the books whose ConfigMap is missing or wrong.
 //
-// usage: node bench/server.ts BOOKS EVENTS CERT KEY TOKEN   (prints {"port":…})
+// It serves with the tests' certificate and accepts their token (fake-apiserver.ts).
+//
+// usage: node bench/server.ts BOOKS EVENTS   (prints {"port":…})
 import { createServer } from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { readFileSync } from 'node:fs';
+import { SERVER_CERT, SERVER_KEY, TOKEN } from '../fake-apiserver.ts';
 import { bookNames, listTitle, authors, watchEvents } from './workload.ts';
 
-const [books, events, certFile, keyFile, token] = process.argv.slice(2);
+const [books, events] = process.argv.slice(2);
 const N = Number(books);
 const M = Number(events);
 const NS = 'default';
@@ -844,36 +846,33 @@ function serve(req: IncomingMessage, res: ServerResponse, path: string, q: URLSe
   return notFound(res, req, path);
 }
 
-const server = createServer(
-  { cert: readFileSync(certFile), key: readFileSync(keyFile), keepAlive: true },
-  (req, res) => {
-    const url = new URL(req.url ?? '/', 'https://x');
-    const q = url.searchParams;
-    switch (url.pathname) {
-      case '/bench/stats':
-        return res.end(JSON.stringify(stats(q.get('full') === '1')));
-      case '/bench/reset':
-        reset(q);
-        return res.end('{}');
-      case '/bench/burst':
-        applyWorkload();
-        return res.end('{}');
-      case '/bench/create':
-        create(Number(q.get('n')));
-        return res.end('{}');
-    }
-    if (req.headers.authorization !== `Bearer ${token}`) {
-      counts.unauthorized++;
-      return status(res, 401, 'Unauthorized', 'Unauthorized');
-    }
-    if (!tFirst) tFirst = performance.now();
-    if (!clientSockets.has(req.socket)) {
-      clientSockets.add(req.socket);
-      counts.connections++;
-    }
-    serve(req, res, url.pathname, q);
-  },
-);
+const server = createServer({ cert: SERVER_CERT, key: SERVER_KEY, keepAlive: true }, (req, res) => {
+  const url = new URL(req.url ?? '/', 'https://x');
+  const q = url.searchParams;
+  switch (url.pathname) {
+    case '/bench/stats':
+      return res.end(JSON.stringify(stats(q.get('full') === '1')));
+    case '/bench/reset':
+      reset(q);
+      return res.end('{}');
+    case '/bench/burst':
+      applyWorkload();
+      return res.end('{}');
+    case '/bench/create':
+      create(Number(q.get('n')));
+      return res.end('{}');
+  }
+  if (req.headers.authorization !== `Bearer ${TOKEN}`) {
+    counts.unauthorized++;
+    return status(res, 401, 'Unauthorized', 'Unauthorized');
+  }
+  if (!tFirst) tFirst = performance.now();
+  if (!clientSockets.has(req.socket)) {
+    clientSockets.add(req.socket);
+    counts.connections++;
+  }
+  serve(req, res, url.pathname, q);
+});
 server.keepAliveTimeout = 60_000;
 server.listen(0, '127.0.0.1', () => {
   const addr = server.address();
