@@ -1081,6 +1081,13 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     } finally {
       await cluster.kubectlOk(['apply', '-f', 'deploy.yaml']);
     }
+    // Granted again: no restart needed, the status is written within the retry period.
+    await controller.stderr(/^allowed to patch books\/status in namespace e2e-sa now$/m, 30_000);
+    await waitFor(
+      'moby-dick Ready at generation 2 once patch on books/status is granted again',
+      async () => (isReadyAt(await getBook('e2e-sa', 'moby-dick'), 2) ? true : undefined),
+      15_000,
+    );
     assert.deepEqual(
       controller.out.filter((line) => line.includes('e2e-sa/')),
       [added('e2e-sa/moby-dick', 'Moby Dick'), modified('e2e-sa/moby-dick', 'The Whale')],
@@ -1600,6 +1607,117 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
           controller.out.indexOf(deleted('while-down')),
       controller.out.join('\n'),
     );
+    assert.equal(controller.err, '');
+  });
+
+  /** A copy of controller.ts beside it (so that its imports resolve), changed as a reader would. */
+  function copyOfController(copy: string, changes: [string, string][]) {
+    let source = readFileSync(join(ROOT, 'controller.ts'), 'utf8');
+    for (const [from, to] of changes) {
+      assert.ok(source.includes(from), `controller.ts has ${from}`);
+      source = source.replace(from, to);
+    }
+    writeFileSync(join(ROOT, copy), source);
+    after(() => rmSync(join(ROOT, copy), { force: true }));
+    return copy;
+  }
+  const isReadyAt = (book: Awaited<ReturnType<typeof getBook>>, generation: number) =>
+    book?.status?.conditions?.some(
+      (condition) =>
+        condition.type === 'Ready' &&
+        condition.status === 'True' &&
+        (condition as { observedGeneration?: number }).observedGeneration === generation,
+    ) === true;
+
+  test('-l: a book relabelled out and straight back in while its Deleted runs (a slow cleanup that deletes the ConfigMap) is Added again, its ConfigMap made again, Ready', {
+    timeout: 60_000,
+  }, async () => {
+    await namespace('e2e-round-trip');
+    // A Deleted that takes 1.5 s and cleans up what Added made, as a reader's might.
+    const copy = copyOfController('controller.round-trip.ts', [
+      [
+        "    case 'Deleted':\n",
+        "    case 'Deleted':\n      await new Promise((resolve) => setTimeout(resolve, 1500));\n" +
+          // biome-ignore lint/suspicious/noTemplateCurlyInString: the copy's code, not ours
+          '      await client.delete(`/api/v1/namespaces/${namespace}/configmaps/${name}`);\n',
+      ],
+    ]);
+    const args = ['-n', 'e2e-round-trip', '-l', 'shelf=fiction'];
+    const controller = new Controller('controller', args, cluster.kubeconfig, {}, copy);
+    await applyBook('e2e-round-trip', 'moby-dick', 'Moby Dick', { shelf: 'fiction' });
+    await controller.line(added('moby-dick', 'Moby Dick'));
+    const label = (shelf: string) =>
+      cluster.kubectlOk([
+        'label',
+        'book',
+        'moby-dick',
+        '-n',
+        'e2e-round-trip',
+        `shelf=${shelf}`,
+        '--overwrite',
+      ]);
+    await label('poetry');
+    await label('fiction'); // back within the Deleted's 1.5 s
+    await controller.line(deleted('moby-dick'));
+    await controller.line(added('moby-dick', 'Moby Dick'), 10_000);
+    await waitFor(
+      'ConfigMap e2e-round-trip/moby-dick made again after the cleanup',
+      async () => ((await getConfigMap('e2e-round-trip', 'moby-dick')) ? true : undefined),
+      10_000,
+    );
+    assert.ok(isReadyAt(await getBook('e2e-round-trip', 'moby-dick'), 1));
+    assert.deepEqual(controller.out, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby Dick'),
+    ]);
+    assert.equal(controller.err, '');
+  });
+
+  test('-l with a finalizer: a book relabelled out of the selector while the controller is down gets its Deleted at the next start, loses the finalizer, and kubectl delete does not hang', {
+    timeout: 90_000,
+  }, async () => {
+    await namespace('e2e-unselected');
+    const finalizer = 'example.technosophos.com/book-controller';
+    const copy = copyOfController('controller.unselected.ts', [
+      ["export const FINALIZER = '';", `export const FINALIZER = '${finalizer}';`],
+    ]);
+    const args = ['-n', 'e2e-unselected', '-l', 'shelf=fiction'];
+    let controller = new Controller('controller', args, cluster.kubeconfig, {}, copy);
+    await applyBook('e2e-unselected', 'moby-dick', 'Moby Dick', { shelf: 'fiction' });
+    await controller.line(added('moby-dick', 'Moby Dick'));
+    assert.deepEqual((await getBook('e2e-unselected', 'moby-dick'))?.metadata.finalizers, [
+      finalizer,
+    ]);
+    assert.equal(await controller.stop(), 0);
+    await cluster.kubectlOk([
+      'label',
+      'book',
+      'moby-dick',
+      '-n',
+      'e2e-unselected',
+      'shelf=poetry',
+      '--overwrite',
+    ]);
+    controller = new Controller('controller (restarted)', args, cluster.kubeconfig, {}, copy);
+    await controller.line(deleted('moby-dick'), 30_000);
+    await waitFor(
+      'our finalizer off moby-dick, which stays',
+      async () => {
+        const book = await getBook('e2e-unselected', 'moby-dick');
+        return book && !book.metadata.finalizers?.includes(finalizer) ? true : undefined;
+      },
+      10_000,
+    );
+    await cluster.kubectlOk([
+      'delete',
+      'book',
+      'moby-dick',
+      '-n',
+      'e2e-unselected',
+      '--timeout=20s',
+    ]);
+    assert.deepEqual(controller.out, [deleted('moby-dick')]);
     assert.equal(controller.err, '');
   });
 
