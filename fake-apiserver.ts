@@ -197,6 +197,8 @@ export interface FaultOptions {
   retryAfterSeconds?: number; // Status details.retryAfterSeconds
   verb?: Verb; // only the next request with this verb (default: any request)
   resource?: Resource;
+  name?: string; // only a request for the object of this name
+  always?: boolean; // every such request, not just the next, until clearFaults()
 }
 
 /** A kind of object it serves, and how the real server names it in messages. */
@@ -1202,7 +1204,10 @@ class Streams {
         watch.send(replay.join(''));
         watches.add(watch);
         this.knobs.onActivity();
-        timer = setTimeout(watch.end, Number(query.timeoutSeconds) * 1000);
+        // Without timeoutSeconds, kube-apiserver's --min-request-timeout: 30 minutes (and up
+        // to as much again, at random).
+        const seconds = query.timeoutSeconds ? Number(query.timeoutSeconds) : 1800;
+        timer = setTimeout(watch.end, seconds * 1000);
       },
       cancel: forget, // the client went away
     });
@@ -1399,8 +1404,10 @@ export class FakeApiServer {
     const fault = this.faults.findIndex(
       ({ match }) =>
         (!match.verb || match.verb === logged.verb) &&
-        (!match.resource || match.resource === logged.resource),
+        (!match.resource || match.resource === logged.resource) &&
+        (!match.name || match.name === logged.name),
     );
+    if (fault >= 0 && this.faults[fault]?.match.always) return this.faults[fault].response();
     if (fault >= 0) return this.faults.splice(fault, 1)[0]?.response() ?? Response.error();
     if (notJson)
       return statusResponse(
@@ -1963,6 +1970,10 @@ export class FakeApiServer {
       match: options,
       response: () => statusResponse(code, reason, message, details, options.headers),
     });
+  }
+  /** Takes back every fault queued by failNext, `always` ones included. */
+  clearFaults() {
+    this.faults.length = 0;
   }
   /** The next streaming list of books sends its ADDEDs, then this error as an ERROR event. */
   failInitialEvents(code: number, reason: string, message: string) {
