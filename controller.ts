@@ -84,9 +84,11 @@ export const MANAGED_BY = { 'app.kubernetes.io/managed-by': CONTROLLER };
  * Your code goes here: make the world match the book.
  *
  * Called by a worker for a book that changed since its last successful reconcile: Added,
- * Modified (its spec changed, or someone changed what it made), or Deleted (with the last book
- * seen). Never twice at once for one book. When it returns, the change is printed and the book's
- * status says Ready. If it throws, the status says why and the book is tried again later, with
+ * Modified (its spec changed; or, printing nothing, someone changed what it made, or the time it
+ * asked for came: `context.reason` says which), or Deleted (with the last book seen). Never twice
+ * at once for one book. When it returns, the change is printed and the book's status says Ready,
+ * with the fields it returned in `status`; `requeueAfter` asks for another look that many
+ * seconds later. If it throws, the status says why and the book is tried again later, with
  * backoff. `client` makes requests as the controller does; they stop when it stops or stops
  * leading, since another replica takes over.
  */
@@ -122,13 +124,31 @@ const resource = `${PLURAL}.${GROUP}`;
 const apiVersion = `${GROUP}/${VERSION}`;
 
 export type Change = 'Added' | 'Modified' | 'Deleted';
-export type Reconcile = typeof reconcile;
+export type Reconcile = (
+  change: Change,
+  object: Resource,
+  context: Context,
+) => Promise<Result | void>;
 
 /** What reconcile gets besides the object: its name as printed, and a client for the cluster. */
 export interface Context {
   name: string; // NAME, or NAMESPACE/NAME with -A
+  // Why it runs: the object changed (or is new, or gone), what it made was changed by someone
+  // else, or the requeueAfter it returned last time came.
+  reason: 'changed' | 'repair' | 'requeue';
+  status: Readonly<Record<string, unknown>>; // what the object's status says, besides Ready
   signal: AbortSignal; // aborts when the controller stops or stops leading
   client: Client;
+}
+
+/**
+ * What reconcile may return (nothing is fine): fields of its own for the object's status, written
+ * in the same request as Ready (and only when they differ from what the status says), and when
+ * to look again, as controller-runtime's Result{RequeueAfter} and kube-rs' Action::requeue.
+ */
+export interface Result {
+  status?: Record<string, unknown>; // merged into the status: a field left out stays as it is
+  requeueAfter?: number; // seconds: reconcile again then, in the latest state, printing nothing
 }
 
 /**
@@ -409,6 +429,9 @@ interface Call {
 }
 
 /** Sends requests to the server of `config`; every write first passes `fence` (leadership). */
+/** The errors that requests to the API server met: only these can be the cluster's problem. */
+const fromApiServer = new WeakSet<object>();
+
 class Api {
   readonly config: Config;
   readonly metrics: Metrics;
@@ -427,7 +450,17 @@ class Api {
     this.metrics = metrics;
   }
 
+  /** Sends a request; an answer over 299 is thrown as an ApiError. */
   async call(request: Call): Promise<http.IncomingMessage> {
+    try {
+      return await this.send(request);
+    } catch (err) {
+      if (typeof err === 'object' && err !== null) fromApiServer.add(err);
+      throw err;
+    }
+  }
+
+  private async send(request: Call): Promise<http.IncomingMessage> {
     const { verb, method = 'GET', path, query, body, signal } = request;
     if (method !== 'GET' && !path.includes('/leases')) this.fence();
     const { server, kubeConfig } = this.config;
@@ -954,6 +987,8 @@ export interface Entry {
   reconciled: Resource['metadata']['generation'] | undefined; // what its last Added/Modified saw
   tried: boolean; // a reconcile of it began (or our finalizer on it says so): its Deleted is owed
   drifted: boolean; // someone changed what reconcile made: reconcile again, printing nothing
+  requeue: boolean; // its reconcile asked for another look: when it is next taken, it runs
+  status: Record<string, unknown> | undefined; // its status fields besides Ready's
   gone: Gone[] | undefined; // earlier ones, oldest first, with what each is still owed
   finished: string | undefined; // the uid of one being deleted whose Deleted ran: no news since
   ready: number | string; // the Ready condition on the server: see readyCondition
@@ -1024,6 +1059,7 @@ export class ObjectCache implements Cache {
     const readyChanged = entry.ready !== ready || entry.since !== since;
     entry.ready = ready;
     entry.since = since;
+    entry.status = ownStatus(object);
     const before = entry.object?.metadata;
     if (before?.uid !== checked.metadata.uid) {
       if (entry.object) this.retire(entry, entry.object, false);
@@ -1152,12 +1188,8 @@ export class ObjectCache implements Cache {
       entry.gone = [...(entry.gone ?? []), { object: last, owed: entry.tried, watched }];
       this.queue.add(entry.key);
     }
-    Object.assign(entry, {
-      object: undefined,
-      reconciled: undefined,
-      tried: false,
-      drifted: false,
-    });
+    Object.assign(entry, { object: undefined, reconciled: undefined, tried: false });
+    Object.assign(entry, { drifted: false, requeue: false, status: undefined });
   }
 
   /** The object, checked; an object the check refuses is said once per reason, and left. */
@@ -1177,6 +1209,14 @@ export class ObjectCache implements Cache {
   }
 }
 
+/** The status fields of the reader's own: all but Ready's (conditions and observedGeneration). */
+function ownStatus(object: unknown): Record<string, unknown> | undefined {
+  const { status } = object as { status?: Record<string, unknown> };
+  if (typeof status !== 'object' || status === null) return undefined;
+  const { conditions, observedGeneration, ...own } = status;
+  return Object.keys(own).length > 0 ? own : undefined;
+}
+
 function newEntry(key: string, ready: Entry['ready'], since: number): Entry {
   return {
     key,
@@ -1184,6 +1224,8 @@ function newEntry(key: string, ready: Entry['ready'], since: number): Entry {
     reconciled: undefined,
     tried: false,
     drifted: false,
+    requeue: false,
+    status: undefined,
     gone: undefined,
     finished: undefined,
     ready,
@@ -1631,46 +1673,52 @@ async function work(worker: Worker) {
     const subject = entry?.gone?.[0]?.object ?? object; // what a failure is about
     const started = performance.now();
     let failure: unknown;
+    let result: Result | undefined;
     try {
-      await reconcileKey(objects, key, stepsFor(worker, key));
+      result = await reconcileKey(objects, key, stepsFor(worker, key));
     } catch (err) {
       failure = err ?? new Error(`threw ${err}`);
     }
     if (signal.aborted) return;
     // An object that changed meanwhile is due again: its status waits for its latest state.
     let statusFailure: unknown;
-    if (entry && object && entry.object === object) {
-      statusFailure = await worker.status.write(entry, failure, signal).catch((err) => err);
+    const current = entry && object && entry.object === object;
+    if (current) {
+      const own = result?.status;
+      statusFailure = await worker.status.write(entry, failure, own, signal).catch((err) => err);
     }
     if (signal.aborted) return;
     const err = failure ?? statusFailure;
-    const delayMs = queue.done(key, err !== undefined);
+    const laterMs = current && result?.requeueAfter ? result.requeueAfter * 1000 : 0;
+    if (entry && laterMs > 0) entry.requeue = true;
+    const delayMs = queue.done(key, err !== undefined, laterMs);
     objects.settle(key);
     count(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
-    if (failure !== undefined && subject && clusterCause(failure) === undefined) {
-      worker.events.failed(key, subject, messageOf(failure));
-    } else if (err === undefined && entry?.object) {
-      worker.events.recovered(key, entry.object);
-    } else if (!entry?.object) {
-      worker.events.forget(key);
-    }
-    if (err === undefined) {
-      worker.problems.cleared(key);
-    } else if (!worker.problems.held(key, err, delayMs)) {
+    // Said as the object's own: its line, with its backoff, and a Warning Event for a failed
+    // reconcile. A cluster's problem is said once for all objects instead.
+    const own = () => {
       const retrying = `retrying in ${inSeconds(delayMs)}`;
       if (failure !== undefined) {
+        if (subject) worker.events.failed(key, subject, messageOf(failure));
         console.error(`reconcile of ${kind} ${key} failed: ${messageOf(failure)}; ${retrying}`);
       } else {
         const why = messageOf(statusFailure);
         console.error(`cannot write the status of ${kind} ${key} (${why}); ${retrying}`);
       }
+    };
+    if (err === undefined) {
+      if (entry?.object) worker.events.recovered(key, entry.object);
+      else worker.events.forget(key);
+      worker.problems.cleared(key);
+    } else if (!worker.problems.held(key, err, delayMs, own)) {
+      own();
     }
   }
 }
 
 /** What reconciling a key does besides the cache: the reader's reconcile, and requests. */
 export interface Steps {
-  reconcile(change: Change, object: Resource): Promise<void>;
+  reconcile(change: Change, object: Resource, reason?: Context['reason']): Promise<Result | void>;
   print(change: Change, object: Resource): Promise<void>;
   addFinalizer(object: Resource): Promise<boolean>; // false: the server no longer has it
   removeFinalizer(object: Resource): Promise<void>;
@@ -1678,11 +1726,12 @@ export interface Steps {
 
 function stepsFor(worker: Worker, key: string): Steps {
   const { api, objects, print, signal } = worker;
-  const context: Context = { name: key, signal, client: clientFor(api, worker.owned, signal) };
+  const client = clientFor(api, worker.owned, signal);
   return {
-    reconcile: async (change, object) => {
+    reconcile: async (change, object, reason = 'changed') => {
       api.fence();
-      await worker.reconcile(change, object, context);
+      const status = objects.entries.get(key)?.status ?? {};
+      return worker.reconcile(change, object, { name: key, reason, status, signal, client });
     },
     print: (change, object) => print(change, object, key, signal),
     addFinalizer: (object) => addFinalizer(api, object, objects.finalizer, signal),
@@ -1695,7 +1744,11 @@ function stepsFor(worker: Worker, key: string): Steps {
  * objects of its name, oldest first, then the object it has now. Throws what a step threw; what
  * succeeded before that is not done again.
  */
-export async function reconcileKey(objects: ObjectCache, key: string, steps: Steps) {
+export async function reconcileKey(
+  objects: ObjectCache,
+  key: string,
+  steps: Steps,
+): Promise<Result | undefined> {
   const entry = objects.entries.get(key);
   if (!entry) return;
   for (let gone = entry.gone?.[0]; gone; gone = entry.gone?.[0]) {
@@ -1720,35 +1773,48 @@ export async function reconcileKey(objects: ObjectCache, key: string, steps: Ste
     if (entry.object !== object) return; // a new spec, or gone, meanwhile: it is due again
   }
   const newSpec = object.metadata.generation !== entry.reconciled;
-  if (!newSpec && !entry.drifted) return;
+  const { drifted, requeue } = entry;
+  const reason = newSpec ? 'changed' : drifted ? 'repair' : requeue ? 'requeue' : undefined;
+  if (!reason) return;
   const change = entry.reconciled === undefined ? 'Added' : 'Modified';
-  const drifted = entry.drifted;
   entry.drifted = false; // a change from now on needs another repair
+  entry.requeue = false;
   entry.tried = true;
+  let result: Result | undefined;
   try {
-    await steps.reconcile(change, object);
+    result = (await steps.reconcile(change, object, reason)) || undefined;
   } catch (err) {
-    if (drifted && entry.object === object) entry.drifted = true;
+    if (entry.object === object) {
+      entry.drifted ||= drifted;
+      entry.requeue ||= requeue;
+    }
     throw err;
   }
-  if (!newSpec) return; // a repair: it is as it was, so nothing is printed
+  if (!newSpec) return result; // a repair or a later look: nothing changed, so nothing is printed
   await steps.print(change, object);
   // Unless it went meanwhile (it may be back, out of -l and in again: then it is new).
   const { uid } = object.metadata;
   const went = entry.gone?.some((gone) => gone.object.metadata.uid === uid);
   if (entry.object?.metadata.uid === uid && !went) entry.reconciled = object.metadata.generation;
+  return result;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Problems the cluster has: while it is unreachable, failing (5xx), busy (429) or silent, every
-// object fails the same way. That is said once, with how many wait, and once when it clears;
-// each object's status still says why it waits.
+// Problems the cluster has: while the API server is unreachable, failing (5xx), busy (429) or
+// silent, every object fails the same way. That is said once, with how many wait, and once when
+// it clears; each object's status still says why it waits. Any other failure is the object's own.
 
 const UNREACHABLE = /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|E\w*UNREACH|ETIMEDOUT)$/;
 const NETWORK = /^(ECONNRESET|EPIPE|EPAUSED)$/;
+const MANY = 3; // objects failing alike within a second: the server's problem, not theirs
 
-/** The cause of a failure that is the cluster's, not one object's; undefined for its own. */
+/**
+ * The cause of a failure that may be the API server's; undefined for the object's own. Only what
+ * a request to the API server met counts: the reader's own code, and its calls elsewhere, fail
+ * for the object. A 5xx or 429 counts only where MANY objects or a watch get it (see held).
+ */
 function clusterCause(err: unknown): string | undefined {
+  if (!fromApiServer.has(err as object)) return undefined;
   if (isApiError(err)) return err.code === 429 || err.code >= 500 ? String(err.code) : undefined;
   const code = (err as { code?: unknown })?.code;
   if (typeof code === 'string' && (UNREACHABLE.test(code) || NETWORK.test(code))) return code;
@@ -1756,56 +1822,83 @@ function clusterCause(err: unknown): string | undefined {
   return undefined;
 }
 
+interface Waiting {
+  cause: string;
+  retryAt: number;
+  err: unknown;
+  own: (() => void) | undefined; // says it as the object's own, if the server turns out fine
+}
+
 class ClusterProblems {
-  private readonly waiting = new Map<string, { cause: string; retryAt: number }>(); // by object key
+  private readonly waiting = new Map<string, Waiting>(); // by object key
   private said: string[] = []; // the causes said on stderr, until they clear
   private clearedAt = Number.NEGATIVE_INFINITY;
   private since = 0;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private readonly server: string;
+  private readonly watches: Said; // what the lists and watches said: a 5xx there is the server's
 
-  constructor(server: string) {
+  constructor(server: string, watches: Said) {
     this.server = server;
+    this.watches = watches;
   }
 
-  /** An object failed. Whether the cluster is the cause: then this says it, once for all. */
-  held(key: string, err: unknown, delayMs: number): boolean {
+  /**
+   * An object failed. Whether the failure may be the cluster's: then it is held a second, to see
+   * whether it is; if not, `own` says it as the object's. A cluster's problem is said once for all.
+   */
+  held(key: string, err: unknown, delayMs: number, own: () => void): boolean {
     const cause = clusterCause(err);
     if (cause === undefined) return false;
     if (cause === 'EPAUSED') return true; // we were paused: nobody's fault, nothing to say
     const now = performance.now();
     if (this.waiting.size === 0) this.since = now;
-    this.waiting.set(key, { cause, retryAt: now + delayMs });
+    const status = /^\d+$/.test(cause); // an HTTP status: one object's own, unless many get it
+    const said = this.said.includes(cause);
+    this.waiting.set(key, {
+      cause,
+      retryAt: now + delayMs,
+      err,
+      own: status && !said ? own : undefined,
+    });
     // Requests sent before the cluster came back fail for a moment more: that is not news.
-    if (this.said.includes(cause) || this.timer || now - this.clearedAt < 5_000) return true;
+    if (said || (!status && now - this.clearedAt < 5_000)) return true;
     // A moment later, so that the line can say how many objects it holds up.
-    this.timer = setTimeout(() => this.say(cause, err), 1_000);
+    this.timer ??= setTimeout(() => this.say(), 1_000);
     this.timer.unref?.();
     return true;
   }
 
-  private say(cause: string, err: unknown) {
+  private say() {
     this.timer = undefined;
     const now = performance.now();
-    let count = 0;
-    let next = Number.POSITIVE_INFINITY;
-    for (const waits of this.waiting.values()) {
-      if (waits.cause !== cause) continue;
-      count++;
-      if (waits.retryAt > now) next = Math.min(next, waits.retryAt);
+    const causes = new Set([...this.waiting.values()].map((waits) => waits.cause));
+    for (const cause of causes) {
+      if (this.said.includes(cause)) continue;
+      const alike = [...this.waiting].filter(([, waits]) => waits.cause === cause);
+      const status = /^\d+$/.test(cause);
+      const watched = [...this.watches.problems].some((problem) => problem.endsWith(` ${cause}`));
+      if (status && alike.length < MANY && !watched) {
+        for (const [key, waits] of alike) {
+          this.waiting.delete(key);
+          waits.own?.(); // one object's own failure: said as its own
+        }
+        continue;
+      }
+      const next = Math.min(...alike.map(([, waits]) => waits.retryAt).filter((at) => at > now));
+      this.said.push(cause);
+      const err = alike[0]?.[1].err;
+      const what = isApiError(err)
+        ? `${this.server} failed to ${err.verb} (${err.code}: ${err.message})`
+        : cause === 'silent'
+          ? messageOf(err)
+          : UNREACHABLE.test(cause)
+            ? `cannot reach ${this.server} (${cause})`
+            : `lost the connection to ${this.server} (${cause})`;
+      const when = Number.isFinite(next) ? `; the next try in ${inSeconds(next - now)}` : '';
+      const waiting = alike.length === 1 ? `1 ${kind} waits` : `${alike.length} ${PLURAL} wait`;
+      console.error(`${what}: ${waiting} for it${when}`);
     }
-    if (count === 0) return;
-    this.said.push(cause);
-    const what = isApiError(err)
-      ? `${this.server} failed to ${err.verb} (${err.code}: ${err.message})`
-      : cause === 'silent'
-        ? messageOf(err)
-        : UNREACHABLE.test(cause)
-          ? `cannot reach ${this.server} (${cause})`
-          : `lost the connection to ${this.server} (${cause})`;
-    const when = Number.isFinite(next) ? `; the next try in ${inSeconds(next - now)}` : '';
-    const waiting = count === 1 ? `1 ${kind} waits` : `${count} ${PLURAL} wait`;
-    console.error(`${what}: ${waiting} for it${when}`);
   }
 
   /** An object succeeded: the cluster works again. */
@@ -1972,7 +2065,13 @@ class StatusWriter {
     this.queue = queue;
   }
 
-  async write(entry: Entry, failure: unknown, signal: AbortSignal) {
+  /** Writes Ready for `failure` (none: True), and the reconcile's `own` status fields. */
+  async write(
+    entry: Entry,
+    failure: unknown,
+    own: Record<string, unknown> | undefined,
+    signal: AbortSignal,
+  ) {
     const { object } = entry;
     const generation = object?.metadata.generation;
     if (!object || typeof generation !== 'number') return;
@@ -1987,10 +2086,14 @@ class StatusWriter {
           };
     const conditions = [{ ...condition, observedGeneration: generation }];
     const { ready } = readyCondition({ status: { observedGeneration: generation, conditions } });
-    if (entry.ready === ready) return;
+    const fields = own ? { ...entry.status, ...own } : entry.status; // a field set undefined goes
+    const same =
+      !own || new Digest().add(fields).value() === new Digest().add(entry.status).value();
+    if (entry.ready === ready && same) return;
     const { namespace } = object.metadata;
     const refusal = this.refusals.get(namespace);
     if (refusal && (refusal.trying || refusal.timer)) {
+      entry.status = fields; // written with Ready, once it may be
       refusal.waiting.add(entry.key);
       return;
     }
@@ -2002,18 +2105,21 @@ class StatusWriter {
     const since = flipped ? Math.floor(Date.now() / 1000) : entry.since;
     const lastTransitionTime = new Date(since * 1000).toISOString().replace('.000Z', 'Z');
     const status = {
+      ...fields,
       observedGeneration: generation,
       conditions: [{ ...conditions[0], lastTransitionTime }],
     };
     // Known before it is sent, so that its echo is no change, even when it comes before the answer.
-    const before = { ready: entry.ready, since: entry.since };
-    Object.assign(entry, { ready, since });
+    const before = { ready: entry.ready, since: entry.since, status: entry.status };
+    Object.assign(entry, { ready, since, status: fields });
     try {
       const patch = [uidTest(object), { op: 'add', path: '/status', value: status }];
       await patchObject(this.api, object, patch, signal, '/status');
       if (refusal) this.allowed(namespace, refusal);
     } catch (err) {
-      if (entry.ready === ready && entry.since === since) Object.assign(entry, before);
+      if (entry.ready === ready && entry.since === since && entry.status === fields) {
+        Object.assign(entry, before);
+      }
       if (refusal) refusal.trying = false;
       // Gone, or another object under the same name: its own events make it due.
       if (isApiError(err, 404)) return;
@@ -2658,9 +2764,12 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   const owned = new OwnedObjects(config, objects);
   const status = new StatusWriter(api, queue);
   const stdout = options.stdout ?? process.stdout;
+  // What the lists, watches and workers say on stderr is shared: a problem of the server's is one
+  // line, not one per collection or per object.
+  const said: Said = { problems: new Set<string>(), streaming: true };
   const worker: Worker = {
     api,
-    problems: new ClusterProblems(config.server),
+    problems: new ClusterProblems(config.server, said),
     events: new EventRecorder(api),
     queue,
     objects,
@@ -2694,8 +2803,7 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   if (objects.finalizer && config.selector) {
     void objectsIn.promise.then(() => releaseUnselected(api, objects, path, signal));
   }
-  // What the two say on stderr is shared: a problem of the server's is one line, not two.
-  const shared = { health, stdout, said: { problems: new Set<string>(), streaming: true } };
+  const shared = { health, stdout, said };
   await Promise.all([
     listAndWatch(api, objectCollection, shared, objectsIn.resolve, signal),
     listAndWatch(api, ownedCollection(config, owned), shared, ownedIn.resolve, signal),
