@@ -10,6 +10,8 @@
 // E2E_EXISTING_CLUSTER=1 with KUBECONFIG naming a cluster (kind, k3d, ...): use that one instead;
 // the cases that restart the server or read its audit log are then skipped.
 // E2E_KEEP=1 keeps the temp folder (logs, audit log, kubeconfigs) for a look afterwards.
+// E2E_BIN names the folder holding the binaries, for a copy of this file without e2e/build.sh.
+// e2e/up.ts (npm run cluster) starts the same control plane for a person, until Ctrl-C.
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
@@ -19,8 +21,10 @@ import {
   mkdirSync,
   mkdtempSync,
   openSync,
+  readdirSync,
   readFileSync,
   rmSync,
+  statSync,
   writeFileSync,
 } from 'node:fs';
 import * as https from 'node:https';
@@ -29,21 +33,38 @@ import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
+import { GROUP, OWNED } from '../controller.ts';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 
-/** Where e2e/build.sh puts the binaries: the versions come from the wrapper modules. */
+/**
+ * Where e2e/build.sh puts the binaries: the versions come from the wrapper modules (e2e/apiserver
+ * and e2e/etcd's go.mod). E2E_BIN overrides it. Without the go.mod files (this file copied alone),
+ * the newest build in the cache, if there is one.
+ */
 export function binDir(): string {
-  const version = (file: string, module: string) =>
-    readFileSync(join(ROOT, 'e2e', file), 'utf8').match(
-      new RegExp(`^require ${module} (\\S+)`, 'm'),
-    )?.[1];
-  const k8s = version('apiserver/go.mod', 'k8s.io/kubernetes');
-  const etcd = version('etcd/go.mod', 'go.etcd.io/etcd/server/v3');
+  if (process.env.E2E_BIN) return process.env.E2E_BIN;
   const cache =
     process.env.E2E_CACHE ??
     join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'book-controller-e2e');
-  return join(cache, `kubernetes-${k8s}-etcd-${etcd}`);
+  const version = (file: string, module: string) => {
+    const path = join(ROOT, 'e2e', file);
+    if (!existsSync(path)) return undefined;
+    return readFileSync(path, 'utf8').match(new RegExp(`^require ${module} (\\S+)`, 'm'))?.[1];
+  };
+  const k8s = version('apiserver/go.mod', 'k8s.io/kubernetes');
+  const etcd = version('etcd/go.mod', 'go.etcd.io/etcd/server/v3');
+  if (k8s && etcd) return join(cache, `kubernetes-${k8s}-etcd-${etcd}`);
+  const built = (existsSync(cache) ? readdirSync(cache) : [])
+    .filter((name) => name.startsWith('kubernetes-'))
+    .map((name) => join(cache, name))
+    .filter((dir) => existsSync(join(dir, 'kube-apiserver')))
+    .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs);
+  if (built[0]) return built[0];
+  throw new Error(
+    `no e2e/apiserver/go.mod and e2e/etcd/go.mod to read the versions from, and no build in ${cache}: ` +
+      'set E2E_BIN to a folder holding etcd, kube-apiserver, kube-controller-manager and kubectl',
+  );
 }
 
 export interface KubectlResult {
@@ -96,8 +117,25 @@ export interface Cluster {
    * collector does the job, and this resolves at once.
    */
   startGarbageCollector(): Promise<void>;
+  /**
+   * Resolves, naming it and with its log's last lines, when etcd, kube-apiserver or
+   * kube-controller-manager exits unasked (never for an existing cluster): for a program that keeps
+   * the cluster up (e2e/up.ts).
+   */
+  lost: Promise<string>;
   /** Stops everything; prints the peak RSS of etcd, kube-apiserver and kube-controller-manager. */
   stop(): Promise<void>;
+}
+
+export interface ClusterOptions {
+  /** The folder holding etcd, kube-apiserver, kube-controller-manager and kubectl (default: binDir()). */
+  bin?: string;
+  /** Keep the temp folder (logs, audit log, kubeconfigs) after stop (default: E2E_KEEP=1). */
+  keep?: boolean;
+  /** What kube-controller-manager runs (--controllers), started by startGarbageCollector. */
+  controllers?: string[];
+  /** The prefix of the lines printed on stderr, and of the temp folder's name (default: e2e). */
+  label?: string;
 }
 
 const ADMIN_TOKEN = randomBytes(16).toString('hex');
@@ -120,13 +158,17 @@ class Daemon {
   exited: Promise<number | null>;
   name: string;
   log: string;
+  /** Set by stop: an exit from then on was asked for. */
+  stopping = false;
 
   constructor(name: string, program: string, args: string[], log: string) {
     this.name = name;
     this.log = log;
     writeFileSync(log, `$ ${program} ${args.join(' ')}\n`);
     const out = openSync(log, 'a'); // the child writes its log itself
-    this.child = spawn(program, args, { stdio: ['ignore', out, out] });
+    // In its own process group: a Ctrl-C in the terminal reaches only us, and stop() ends the
+    // daemons in order (kube-controller-manager, kube-apiserver, then etcd), not all at once.
+    this.child = spawn(program, args, { stdio: ['ignore', out, out], detached: true });
     this.exited = new Promise((resolve) =>
       this.child.on('exit', (code, signal) => resolve(code ?? (signal ? -1 : null))),
     );
@@ -158,6 +200,7 @@ class Daemon {
   }
 
   async stop(now = false) {
+    this.stopping = true;
     if (!this.alive) return;
     this.sampleRss();
     // process.kill, not child.kill: Deno's child.kill does nothing once it has sent one signal.
@@ -188,11 +231,19 @@ const running = new Set<Daemon>();
 process.on('exit', () => {
   for (const daemon of running) daemon.child.kill('SIGKILL');
 });
-for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.once(signal, () => {
-    for (const daemon of running) daemon.child.kill('SIGKILL');
-    process.kill(process.pid, signal);
-  });
+const SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+function killAllAndDie(signal: NodeJS.Signals) {
+  for (const daemon of running) daemon.child.kill('SIGKILL');
+  process.kill(process.pid, signal);
+}
+for (const signal of SIGNALS) process.once(signal, killAllAndDie);
+
+/**
+ * For a program that stops the cluster itself on SIGINT, SIGTERM and SIGHUP (cluster.stop(), then
+ * exit), as e2e/up.ts does: turns off the default, which SIGKILLs the daemons and dies of the signal.
+ */
+export function handleSignalsYourself() {
+  for (const signal of SIGNALS) process.off(signal, killAllAndDie);
 }
 
 /** Thrown inside waitFor's fn: stop waiting at once (the process waited on is gone). */
@@ -312,40 +363,99 @@ function withKubectl(kubectl: string, defaultKubeconfig: () => string) {
   return { kubectl: run, kubectlOk: ok };
 }
 
-export async function startCluster(): Promise<Cluster> {
-  return process.env.E2E_EXISTING_CLUSTER === '1' ? existingCluster() : ownCluster();
+/** Our own control plane, or with E2E_EXISTING_CLUSTER=1 the one KUBECONFIG names. */
+export async function startCluster(options: ClusterOptions = {}): Promise<Cluster> {
+  return process.env.E2E_EXISTING_CLUSTER === '1' ? existingCluster() : startOwnCluster(options);
 }
 
-async function ownCluster(): Promise<Cluster> {
-  const bin = binDir();
+/** A kind reconcile makes, as controller.ts's OWNED names it (core kinds: apiVersion v1). */
+export interface OwnedKind {
+  apiVersion: string;
+  kind?: string;
+  plural: string;
+}
+
+/**
+ * The audit policy: Metadata (each request's URI with the resourceVersion asked for, verb, user and
+ * status) for the resource's group (GROUP: books and their status), the kinds reconcile makes
+ * (OWNED: one `{apiVersion, kind, plural}` or a list of them), Leases and Events; nothing else.
+ * From controller.ts's constants, so that a copy's writes are logged: a renamed resource, Secrets.
+ */
+export function auditPolicy(
+  group: string = GROUP,
+  ownedKinds: OwnedKind | readonly OwnedKind[] = OWNED,
+): object {
+  const owned = ([] as OwnedKind[]).concat(ownedKinds);
+  const byGroup = new Map<string, Set<string>>([
+    ['coordination.k8s.io', new Set(['leases'])],
+    ['', new Set(['events'])],
+  ]);
+  for (const { apiVersion, plural } of owned) {
+    const its = apiVersion.includes('/') ? (apiVersion.split('/')[0] ?? '') : '';
+    if (its === group) continue; // the whole group is in already
+    byGroup.set(its, (byGroup.get(its) ?? new Set()).add(plural));
+  }
+  return {
+    apiVersion: 'audit.k8s.io/v1',
+    kind: 'Policy',
+    omitStages: ['RequestReceived'],
+    rules: [
+      {
+        level: 'Metadata',
+        resources: [
+          { group },
+          ...[...byGroup].map(([group, resources]) => ({ group, resources: [...resources] })),
+        ],
+      },
+      { level: 'None' },
+    ],
+  };
+}
+
+/** etcd and kube-apiserver on loopback, in a new temp folder (whatever E2E_EXISTING_CLUSTER says). */
+export async function startOwnCluster(options: ClusterOptions = {}): Promise<Cluster> {
+  const bin = options.bin ?? binDir();
+  const label = options.label ?? 'e2e';
+  const keep = options.keep ?? process.env.E2E_KEEP === '1';
   for (const name of ['etcd', 'kube-apiserver', 'kubectl']) {
     if (!existsSync(join(bin, name)))
       throw new Error(
         `no ${join(bin, name)}: build the control plane first with bash e2e/build.sh`,
       );
   }
-  const dir = mkdtempSync(join(tmpdir(), 'book-e2e-'));
+  const dir = mkdtempSync(join(tmpdir(), `book-${label}-`));
   const started = Date.now();
+  // Any daemon that exits unasked: the first one's name, exit code and last log lines.
+  let lose: (what: string) => void = () => {};
+  const lost = new Promise<string>((resolve) => (lose = resolve));
+  const watch = (daemon: Daemon) => {
+    daemon.exited.then((code) => {
+      if (!daemon.stopping) lose(`${daemon.name} exited (${code}):\n${daemon.tail()}`);
+    });
+    return daemon;
+  };
 
   // etcd: loopback only, a throwaway data dir, no fsync (a test's data need not survive a power cut).
   const [clientPort, peerPort] = [await freePort(), await freePort()];
   const etcdUrl = `http://127.0.0.1:${clientPort}`;
   const peerUrl = `http://127.0.0.1:${peerPort}`;
-  const etcd = new Daemon(
-    'etcd',
-    join(bin, 'etcd'),
-    [
-      '--name=e2e',
-      `--data-dir=${join(dir, 'etcd')}`,
-      '--unsafe-no-fsync',
-      '--log-level=warn',
-      `--listen-client-urls=${etcdUrl}`,
-      `--advertise-client-urls=${etcdUrl}`,
-      `--listen-peer-urls=${peerUrl}`,
-      `--initial-advertise-peer-urls=${peerUrl}`,
-      `--initial-cluster=e2e=${peerUrl}`,
-    ],
-    join(dir, 'etcd.log'),
+  const etcd = watch(
+    new Daemon(
+      'etcd',
+      join(bin, 'etcd'),
+      [
+        '--name=e2e',
+        `--data-dir=${join(dir, 'etcd')}`,
+        '--unsafe-no-fsync',
+        '--log-level=warn',
+        `--listen-client-urls=${etcdUrl}`,
+        `--advertise-client-urls=${etcdUrl}`,
+        `--listen-peer-urls=${peerUrl}`,
+        `--initial-advertise-peer-urls=${peerUrl}`,
+        `--initial-cluster=e2e=${peerUrl}`,
+      ],
+      join(dir, 'etcd.log'),
+    ),
   );
   await waitFor(
     'etcd to answer /health',
@@ -368,23 +478,8 @@ async function ownCluster(): Promise<Cluster> {
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
   writeFileSync(join(dir, 'sa.key'), privateKey.export({ type: 'pkcs8', format: 'pem' }));
   writeFileSync(join(dir, 'sa.pub'), publicKey.export({ type: 'spki', format: 'pem' }));
-  // Metadata for books, leases, ConfigMaps and Events: each request's URI (with the resourceVersion asked for), verb, user and status.
-  writeFileSync(
-    join(dir, 'audit-policy.yaml'),
-    [
-      'apiVersion: audit.k8s.io/v1',
-      'kind: Policy',
-      'omitStages: [RequestReceived]',
-      'rules:',
-      '  - level: Metadata',
-      '    resources:',
-      '      - {group: example.technosophos.com}',
-      '      - {group: coordination.k8s.io, resources: [leases]}',
-      "      - {group: '', resources: [configmaps, events]}",
-      '  - level: None',
-      '',
-    ].join('\n'),
-  );
+  // JSON is YAML.
+  writeFileSync(join(dir, 'audit-policy.yaml'), `${JSON.stringify(auditPolicy(), null, 2)}\n`);
   const auditLog = join(dir, 'audit.log');
   const certDir = join(dir, 'certs');
   mkdirSync(certDir);
@@ -420,11 +515,13 @@ async function ownCluster(): Promise<Cluster> {
   let apiserverPeakKiB = 0;
   let ca = '';
   const startOne = async (name: string, port: number): Promise<Daemon> => {
-    const daemon = new Daemon(
-      name,
-      join(bin, 'kube-apiserver'),
-      apiserverArgs(port, name),
-      join(dir, `${name}.log`),
+    const daemon = watch(
+      new Daemon(
+        name,
+        join(bin, 'kube-apiserver'),
+        apiserverArgs(port, name),
+        join(dir, `${name}.log`),
+      ),
     );
     // The self-signed apiserver.crt in --cert-dir holds the serving certificate and the CA that signed it.
     const url = `https://127.0.0.1:${port}`;
@@ -467,8 +564,9 @@ async function ownCluster(): Promise<Cluster> {
   writeFileSync(kubeconfig, kubeconfigFor(server, ca, 'admin', ADMIN_TOKEN));
   writeFileSync(nobodyKubeconfig, kubeconfigFor(server, ca, 'nobody', NOBODY_TOKEN));
 
-  // kube-controller-manager, only its garbage collector, as the admin; no leader election, and no
-  // port (--secure-port=0): it is ready when its log says the collector's monitors have synced.
+  // kube-controller-manager, only its garbage collector (unless options.controllers says more), as
+  // the admin; no leader election, and no port (--secure-port=0): it is ready when its log says the
+  // collector's monitors have synced.
   let controllerManager: Daemon | undefined;
   let garbageCollector: Promise<void> | undefined;
   const startGarbageCollector = () => {
@@ -478,17 +576,19 @@ async function ownCluster(): Promise<Cluster> {
         throw new Error(
           `no ${program}: build it with bash e2e/build.sh (it builds what is missing)`,
         );
-      const daemon = new Daemon(
-        'kube-controller-manager',
-        program,
-        [
-          `--kubeconfig=${kubeconfig}`,
-          '--controllers=garbagecollector',
-          '--leader-elect=false',
-          '--secure-port=0',
-          '--v=1',
-        ],
-        join(dir, 'kube-controller-manager.log'),
+      const daemon = watch(
+        new Daemon(
+          'kube-controller-manager',
+          program,
+          [
+            `--kubeconfig=${kubeconfig}`,
+            `--controllers=${(options.controllers ?? ['garbagecollector']).join(',')}`,
+            '--leader-elect=false',
+            '--secure-port=0',
+            '--v=1',
+          ],
+          join(dir, 'kube-controller-manager.log'),
+        ),
       );
       controllerManager = daemon;
       await waitFor(
@@ -507,7 +607,7 @@ async function ownCluster(): Promise<Cluster> {
     return garbageCollector;
   };
   console.error(
-    `e2e: etcd ${etcdUrl} and kube-apiserver ${server} ready in ${((Date.now() - started) / 1000).toFixed(1)}s (${dir})`,
+    `${label}: etcd ${etcdUrl} and kube-apiserver ${server} ready in ${((Date.now() - started) / 1000).toFixed(1)}s (${dir})`,
   );
 
   return {
@@ -532,6 +632,7 @@ async function ownCluster(): Promise<Cluster> {
     stopApiserver,
     startApiserver,
     startGarbageCollector,
+    lost,
     async startSecondApiserver() {
       const port = await freePort();
       const second = await startOne('kube-apiserver-2', port);
@@ -566,14 +667,14 @@ async function ownCluster(): Promise<Cluster> {
       const mib = (kib: number) =>
         kib
           ? `${(kib / 1024).toFixed(0)} MiB`
-          : 'unknown (/proc/PID/status unreadable: Deno needs -A)';
+          : 'unknown (gone before a sample, or /proc/PID/status unreadable: Deno needs -A)';
       const kcm = controllerManager
         ? `, kube-controller-manager ${mib(controllerManager.peakRssKiB)}`
         : '';
       console.error(
-        `e2e: peak RSS (VmHWM) kube-apiserver ${mib(apiserverPeakKiB)}, etcd ${mib(etcd.peakRssKiB)}${kcm}; up ${((Date.now() - started) / 1000).toFixed(0)}s`,
+        `${label}: peak RSS (VmHWM) kube-apiserver ${mib(apiserverPeakKiB)}, etcd ${mib(etcd.peakRssKiB)}${kcm}; up ${((Date.now() - started) / 1000).toFixed(0)}s`,
       );
-      if (process.env.E2E_KEEP === '1') console.error(`e2e: kept ${dir}`);
+      if (keep) console.error(`${label}: kept ${dir}`);
       else rmSync(dir, { recursive: true, force: true });
     },
   };
@@ -630,6 +731,7 @@ async function existingCluster(): Promise<Cluster> {
     startSecondApiserver: unsupported,
     compact: unsupported,
     startGarbageCollector: async () => {},
+    lost: new Promise(() => {}),
     async stop() {
       await tools.kubectl([
         'delete',
