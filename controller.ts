@@ -76,8 +76,9 @@ export function describe(change: Change, book: Book, name: string): string {
   return `${change} a ${kind} ${name} with title '${book.spec.title}'`;
 }
 
-// What reconcile makes, watched (by this label) so that a change by someone else is repaired.
-export const OWNED = { apiVersion: 'v1', kind: 'ConfigMap', plural: 'configmaps' };
+// The kinds reconcile makes, each watched (by this label) so that a change by someone else is
+// repaired. Owning a Secret too is one more entry: { apiVersion: 'v1', kind: 'Secret', ... }.
+export const OWNED = [{ apiVersion: 'v1', kind: 'ConfigMap', plural: 'configmaps' }];
 export const MANAGED_BY = { 'app.kubernetes.io/managed-by': CONTROLLER };
 
 /**
@@ -99,8 +100,8 @@ export async function reconcile(change: Change, book: Book, { client }: Context)
     case 'Modified': {
       const { title, authors = [] } = book.spec;
       const configMap = {
-        apiVersion: OWNED.apiVersion,
-        kind: OWNED.kind,
+        apiVersion: 'v1',
+        kind: 'ConfigMap',
         metadata: { name, namespace, labels: MANAGED_BY, ownerReferences: [ownerReference(book)] },
         data: authors.length > 0 ? { title, authors: authors.join('\n') } : { title },
       };
@@ -153,12 +154,17 @@ export interface Result {
 
 /**
  * Requests with the controller's own credentials and connection, for any resource path. An error
- * from the server is thrown with its Status message.
+ * from the server is thrown with its Status message. For an owned kind (OWNED) with the managed-by
+ * label, what its watch sees answers instead where it can:
+ * - get answers from the cache, with no request: the object, or undefined if there is none of ours;
+ * - apply is not sent when the fields it sets are already as given (what others added is no
+ *   difference), and never takes over an object that is not ours: that is an error naming it.
  */
 export interface Client {
   get<T>(path: string): Promise<T | undefined>; // undefined: there is none
   create<T>(path: string, object: object): Promise<T>;
-  apply(path: string, object: object): Promise<void>; // server-side apply, as CONTROLLER
+  apply(path: string, object: object): Promise<void>; // server-side apply, as CONTROLLER, forced
+  patch<T>(path: string, patch: object): Promise<T>; // a JSON merge patch (RFC 7386)
   delete(path: string): Promise<void>;
 }
 
@@ -575,17 +581,22 @@ async function discard(response: http.IncomingMessage): Promise<void> {
 // The client reconcile gets: the same requests, and an apply that knows what the cache knows.
 
 function clientFor(api: Api, owned: OwnedObjects, signal: AbortSignal): Client {
-  const request = (verb: string, method: string, path: string, body?: unknown) =>
-    api.json<unknown>({ verb, method, path, body, signal });
+  const request = (verb: string, method: string, path: string, body?: unknown, type?: string) =>
+    api.json<unknown>({ verb, method, path, body, signal, contentType: type });
   return {
-    get: <T>(path: string) =>
-      request('get', 'GET', path).then(
+    get: async <T>(path: string) => {
+      const cached = owned.get(path);
+      if (cached) return cached.object as T | undefined;
+      return request('get', 'GET', path).then(
         (object) => object as T,
         (err) => (isApiError(err, 404) ? undefined : Promise.reject(err)),
-      ),
+      );
+    },
     create: <T>(path: string, object: object) =>
       request('create', 'POST', path, object).then((created) => created as T),
     apply: (path: string, object: object) => owned.apply(api, path, object, signal),
+    patch: <T>(path: string, patch: object) =>
+      request('patch', 'PATCH', path, patch, MERGE_PATCH).then((patched) => patched as T),
     delete: (path: string) =>
       request('delete', 'DELETE', path).then(
         () => {},
@@ -1103,9 +1114,9 @@ export class ObjectCache implements Cache {
   }
 
   /** Someone changed what the object's reconcile made: reconcile it again, after its backoff. */
-  repair(key: string, uid: string) {
+  repair(key: string) {
     const entry = this.entries.get(key);
-    if (entry?.object?.metadata.uid !== uid) return;
+    if (!entry?.object) return;
     entry.drifted = true;
     this.queue.add(key, false);
   }
@@ -1140,13 +1151,10 @@ export class ObjectCache implements Cache {
     this.queue.add(key);
   }
 
-  /** An owner's key and uid, as the cache has them: one copy of each string, not two. */
-  owner(namespace: string | undefined, name: string | undefined, uid: string) {
+  /** An owner's key, as the cache has it: one copy of the string, not two. */
+  ownerKey(namespace: string | undefined, name: string | undefined): string {
     const key = this.keyOf({ metadata: { namespace, name } });
-    const known = this.entries.get(key);
-    if (known?.object?.metadata.uid === uid)
-      return { key: known.key, uid: known.object.metadata.uid };
-    return { key, uid };
+    return this.entries.get(key)?.key ?? key;
   }
 
   /** Forgets the key once it holds nothing and no worker has it. */
@@ -1450,13 +1458,14 @@ function heapPop(heap: [number, string][]): [number, string] | undefined {
 }
 
 // ---------------------------------------------------------------------------------------------
-// What reconcile made: a cache of just enough to find each object's owner and to tell whether it
-// still says what reconcile applied.
+// What reconcile made: for each owned kind, a cache of what its watch says, enough to find each
+// object's owner, to tell whether it still says what reconcile applied, and to answer client.get.
 
+/** An owned object as the cache keeps it. */
 interface OwnedEntry {
-  owner: string; // the key of the object of ours that controls it, or '' if none does
-  uid: string; // the uid of its controller, or ''
-  fingerprint: number; // a digest of what it says (see fingerprint)
+  owner: string; // the key of the object of ours that controls it (by kind and name), or ''
+  ours: number; // a digest of the fields this controller applied, as they are now (see applied)
+  object: unknown; // the object, without its managedFields: what client.get answers
 }
 
 type Reference = {
@@ -1466,34 +1475,62 @@ type Reference = {
   uid?: string;
   controller?: boolean;
 };
-type Owned = { metadata?: { name?: string; namespace?: string; ownerReferences?: Reference[] } };
+type ManagedFields = { manager?: string; operation?: string; subresource?: string; fieldsV1?: {} };
+type Owned = {
+  apiVersion?: string;
+  kind?: string;
+  metadata?: {
+    name?: string;
+    namespace?: string;
+    resourceVersion?: string;
+    labels?: Record<string, string>;
+    ownerReferences?: Reference[];
+    managedFields?: ManagedFields[];
+  };
+};
 
-class OwnedObjects implements Cache {
+/** A kind that reconcile makes, as OWNED lists it. */
+type OwnedKind = (typeof OWNED)[number];
+
+const groupOf = (apiVersion = '') => (apiVersion.includes('/') ? apiVersion.split('/')[0] : '');
+
+/**
+ * The objects of one owned kind that carry the managed-by label, by key, as its watch says: whose
+ * each is, and whether it still says what this controller applied. A change by someone else to
+ * what we applied (an edit, a deletion, the label taken off) makes its owner due, as a repair.
+ */
+class OwnedCache implements Cache {
   readonly entries = new Map<string, OwnedEntry>();
   // Applies in flight: what each applies, and whether another change came meanwhile.
-  private readonly applying = new Map<string, { fingerprint: number; overtaken: boolean }>();
+  readonly applying = new Map<string, { digest: number; overtaken: boolean }>();
+  readonly kind: OwnedKind;
   private readonly config: Config;
   private readonly objects: ObjectCache;
 
-  constructor(config: Config, objects: ObjectCache) {
+  constructor(kind: OwnedKind, config: Config, objects: ObjectCache) {
+    this.kind = kind;
     this.config = config;
     this.objects = objects;
   }
 
-  /** NAME in the namespace watched (its owner's key: one string for both); or NAMESPACE/NAME. */
+  /** NAME in the namespace watched, else NAMESPACE/NAME: each kind has its own. */
   keyOf(object: unknown): string {
     return keyOf(object, this.config);
   }
 
-  private entryOf(object: unknown): OwnedEntry {
-    const { namespace, ownerReferences = [] } = (object as Owned).metadata ?? {};
-    const controller = ownerReferences.find((reference) => reference.controller);
-    const uid = controller?.uid ?? '';
-    const ours = controller?.kind === KIND && controller.apiVersion === apiVersion;
-    const digest = fingerprint(object);
-    if (!ours) return { owner: '', uid, fingerprint: digest };
-    const owner = this.objects.owner(namespace, controller.name, uid);
-    return { owner: owner.key, uid: owner.uid, fingerprint: digest };
+  entryOf(object: unknown): OwnedEntry {
+    const { managedFields = [], ...metadata } = (object as Owned).metadata ?? {};
+    const controller = metadata.ownerReferences?.find((reference) => reference.controller);
+    const mine = controller?.kind === KIND && groupOf(controller.apiVersion) === GROUP;
+    // Found by kind and name, as controller-runtime's EnqueueRequestForOwner: a copy restored
+    // with an earlier owner's uid is the owner's to repair, not a stranger's.
+    const owner = mine ? this.objects.ownerKey(metadata.namespace, controller.name) : '';
+    const ours = managedFields.find(
+      (fields) =>
+        fields.manager === CONTROLLER && fields.operation === 'Apply' && !fields.subresource,
+    );
+    const digest = ours ? new Digest().add(project(object, ours.fieldsV1 ?? {})).value() : 0;
+    return { owner, ours: digest, object: { ...(object as object), metadata } };
   }
 
   update(object: unknown, listed?: Set<string>) {
@@ -1503,9 +1540,9 @@ class OwnedObjects implements Cache {
     const before = this.entries.get(key);
     this.entries.set(key, entry);
     const applying = this.applying.get(key);
-    if (applying?.fingerprint === entry.fingerprint) return; // our own apply, coming back
+    if (applying?.digest === entry.ours) return; // our own apply, coming back
     if (applying) applying.overtaken = true;
-    if (before?.fingerprint !== entry.fingerprint || before.uid !== entry.uid) this.changed(entry);
+    if (before?.ours !== entry.ours || before.owner !== entry.owner) this.changed(entry);
     // Someone took the owner reference off: the object that had it puts it back.
     if (before?.owner && before.owner !== entry.owner) this.changed(before);
   }
@@ -1527,79 +1564,234 @@ class OwnedObjects implements Cache {
     }
   }
 
-  private changed({ owner, uid }: OwnedEntry) {
-    if (owner) this.objects.repair(owner, uid);
+  /** Whether the watch sees objects in this namespace. */
+  covers(namespace: string | undefined): boolean {
+    return this.config.namespace === undefined || namespace === this.config.namespace;
   }
 
-  /**
-   * Server-side apply of `object` as CONTROLLER, unless the cache shows it says so already. An
-   * object controlled by another owner is never taken over: that is an error, naming the owner.
-   */
-  async apply(api: Api, path: string, object: object, signal: AbortSignal): Promise<void> {
-    const key = this.keyOf(object);
-    const wanted = this.entryOf(object);
-    const cached = this.entries.get(key);
-    // Controlled by another owner: never taken over. Unless that owner is an earlier one under
-    // the same name, which is gone: the garbage collector would delete it a moment later.
-    const earlier = cached?.owner === wanted.owner;
-    if (cached?.uid && wanted.uid && cached.uid !== wanted.uid && !earlier) {
-      const owner = cached.owner ? `${KIND} ${cached.owner}` : 'another owner';
-      throw new Error(
-        `${this.describe(object)} is controlled by ${owner} ` +
-          `(uid ${cached.uid}), not by this ${kind}`,
-      );
-    }
-    if (cached?.fingerprint === wanted.fingerprint) {
-      this.entries.set(key, wanted); // the same, sharing its owner's strings (see entryOf)
-      return;
-    }
-    const query = new URLSearchParams({ fieldManager: CONTROLLER, force: 'true' });
-    const contentType = 'application/apply-patch+yaml'; // JSON is YAML
-    const request = {
-      verb: 'apply',
-      method: 'PATCH',
-      path,
-      query,
-      body: object,
-      contentType,
-      signal,
-    };
-    const applying = { fingerprint: wanted.fingerprint, overtaken: false };
-    this.applying.set(key, applying);
-    try {
-      await discard(await api.call(request));
-      // The object says at least this now: its watch event is no change. Unless the watch
-      // already told something newer.
-      if (!applying.overtaken) this.entries.set(key, wanted);
-    } catch (err) {
-      // The server allows one controller: tell whose it is, if that is why it refused.
-      if (!isApiError(err, 422) || !wanted.uid) throw err;
-      const current = await api.json<Owned>({ verb: 'get', path, signal }).catch(() => undefined);
-      const other = current?.metadata?.ownerReferences?.find((reference) => reference.controller);
-      if (!other || other.uid === wanted.uid) throw err;
-      throw new Error(
-        `${this.describe(object)} is controlled by ${other.kind} ${other.name} ` +
-          `(uid ${other.uid}), not by this ${kind}`,
-      );
-    } finally {
-      this.applying.delete(key);
-    }
-  }
-
-  private describe(object: object): string {
-    const { kind = 'the object', metadata = {} } = object as Owned & { kind?: string };
-    return `${kind} ${metadata.namespace ?? ''}/${metadata.name ?? ''}`;
+  private changed({ owner }: OwnedEntry) {
+    if (owner) this.objects.repair(owner);
   }
 }
 
 /**
- * A digest of what an object says: its labels, annotations, owners and content, not what the
- * server adds. Equal digests of what reconcile applies and of what the server has: nothing to do.
+ * The part of `value` that a managedFields entry (fieldsV1) names: what one manager set. `f:` is
+ * a field, `k:` a list item by its keys, `v:` a list item by its value, `.` the item itself.
  */
-function fingerprint(object: unknown): number {
-  const { apiVersion, kind, metadata = {}, status, ...content } = object as Record<string, unknown>;
-  const { labels, annotations, ownerReferences } = metadata as Record<string, unknown>;
-  return new Digest().add({ labels, annotations, ownerReferences, ...content }).value();
+function project(value: unknown, fields: object): unknown {
+  const names = Object.keys(fields).filter((name) => name !== '.');
+  if (names.length === 0) return value;
+  const inner = fields as Record<string, object>;
+  if (Array.isArray(value)) {
+    const items = names.map((name) => [JSON.parse(name.slice(2)), inner[name] ?? {}] as const);
+    return value.flatMap((item) => {
+      const found = items.find(([key]) => matches(item, key));
+      return found ? [project(item, found[1])] : [];
+    });
+  }
+  if (typeof value !== 'object' || value === null) return value;
+  const projected: Record<string, unknown> = {};
+  for (const name of names) {
+    const field = name.slice(2);
+    if (name.startsWith('f:') && field in value) {
+      projected[field] = project((value as Record<string, unknown>)[field], inner[name] ?? {});
+    }
+  }
+  return projected;
+}
+
+/** Whether a list item is the one a `k:` key (its fields) or a `v:` key (its value) names. */
+function matches(item: unknown, key: unknown): boolean {
+  if (typeof key !== 'object' || key === null || typeof item !== 'object' || item === null) {
+    return item === key;
+  }
+  const fields = Object.entries(key);
+  return fields.every(([name, value]) => (item as Record<string, unknown>)[name] === value);
+}
+
+/** The fields an apply of `object` sets, as they come back in the projection of what we own. */
+function applied(object: object): number {
+  const { apiVersion, kind, metadata = {}, ...content } = object as Owned & Record<string, unknown>;
+  const { name, namespace, ...rest } = metadata;
+  return new Digest().add({ ...content, metadata: rest }).value();
+}
+
+/**
+ * The owned kinds' caches, and what reconcile's client does with them: an apply that is sent
+ * only where it changes something, and never takes over an object that is not ours; a get that
+ * answers from the cache what the watch sees.
+ */
+class OwnedObjects {
+  readonly kinds: OwnedCache[];
+
+  constructor(config: Config, objects: ObjectCache) {
+    this.kinds = OWNED.map((kind) => new OwnedCache(kind, config, objects));
+  }
+
+  /** The cache of the object's kind, if it is owned and its watch sees it. */
+  private cacheOf(apiVersion: unknown, kind: unknown, namespace: string | undefined) {
+    const cache = this.kinds.find(
+      (owned) => owned.kind.apiVersion === apiVersion && owned.kind.kind === kind,
+    );
+    return cache?.covers(namespace) ? cache : undefined;
+  }
+
+  /** The object at `path` from the cache: undefined if it is not an owned kind's path. */
+  get(path: string): { object: unknown } | undefined {
+    const parts = /^\/(?:api\/(v1)|apis\/([^/]+\/[^/]+))\/namespaces\/([^/]+)\/([^/]+)\/([^/]+)$/;
+    const [, core, grouped, namespace, plural, name] = parts.exec(path) ?? [];
+    const cache = this.kinds.find(
+      (owned) => owned.kind.apiVersion === (core ?? grouped) && owned.kind.plural === plural,
+    );
+    if (!cache?.covers(namespace)) return undefined;
+    const entry = cache.entries.get(cache.keyOf({ metadata: { namespace, name } }));
+    return { object: entry && structuredClone(entry.object) };
+  }
+
+  /**
+   * Server-side apply of `object` as CONTROLLER. Of an owned kind with the managed-by label, the
+   * watch sees it: not sent when the cache shows the fields we set already as given, and never
+   * over an object that is not ours (ours: the label, or a book of this name as its controller).
+   */
+  async apply(api: Api, path: string, object: object, signal: AbortSignal): Promise<void> {
+    const { apiVersion, kind, metadata = {} } = object as Owned;
+    const labelled = metadata.labels?.[LABEL] === CONTROLLER;
+    const cache = labelled ? this.cacheOf(apiVersion, kind, metadata.namespace) : undefined;
+    if (!cache) return sendApply(api, path, object, signal);
+    const key = cache.keyOf(object);
+    const cached = cache.entries.get(key);
+    const wanted = cache.entryOf(object);
+    const digest = applied(object);
+    if (cached && controlledByAnother(cached.object, object)) {
+      throw notOurs(cached.object, wanted.owner);
+    }
+    if (cached?.ours === digest) return;
+    const applying = { digest, overtaken: false };
+    cache.applying.set(key, applying);
+    try {
+      if (cached) await applyOver(api, path, object, signal);
+      else await createOrRepair(api, cache, path, object, signal);
+      // The object says at least this now: its watch event is no change. Unless the watch
+      // already told something newer.
+      if (!applying.overtaken) cache.entries.set(key, { ...wanted, ours: digest });
+    } finally {
+      cache.applying.delete(key);
+    }
+  }
+}
+
+/**
+ * The apply of an object the cache lacks: none is there, or one that is not ours (it has no label).
+ * A resourceVersion that no object has makes the apply create it, or fail with 409 if one is
+ * there: then it is read, and applied only if it is ours.
+ */
+async function createOrRepair(
+  api: Api,
+  cache: OwnedCache,
+  path: string,
+  object: object,
+  signal: AbortSignal,
+) {
+  const { metadata } = object as Owned;
+  const onlyNew = { ...object, metadata: { ...metadata, resourceVersion: '1' } };
+  try {
+    return await sendApply(api, path, onlyNew, signal);
+  } catch (err) {
+    if (!isApiError(err, 409)) throw err;
+  }
+  const current = await api.json<Owned>({ verb: 'get', path, signal }).catch((err) => {
+    if (isApiError(err, 404)) return undefined; // gone since
+    throw err;
+  });
+  const owner = cache.entryOf(object).owner;
+  const labelled = current?.metadata?.labels?.[LABEL] === CONTROLLER;
+  const controlled =
+    owner !== '' && current !== undefined && cache.entryOf(current).owner === owner;
+  if (current && !labelled && !controlled) throw notOurs(current, owner);
+  await applyOver(api, path, object, signal);
+}
+
+/**
+ * The apply. Refused for a second controller (422): an earlier owner's reference (a book of this
+ * name, another uid) that someone else's write restored, which an apply cannot take off (it is
+ * theirs). A merge patch then replaces the list without it, if nobody wrote since.
+ */
+async function applyOver(api: Api, path: string, object: object, signal: AbortSignal) {
+  try {
+    return await sendApply(api, path, object, signal);
+  } catch (err) {
+    if (!isApiError(err, 422)) throw err;
+    const current = await api.json<Owned>({ verb: 'get', path, signal });
+    if (!(await dropStaleOwner(api, path, current, object, signal))) throw err;
+  }
+  await sendApply(api, path, object, signal);
+}
+
+/** Takes an earlier owner's reference off `current`; false if it has none. */
+async function dropStaleOwner(
+  api: Api,
+  path: string,
+  current: unknown,
+  object: object,
+  signal: AbortSignal,
+) {
+  const isController = (reference: Reference) => reference.controller && reference.kind === KIND;
+  const wanted = (object as Owned).metadata?.ownerReferences?.find(isController);
+  const { resourceVersion, ownerReferences = [] } = (current as Owned).metadata ?? {};
+  const stale = ownerReferences.find(
+    (reference) =>
+      isController(reference) && reference.name === wanted?.name && reference.uid !== wanted?.uid,
+  );
+  if (!stale) return false;
+  const kept = ownerReferences.filter((reference) => reference !== stale);
+  const body = { metadata: { resourceVersion, ownerReferences: kept } };
+  const request = { verb: 'patch', method: 'PATCH', path, body, contentType: MERGE_PATCH };
+  await discard(await api.call({ ...request, signal }));
+  return true;
+}
+
+const LABEL = Object.keys(MANAGED_BY)[0] ?? '';
+
+async function sendApply(api: Api, path: string, object: object, signal: AbortSignal) {
+  const query = new URLSearchParams({ fieldManager: CONTROLLER, force: 'true' });
+  const contentType = 'application/apply-patch+yaml'; // JSON is YAML
+  const request = { verb: 'apply', method: 'PATCH', path, query, body: object, contentType };
+  await discard(await api.call({ ...request, signal }));
+}
+
+/** Whether `current` has a controller other than the one `object` names (a book of that name). */
+function controlledByAnother(current: unknown, object: object): boolean {
+  const controllerOf = (of: unknown) =>
+    (of as Owned).metadata?.ownerReferences?.find((reference) => reference.controller);
+  const theirs = controllerOf(current);
+  const ours = controllerOf(object);
+  if (!theirs) return false;
+  const same = (field: keyof Reference) => theirs[field] === ours?.[field];
+  return !(
+    same('kind') &&
+    same('name') &&
+    groupOf(theirs.apiVersion) === groupOf(ours?.apiVersion)
+  );
+}
+
+/** An object reconcile would take over from someone else: it is left alone, and this says why. */
+class NotOurs extends Error {
+  readonly reason = 'ErrResourceExists'; // as sample-controller's Event says it
+}
+
+function notOurs(object: unknown, owner: string): NotOurs {
+  const { kind: itsKind = 'the object', metadata = {} } = object as Owned;
+  const what = `${itsKind} ${metadata.namespace}/${metadata.name} already exists`;
+  const controller = metadata.ownerReferences?.find((reference) => reference.controller);
+  if (controller) {
+    const whose = `${what} and is controlled by ${controller.kind} ${controller.name}`;
+    const fix = 'delete it, or take it off its owner';
+    return new NotOurs(`${whose}, not by this ${kind}${owner ? ` (${owner})` : ''} — ${fix}`);
+  }
+  const label = `${LABEL}=${CONTROLLER}`;
+  return new NotOurs(
+    `${what} and is not managed by ${CONTROLLER} — delete it, or label it ${label} to hand it over`,
+  );
 }
 
 /**
@@ -1699,7 +1891,7 @@ async function work(worker: Worker) {
     const own = () => {
       const retrying = `retrying in ${inSeconds(delayMs)}`;
       if (failure !== undefined) {
-        if (subject) worker.events.failed(key, subject, messageOf(failure));
+        if (subject) worker.events.failed(key, subject, messageOf(failure), reasonOf(failure));
         console.error(`reconcile of ${kind} ${key} failed: ${messageOf(failure)}; ${retrying}`);
       } else {
         const why = messageOf(statusFailure);
@@ -2081,7 +2273,7 @@ class StatusWriter {
         : {
             type: 'Ready',
             status: 'False',
-            reason: 'ReconcileFailed',
+            reason: reasonOf(failure),
             message: messageOf(failure),
           };
     const conditions = [{ ...condition, observedGeneration: generation }];
@@ -2579,7 +2771,7 @@ class EventRecorder {
   }
 
   /** A reconcile failed: one Warning per object and message; a repeat raises its count. */
-  failed(key: string, object: Resource, message: string) {
+  failed(key: string, object: Resource, message: string, reason: string) {
     const last = this.failures.get(key);
     const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
     if (last?.message === message && last.uid === object.metadata.uid) {
@@ -2588,13 +2780,13 @@ class EventRecorder {
       const body = { count: last.count, lastTimestamp: now };
       const patch = { verb: 'patch', method: 'PATCH', path, body, contentType: MERGE_PATCH };
       // An Event expires (after an hour) or was deleted: write it again, with its count.
-      this.send(patch, () => this.create(object, last, 'Warning', 'ReconcileFailed', now));
+      this.send(patch, () => this.create(object, last, 'Warning', reason, now));
       return;
     }
     const { uid } = object.metadata;
     const failure = { uid, name: eventName(object), message, count: 1, first: now };
     this.failures.set(key, failure);
-    this.create(object, failure, 'Warning', 'ReconcileFailed', now);
+    this.create(object, failure, 'Warning', reason, now);
   }
 
   /** An object is Ready again after failing: one Normal Event. */
@@ -2700,16 +2892,15 @@ export interface Options {
   now?: () => number; // a monotonic clock in milliseconds, for the lease
 }
 
-/** The collection of what reconcile makes, in the namespaces the controller watches. */
-function ownedCollection(config: Config, owned: OwnedObjects): Collection {
-  const group = OWNED.apiVersion.includes('/')
-    ? `/apis/${OWNED.apiVersion}`
-    : `/api/${OWNED.apiVersion}`;
+/** The collection of an owned kind, in the namespaces the controller watches, by its label. */
+function ownedCollection(config: Config, cache: OwnedCache): Collection {
+  const { apiVersion, plural } = cache.kind;
+  const group = apiVersion.includes('/') ? `/apis/${apiVersion}` : `/api/${apiVersion}`;
   const where = config.namespace === undefined ? '' : `/namespaces/${config.namespace}`;
   const selector = Object.entries(MANAGED_BY)
     .map(([label, value]) => `${label}=${value}`)
     .join(',');
-  return { plural: OWNED.plural, path: `${group}${where}/${OWNED.plural}`, selector, cache: owned };
+  return { plural, path: `${group}${where}/${plural}`, selector, cache };
 }
 
 /** Runs the controller until `signal` aborts; returns the process exit code. */
@@ -2787,15 +2978,16 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
     [controller, config.concurrency],
   ]);
-  // Workers start once the cache of what reconcile made holds its initial state, so that a
+  // Workers start once the caches of what reconcile made hold their initial state, so that a
   // restart repeats no write; the objects are reconciled as their initial state comes in.
   const objectsIn = signalled();
-  const ownedIn = signalled();
-  void Promise.all([objectsIn.promise, ownedIn.promise]).then(() => {
+  const ownedIn = owned.kinds.map(() => signalled());
+  const allOwnedIn = Promise.all(ownedIn.map((kind) => kind.promise));
+  void Promise.all([objectsIn.promise, allOwnedIn]).then(() => {
     health.ready = true;
   });
   const workers = Array.from({ length: config.concurrency }, async () => {
-    await ownedIn.promise;
+    await allOwnedIn;
     await work(worker);
   });
   const path = collectionPath(config.namespace);
@@ -2806,7 +2998,9 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   const shared = { health, stdout, said };
   await Promise.all([
     listAndWatch(api, objectCollection, shared, objectsIn.resolve, signal),
-    listAndWatch(api, ownedCollection(config, owned), shared, ownedIn.resolve, signal),
+    ...owned.kinds.map((cache, i) =>
+      listAndWatch(api, ownedCollection(config, cache), shared, ownedIn[i].resolve, signal),
+    ),
   ]);
   queue.stop();
   status.stop();
@@ -2867,6 +3061,12 @@ function signalled() {
 
 const collectionPath = (namespace: string | undefined) =>
   `/apis/${GROUP}/${VERSION}${namespace === undefined ? '' : `/namespaces/${namespace}`}/${PLURAL}`;
+
+/** Why a reconcile failed, in a word, for its Ready condition and Event: the error's own, if any. */
+function reasonOf(err: unknown): string {
+  const { reason } = (err ?? {}) as { reason?: unknown };
+  return typeof reason === 'string' && /^[A-Z]\w*$/.test(reason) ? reason : 'ReconcileFailed';
+}
 
 /** An error's message on one line: every diagnostic is one line. */
 function messageOf(err: unknown, join?: string): string {
