@@ -32,7 +32,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { getResponse, HttpResponse, http, type PathParams } from 'msw';
-import { GROUP, KIND, PLURAL, VERSION } from './controller.ts';
+import { GROUP, KIND, OWNED, PLURAL, VERSION } from './controller.ts';
 
 export { GROUP, KIND, PLURAL, VERSION };
 export const GROUP_VERSION = `${GROUP}/${VERSION}`;
@@ -174,8 +174,10 @@ export type Resource =
   | typeof PLURAL
   | `${typeof PLURAL}/status`
   | 'configmaps'
+  | 'secrets'
   | 'events'
-  | 'leases';
+  | 'leases'
+  | (string & {}); // another kind that controller.ts's OWNED lists
 /** One request as the fake received it. */
 export interface ApiRequest {
   verb: Verb;
@@ -203,7 +205,7 @@ export interface FaultOptions {
 
 /** A kind of object it serves, and how the real server names it in messages. */
 interface ResourceType {
-  resource: typeof PLURAL | 'configmaps' | 'events';
+  resource: string; // the plural, as in paths
   apiVersion: string;
   kind: string;
   group: string; // '' for the core group
@@ -230,6 +232,20 @@ const resourceType = (
 });
 const BOOKS = resourceType(PLURAL, GROUP, VERSION, KIND, false);
 const CONFIGMAPS = resourceType('configmaps', '', 'v1', 'ConfigMap', true);
+const SECRETS = resourceType('secrets', '', 'v1', 'Secret', true);
+// What reconcile makes, as controller.ts's OWNED lists it, served like any built-in kind: a copy
+// that owns a Deployment keeps its tests. ConfigMaps and Secrets are served whatever it lists.
+const OWNED_TYPES = [
+  CONFIGMAPS,
+  SECRETS,
+  ...OWNED.filter(({ plural }) => plural !== 'configmaps' && plural !== 'secrets').map(
+    ({ apiVersion, kind, plural }) => {
+      const [group, version] = apiVersion.includes('/') ? apiVersion.split('/') : ['', apiVersion];
+      return resourceType(plural, group ?? '', version ?? 'v1', kind, true);
+    },
+  ),
+];
+const basePath = (type: ResourceType) => (type.group ? `/apis/${type.apiVersion}` : '/api/v1');
 const CORE_EVENTS = resourceType('events', '', 'v1', 'Event', true);
 const EVENTS = resourceType('events', 'events.k8s.io', 'v1', 'Event', true);
 
@@ -979,6 +995,16 @@ function tidy(object: StoredObject): StoredObject {
     if ((Array.isArray(value) || isObject(value)) && Object.keys(value).length === 0)
       delete metadata[key];
   }
+  // A Secret's stringData is write-only: stored base64-encoded in data, and the type defaults.
+  if (result.kind === 'Secret') {
+    const { stringData } = result;
+    const encoded = Object.entries(isObject(stringData) ? stringData : {}).map(
+      ([key, value]) => [key, Buffer.from(String(value)).toString('base64')] as const,
+    );
+    result.data = { ...(isObject(result.data) ? result.data : {}), ...Object.fromEntries(encoded) };
+    delete result.stringData;
+    result.type ??= 'Opaque';
+  }
   for (const key of ['data', 'binaryData'])
     if (isObject(result[key]) && Object.keys(result[key]).length === 0) delete result[key];
   return result;
@@ -1277,7 +1303,7 @@ export class FakeApiServer {
 
   private readonly handlers = [
     ...this.routes(BOOKS, `/apis/${GROUP_VERSION}`, true),
-    ...this.routes(CONFIGMAPS, '/api/v1'),
+    ...OWNED_TYPES.flatMap((type) => this.routes(type, basePath(type))),
     ...this.routes(CORE_EVENTS, '/api/v1'),
     ...this.routes(EVENTS, `/apis/${EVENTS.apiVersion}`),
     http.get(
@@ -1649,7 +1675,10 @@ export class FakeApiServer {
     const metadata = isObject(body.metadata) ? body.metadata : {};
     if (metadata.name !== undefined && metadata.name !== name)
       throw nameMismatch(metadata.name, name);
-    if (metadata.resourceVersion && metadata.resourceVersion !== before?.metadata.resourceVersion)
+    // A resourceVersion is a precondition on an object that exists ("0": none); one that does not
+    // is created, whatever it says (as kube-apiserver 1.37 does for ConfigMaps and custom resources).
+    const rv = metadata.resourceVersion;
+    if (before && rv && rv !== '0' && rv !== before.metadata.resourceVersion)
       throw conflict(type.qualified, name, detailsOf(type, name));
     const current = before ?? ({ metadata: { name, namespace } } as StoredObject);
     const managers = before ? this.store.managersOf(before) : [];
@@ -1830,6 +1859,11 @@ export class FakeApiServer {
   configMap(namespace: string, name: string): StoredConfigMap | undefined {
     const configMap = this.store.get(CONFIGMAPS, namespace, name);
     return configMap && (structuredClone(configMap) as StoredConfigMap);
+  }
+  /** A Secret as stored now (a copy): its data base64-encoded, as the real server keeps it. */
+  secret(namespace: string, name: string): StoredObject | undefined {
+    const secret = this.store.get(SECRETS, namespace, name);
+    return secret && structuredClone(secret);
   }
   configMaps(namespace?: string): StoredConfigMap[] {
     return this.store
