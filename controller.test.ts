@@ -11,6 +11,8 @@
 //   npm test                  (Node)
 //   npm run test:deno         (Deno)
 //   npm run test:bun          (Bun)
+// Each runs this file as 7 processes side by side (see "Lanes" below); run alone, as in
+// `npx tsx --test controller.test.ts`, it runs every test in one process.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -25,7 +27,13 @@ import { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
-import { afterEach, beforeEach, describe, test } from 'node:test';
+import {
+  afterEach,
+  beforeEach,
+  describe as nodeDescribe,
+  test as nodeTest,
+  type TestOptions,
+} from 'node:test';
 import {
   type Book,
   type BookSpec,
@@ -431,9 +439,67 @@ afterEach(async () => {
 });
 
 // ---------------------------------------------------------------------------------------------
+// Lanes: `npm test` runs this file as several processes side by side (e2e/lanes.ts sets
+// TEST_LANE=i/n in each), since most of its time is waiting on purpose (backoffs, lease deadlines,
+// ten seconds of a rate), not work. Each test runs in exactly one lane, the same one in every
+// process: longest first, each test goes to the lane with the least time so far. The describes
+// are registered once the file is read, in its order, each with the tests of this lane.
+// Without TEST_LANE every test runs, in one process.
+
+/** `takes`: about how many seconds the test lasts (default 0.5); it only balances the lanes. */
+type Options = TestOptions & { takes?: number };
+type Body = () => void | Promise<void>;
+interface Test {
+  name: string;
+  options: Options;
+  body: Body;
+}
+const [lane, lanes] = (/^(\d+)\/(\d+)$/.exec(process.env.TEST_LANE ?? '')?.slice(1) ?? [1, 1]).map(
+  Number,
+) as [number, number];
+const suites: { name: string; tests: Test[] }[] = [];
+let collected: Test[] | undefined;
+
+function test(name: string, options: Options | Body, body?: Body) {
+  if (!collected) throw new Error(`test '${name}' is outside a describe`);
+  if (typeof options === 'function') collected.push({ name, options: {}, body: options });
+  else if (body) collected.push({ name, options, body });
+}
+
+function describe(name: string, tests: () => void) {
+  collected = [];
+  tests();
+  suites.push({ name, tests: collected });
+  collected = undefined;
+  if (suites.length === 1) queueMicrotask(registerLane); // after the last describe of the file
+}
+
+function registerLane() {
+  const seconds: number[] = Array.from({ length: lanes }, () => 0);
+  const mine = new Set<Test>();
+  const all = suites.flatMap((suite) => suite.tests);
+  for (const one of all.toSorted((a, b) => (b.options.takes ?? 0.5) - (a.options.takes ?? 0.5))) {
+    const least = seconds.indexOf(Math.min(...seconds));
+    seconds[least] = (seconds[least] ?? 0) + (one.options.takes ?? 0.5);
+    if (least === lane - 1) mine.add(one);
+  }
+  for (const suite of suites) {
+    if (!suite.tests.some((one) => mine.has(one))) continue;
+    nodeDescribe(suite.name, () => {
+      for (const one of suite.tests.filter((one) => mine.has(one))) {
+        const { takes: _, ...options } = one.options;
+        nodeTest(one.name, options, one.body);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 describe('the seed walkthrough', () => {
-  test('prints exactly its four lines, nothing on stderr, and leaves moby-dick Ready', async () => {
+  test('prints exactly its four lines, nothing on stderr, and leaves moby-dick Ready', {
+    takes: 2,
+  }, async () => {
     const { uid } = fake.create('moby-dick', MOBY_DICK).metadata;
     const controller = start();
     await until(
@@ -489,6 +555,7 @@ describe('the seed walkthrough', () => {
   });
 
   test('the demo (npm run demo) plays the walkthrough against the real controller.ts and ends by itself', {
+    takes: 6,
     timeout: 60_000,
     skip:
       KIND !== 'Book' &&
@@ -900,7 +967,9 @@ describe('status: written back, never echoed', () => {
     assert.deepEqual(stderr, []);
   });
 
-  test('a status write that fails with 500 is retried after a backoff, without running reconcile again or printing twice', async () => {
+  test('a status write that fails with 500 is retried after a backoff, without running reconcile again or printing twice', {
+    takes: 2,
+  }, async () => {
     fake.failNext(500, 'InternalError', 'etcdserver: request timed out', { verb: 'patch' });
     const calls: string[] = [];
     fake.create('moby-dick', MOBY_DICK);
@@ -1068,6 +1137,7 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
   });
 
   test('server unreachable: names the server URL once while it stays down, and waits longer each time', {
+    takes: 5,
     timeout: 30_000,
   }, async () => {
     writeKubeconfig({ server: 'https://127.0.0.1:1' });
@@ -1209,6 +1279,7 @@ describe('outages, with hundreds of books waiting: a few stderr lines, then ever
   const allReady = () => names.every((name) => isReady(name));
 
   test(`a 5 s outage (connections refused) with ${BOOKS} books pending: a few stderr lines, every book Ready after`, {
+    takes: 14,
     timeout: 90_000,
   }, async () => {
     for (const name of names) fake.create(name, { ...sample(name) });
@@ -1236,6 +1307,7 @@ describe('outages, with hundreds of books waiting: a few stderr lines, then ever
   });
 
   test(`a server answering 503 for a while with ${BOOKS} books pending: one line when it starts, one when it ends; every book Ready`, {
+    takes: 4,
     timeout: 90_000,
   }, async () => {
     for (const name of names) fake.create(name, { ...sample(name) });
@@ -1272,6 +1344,7 @@ describe('outages, with hundreds of books waiting: a few stderr lines, then ever
 describe('as a program, on this runtime', () => {
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     test(`prints the seed walkthrough on stdout and exits 0 within a second of ${signal}`, {
+      takes: 4,
       timeout: 30_000,
     }, async () => {
       fake.create('moby-dick', MOBY_DICK);
@@ -1300,6 +1373,7 @@ describe('as a program, on this runtime', () => {
   }
 
   test('after a large initial list and SIGTERM, every line it printed reaches a slow reader', {
+    takes: 6,
     timeout: 60_000,
   }, async () => {
     const long = 'x'.repeat(100); // so that the lines overflow the pipe while the reader waits
@@ -1329,6 +1403,7 @@ describe('as a program, on this runtime', () => {
   });
 
   test('stdout closed by the reader (| head -1): exits 0, quietly', {
+    takes: 2,
     timeout: 30_000,
   }, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -1719,7 +1794,9 @@ describe('reading the watch stream', () => {
     });
   }
 
-  test('reports a line that is not a watch event and resumes from the last good resourceVersion', async () => {
+  test('reports a line that is not a watch event and resumes from the last good resourceVersion', {
+    takes: 4,
+  }, async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
     const addedAt = fake.create('moby-dick', MOBY_DICK).metadata.resourceVersion;
@@ -1904,7 +1981,9 @@ describe('the initial state: a streaming list, else pages', () => {
     );
   });
 
-  test('a list that fails after its first page lists again from the first: every book Added once, then the watch', async () => {
+  test('a list that fails after its first page lists again from the first: every book Added once, then the watch', {
+    takes: 3,
+  }, async () => {
     fake.watchList = false;
     for (let i = 0; i < 600; i++)
       fake.create(`book-${String(i).padStart(3, '0')}`, { ...sample(`Book ${i}`) });
@@ -1933,7 +2012,9 @@ describe('the initial state: a streaming list, else pages', () => {
     );
   });
 
-  test('lists in pages of 500 following continue, and starts over when a continue token expires', async () => {
+  test('lists in pages of 500 following continue, and starts over when a continue token expires', {
+    takes: 6,
+  }, async () => {
     fake.watchList = false;
     for (let i = 0; i < 1200; i++) fake.create(`book-${i}`, { ...sample(`Book ${i}`) });
     fake.expireNextContinueToken = true;
@@ -1958,6 +2039,7 @@ describe('the initial state: a streaming list, else pages', () => {
   });
 
   test('a relist whose streaming list ends early, then a server that streams again: the relist streams again, nothing lost', {
+    takes: 2,
     timeout: 30_000,
   }, async () => {
     for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name.toUpperCase()) });
@@ -2040,7 +2122,9 @@ describe('resuming and relisting', () => {
     });
   }
 
-  test('a 410 right after a lost connection is routine: relists quietly', async () => {
+  test('a 410 right after a lost connection is routine: relists quietly', {
+    takes: 2,
+  }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('watching', () => fake.openWatches === 1 && stdout.length === 1);
@@ -2060,6 +2144,7 @@ describe('resuming and relisting', () => {
   });
 
   test('keeps an idle watch open, quietly, while nothing changes for longer than a keep-alive timeout', {
+    takes: 6,
     timeout: 30_000,
   }, async () => {
     const controller = start();
@@ -2161,6 +2246,7 @@ describe('resuming and relisting', () => {
   }
 
   test('abandons a list or a watch that sends nothing past the watch timeout + 5 s, and starts over', {
+    takes: 16,
     timeout: 40_000,
     ...DENO_EXTRA_REQUEST,
   }, async () => {
@@ -2230,6 +2316,7 @@ describe('resuming and relisting', () => {
 
 describe('backoff: what fails is tried again later, with growing waits, and said once', () => {
   test('a reconcile that throws is retried with growing delays while other books go on, then the book is Ready', {
+    takes: 5,
     timeout: 30_000,
   }, async () => {
     const attempts: number[] = [];
@@ -2314,6 +2401,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
       ? 'a message that varies, each write seen before its answer'
       : 'a constant message';
     test(`two controllers over one book, one succeeding and one failing with ${how}: a few status writes in 10 s, not thousands`, {
+      takes: 10,
       timeout: 40_000,
     }, async () => {
       // e.g. a replica started without --leader-elect from a laptop, next to the deployment
@@ -2346,6 +2434,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
   }
 
   test('backs off when the server ends every watch at once, instead of spinning: one line, doubling waits', {
+    takes: 5,
     timeout: 30_000,
   }, async () => {
     const controller = start();
@@ -2413,6 +2502,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
   });
 
   test('every watch answered 410, in list mode: a few lists in 10 s (0.8 s doubling), and one stderr line', {
+    takes: 10,
     timeout: 30_000,
   }, async () => {
     fake.watchList = false;
@@ -2436,7 +2526,9 @@ describe('backoff: what fails is tried again later, with growing waits, and said
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
   });
 
-  test('429 with Retry-After in seconds: one line, and the next request waits that long', async () => {
+  test('429 with Retry-After in seconds: one line, and the next request waits that long', {
+    takes: 2,
+  }, async () => {
     fake.failNext(
       429,
       'TooManyRequests',
@@ -2457,7 +2549,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
     );
   });
 
-  test('429 with Retry-After as an HTTP date waits until then', async () => {
+  test('429 with Retry-After as an HTTP date waits until then', { takes: 3 }, async () => {
     const when = new Date(Math.ceil(Date.now() / 1000) * 1000 + 3000); // whole seconds, as the header has
     fake.failNext(429, 'TooManyRequests', 'slow down', {
       headers: { 'Retry-After': when.toUTCString() },
@@ -2473,7 +2565,9 @@ describe('backoff: what fails is tried again later, with growing waits, and said
     assert.ok(Date.now() >= when.getTime() - 100);
   });
 
-  test('details.retryAfterSeconds in a 429 body is honoured without the header', async () => {
+  test('details.retryAfterSeconds in a 429 body is honoured without the header', {
+    takes: 2,
+  }, async () => {
     fake.failNext(429, 'TooManyRequests', 'slow down', { retryAfterSeconds: 2 });
     const controller = start();
     await until('the retry', () => bookRequests().length === 2);
@@ -2483,7 +2577,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
     assert.ok(first && second && second.at - first.at >= 2000 - SLACK_MS);
   });
 
-  test('details.retryAfterSeconds in an ERROR event is honoured', async () => {
+  test('details.retryAfterSeconds in an ERROR event is honoured', { takes: 2 }, async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
     fake.sendRaw(
@@ -2510,7 +2604,9 @@ describe('backoff: what fails is tried again later, with growing waits, and said
     assert.ok(first && second && second.at - first.at >= 1000 - SLACK_MS);
   });
 
-  test("two 429 'storage is (re)initializing' in a row are reported once", async () => {
+  test("two 429 'storage is (re)initializing' in a row are reported once", {
+    takes: 2,
+  }, async () => {
     fake.storageInitializing = 2;
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
@@ -2612,7 +2708,9 @@ describe('leader election (--leader-elect)', () => {
   const leadingLine = () => stderr.find((line) => line.startsWith('leading as '));
   const identityIn = (line: string | undefined) => /^leading as (\S+) /.exec(line ?? '')?.[1] ?? '';
 
-  test('of two replicas exactly one prints; the follower says who holds the lease and never lists or watches books', async () => {
+  test('of two replicas exactly one prints; the follower says who holds the lease and never lists or watches books', {
+    takes: 4,
+  }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const leader = startReplica('token-a');
     await until('a leader', () => leader.lines.length === 1);
@@ -2644,7 +2742,9 @@ describe('leader election (--leader-elect)', () => {
     assert.match(lease?.spec.acquireTime ?? '', /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$/);
   });
 
-  test('stopping the leader releases the lease, and the follower takes over within a few seconds', async () => {
+  test('stopping the leader releases the lease, and the follower takes over within a few seconds', {
+    takes: 2,
+  }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const leader = startReplica('token-a', ['--leader-elect-namespace', 'kube-system']);
     await until('a leader', () => leader.lines.length === 1);
@@ -2663,6 +2763,7 @@ describe('leader election (--leader-elect)', () => {
   });
 
   test('a leader that cannot renew stops acting and returns 1 with one line', {
+    takes: 10,
     timeout: 30_000,
   }, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -2692,6 +2793,7 @@ describe('leader election (--leader-elect)', () => {
   });
 
   test('a leader paused (SIGSTOP) while another takes over prints nothing and writes nothing when resumed, and exits 1 with "stopped leading"', {
+    takes: 18,
     timeout: 90_000,
   }, async () => {
     // The real server keeps idle connections open (for 90 s): so must the fake, or the paused leader's
@@ -2739,6 +2841,7 @@ describe('leader election (--leader-elect)', () => {
   });
 
   test('the renew deadline holds while an exec credential plugin hangs: "stopped leading" within it, exit 1, nothing printed after the takeover', {
+    takes: 18,
     timeout: 90_000,
   }, async () => {
     // A kubeconfig whose user is an exec plugin: its first credential expires in 5 s (4 to 5: whole
@@ -2828,6 +2931,7 @@ describe('leader election (--leader-elect)', () => {
   });
 
   test('a wall-clock step of +30 s does not make a healthy leader quit', {
+    takes: 6,
     timeout: 40_000,
   }, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -2859,6 +2963,7 @@ describe('leader election (--leader-elect)', () => {
   });
 
   test('a wall-clock step of -1 h does not keep a leader whose renewals fail leading past the renew deadline', {
+    takes: 10,
     timeout: 40_000,
   }, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -2892,6 +2997,7 @@ describe('leader election (--leader-elect)', () => {
   });
 
   test('a renewal is timed from when it was sent: answered 7.5 s late, the leader acts no more past sent + 10 s', {
+    takes: 12,
     timeout: 40_000,
   }, async () => {
     fake.create('moby-dick', MOBY_DICK);
@@ -3104,7 +3210,9 @@ describe('/metrics and Events', () => {
     assert.deepEqual(fake.eventRequests(), []);
   });
 
-  test('a failing book moves reconcile_errors_total and workqueue_retries_total; once fixed, reconcile_total{result="success"}', async () => {
+  test('a failing book moves reconcile_errors_total and workqueue_retries_total; once fixed, reconcile_total{result="success"}', {
+    takes: 2,
+  }, async () => {
     const port = await freePort();
     let failing = true;
     const reconcile: Reconcile = async (_change, _book, { name }) => {
@@ -3371,7 +3479,7 @@ describe('a finalizer, for cleanup that survives restarts', () => {
     assert.deepEqual(stderr, []);
   });
 
-  test('with two --leader-elect replicas only the leader writes it', async () => {
+  test('with two --leader-elect replicas only the leader writes it', { takes: 4 }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     const leader = startWithToken('token-a', ['--leader-elect'], { finalizer: F });
     await until('the leader reconciled moby-dick', () => isReady('moby-dick'));
