@@ -1082,9 +1082,13 @@ export class ObjectCache implements Cache {
       entry.object = checked;
       return this.queue.add(key);
     }
-    // The finalizers are kept up to date in place: the object is the same one.
-    if (String(before.finalizers) !== String(checked.metadata.finalizers)) {
-      before.finalizers = checked.metadata.finalizers;
+    // The finalizers are kept up to date in place: the object is the same one. Ours stays, once
+    // seen or put on: an event sent before we put it on may come after (at worst, taking it off
+    // again reads that it is not there).
+    const kept = entry.object && this.holds(entry.object) && !this.holds(checked);
+    const finalizers = kept ? [...(checked.metadata.finalizers ?? []), this.finalizer] : undefined;
+    if (String(before.finalizers) !== String(finalizers ?? checked.metadata.finalizers)) {
+      before.finalizers = finalizers ?? checked.metadata.finalizers;
     }
     // A Ready condition other than ours makes it due, to write ours again; never urgently.
     if (readyChanged) this.queue.add(key, false);
