@@ -271,9 +271,11 @@ async function dataFor(spec: Record<string, unknown>, name = 'moby-dick') {
     apply: async (_path, object) => {
       applied = object as typeof applied;
     },
+    patch: async () => assert.fail('the example reconcile patches nothing'),
     delete: async () => {},
   };
-  await exampleReconcile('Added', book, { name, signal: new AbortController().signal, client });
+  const signal = new AbortController().signal;
+  await exampleReconcile('Added', book, { name, reason: 'changed', status: {}, signal, client });
   return applied?.data;
 }
 /** A string as a regular expression that matches it literally. */
