@@ -156,7 +156,7 @@ export interface Result {
  * Requests with the controller's own credentials and connection, for any resource path. An error
  * from the server is thrown with its Status message. For an owned kind (OWNED) with the managed-by
  * label, what its watch sees answers instead where it can:
- * - get answers from the cache, with no request: the object, or undefined if there is none of ours;
+ * - get of one the cache has answers from it, with no request (one it lacks is asked for);
  * - apply is not sent when the fields it sets are already as given (what others added is no
  *   difference), and never takes over an object that is not ours: that is an error naming it.
  */
@@ -564,17 +564,26 @@ function silence(message: string, ms: number): Error {
   return Object.assign(new Error('this process was paused'), { code: 'EPAUSED' });
 }
 
+/** The body of an answer from the API server; a connection cut meanwhile is its failure. */
 async function readAll(response: http.IncomingMessage): Promise<string> {
   response.setEncoding('utf8'); // decodes across chunks, even inside a multi-byte character
   let body = '';
-  for await (const chunk of response) body += chunk;
+  try {
+    for await (const chunk of response) body += chunk;
+  } catch (err) {
+    if (typeof err === 'object' && err !== null) fromApiServer.add(err);
+    throw err;
+  }
   return body;
 }
 
 /** Reads an answer we do not need to its end, so that its connection serves the next request. */
 async function discard(response: http.IncomingMessage): Promise<void> {
   response.resume();
-  await finished(response);
+  await finished(response).catch((err: unknown) => {
+    if (typeof err === 'object' && err !== null) fromApiServer.add(err);
+    throw err;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -586,7 +595,7 @@ function clientFor(api: Api, owned: OwnedObjects, signal: AbortSignal): Client {
   return {
     get: async <T>(path: string) => {
       const cached = owned.get(path);
-      if (cached) return cached.object as T | undefined;
+      if (cached) return cached as T;
       return request('get', 'GET', path).then(
         (object) => object as T,
         (err) => (isApiError(err, 404) ? undefined : Promise.reject(err)),
@@ -1640,8 +1649,8 @@ class OwnedObjects {
     return cache?.covers(namespace) ? cache : undefined;
   }
 
-  /** The object at `path` from the cache: undefined if it is not an owned kind's path. */
-  get(path: string): { object: unknown } | undefined {
+  /** The object at `path`, if the cache has it: an owned kind's, with the label (a copy). */
+  get(path: string): unknown {
     const parts = /^\/(?:api\/(v1)|apis\/([^/]+\/[^/]+))\/namespaces\/([^/]+)\/([^/]+)\/([^/]+)$/;
     const [, core, grouped, namespace, plural, name] = parts.exec(path) ?? [];
     const cache = this.kinds.find(
@@ -1649,7 +1658,7 @@ class OwnedObjects {
     );
     if (!cache?.covers(namespace)) return undefined;
     const entry = cache.entries.get(cache.keyOf({ metadata: { namespace, name } }));
-    return { object: entry && structuredClone(entry.object) };
+    return entry && structuredClone(entry.object);
   }
 
   /**
