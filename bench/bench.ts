@@ -4,10 +4,14 @@
 //
 //   node bench/bench.ts [--runs R] [--runtime node|deno|bun] [--launcher strip|tsx|npx]
 //                       [--books N] [--events M] [--memory-books B] [--ready-books C] [--latency MS]
-//                       [--concurrency 1,8] [--ready-runs R] [--skip sync,tsx,memory,ready,idle]
+//                       [--concurrency 1,8] [--ready-runs R] [--skip sync,tsx,memory,ready,idle,requeue]
 //                       [--raw] [--tables launchers,imports,tsx] [--controller FILE] [--pin]
 //                       [--real [--real-books 3000] [--real-runs 3] [--skip-fake]]
+//                       [--requeue-books 10000] [--requeue-after 5] [--requeue-seconds 30]
+//                       [--requeue-runs 1] [--scenario sync,memory,ready,idle,requeue]
 //   node bench/bench.ts --profile [--scenario stream|paged|ready1|ready8|memory] [--heap]
+//
+// --scenario (without --profile) runs only the scenarios named; --skip leaves some out.
 //
 // Scenarios (every one against bench/server.ts, a loopback HTTPS API server in its own process,
 // reset to a fresh world before every run; it counts the requests of each run by kind):
@@ -31,6 +35,16 @@
 //               write (the apply and the status patch); time (server side) from their ADDED until
 //               the last is Ready, at each --concurrency, against the ideal C × 2 × MS / concurrency.
 //   idle        10 Ready books, --watch-timeout 1, 5 s: one watch per timeout, nothing else.
+//   requeue     Q new books; a copy of the controller (written at run time in a temp folder,
+//               removed after) whose example reconcile returns { requeueAfter: S }, against the
+//               controller as it is (its floor: the same without requeue). After the initial sync
+//               (every book printed and Ready) and S s more, a window of W s: CPU seconds per
+//               second (utime+stime in /proc/PID/stat), RSS (sampled every 250 ms, and at the end;
+//               VmHWM for the whole run), reconciles per second (controller_runtime_reconcile_total
+//               on its --health-port /metrics; ideal Q / S), requests per second the server saw by
+//               kind (a requeued run that applies the same ConfigMap and leaves Ready as it is
+//               sends nothing), lines printed (none), and at the end the ref'd timers
+//               (process.getActiveResourcesInfo() through bench/memprobe.ts, on SIGUSR2).
 //   --real      against a real kube-apiserver and etcd (e2e/cluster.ts, binaries from
 //               e2e/build.sh): C books created while the subject runs (controller at each
 //               --concurrency, and the floor), time until all are Ready; a restart over them
@@ -44,11 +58,14 @@
 // the other with this process, whose event loop does nothing but timestamp the pipe. --pin makes
 // that split explicit with taskset (client on CPU 1).
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import http from 'node:http';
 import https from 'node:https';
+import { type AddressInfo, createServer as createNetServer } from 'node:net';
 import {
   closeSync,
   existsSync,
   fstatSync,
+  mkdirSync,
   mkdtempSync,
   openSync,
   readdirSync,
@@ -56,6 +73,8 @@ import {
   readSync,
   rmSync,
   statSync,
+  symlinkSync,
+  writeFileSync,
 } from 'node:fs';
 import { builtinModules } from 'node:module';
 import { cpus, hostname, loadavg, release, tmpdir, totalmem } from 'node:os';
@@ -84,7 +103,7 @@ const { values: flags } = parseArgs({
     skip: { type: 'string', default: '' },
     tables: { type: 'string', default: '' },
     profile: { type: 'boolean', default: false },
-    scenario: { type: 'string', default: 'stream' },
+    scenario: { type: 'string', default: '' }, // --profile: stream if none
     pin: { type: 'boolean', default: false },
     raw: { type: 'boolean', default: false },
     heap: { type: 'boolean', default: false },
@@ -92,6 +111,10 @@ const { values: flags } = parseArgs({
     'real-books': { type: 'string', default: '3000' },
     'real-runs': { type: 'string', default: '3' },
     'skip-fake': { type: 'boolean', default: false },
+    'requeue-books': { type: 'string', default: '10000' },
+    'requeue-after': { type: 'string', default: '5' },
+    'requeue-seconds': { type: 'string', default: '30' },
+    'requeue-runs': { type: 'string', default: '1' },
   },
 });
 const N = Number(flags.books),
@@ -104,6 +127,20 @@ const R_READY = Number(flags['ready-runs']);
 const CONCURRENCY = flags.concurrency.split(',').map(Number);
 const R_STARTUP = Math.min(R, 3);
 const SKIP = new Set(flags.skip.split(',').filter(Boolean));
+// --scenario without --profile: only the scenarios named run
+const SCENARIOS = ['sync', 'memory', 'ready', 'idle', 'requeue'];
+const ONLY = new Set(flags.profile ? [] : flags.scenario.split(',').filter(Boolean));
+for (const s of ONLY) {
+  if (!SCENARIOS.includes(s)) {
+    console.error(`bench: --scenario ${s}: one or more of ${SCENARIOS.join(', ')}`);
+    process.exit(1);
+  }
+}
+const runs = (scenario: string) => !SKIP.has(scenario) && (ONLY.size === 0 || ONLY.has(scenario));
+const QB = Number(flags['requeue-books']),
+  QS = Number(flags['requeue-after']),
+  QW = Number(flags['requeue-seconds']),
+  R_REQUEUE = Number(flags['requeue-runs']);
 const EXTRA = new Set(flags.tables.split(',').filter(Boolean));
 const CONTROLLER = flags.controller;
 const FLOOR = join(BENCH, 'floor.ts');
@@ -1522,6 +1559,381 @@ async function idleTable() {
   }
 }
 
+// ---------- scenario: requeue ----------
+/**
+ * A copy of `file` whose example reconcile also returns { requeueAfter: seconds }, in a folder of
+ * the bench's temp folder (removed at the end) where its imports resolve as the original's do:
+ * node_modules a link to the repository's, and a package.json that makes it an ES module. The
+ * original `reconcile` is renamed and wrapped, so the copy follows whatever the original does.
+ */
+function requeueCopy(file: string, seconds: number): Subject | { na: string } {
+  const src = readFileSync(file, 'utf8');
+  const declaration = 'export async function reconcile(';
+  if (!src.includes(declaration)) return { na: `n/a: no '${declaration}' in ${file}` };
+  if (/^\s*import[^;]*?from\s*['"]\.\.?\//m.test(src))
+    return { na: `n/a: ${file} imports files next to it; the copy would not find them` };
+  const dir = join(tmp, 'requeue');
+  mkdirSync(dir, { recursive: true });
+  if (!existsSync(join(dir, 'node_modules')))
+    symlinkSync(join(ROOT, 'node_modules'), join(dir, 'node_modules'), 'dir');
+  writeFileSync(join(dir, 'package.json'), '{ "type": "module" }\n');
+  const copy = join(dir, `requeue-${seconds}s-${file.split('/').pop()}`);
+  writeFileSync(
+    copy,
+    `${src.replace(declaration, 'async function reconcileAsGiven(')}
+// Added by bench/bench.ts (requeue scenario): the reconcile above, asking for another look
+// every ${seconds} s.
+export async function reconcile(change: Change, book: Book, context: Context): Promise<Result | void> {
+  const result = await reconcileAsGiven(change, book, context);
+  return change === 'Deleted' ? result : { ...result, requeueAfter: ${seconds} };
+}
+`,
+  );
+  return { name: `controller, requeueAfter ${seconds}`, file: copy };
+}
+
+/** A port nobody listens on now, for the subject's --health-port. */
+async function freePort(): Promise<number> {
+  const probe = createNetServer();
+  await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
+  const { port } = probe.address() as AddressInfo;
+  await new Promise((resolve) => probe.close(resolve));
+  return port;
+}
+
+/** The subject's /metrics, each family's samples summed over their labels. */
+function scrape(port: number): Promise<Map<string, number>> {
+  return new Promise((resolve) => {
+    http
+      .get(`http://127.0.0.1:${port}/metrics`, (res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => {
+          body += c;
+        });
+        res.on('end', () => {
+          const sums = new Map<string, number>();
+          for (const m of body.matchAll(/^(\w+)(?:\{[^}]*\})? (\S+)$/gm))
+            sums.set(m[1], (sums.get(m[1]) ?? 0) + Number(m[2]));
+          resolve(sums);
+        });
+      })
+      .on('error', () => resolve(new Map()));
+  });
+}
+
+/** VmRSS now (MB). */
+function rssNow(pid: number): number {
+  try {
+    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) / 1024 : NaN;
+  } catch {
+    return NaN;
+  }
+}
+
+interface RequeueRun {
+  syncMs: number; // spawn → every book printed and Ready
+  windowS: number; // the window, measured
+  cpuS: number; // the subject's utime+stime in the window
+  serverCpuS: number; // the server's, in the same window
+  reconciles: number; // controller_runtime_reconcile_total, in the window
+  failed: number; // controller_runtime_reconcile_errors_total, in the window
+  rssStartMB: number;
+  rssEndMB: number;
+  rssPeakMB: number; // the largest VmRSS sampled in the window
+  hwmMB: number; // VmHWM: the whole run, the initial sync included
+  heapMB: number; // heap used after a forced GC, at the end
+  heapTotalMB: number; // V8's heap before that GC: what it holds, garbage included
+  timers: number; // ref'd Timeout handles at the end
+  lines: number; // lines printed in the window
+  requests: ServerStats; // counted by the server in the window
+  end: ServerStats; // the server at the end (full: wrong ConfigMaps too)
+  error?: string;
+  na?: string;
+}
+
+/** The counters of `b` less those of `a`: what happened between two stats calls. */
+function statsSince(a: ServerStats, b: ServerStats): ServerStats {
+  const out = { ...b };
+  for (const k of Object.keys(b) as (keyof ServerStats)[]) {
+    const x = a[k],
+      y = b[k];
+    if (typeof x === 'number' && typeof y === 'number') (out as Record<string, unknown>)[k] = y - x;
+  }
+  return out;
+}
+
+async function requeueRun(server: Server, s: Subject): Promise<RequeueRun> {
+  await server.call('reset', { books: QB, events: 0, watchlist: 1, latency: 0 });
+  const port = await freePort();
+  const file = join(tmp, `requeue-${Math.random().toString(36).slice(2)}.json`);
+  const subject = { ...s, args: [...(s.args ?? []), '--health-port', String(port)] };
+  const c = spawnSubject(subject, server, MAIN, { probe: true, env: { BENCH_MEMORY_FILE: file } });
+  const run: RequeueRun = {
+    syncMs: NaN,
+    windowS: NaN,
+    cpuS: NaN,
+    serverCpuS: NaN,
+    reconciles: NaN,
+    failed: NaN,
+    rssStartMB: NaN,
+    rssEndMB: NaN,
+    rssPeakMB: NaN,
+    hwmMB: NaN,
+    heapMB: NaN,
+    heapTotalMB: NaN,
+    timers: NaN,
+    lines: NaN,
+    requests: await server.call('stats'),
+    end: await server.call('stats'),
+  };
+  const limit = 180_000 + QB * 10;
+  let how = await c.waitLines(QB, 2000, limit);
+  if (how === 'done')
+    how = await c.until(async () => (await server.call('stats')).notReady === 0, limit);
+  if (how === 'done') {
+    run.syncMs = performance.now() - c.t0;
+    await sleep(QS * 1000); // every book has had its first requeue: the steady state
+    const pid = c.pid;
+    const serverPid = server.proc.pid ?? 0;
+    // The window is QW s to the millisecond, its edges read alike (CPU, then /metrics): the keys
+    // due together in a burst (those the initial sync finished together) are then counted as
+    // often at both ends, whatever the phase the window starts at.
+    const lines0 = c.lines;
+    const rssStart = rssNow(pid);
+    const t0 = performance.now();
+    const cpu0 = procStats(pid).cpuS,
+      serverCpu0 = procStats(serverPid).cpuS;
+    const metrics0 = await scrape(port);
+    const stats0 = await server.call('stats');
+    let peak = rssStart;
+    for (let left = QW * 1000; left > 0 && c.exitCode === undefined; ) {
+      await sleep(Math.min(250, left));
+      peak = Math.max(peak, rssNow(pid));
+      left = t0 + QW * 1000 - performance.now();
+    }
+    const t1 = performance.now();
+    const cpu1 = procStats(pid).cpuS,
+      serverCpu1 = procStats(serverPid).cpuS;
+    const metrics1 = await scrape(port);
+    const stats1 = await server.call('stats');
+    const delta = (name: string) => (metrics1.get(name) ?? NaN) - (metrics0.get(name) ?? NaN);
+    Object.assign(run, {
+      rssStartMB: rssStart,
+      windowS: (t1 - t0) / 1000,
+      cpuS: cpu1 - cpu0,
+      serverCpuS: serverCpu1 - serverCpu0,
+      reconciles: delta('controller_runtime_reconcile_total'),
+      failed: delta('controller_runtime_reconcile_errors_total'),
+      rssEndMB: rssNow(pid),
+      rssPeakMB: peak,
+      hwmMB: procStats(pid).rssMB,
+      lines: c.lines - lines0,
+      requests: statsSince(stats0, stats1),
+    });
+    // last, as it forces a GC: the heap after it, and what keeps the event loop alive
+    try {
+      process.kill(pid, 'SIGUSR2');
+      await c.until(() => existsSync(file), 10_000);
+      const m = JSON.parse(readFileSync(file, 'utf8'));
+      run.heapMB = m.heapUsed / 1048576;
+      run.heapTotalMB = (m.before?.heapTotal ?? NaN) / 1048576;
+      run.timers = m.resources ? (m.resources.Timeout ?? 0) : NaN; // none: the runtime has no count
+    } catch {
+      /* no report */
+    }
+  }
+  run.end = await server.call('stats', { full: 1 });
+  const exit = await c.stop();
+  run.na = refused(c);
+  if (how !== 'done') run.error = `${how} after ${c.lines} lines, exit ${exit}: ${c.lastStderr(4)}`;
+  else if (exit !== 0) run.error = `exit ${exit} after SIGTERM (want 0): ${c.lastStderr()}`;
+  if (c.stderr.trim() && !run.error)
+    NOTES.push(`${s.name} (requeue) wrote to stderr: ${c.lastStderr()}`);
+  return run;
+}
+
+async function requeueTable() {
+  const ideal = QB / QS;
+  console.log(
+    `\n## requeue: ${QB} new books, a copy of the controller whose reconcile returns { requeueAfter: ${QS} }, against the controller as it is; a ${QW} s window from ${QS} s after the initial sync; ${LAUNCHER_NAME[MAIN]}, ${R_REQUEUE} run(s)\n`,
+  );
+  console.log(
+    `rows: what each process did in the same ${QW} s window of a steady state (${QB} books, all Ready; with requeue each one reconciled every ${QS} s, ideally ${fmt(ideal)}/s, printing and writing nothing): CPU = utime+stime / wall; RSS from /proc (peak sampled every 250 ms in the window; VmHWM over the whole run); reconciles from its /metrics; requests as the server counted them.\n`,
+  );
+  if (QW % QS !== 0)
+    console.log(
+      `⚠️ --requeue-seconds ${QW} is not whole periods of ${QS} s: keys due together may be counted once more or less\n`,
+    );
+  const copy = requeueCopy(CONTROLLER, QS);
+  const subjects: Subject[] = 'na' in copy ? [CTRL] : [copy, CTRL];
+  const server = await startServer(QB, 0);
+  const res = new Map<string, RequeueRun[]>();
+  const errors: string[] = [];
+  try {
+    for (let r = 0; r < R_REQUEUE; r++) {
+      for (let k = 0; k < subjects.length; k++) {
+        const s = subjects[(k + r) % subjects.length]; // rotate the order each round
+        const run = await requeueRun(server, s);
+        if (run.error && !run.na) errors.push(`${s.name}, run ${r + 1}: ${run.error}`);
+        res.set(s.name, [...(res.get(s.name) ?? []), run]);
+        progress();
+      }
+    }
+  } finally {
+    server.stop();
+    progress('\n');
+  }
+  const withRequeue = res.get(subjects[0] === CTRL ? '' : subjects[0].name) ?? [];
+  const without = res.get(CTRL.name) ?? [];
+  const na =
+    'na' in copy
+      ? copy.na
+      : (withRequeue.find((r) => r.na)?.na ??
+        (withRequeue.every((r) => Number.isNaN(r.windowS)) ? 'n/a: no window (see ⚠️)' : undefined));
+  // no ratio to nothing: an idle controller may use no CPU tick in the window
+  const ratioOf = (a: number, b: number) => (b > 0 ? fmt(a / b, 2) : '–');
+  const usPerReconcile = (r: RequeueRun) =>
+    r.reconciles > 0 ? (r.cpuS / r.reconciles) * 1e6 : NaN;
+  const perS = (f: (r: RequeueRun) => number) => (r: RequeueRun) => f(r) / r.windowS;
+  const reqPerS = (k: keyof ServerStats) => perS((r) => Number(r.requests[k]));
+  const otherPerS = perS(
+    (r) =>
+      r.requests.gets +
+      r.requests.other +
+      r.requests.listPages +
+      r.requests.cmListPages +
+      r.requests.streamingLists +
+      r.requests.cmStreamingLists,
+  );
+  console.log(`| metric | requeueAfter ${QS} | without requeue | ratio |`);
+  console.log('|---|---|---|---|');
+  const line = (metric: string, f: (r: RequeueRun) => number, d = 0, ratio = true) => {
+    const a = withRequeue.map(f),
+      b = without.map(f);
+    console.log(
+      `| ${metric} | ${cell(a, d)} | ${cell(b, d)} | ${ratio ? ratioOf(median(a), median(b)) : '–'} |`,
+    );
+  };
+  line('spawn → every book printed and Ready (ms)', (r) => r.syncMs);
+  line(
+    `reconciles per second (ideal ${fmt(ideal)} with requeue)`,
+    perS((r) => r.reconciles),
+    0,
+    false,
+  );
+  line('failed reconciles in the window', (r) => r.failed, 0, false);
+  line(
+    'CPU (s per s)',
+    perS((r) => r.cpuS),
+    4,
+  );
+  line('CPU per reconcile (µs)', usPerReconcile, 0, false);
+  line(
+    'server CPU (s per s)',
+    perS((r) => r.serverCpuS),
+    4,
+  );
+  line('RSS at the start of the window (MB)', (r) => r.rssStartMB);
+  line('RSS at the end of the window (MB)', (r) => r.rssEndMB);
+  line('peak RSS in the window (MB)', (r) => r.rssPeakMB);
+  line('peak RSS of the whole run, VmHWM (MB)', (r) => r.hwmMB);
+  line('V8 heap total before a forced GC, at the end (MB)', (r) => r.heapTotalMB, 1);
+  line('heap used after that GC (MB)', (r) => r.heapMB, 1);
+  line("ref'd timers at the end (Timeout in getActiveResourcesInfo)", (r) => r.timers, 0, false);
+  line('lines printed in the window', (r) => r.lines, 0, false);
+  line('applies per second', reqPerS('applies'), 2, false);
+  line('status patches per second', reqPerS('statusPatches'), 2, false);
+  line('GETs, lists and other requests per second', otherPerS, 2, false);
+  line('watches started in the window', (r) => r.requests.watches + r.requests.cmWatches, 0, false);
+  line('books not Ready at the end', (r) => r.end.notReady, 0, false);
+  line('books with a wrong ConfigMap at the end', (r) => r.end.cmWrong ?? NaN, 0, false);
+  console.log(`\nrequests in the window of the last run of each (counted by the server):\n`);
+  for (const s of subjects) {
+    const last = res.get(s.name)?.at(-1);
+    if (last)
+      console.log(`- ${s.name}: ${requestText(last.requests)} in ${fmt(last.windowS, 1)} s`);
+  }
+  for (const e of errors) console.log(`\n⚠️ ${e}`);
+
+  const rate = withRequeue.map(perS((r) => r.reconciles));
+  SUMMARY.push({
+    measure: `requeue: reconciles per second, ${QB} books each with requeueAfter ${QS} (${QW} s window)`,
+    controller: na ?? cell(rate),
+    reference: `ideal ${fmt(ideal)}`,
+    ratio: na ? '–' : fmt(median(rate) / ideal, 2),
+    target: '≥ 0.95x',
+    ok: na || !rate.length ? undefined : median(rate) / ideal >= 0.95,
+  });
+  const cpu = withRequeue.map(perS((r) => r.cpuS));
+  const usPer = withRequeue.map(usPerReconcile);
+  SUMMARY.push({
+    measure: `requeue: CPU of ${QB} books requeued every ${QS} s (s per s; µs per reconcile)`,
+    controller: na ?? `${cell(cpu, 4)}; ${cell(usPer)} µs`,
+    reference: `without requeue ${cell(without.map(perS((r) => r.cpuS)), 4)}`,
+    ratio: na ? '–' : ratioOf(median(cpu), median(without.map(perS((r) => r.cpuS)))),
+    target: 'beside it',
+    ok: undefined,
+  });
+  ratioRow(
+    `requeue: RSS at the end of the ${QW} s window (MB)`,
+    withRequeue.map((r) => r.rssEndMB),
+    without.map((r) => r.rssEndMB),
+    'without requeue',
+    0,
+    1.15,
+    na,
+  );
+  ratioRow(
+    `requeue: peak RSS in the ${QW} s window (MB)`,
+    withRequeue.map((r) => r.rssPeakMB),
+    without.map((r) => r.rssPeakMB),
+    'without requeue',
+    0,
+    1.15,
+    na,
+  );
+  const last = withRequeue.at(-1);
+  SUMMARY.push({
+    measure: `requests, requeue: ${QW} s window of ${QB} books requeued every ${QS} s`,
+    controller:
+      na ?? (last ? `${requestText(last.requests)}; at the end: ${endState(last.end)}` : '–'),
+    reference: (() => {
+      const w = without.at(-1);
+      return w ? `without requeue: ${requestText(w.requests)}` : '';
+    })(),
+    ratio: '–',
+    target:
+      '0 applies, 0 status patches, no GET, list or other request (watches only); no line; all Ready',
+    ok:
+      na || !withRequeue.length
+        ? undefined
+        : withRequeue.every(
+            (r) =>
+              r.requests.applies === 0 &&
+              r.requests.statusPatches === 0 &&
+              otherPerS(r) === 0 &&
+              r.lines === 0 &&
+              r.end.notReady === 0 &&
+              (r.end.cmWrong ?? 0) === 0,
+          ),
+  });
+  const timers = withRequeue.map((r) => r.timers),
+    timersWithout = without.map((r) => r.timers);
+  SUMMARY.push({
+    measure: `requeue: ref'd timers at the end, ${QB} keys waiting (process.getActiveResourcesInfo())`,
+    controller: na ?? cell(timers),
+    reference: `without requeue ${cell(timersWithout)}`,
+    ratio: '–',
+    target: '≤ 1 more than without (one timer for every waiting key)',
+    ok:
+      na || Number.isNaN(median(timers)) || Number.isNaN(median(timersWithout))
+        ? undefined
+        : median(timers) <= median(timersWithout) + 1,
+  });
+}
+
 // ---------- what tsx costs (--tables tsx) ----------
 // The same controller and floor started five ways: Node's own type stripping, the same with source
 // maps on, node --import tsx, that with source maps turned off again right after tsx registers,
@@ -1872,21 +2284,22 @@ console.log(
 );
 try {
   if (flags.profile) {
-    await profile(CONTROLLER, flags.scenario);
+    await profile(CONTROLLER, flags.scenario || 'stream');
   } else {
     if (!flags['skip-fake']) {
       await warmUp();
-      if (!SKIP.has('sync')) await syncTable();
-      if (!SKIP.has('memory') && MB > 0) await memoryTable();
-      if (!SKIP.has('ready') && RB > 0) await readyTable();
-      if (!SKIP.has('idle')) await idleTable();
+      if (runs('sync')) await syncTable();
+      if (runs('memory') && MB > 0) await memoryTable();
+      if (runs('ready') && RB > 0) await readyTable();
+      if (runs('idle')) await idleTable();
+      if (runs('requeue') && QB > 0) await requeueTable();
       if (EXTRA.has('launchers')) await launcherTable();
       if (EXTRA.has('imports')) await importTable();
       if (EXTRA.has('tsx')) await tsxTable();
     }
     if (flags.real) await realTable();
     console.log(
-      `\n## summary: each measure against its floor or ideal, and its target (${LAUNCHER_NAME[MAIN]}, ${R} interleaved runs on the fake${flags.real ? `, ${flags['real-runs']} on the real server` : ''}; medians [min–max])\n`,
+      `\n## summary: each measure against its floor or ideal, and its target (${LAUNCHER_NAME[MAIN]}, ${runs('sync') || runs('memory') ? `${R} interleaved runs` : 'runs as above'} on the fake${flags.real ? `, ${flags['real-runs']} on the real server` : ''}; medians [min–max])\n`,
     );
     printRows(SUMMARY);
     for (const n of NOTES.slice(0, 5)) console.log(`\nnote: ${n}`);

@@ -1,7 +1,9 @@
-// Preloaded into the process under test by bench.ts for the memory row (node --expose-gc
-// --import, deno --v8-flags=--expose-gc --preload, bun --preload): on SIGUSR2 it forces a
-// full GC, then writes {heapUsed, rss, …, spaces} to $BENCH_MEMORY_FILE. Nothing in controller.ts
-// needs to change for it, and it costs the process nothing until the signal.
+// Preloaded into the process under test by bench.ts for the memory rows and the requeue
+// scenario (node --expose-gc --import, deno --v8-flags=--expose-gc --preload, bun --preload): on
+// SIGUSR2 it forces a full GC, then writes {heapUsed, rss, …, spaces, resources} to
+// $BENCH_MEMORY_FILE (resources: the ref'd timers, sockets… that keep the event loop alive).
+// Nothing in controller.ts needs to change for it, and it costs the process nothing until the
+// signal.
 import { writeFileSync } from 'node:fs';
 import process from 'node:process';
 import v8 from 'node:v8';
@@ -34,6 +36,12 @@ if (file) {
       );
     } catch {} // not every runtime has it
     const sourceMaps = (process as { sourceMapsEnabled?: boolean }).sourceMapsEnabled;
+    // what keeps the event loop alive, by kind ('Timeout': one per ref'd timer); the probe opens
+    // nothing before this. Not every runtime has it.
+    const resources: Record<string, number> = {};
+    try {
+      for (const r of process.getActiveResourcesInfo()) resources[r] = (resources[r] ?? 0) + 1;
+    } catch {}
     writeFileSync(
       file,
       JSON.stringify({
@@ -45,6 +53,7 @@ if (file) {
         gc: Boolean(gc),
         spaces,
         sourceMaps,
+        resources,
         peaks,
         before, // before the forced GC
       }),
