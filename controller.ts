@@ -718,8 +718,8 @@ function parseEvent(line: string): WatchEvent {
 /** A server that refuses to stream the initial state: list in pages instead, for the run. */
 class NoStreamingList extends Error {}
 
-/** What the lists and watches of one server share: what was said, and how it lists. */
-interface Said {
+/** What the lists, watches and workers of one server share: the problems said, and how it lists. */
+interface ServerState {
   problems: Set<string>; // the problems said on stderr, until they clear
   streaming: boolean; // get initial states as a watch (KEP-3157) until the server says no
 }
@@ -738,7 +738,7 @@ interface Position {
 async function listAndWatch(
   api: Api,
   collection: Collection,
-  { health, stdout, said }: { health: Health; stdout: Writable; said: Said },
+  { health, stdout, said }: { health: Health; stdout: Writable; said: ServerState },
   synced: () => void,
   signal: AbortSignal,
 ): Promise<void> {
@@ -873,14 +873,14 @@ function handleEvent(event: ObjectEvent, cache: Cache, position: Position, synce
  */
 class Retries {
   private failures = 0;
-  private readonly said: Said; // what every collection said, shared: one line for all
+  private readonly said: ServerState; // what every collection said, shared: one line for all
   private mine = ''; // the problem this collection has, if it said one
   private lastFailure = Number.NEGATIVE_INFINITY;
   private previous: unknown; // the last failure, until a watch event
   private readonly config: Config;
   private readonly collection: Collection;
 
-  constructor(config: Config, collection: Collection, said: Said) {
+  constructor(config: Config, collection: Collection, said: ServerState) {
     this.config = config;
     this.collection = collection;
     this.said = said;
@@ -902,7 +902,7 @@ class Retries {
     this.previous = err;
     const routine = gone || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
     const delayMs = gone && first ? 0 : this.backoffMs(err);
-    const problem = explain(err, this.config, this.collection);
+    const problem = problemOf(err, this.config, this.collection);
     // The same problem, even where its message differs (a 410 names the resourceVersion).
     const same = isApiError(err) ? `${this.collection.plural} ${err.verb} ${err.code}` : problem;
     const paused = (err as { code?: unknown })?.code === 'EPAUSED';
@@ -914,7 +914,7 @@ class Retries {
         asked > MAX_RETRY_AFTER_MS
           ? ` (asked for ${asked / 1000}s; 5 minutes is the most we wait)`
           : '';
-      const fix = hint(err, this.config, this.collection);
+      const fix = fixFor(err, this.config, this.collection);
       console.error(`${problem}; retrying in ${inSeconds(delayMs)}${capped}${fix}`);
       this.said.problems.add(same);
     }
@@ -936,7 +936,7 @@ const MAX_RETRY_AFTER_MS = 5 * 60_000;
 const inSeconds = (ms: number) => `${(ms / 1000).toFixed(1)}s`;
 
 /** What failed, on one line, naming the server, the collection and the namespace. */
-function explain(err: unknown, config: Config, collection: Collection): string {
+function problemOf(err: unknown, config: Config, collection: Collection): string {
   const { server, namespace } = config;
   const code = (err as { code?: unknown })?.code;
   if (isApiError(err)) {
@@ -969,7 +969,7 @@ function explain(err: unknown, config: Config, collection: Collection): string {
 }
 
 /** What would fix it, after a dash; the retry delay goes between. */
-function hint(err: unknown, { namespace }: Config, collection: Collection): string {
+function fixFor(err: unknown, { namespace }: Config, collection: Collection): string {
   const code = (err as { code?: unknown })?.code;
   const resourceName = collection.plural === PLURAL ? resource : collection.plural;
   if (code === 401) return ' — refresh them in your kubeconfig (kubectl auth whoami)';
@@ -1898,8 +1898,8 @@ async function work(worker: Worker) {
     if (entry && laterMs > 0) entry.requeue = true;
     const delayMs = queue.done(key, err !== undefined, laterMs);
     objects.settle(key);
-    count(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
-    // Said as the object's own: its line, with its backoff, and a Warning Event for a failed
+    countReconcile(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
+    // ServerState as the object's own: its line, with its backoff, and a Warning Event for a failed
     // reconcile. A cluster's problem is said once for all objects instead.
     const own = () => {
       const retrying = `retrying in ${inSeconds(delayMs)}`;
@@ -2041,11 +2041,11 @@ class ClusterProblems {
   private since = 0;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private readonly server: string;
-  private readonly watches: Said; // what the lists and watches said: a 5xx there is the server's
+  private readonly state: ServerState; // what the lists and watches said: a 5xx there is the server's
 
-  constructor(server: string, watches: Said) {
+  constructor(server: string, state: ServerState) {
     this.server = server;
-    this.watches = watches;
+    this.state = state;
   }
 
   /**
@@ -2082,7 +2082,7 @@ class ClusterProblems {
       if (this.said.includes(cause)) continue;
       const alike = [...this.waiting].filter(([, waits]) => waits.cause === cause);
       const status = /^\d+$/.test(cause);
-      const watched = [...this.watches.problems].some((problem) => problem.endsWith(` ${cause}`));
+      const watched = [...this.state.problems].some((problem) => problem.endsWith(` ${cause}`));
       if (status && alike.length < MANY && !watched) {
         for (const [key, waits] of alike) {
           this.waiting.delete(key);
@@ -2122,7 +2122,7 @@ class ClusterProblems {
 }
 
 /** Counts a reconcile as controller-runtime does. */
-function count(metrics: Metrics, succeeded: boolean, seconds: number) {
+function countReconcile(metrics: Metrics, succeeded: boolean, seconds: number) {
   metrics.count('controller_runtime_reconcile_total', succeeded ? SUCCEEDED : FAILED);
   if (!succeeded) metrics.count('controller_runtime_reconcile_errors_total', CONTROLLER_LABEL);
   const family = 'controller_runtime_reconcile_time_seconds';
@@ -2168,7 +2168,7 @@ async function getCurrent(api: Api, object: Resource, signal: AbortSignal) {
  * After a 422 for a JSON patch (a failed test says no more than that): whether the object under
  * that name is now another one, or gone.
  */
-async function replaced(api: Api, object: Resource, signal: AbortSignal): Promise<boolean> {
+async function isReplaced(api: Api, object: Resource, signal: AbortSignal): Promise<boolean> {
   return (await getCurrent(api, object, signal))?.metadata.uid !== object.metadata.uid;
 }
 
@@ -2210,7 +2210,7 @@ async function editFinalizers(
     return true;
   } catch (err) {
     if (isApiError(err, 404)) return false;
-    if (isApiError(err, 422) && (await replaced(api, object, signal))) return false;
+    if (isApiError(err, 422) && (await isReplaced(api, object, signal))) return false;
     throw err;
   }
 }
@@ -2328,7 +2328,7 @@ class StatusWriter {
       if (refusal) refusal.trying = false;
       // Gone, or another object under the same name: its own events make it due.
       if (isApiError(err, 404)) return;
-      if (isApiError(err, 422) && (await replaced(this.api, object, signal))) return;
+      if (isApiError(err, 422) && (await isReplaced(this.api, object, signal))) return;
       if (!isApiError(err, 403)) throw err;
       this.refused(entry.key, namespace, err.message);
     }
@@ -2970,7 +2970,7 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   const stdout = options.stdout ?? process.stdout;
   // What the lists, watches and workers say on stderr is shared: a problem of the server's is one
   // line, not one per collection or per object.
-  const said: Said = { problems: new Set<string>(), streaming: true };
+  const said: ServerState = { problems: new Set<string>(), streaming: true };
   const worker: Worker = {
     api,
     problems: new ClusterProblems(config.server, said),
@@ -2993,8 +2993,8 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   ]);
   // Workers start once the caches of what reconcile made hold their initial state, so that a
   // restart repeats no write; the objects are reconciled as their initial state comes in.
-  const objectsIn = signalled();
-  const ownedIn = owned.kinds.map(() => signalled());
+  const objectsIn = deferred();
+  const ownedIn = owned.kinds.map(() => deferred());
   const allOwnedIn = Promise.all(ownedIn.map((kind) => kind.promise));
   void Promise.all([objectsIn.promise, allOwnedIn]).then(() => {
     health.ready = true;
@@ -3064,7 +3064,7 @@ function exitCodeOf(err: unknown): number {
 }
 
 /** A promise, and the function that resolves it. */
-function signalled() {
+function deferred() {
   let resolve = () => {};
   const promise = new Promise<void>((done) => {
     resolve = done;
