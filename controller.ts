@@ -1488,7 +1488,12 @@ type Reference = {
   uid?: string;
   controller?: boolean;
 };
-type ManagedFields = { manager?: string; operation?: string; subresource?: string; fieldsV1?: {} };
+type ManagedFields = {
+  manager?: string;
+  operation?: string;
+  subresource?: string;
+  fieldsV1?: object;
+};
 type Owned = {
   apiVersion?: string;
   kind?: string;
