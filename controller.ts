@@ -113,12 +113,7 @@ export async function reconcile(change: Change, book: Book, { client }: Context)
   }
 }
 
-// =============================================================================================
-// The machinery: nothing below needs changing for another resource.
-
-const kind = KIND.toLowerCase();
-const resource = `${PLURAL}.${GROUP}`;
-const apiVersion = `${GROUP}/${VERSION}`;
+// What reconcile gets, and what it returns: everything your code needs, and nothing more.
 
 export type Change = 'Added' | 'Modified' | 'Deleted';
 export type Reconcile = (
@@ -164,6 +159,19 @@ export interface Client {
   delete(path: string): Promise<void>;
 }
 
+/** An owner reference to `object`, as the controller of what it is put on. */
+export function ownerReference(object: Resource) {
+  const { name, uid } = object.metadata;
+  return { apiVersion, kind: KIND, name, uid, controller: true, blockOwnerDeletion: true };
+}
+
+// =============================================================================================
+// The machinery: nothing below needs changing for another resource.
+
+const kind = KIND.toLowerCase();
+const resource = `${PLURAL}.${GROUP}`;
+const apiVersion = `${GROUP}/${VERSION}`;
+
 type Spec = Exclude<ReturnType<typeof checkSpec>, string>; // the spec, as checkSpec returns it
 
 /** An object of the watched resource, as the cache keeps it: what checkObject let through. */
@@ -177,12 +185,6 @@ export interface Resource {
     deleting?: true; // it has a deletionTimestamp: Kubernetes waits for its finalizers
   };
   spec: Spec;
-}
-
-/** An owner reference to `object`, as the controller of what it is put on. */
-export function ownerReference(object: Resource) {
-  const { name, uid } = object.metadata;
-  return { apiVersion, kind: KIND, name, uid, controller: true, blockOwnerDeletion: true };
 }
 
 /** Checks an object from the server: the Resource in it, keeping only what is used, or why not. */
@@ -587,34 +589,6 @@ async function discard(response: http.IncomingMessage): Promise<void> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The client reconcile gets: the same requests, and an apply that knows what the cache knows.
-
-function clientFor(api: Api, owned: OwnedObjects, signal: AbortSignal): Client {
-  const request = (verb: string, method: string, path: string, body?: unknown, type?: string) =>
-    api.json<unknown>({ verb, method, path, body, signal, contentType: type });
-  return {
-    get: async <T>(path: string) => {
-      const cached = owned.get(path);
-      if (cached) return cached as T;
-      return request('get', 'GET', path).then(
-        (object) => object as T,
-        (err) => (isApiError(err, 404) ? undefined : Promise.reject(err)),
-      );
-    },
-    create: <T>(path: string, object: object) =>
-      request('create', 'POST', path, object).then((created) => created as T),
-    apply: (path: string, object: object) => owned.apply(api, path, object, signal),
-    patch: <T>(path: string, patch: object) =>
-      request('patch', 'PATCH', path, patch, MERGE_PATCH).then((patched) => patched as T),
-    delete: (path: string) =>
-      request('delete', 'DELETE', path).then(
-        () => {},
-        (err) => (isApiError(err, 404) ? undefined : Promise.reject(err)),
-      ),
-  };
-}
-
-// ---------------------------------------------------------------------------------------------
 // List and watch: they keep a cache equal to the server's objects, and never wait on a reconcile.
 
 /** What a cache does with what list and watch bring. */
@@ -864,128 +838,6 @@ function handleEvent(event: ObjectEvent, cache: Cache, position: Position, synce
   }
   // The initial events come in no order of resourceVersion: resume from them once complete.
   if (!position.listed) position.resourceVersion = metadata.resourceVersion;
-}
-
-/**
- * How long to wait after a failure, and whether to say it: client-go's reflector backoff (0.8 s
- * doubling to 30 s, jittered, reset after 2 minutes without a failure), or what the server asked.
- * A problem is said once while it lasts.
- */
-class Retries {
-  private failures = 0;
-  private readonly said: ServerState; // what every collection said, shared: one line for all
-  private mine = ''; // the problem this collection has, if it said one
-  private lastFailure = Number.NEGATIVE_INFINITY;
-  private previous: unknown; // the last failure, until a watch event
-  private readonly config: Config;
-  private readonly collection: Collection;
-
-  constructor(config: Config, collection: Collection, said: ServerState) {
-    this.config = config;
-    this.collection = collection;
-    this.said = said;
-  }
-
-  cleared() {
-    this.previous = undefined;
-    this.said.problems.delete(this.mine);
-    this.mine = '';
-  }
-
-  /** The delay before the next try, after `err`; says what failed, unless it is routine. */
-  after(err: unknown): number {
-    // The first 410 is routine (after an outage too): relist at once. So is a 429 that asks for
-    // a second (a server filling its cache), and a pause of our own.
-    const gone = isApiError(err, 410);
-    const previous = this.previous;
-    const first = !(isApiError(previous) && isApiError(err) && previous.code === err.code);
-    this.previous = err;
-    const routine = gone || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
-    const delayMs = gone && first ? 0 : this.backoffMs(err);
-    const problem = problemOf(err, this.config, this.collection);
-    // The same problem, even where its message differs (a 410 names the resourceVersion).
-    const same = isApiError(err) ? `${this.collection.plural} ${err.verb} ${err.code}` : problem;
-    const paused = (err as { code?: unknown })?.code === 'EPAUSED';
-    if (same !== this.mine) this.said.problems.delete(this.mine); // that one is over
-    this.mine = same;
-    if (!(routine && first) && !paused && !this.said.problems.has(same)) {
-      const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
-      const capped =
-        asked > MAX_RETRY_AFTER_MS
-          ? ` (asked for ${asked / 1000}s; 5 minutes is the most we wait)`
-          : '';
-      const fix = fixFor(err, this.config, this.collection);
-      console.error(`${problem}; retrying in ${inSeconds(delayMs)}${capped}${fix}`);
-      this.said.problems.add(same);
-    }
-    return delayMs;
-  }
-
-  private backoffMs(err: unknown): number {
-    const now = performance.now();
-    if (now - this.lastFailure > 120_000) this.failures = 0;
-    this.lastFailure = now;
-    const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
-    if (asked > 0) return Math.min(asked, MAX_RETRY_AFTER_MS);
-    const base = 800 * 2 ** Math.min(this.failures++, 6);
-    return Math.min(30_000, base * (1 + Math.random()));
-  }
-}
-
-const MAX_RETRY_AFTER_MS = 5 * 60_000;
-const inSeconds = (ms: number) => `${(ms / 1000).toFixed(1)}s`;
-
-/** What failed, on one line, naming the server, the collection and the namespace. */
-function problemOf(err: unknown, config: Config, collection: Collection): string {
-  const { server, namespace } = config;
-  const code = (err as { code?: unknown })?.code;
-  if (isApiError(err)) {
-    const where = namespace === undefined ? 'all namespaces' : `namespace ${namespace}`;
-    switch (code) {
-      case 401:
-        return `${server} does not accept our credentials (401 Unauthorized)`;
-      case 403:
-        return `not allowed to ${err.verb} ${collection.plural} in ${where} (403: ${err.message})`;
-      case 404:
-        if (collection.plural === PLURAL) {
-          return `the ${KIND} CRD is not installed on ${server} (404: ${err.message})`;
-        }
-        return `the ${collection.plural} API is not on ${server} (404: ${err.message})`;
-      case 429:
-        return `${server} is busy (429: ${err.message})`;
-      default:
-        return `${server} failed to ${err.verb} ${collection.plural} (${code}: ${err.message})`;
-    }
-  }
-  if (typeof code === 'string' && UNREACHABLE.test(code)) {
-    return `cannot reach ${server} (${code})`;
-  }
-  if (code === 'ECONNRESET' || code === 'EPIPE')
-    return `lost the connection to ${server} (${code})`;
-  if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
-    return `the TLS certificate of ${server} did not verify (${code})`;
-  }
-  return `${messageOf(err)} (${server})`;
-}
-
-/** What would fix it, after a dash; the retry delay goes between. */
-function fixFor(err: unknown, { namespace }: Config, collection: Collection): string {
-  const code = (err as { code?: unknown })?.code;
-  const resourceName = collection.plural === PLURAL ? resource : collection.plural;
-  if (code === 401) return ' — refresh them in your kubeconfig (kubectl auth whoami)';
-  if (code === 403) {
-    const where = namespace ? `-n ${namespace}` : '-A';
-    const check = `kubectl auth can-i watch ${resourceName} ${where}`;
-    return ` — grant list and watch on ${resourceName} (${check})`;
-  }
-  if (code === 404 && collection.plural === PLURAL) return ' — kubectl apply -f crd.yaml';
-  if (typeof code === 'string' && UNREACHABLE.test(code)) {
-    return ' — is the cluster running? (kubectl cluster-info)';
-  }
-  if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
-    return ' — check certificate-authority-data in your kubeconfig';
-  }
-  return '';
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1252,222 +1104,6 @@ function newEntry(key: string, ready: Entry['ready'], since: number): Entry {
     ready,
     since,
   };
-}
-
-// ---------------------------------------------------------------------------------------------
-// The work queue: which keys are due, and when the waiting ones will be. It knows keys, not
-// objects.
-
-/** Time as the work queue reads it, and its one timer (tests pass a clock they move by hand). */
-export interface Clock {
-  now(): number; // milliseconds, monotonic
-  after(ms: number, callback: () => void): () => void; // returns what cancels it
-}
-
-const monotonic: Clock = {
-  now: () => performance.now(),
-  after: (ms, callback) => {
-    const timer = setTimeout(callback, ms);
-    return () => clearTimeout(timer);
-  },
-};
-
-/** A key waiting for a time: its backoff after a failure, or a later look that reconcile asked for. */
-interface Wait {
-  at: number;
-  backoff: boolean;
-}
-
-/**
- * Keys to reconcile, with client-go's workqueue rules:
- * - a key is never taken by two workers at once;
- * - a key added while a worker has it is taken again once that worker is done, in its latest
- *   state (whatever was added meanwhile, once);
- * - a key that failed waits its backoff (about 1 s, doubling to 5 minutes), which only an urgent
- *   add (a new spec, uid or deletion) cuts short; a success forgets its failures;
- * - a key may wait for a time (reconcile asked to look again later): an add before then takes it
- *   at once. One timer serves every waiting key, the earliest, as client-go's delaying queue does.
- * A key is in at most one of `due`, `busy` and `waits`.
- */
-export class WorkQueue {
-  private readonly due = new Map<string, number>(); // due now, in order, and since when
-  readonly busy = new Map<string, number>(); // taken by a worker, and since when
-  private readonly again = new Map<string, boolean>(); // added while busy: whether urgently
-  private readonly failures = new Map<string, number>(); // in a row, for the backoff
-  private readonly waits = new Map<string, Wait>(); // waiting for a time
-  private readonly times: [number, string][] = []; // the same times as a heap, earliest first
-  private timer: { at: number; cancel: () => void } | undefined;
-  private idle: (() => void)[] = []; // workers waiting for a due key
-  private stopped = false;
-  private readonly clock: Clock;
-  private readonly metrics: Metrics | undefined;
-
-  constructor(clock: Clock = monotonic, metrics?: Metrics) {
-    this.clock = clock;
-    this.metrics = metrics;
-    if (metrics) this.measure(metrics);
-  }
-
-  /** Marks a key as due. Not `urgent`: a key backing off waits for its backoff to end. */
-  add(key: string, urgent = true) {
-    if (this.busy.has(key)) {
-      this.again.set(key, urgent || this.again.get(key) === true);
-      return;
-    }
-    if (!urgent && this.waits.get(key)?.backoff) return;
-    this.waits.delete(key); // its time in the heap is stale now
-    if (this.due.has(key)) return;
-    this.due.set(key, this.clock.now());
-    this.metrics?.count('workqueue_adds_total', QUEUE);
-    this.idle.shift()?.();
-  }
-
-  /** Waits for the next due key and marks it busy; undefined once `signal` aborts. */
-  async next(signal: AbortSignal): Promise<string | undefined> {
-    while (!signal.aborted && !this.stopped) {
-      const [first] = this.due;
-      if (first === undefined) {
-        await new Promise<void>((resolve) => this.idle.push(resolve));
-        continue;
-      }
-      const [key, since] = first;
-      this.due.delete(key);
-      const now = this.clock.now();
-      this.busy.set(key, now);
-      const waited = (now - since) / 1000;
-      this.metrics?.observe('workqueue_queue_duration_seconds', QUEUE, waited, QUEUE_BUCKETS);
-      return key;
-    }
-  }
-
-  /**
-   * A worker is done with `key`. After a failure it waits its backoff; after a success, the
-   * `laterMs` reconcile asked for, if any. Returns how long it waits (0: it does not).
-   */
-  done(key: string, failed: boolean, laterMs = 0): number {
-    const taken = this.busy.get(key) ?? this.clock.now();
-    this.busy.delete(key);
-    const seconds = (this.clock.now() - taken) / 1000;
-    this.metrics?.observe('workqueue_work_duration_seconds', QUEUE, seconds, QUEUE_BUCKETS);
-    const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
-    if (failed) {
-      this.failures.set(key, failures);
-      this.metrics?.count('workqueue_retries_total', QUEUE);
-    } else {
-      this.failures.delete(key);
-    }
-    const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : laterMs;
-    if (delayMs > 0) this.wait(key, delayMs, failed);
-    const again = this.again.get(key);
-    this.again.delete(key);
-    if (again !== undefined) this.add(key, again);
-    return delayMs;
-  }
-
-  /** The key is gone for good: no backoff or wait is kept for it. */
-  forget(key: string) {
-    this.failures.delete(key);
-    this.waits.delete(key);
-  }
-
-  /** How many keys are due now. */
-  get depth(): number {
-    return this.due.size;
-  }
-
-  /** Whether the key waits for a time (a backoff, or a later look). */
-  isWaiting(key: string): boolean {
-    return this.waits.has(key);
-  }
-
-  stop() {
-    this.stopped = true;
-    this.timer?.cancel();
-    for (const wake of this.idle) wake();
-  }
-
-  private wait(key: string, ms: number, backoff: boolean) {
-    if (this.stopped) return;
-    const at = this.clock.now() + ms;
-    this.waits.set(key, { at, backoff });
-    heapPush(this.times, [at, key]);
-    this.arm();
-  }
-
-  /** Sets the one timer for the earliest time in the heap that is still a key's. */
-  private arm() {
-    while (this.times[0] && this.waits.get(this.times[0][1])?.at !== this.times[0][0]) {
-      heapPop(this.times);
-    }
-    const earliest = this.times[0];
-    if (!earliest || this.stopped || (this.timer && this.timer.at <= earliest[0])) return;
-    this.timer?.cancel();
-    const at = earliest[0];
-    const fire = () => {
-      this.timer = undefined;
-      this.expire();
-    };
-    this.timer = { at, cancel: this.clock.after(Math.max(0, at - this.clock.now()), fire) };
-  }
-
-  /** The keys whose time has come are due. */
-  private expire() {
-    const now = this.clock.now();
-    while (this.times[0] && this.times[0][0] <= now) {
-      const [at, key] = heapPop(this.times) ?? [0, ''];
-      if (this.waits.get(key)?.at !== at) continue; // added since: a stale time
-      this.waits.delete(key);
-      this.add(key);
-    }
-    this.arm();
-  }
-
-  private measure(metrics: Metrics) {
-    metrics.count('workqueue_adds_total', QUEUE, 0);
-    metrics.count('workqueue_retries_total', QUEUE, 0);
-    metrics.gauge('workqueue_depth', () => [[QUEUE, this.due.size]]);
-    metrics.gauge('workqueue_longest_running_processor_seconds', () => {
-      const [first] = this.busy.values(); // taken first, so running longest
-      return [[QUEUE, first === undefined ? 0 : (this.clock.now() - first) / 1000]];
-    });
-    metrics.gauge('workqueue_unfinished_work_seconds', () => {
-      let total = 0;
-      for (const taken of this.busy.values()) total += this.clock.now() - taken;
-      return [[QUEUE, total / 1000]];
-    });
-  }
-}
-
-const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs) / 2;
-
-/** Adds to a binary heap of [time, key], earliest first. */
-function heapPush(heap: [number, string][], item: [number, string]) {
-  heap.push(item);
-  for (let i = heap.length - 1; i > 0; ) {
-    const parent = (i - 1) >> 1;
-    if ((heap[parent]?.[0] ?? 0) <= item[0]) break;
-    [heap[i], heap[parent]] = [heap[parent] as [number, string], item];
-    i = parent;
-  }
-}
-
-/** Takes the earliest from a binary heap of [time, key]. */
-function heapPop(heap: [number, string][]): [number, string] | undefined {
-  const top = heap[0];
-  const last = heap.pop();
-  if (heap.length === 0 || !last) return top;
-  heap[0] = last;
-  for (let i = 0; ; ) {
-    const left = 2 * i + 1;
-    const right = left + 1;
-    let least = i;
-    if (left < heap.length && (heap[left]?.[0] ?? 0) < (heap[least]?.[0] ?? 0)) least = left;
-    if (right < heap.length && (heap[right]?.[0] ?? 0) < (heap[least]?.[0] ?? 0)) least = right;
-    if (least === i) break;
-    [heap[i], heap[least]] = [heap[least] as [number, string], heap[i] as [number, string]];
-    i = least;
-  }
-  return top;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1858,6 +1494,222 @@ class Digest {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The work queue: which keys are due, and when the waiting ones will be. It knows keys, not
+// objects.
+
+/** Time as the work queue reads it, and its one timer (tests pass a clock they move by hand). */
+export interface Clock {
+  now(): number; // milliseconds, monotonic
+  after(ms: number, callback: () => void): () => void; // returns what cancels it
+}
+
+const monotonic: Clock = {
+  now: () => performance.now(),
+  after: (ms, callback) => {
+    const timer = setTimeout(callback, ms);
+    return () => clearTimeout(timer);
+  },
+};
+
+/** A key waiting for a time: its backoff after a failure, or a later look that reconcile asked for. */
+interface Wait {
+  at: number;
+  backoff: boolean;
+}
+
+/**
+ * Keys to reconcile, with client-go's workqueue rules:
+ * - a key is never taken by two workers at once;
+ * - a key added while a worker has it is taken again once that worker is done, in its latest
+ *   state (whatever was added meanwhile, once);
+ * - a key that failed waits its backoff (about 1 s, doubling to 5 minutes), which only an urgent
+ *   add (a new spec, uid or deletion) cuts short; a success forgets its failures;
+ * - a key may wait for a time (reconcile asked to look again later): an add before then takes it
+ *   at once. One timer serves every waiting key, the earliest, as client-go's delaying queue does.
+ * A key is in at most one of `due`, `busy` and `waits`.
+ */
+export class WorkQueue {
+  private readonly due = new Map<string, number>(); // due now, in order, and since when
+  readonly busy = new Map<string, number>(); // taken by a worker, and since when
+  private readonly again = new Map<string, boolean>(); // added while busy: whether urgently
+  private readonly failures = new Map<string, number>(); // in a row, for the backoff
+  private readonly waits = new Map<string, Wait>(); // waiting for a time
+  private readonly times: [number, string][] = []; // the same times as a heap, earliest first
+  private timer: { at: number; cancel: () => void } | undefined;
+  private idle: (() => void)[] = []; // workers waiting for a due key
+  private stopped = false;
+  private readonly clock: Clock;
+  private readonly metrics: Metrics | undefined;
+
+  constructor(clock: Clock = monotonic, metrics?: Metrics) {
+    this.clock = clock;
+    this.metrics = metrics;
+    if (metrics) this.measure(metrics);
+  }
+
+  /** Marks a key as due. Not `urgent`: a key backing off waits for its backoff to end. */
+  add(key: string, urgent = true) {
+    if (this.busy.has(key)) {
+      this.again.set(key, urgent || this.again.get(key) === true);
+      return;
+    }
+    if (!urgent && this.waits.get(key)?.backoff) return;
+    this.waits.delete(key); // its time in the heap is stale now
+    if (this.due.has(key)) return;
+    this.due.set(key, this.clock.now());
+    this.metrics?.count('workqueue_adds_total', QUEUE);
+    this.idle.shift()?.();
+  }
+
+  /** Waits for the next due key and marks it busy; undefined once `signal` aborts. */
+  async next(signal: AbortSignal): Promise<string | undefined> {
+    while (!signal.aborted && !this.stopped) {
+      const [first] = this.due;
+      if (first === undefined) {
+        await new Promise<void>((resolve) => this.idle.push(resolve));
+        continue;
+      }
+      const [key, since] = first;
+      this.due.delete(key);
+      const now = this.clock.now();
+      this.busy.set(key, now);
+      const waited = (now - since) / 1000;
+      this.metrics?.observe('workqueue_queue_duration_seconds', QUEUE, waited, QUEUE_BUCKETS);
+      return key;
+    }
+  }
+
+  /**
+   * A worker is done with `key`. After a failure it waits its backoff; after a success, the
+   * `laterMs` reconcile asked for, if any. Returns how long it waits (0: it does not).
+   */
+  done(key: string, failed: boolean, laterMs = 0): number {
+    const taken = this.busy.get(key) ?? this.clock.now();
+    this.busy.delete(key);
+    const seconds = (this.clock.now() - taken) / 1000;
+    this.metrics?.observe('workqueue_work_duration_seconds', QUEUE, seconds, QUEUE_BUCKETS);
+    const failures = failed ? (this.failures.get(key) ?? 0) + 1 : 0;
+    if (failed) {
+      this.failures.set(key, failures);
+      this.metrics?.count('workqueue_retries_total', QUEUE);
+    } else {
+      this.failures.delete(key);
+    }
+    const delayMs = failed ? jitter(Math.min(5 * 60_000, 1000 * 2 ** failures)) : laterMs;
+    if (delayMs > 0) this.wait(key, delayMs, failed);
+    const again = this.again.get(key);
+    this.again.delete(key);
+    if (again !== undefined) this.add(key, again);
+    return delayMs;
+  }
+
+  /** The key is gone for good: no backoff or wait is kept for it. */
+  forget(key: string) {
+    this.failures.delete(key);
+    this.waits.delete(key);
+  }
+
+  /** How many keys are due now. */
+  get depth(): number {
+    return this.due.size;
+  }
+
+  /** Whether the key waits for a time (a backoff, or a later look). */
+  isWaiting(key: string): boolean {
+    return this.waits.has(key);
+  }
+
+  stop() {
+    this.stopped = true;
+    this.timer?.cancel();
+    for (const wake of this.idle) wake();
+  }
+
+  private wait(key: string, ms: number, backoff: boolean) {
+    if (this.stopped) return;
+    const at = this.clock.now() + ms;
+    this.waits.set(key, { at, backoff });
+    heapPush(this.times, [at, key]);
+    this.arm();
+  }
+
+  /** Sets the one timer for the earliest time in the heap that is still a key's. */
+  private arm() {
+    while (this.times[0] && this.waits.get(this.times[0][1])?.at !== this.times[0][0]) {
+      heapPop(this.times);
+    }
+    const earliest = this.times[0];
+    if (!earliest || this.stopped || (this.timer && this.timer.at <= earliest[0])) return;
+    this.timer?.cancel();
+    const at = earliest[0];
+    const fire = () => {
+      this.timer = undefined;
+      this.expire();
+    };
+    this.timer = { at, cancel: this.clock.after(Math.max(0, at - this.clock.now()), fire) };
+  }
+
+  /** The keys whose time has come are due. */
+  private expire() {
+    const now = this.clock.now();
+    while (this.times[0] && this.times[0][0] <= now) {
+      const [at, key] = heapPop(this.times) ?? [0, ''];
+      if (this.waits.get(key)?.at !== at) continue; // added since: a stale time
+      this.waits.delete(key);
+      this.add(key);
+    }
+    this.arm();
+  }
+
+  private measure(metrics: Metrics) {
+    metrics.count('workqueue_adds_total', QUEUE, 0);
+    metrics.count('workqueue_retries_total', QUEUE, 0);
+    metrics.gauge('workqueue_depth', () => [[QUEUE, this.due.size]]);
+    metrics.gauge('workqueue_longest_running_processor_seconds', () => {
+      const [first] = this.busy.values(); // taken first, so running longest
+      return [[QUEUE, first === undefined ? 0 : (this.clock.now() - first) / 1000]];
+    });
+    metrics.gauge('workqueue_unfinished_work_seconds', () => {
+      let total = 0;
+      for (const taken of this.busy.values()) total += this.clock.now() - taken;
+      return [[QUEUE, total / 1000]];
+    });
+  }
+}
+
+const jitter = (ceilingMs: number) => ceilingMs / 2 + (Math.random() * ceilingMs) / 2;
+
+/** Adds to a binary heap of [time, key], earliest first. */
+function heapPush(heap: [number, string][], item: [number, string]) {
+  heap.push(item);
+  for (let i = heap.length - 1; i > 0; ) {
+    const parent = (i - 1) >> 1;
+    if ((heap[parent]?.[0] ?? 0) <= item[0]) break;
+    [heap[i], heap[parent]] = [heap[parent] as [number, string], item];
+    i = parent;
+  }
+}
+
+/** Takes the earliest from a binary heap of [time, key]. */
+function heapPop(heap: [number, string][]): [number, string] | undefined {
+  const top = heap[0];
+  const last = heap.pop();
+  if (heap.length === 0 || !last) return top;
+  heap[0] = last;
+  for (let i = 0; ; ) {
+    const left = 2 * i + 1;
+    const right = left + 1;
+    let least = i;
+    if (left < heap.length && (heap[left]?.[0] ?? 0) < (heap[least]?.[0] ?? 0)) least = left;
+    if (right < heap.length && (heap[right]?.[0] ?? 0) < (heap[least]?.[0] ?? 0)) least = right;
+    if (least === i) break;
+    [heap[i], heap[least]] = [heap[least] as [number, string], heap[i] as [number, string]];
+    i = least;
+  }
+  return top;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Workers: they take due objects and reconcile them, one at a time each; --concurrency side by
 // side.
 
@@ -2010,135 +1862,55 @@ export async function reconcileKey(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Problems the cluster has: while the API server is unreachable, failing (5xx), busy (429) or
-// silent, every object fails the same way. That is said once, with how many wait, and once when
-// it clears; each object's status still says why it waits. Any other failure is the object's own.
+// The client reconcile gets: the same requests, and an apply that knows what the cache knows.
 
-const UNREACHABLE = /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|E\w*UNREACH|ETIMEDOUT)$/;
-const NETWORK = /^(ECONNRESET|EPIPE|EPAUSED)$/;
-const MANY = 3; // objects failing alike within a second: the server's problem, not theirs
-
-/**
- * The cause of a failure that may be the API server's; undefined for the object's own. Only what
- * a request to the API server met counts: the reader's own code, and its calls elsewhere, fail
- * for the object. A 5xx or 429 counts only where MANY objects or a watch get it (see held).
- */
-function clusterCause(err: unknown): string | undefined {
-  if (!fromApiServer.has(err as object)) return undefined;
-  if (isApiError(err)) return err.code === 429 || err.code >= 500 ? String(err.code) : undefined;
-  const code = (err as { code?: unknown })?.code;
-  if (typeof code === 'string' && (UNREACHABLE.test(code) || NETWORK.test(code))) return code;
-  if (/did not answer for|was not over after/.test(messageOf(err))) return 'silent';
-  return undefined;
+function clientFor(api: Api, owned: OwnedObjects, signal: AbortSignal): Client {
+  const request = (verb: string, method: string, path: string, body?: unknown, type?: string) =>
+    api.json<unknown>({ verb, method, path, body, signal, contentType: type });
+  return {
+    get: async <T>(path: string) => {
+      const cached = owned.get(path);
+      if (cached) return cached as T;
+      return request('get', 'GET', path).then(
+        (object) => object as T,
+        (err) => (isApiError(err, 404) ? undefined : Promise.reject(err)),
+      );
+    },
+    create: <T>(path: string, object: object) =>
+      request('create', 'POST', path, object).then((created) => created as T),
+    apply: (path: string, object: object) => owned.apply(api, path, object, signal),
+    patch: <T>(path: string, patch: object) =>
+      request('patch', 'PATCH', path, patch, MERGE_PATCH).then((patched) => patched as T),
+    delete: (path: string) =>
+      request('delete', 'DELETE', path).then(
+        () => {},
+        (err) => (isApiError(err, 404) ? undefined : Promise.reject(err)),
+      ),
+  };
 }
 
-interface Waiting {
-  cause: string;
-  retryAt: number;
-  err: unknown;
-  own: (() => void) | undefined; // says it as the object's own, if the server turns out fine
-}
+// ---------------------------------------------------------------------------------------------
+// Output: stdout is the product, so a pipe gets every line, in order, and a slow reader slows us.
 
-class ClusterProblems {
-  private readonly waiting = new Map<string, Waiting>(); // by object key
-  private said: string[] = []; // the causes said on stderr, until they clear
-  private clearedAt = Number.NEGATIVE_INFINITY;
-  private since = 0;
-  private timer: ReturnType<typeof setTimeout> | undefined;
-  private readonly server: string;
-  private readonly state: ServerState; // what the lists and watches said: a 5xx there is the server's
+type Print = (change: Change, object: Resource, name: string, signal: AbortSignal) => Promise<void>;
 
-  constructor(server: string, state: ServerState) {
-    this.server = server;
-    this.state = state;
-  }
-
-  /**
-   * An object failed. Whether the failure may be the cluster's: then it is held a second, to see
-   * whether it is; if not, `own` says it as the object's. A cluster's problem is said once for all.
-   */
-  held(key: string, err: unknown, delayMs: number, own: () => void): boolean {
-    const cause = clusterCause(err);
-    if (cause === undefined) return false;
-    if (cause === 'EPAUSED') return true; // we were paused: nobody's fault, nothing to say
-    const now = performance.now();
-    if (this.waiting.size === 0) this.since = now;
-    const status = /^\d+$/.test(cause); // an HTTP status: one object's own, unless many get it
-    const said = this.said.includes(cause);
-    this.waiting.set(key, {
-      cause,
-      retryAt: now + delayMs,
-      err,
-      own: status && !said ? own : undefined,
-    });
-    // Requests sent before the cluster came back fail for a moment more: that is not news.
-    if (said || (!status && now - this.clearedAt < 5_000)) return true;
-    // A moment later, so that the line can say how many objects it holds up.
-    this.timer ??= setTimeout(() => this.say(), 1_000);
-    this.timer.unref?.();
-    return true;
-  }
-
-  private say() {
-    this.timer = undefined;
-    const now = performance.now();
-    const causes = new Set([...this.waiting.values()].map((waits) => waits.cause));
-    for (const cause of causes) {
-      if (this.said.includes(cause)) continue;
-      const alike = [...this.waiting].filter(([, waits]) => waits.cause === cause);
-      const status = /^\d+$/.test(cause);
-      const watched = [...this.state.problems].some((problem) => problem.endsWith(` ${cause}`));
-      if (status && alike.length < MANY && !watched) {
-        for (const [key, waits] of alike) {
-          this.waiting.delete(key);
-          waits.own?.(); // one object's own failure: said as its own
-        }
-        continue;
-      }
-      const next = Math.min(...alike.map(([, waits]) => waits.retryAt).filter((at) => at > now));
-      this.said.push(cause);
-      const err = alike[0]?.[1].err;
-      const what = isApiError(err)
-        ? `${this.server} failed to ${err.verb} (${err.code}: ${err.message})`
-        : cause === 'silent'
-          ? messageOf(err)
-          : UNREACHABLE.test(cause)
-            ? `cannot reach ${this.server} (${cause})`
-            : `lost the connection to ${this.server} (${cause})`;
-      const when = Number.isFinite(next) ? `; the next try in ${inSeconds(next - now)}` : '';
-      const waiting = alike.length === 1 ? `1 ${kind} waits` : `${alike.length} ${PLURAL} wait`;
-      console.error(`${what}: ${waiting} for it${when}`);
+/** One line per change. While stdout is full it waits, so that a slow reader slows the workers. */
+function printer(stdout: Writable, json: boolean, fence: () => void): Print {
+  return async (change, object, name, signal) => {
+    signal.throwIfAborted(); // once stopped, not one more line
+    fence();
+    const { namespace, name: objectName } = object.metadata;
+    const line = json
+      ? JSON.stringify({ type: change, namespace, name: objectName, spec: object.spec })
+      : describe(change, object, name);
+    // A speed trick: the lines of one tick go out in one write.
+    if (!stdout.writableCorked) {
+      stdout.cork();
+      process.nextTick(() => stdout.uncork());
     }
-  }
-
-  /** An object succeeded: the cluster works again. */
-  cleared(key: string) {
-    this.waiting.delete(key);
-    if (this.said.length === 0) return;
-    const seconds = Math.round((performance.now() - this.since) / 1000);
-    const rest = this.waiting.size;
-    const retried =
-      rest > 0 ? `; ${rest} ${PLURAL} that waited are retried as their backoff ends` : '';
-    console.error(`${this.server} works again, after ${seconds}s${retried}`);
-    this.said = [];
-    this.waiting.clear();
-    this.clearedAt = performance.now();
-  }
+    if (!stdout.write(`${line}\n`)) await once(stdout, 'drain', { signal });
+  };
 }
-
-/** Counts a reconcile as controller-runtime does. */
-function countReconcile(metrics: Metrics, succeeded: boolean, seconds: number) {
-  metrics.count('controller_runtime_reconcile_total', succeeded ? SUCCEEDED : FAILED);
-  if (!succeeded) metrics.count('controller_runtime_reconcile_errors_total', CONTROLLER_LABEL);
-  const family = 'controller_runtime_reconcile_time_seconds';
-  metrics.observe(family, CONTROLLER_LABEL, seconds, RECONCILE_BUCKETS);
-}
-
-// The labels of the controller's and its queue's metrics (one object each: see labelText).
-const CONTROLLER_LABEL = { controller: kind };
-const SUCCEEDED = { controller: kind, result: 'success' };
-const FAILED = { controller: kind, result: 'error' };
-const QUEUE = { name: kind };
 
 // ---------------------------------------------------------------------------------------------
 // Writes to the object. Each carries its uid as a JSON patch test, so that the server refuses
@@ -2386,27 +2158,514 @@ interface Refusal {
 const STATUS_RETRY_MS = 10_000;
 
 // ---------------------------------------------------------------------------------------------
-// Output: stdout is the product, so a pipe gets every line, in order, and a slow reader slows us.
+// Saying what is wrong: one line per problem, cause then fix. A list or watch that fails backs off
+// as client-go's reflector does; a reconcile that fails is its object's own, unless the API
+// server's (unreachable, failing, busy or silent): then it is said once for all objects.
 
-type Print = (change: Change, object: Resource, name: string, signal: AbortSignal) => Promise<void>;
+/**
+ * How long to wait after a failure, and whether to say it: client-go's reflector backoff (0.8 s
+ * doubling to 30 s, jittered, reset after 2 minutes without a failure), or what the server asked.
+ * A problem is said once while it lasts.
+ */
+class Retries {
+  private failures = 0;
+  private readonly said: ServerState; // what every collection said, shared: one line for all
+  private mine = ''; // the problem this collection has, if it said one
+  private lastFailure = Number.NEGATIVE_INFINITY;
+  private previous: unknown; // the last failure, until a watch event
+  private readonly config: Config;
+  private readonly collection: Collection;
 
-/** One line per change. While stdout is full it waits, so that a slow reader slows the workers. */
-function printer(stdout: Writable, json: boolean, fence: () => void): Print {
-  return async (change, object, name, signal) => {
-    signal.throwIfAborted(); // once stopped, not one more line
-    fence();
-    const { namespace, name: objectName } = object.metadata;
-    const line = json
-      ? JSON.stringify({ type: change, namespace, name: objectName, spec: object.spec })
-      : describe(change, object, name);
-    // A speed trick: the lines of one tick go out in one write.
-    if (!stdout.writableCorked) {
-      stdout.cork();
-      process.nextTick(() => stdout.uncork());
+  constructor(config: Config, collection: Collection, said: ServerState) {
+    this.config = config;
+    this.collection = collection;
+    this.said = said;
+  }
+
+  cleared() {
+    this.previous = undefined;
+    this.said.problems.delete(this.mine);
+    this.mine = '';
+  }
+
+  /** The delay before the next try, after `err`; says what failed, unless it is routine. */
+  after(err: unknown): number {
+    // The first 410 is routine (after an outage too): relist at once. So is a 429 that asks for
+    // a second (a server filling its cache), and a pause of our own.
+    const gone = isApiError(err, 410);
+    const previous = this.previous;
+    const first = !(isApiError(previous) && isApiError(err) && previous.code === err.code);
+    this.previous = err;
+    const routine = gone || (isApiError(err, 429) && err.retryAfterSeconds <= 1);
+    const delayMs = gone && first ? 0 : this.backoffMs(err);
+    const problem = problemOf(err, this.config, this.collection);
+    // The same problem, even where its message differs (a 410 names the resourceVersion).
+    const same = isApiError(err) ? `${this.collection.plural} ${err.verb} ${err.code}` : problem;
+    const paused = (err as { code?: unknown })?.code === 'EPAUSED';
+    if (same !== this.mine) this.said.problems.delete(this.mine); // that one is over
+    this.mine = same;
+    if (!(routine && first) && !paused && !this.said.problems.has(same)) {
+      const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
+      const capped =
+        asked > MAX_RETRY_AFTER_MS
+          ? ` (asked for ${asked / 1000}s; 5 minutes is the most we wait)`
+          : '';
+      const fix = fixFor(err, this.config, this.collection);
+      console.error(`${problem}; retrying in ${inSeconds(delayMs)}${capped}${fix}`);
+      this.said.problems.add(same);
     }
-    if (!stdout.write(`${line}\n`)) await once(stdout, 'drain', { signal });
-  };
+    return delayMs;
+  }
+
+  private backoffMs(err: unknown): number {
+    const now = performance.now();
+    if (now - this.lastFailure > 120_000) this.failures = 0;
+    this.lastFailure = now;
+    const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
+    if (asked > 0) return Math.min(asked, MAX_RETRY_AFTER_MS);
+    const base = 800 * 2 ** Math.min(this.failures++, 6);
+    return Math.min(30_000, base * (1 + Math.random()));
+  }
 }
+
+const MAX_RETRY_AFTER_MS = 5 * 60_000;
+const inSeconds = (ms: number) => `${(ms / 1000).toFixed(1)}s`;
+
+/** What failed, on one line, naming the server, the collection and the namespace. */
+function problemOf(err: unknown, config: Config, collection: Collection): string {
+  const { server, namespace } = config;
+  const code = (err as { code?: unknown })?.code;
+  if (isApiError(err)) {
+    const where = namespace === undefined ? 'all namespaces' : `namespace ${namespace}`;
+    switch (code) {
+      case 401:
+        return `${server} does not accept our credentials (401 Unauthorized)`;
+      case 403:
+        return `not allowed to ${err.verb} ${collection.plural} in ${where} (403: ${err.message})`;
+      case 404:
+        if (collection.plural === PLURAL) {
+          return `the ${KIND} CRD is not installed on ${server} (404: ${err.message})`;
+        }
+        return `the ${collection.plural} API is not on ${server} (404: ${err.message})`;
+      case 429:
+        return `${server} is busy (429: ${err.message})`;
+      default:
+        return `${server} failed to ${err.verb} ${collection.plural} (${code}: ${err.message})`;
+    }
+  }
+  if (typeof code === 'string' && UNREACHABLE.test(code)) {
+    return `cannot reach ${server} (${code})`;
+  }
+  if (code === 'ECONNRESET' || code === 'EPIPE')
+    return `lost the connection to ${server} (${code})`;
+  if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
+    return `the TLS certificate of ${server} did not verify (${code})`;
+  }
+  return `${messageOf(err)} (${server})`;
+}
+
+/** What would fix it, after a dash; the retry delay goes between. */
+function fixFor(err: unknown, { namespace }: Config, collection: Collection): string {
+  const code = (err as { code?: unknown })?.code;
+  const resourceName = collection.plural === PLURAL ? resource : collection.plural;
+  if (code === 401) return ' — refresh them in your kubeconfig (kubectl auth whoami)';
+  if (code === 403) {
+    const where = namespace ? `-n ${namespace}` : '-A';
+    const check = `kubectl auth can-i watch ${resourceName} ${where}`;
+    return ` — grant list and watch on ${resourceName} (${check})`;
+  }
+  if (code === 404 && collection.plural === PLURAL) return ' — kubectl apply -f crd.yaml';
+  if (typeof code === 'string' && UNREACHABLE.test(code)) {
+    return ' — is the cluster running? (kubectl cluster-info)';
+  }
+  if (typeof code === 'string' && /CERT|SELF_SIGNED|SIGNATURE|ALTNAME/.test(code)) {
+    return ' — check certificate-authority-data in your kubeconfig';
+  }
+  return '';
+}
+
+const UNREACHABLE = /^(ECONNREFUSED|ENOTFOUND|EAI_AGAIN|E\w*UNREACH|ETIMEDOUT)$/;
+const NETWORK = /^(ECONNRESET|EPIPE|EPAUSED)$/;
+const MANY = 3; // objects failing alike within a second: the server's problem, not theirs
+
+/**
+ * The cause of a failure that may be the API server's; undefined for the object's own. Only what
+ * a request to the API server met counts: the reader's own code, and its calls elsewhere, fail
+ * for the object. A 5xx or 429 counts only where MANY objects or a watch get it (see held).
+ */
+function clusterCause(err: unknown): string | undefined {
+  if (!fromApiServer.has(err as object)) return undefined;
+  if (isApiError(err)) return err.code === 429 || err.code >= 500 ? String(err.code) : undefined;
+  const code = (err as { code?: unknown })?.code;
+  if (typeof code === 'string' && (UNREACHABLE.test(code) || NETWORK.test(code))) return code;
+  if (/did not answer for|was not over after/.test(messageOf(err))) return 'silent';
+  return undefined;
+}
+
+interface Waiting {
+  cause: string;
+  retryAt: number;
+  err: unknown;
+  own: (() => void) | undefined; // says it as the object's own, if the server turns out fine
+}
+
+class ClusterProblems {
+  private readonly waiting = new Map<string, Waiting>(); // by object key
+  private said: string[] = []; // the causes said on stderr, until they clear
+  private clearedAt = Number.NEGATIVE_INFINITY;
+  private since = 0;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private readonly server: string;
+  private readonly state: ServerState; // what the lists and watches said: a 5xx there is the server's
+
+  constructor(server: string, state: ServerState) {
+    this.server = server;
+    this.state = state;
+  }
+
+  /**
+   * An object failed. Whether the failure may be the cluster's: then it is held a second, to see
+   * whether it is; if not, `own` says it as the object's. A cluster's problem is said once for all.
+   */
+  held(key: string, err: unknown, delayMs: number, own: () => void): boolean {
+    const cause = clusterCause(err);
+    if (cause === undefined) return false;
+    if (cause === 'EPAUSED') return true; // we were paused: nobody's fault, nothing to say
+    const now = performance.now();
+    if (this.waiting.size === 0) this.since = now;
+    const status = /^\d+$/.test(cause); // an HTTP status: one object's own, unless many get it
+    const said = this.said.includes(cause);
+    this.waiting.set(key, {
+      cause,
+      retryAt: now + delayMs,
+      err,
+      own: status && !said ? own : undefined,
+    });
+    // Requests sent before the cluster came back fail for a moment more: that is not news.
+    if (said || (!status && now - this.clearedAt < 5_000)) return true;
+    // A moment later, so that the line can say how many objects it holds up.
+    this.timer ??= setTimeout(() => this.say(), 1_000);
+    this.timer.unref?.();
+    return true;
+  }
+
+  private say() {
+    this.timer = undefined;
+    const now = performance.now();
+    const causes = new Set([...this.waiting.values()].map((waits) => waits.cause));
+    for (const cause of causes) {
+      if (this.said.includes(cause)) continue;
+      const alike = [...this.waiting].filter(([, waits]) => waits.cause === cause);
+      const status = /^\d+$/.test(cause);
+      const watched = [...this.state.problems].some((problem) => problem.endsWith(` ${cause}`));
+      if (status && alike.length < MANY && !watched) {
+        for (const [key, waits] of alike) {
+          this.waiting.delete(key);
+          waits.own?.(); // one object's own failure: said as its own
+        }
+        continue;
+      }
+      const next = Math.min(...alike.map(([, waits]) => waits.retryAt).filter((at) => at > now));
+      this.said.push(cause);
+      const err = alike[0]?.[1].err;
+      const what = isApiError(err)
+        ? `${this.server} failed to ${err.verb} (${err.code}: ${err.message})`
+        : cause === 'silent'
+          ? messageOf(err)
+          : UNREACHABLE.test(cause)
+            ? `cannot reach ${this.server} (${cause})`
+            : `lost the connection to ${this.server} (${cause})`;
+      const when = Number.isFinite(next) ? `; the next try in ${inSeconds(next - now)}` : '';
+      const waiting = alike.length === 1 ? `1 ${kind} waits` : `${alike.length} ${PLURAL} wait`;
+      console.error(`${what}: ${waiting} for it${when}`);
+    }
+  }
+
+  /** An object succeeded: the cluster works again. */
+  cleared(key: string) {
+    this.waiting.delete(key);
+    if (this.said.length === 0) return;
+    const seconds = Math.round((performance.now() - this.since) / 1000);
+    const rest = this.waiting.size;
+    const retried =
+      rest > 0 ? `; ${rest} ${PLURAL} that waited are retried as their backoff ends` : '';
+    console.error(`${this.server} works again, after ${seconds}s${retried}`);
+    this.said = [];
+    this.waiting.clear();
+    this.clearedAt = performance.now();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events: what kubectl describe shows under the object. core/v1 Events, as client-go's recorder
+// writes them (every kubectl reads them; a repeat is one merge patch of its count).
+
+/** An Event as written: its name, what it says, how often it happened, and since when. */
+type Recorded = { name: string; message: string; count: number; first: string };
+
+class EventRecorder {
+  // The last failure of each failing object: the Event that says it, and how often it happened.
+  private readonly failures = new Map<string, Recorded & { uid: string }>();
+  private readonly api: Api;
+
+  constructor(api: Api) {
+    this.api = api;
+  }
+
+  /** A reconcile failed: one Warning per object and message; a repeat raises its count. */
+  failed(key: string, object: Resource, message: string, reason: string) {
+    const last = this.failures.get(key);
+    const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
+    if (last?.message === message && last.uid === object.metadata.uid) {
+      last.count++;
+      const path = `/api/v1/namespaces/${object.metadata.namespace}/events/${last.name}`;
+      const body = { count: last.count, lastTimestamp: now };
+      const patch = { verb: 'patch', method: 'PATCH', path, body, contentType: MERGE_PATCH };
+      // An Event expires (after an hour) or was deleted: write it again, with its count.
+      this.send(patch, () => this.create(object, last, 'Warning', reason, now));
+      return;
+    }
+    const { uid } = object.metadata;
+    const failure = { uid, name: eventName(object), message, count: 1, first: now };
+    this.failures.set(key, failure);
+    this.create(object, failure, 'Warning', reason, now);
+  }
+
+  /** An object is Ready again after failing: one Normal Event. */
+  recovered(key: string, object: Resource) {
+    if (!this.failures.delete(key)) return;
+    const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
+    const message = `${KIND} is Ready again`;
+    const event = { name: eventName(object), message, count: 1, first: now };
+    this.create(object, event, 'Normal', 'Reconciled', now);
+  }
+
+  forget(key: string) {
+    this.failures.delete(key);
+  }
+
+  private create(object: Resource, event: Recorded, type: string, reason: string, now: string) {
+    const { namespace, name, uid } = object.metadata;
+    const body = {
+      apiVersion: 'v1',
+      kind: 'Event',
+      metadata: { name: event.name, namespace },
+      involvedObject: { apiVersion, kind: KIND, name, namespace, uid },
+      type,
+      reason,
+      message: event.message,
+      source: { component: CONTROLLER },
+      reportingComponent: CONTROLLER,
+      reportingInstance: hostname(),
+      count: event.count,
+      firstTimestamp: event.first,
+      lastTimestamp: now,
+    };
+    const path = `/api/v1/namespaces/${namespace}/events`;
+    this.send({ verb: 'create', method: 'POST', path, body });
+  }
+
+  /**
+   * Never awaited and never retried: an Event that cannot be written is not worth a wait. A patch
+   * of one that is gone (404) runs `gone` instead.
+   */
+  private send(request: Omit<Call, 'signal'>, gone?: () => void) {
+    const signal = AbortSignal.timeout(10_000);
+    void this.api.call({ ...request, signal }).then(
+      (response) => response.resume(),
+      (err) => {
+        if (isApiError(err, 404)) gone?.();
+      },
+    );
+  }
+}
+
+const eventName = (object: Resource) =>
+  `${object.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
+
+// ---------------------------------------------------------------------------------------------
+// Metrics, in Prometheus' text format, under the names controller-runtime and client-go use, so
+// that the dashboards and alerts people have for those work here too.
+
+const FAMILIES = {
+  controller_runtime_reconcile_total: ['counter', 'Total number of reconciliations per controller'],
+  controller_runtime_reconcile_errors_total: [
+    'counter',
+    'Total number of reconciliation errors per controller',
+  ],
+  controller_runtime_reconcile_time_seconds: [
+    'histogram',
+    'Length of time per reconciliation per controller',
+  ],
+  controller_runtime_active_workers: ['gauge', 'Number of currently used workers per controller'],
+  controller_runtime_max_concurrent_reconciles: [
+    'gauge',
+    'Maximum number of concurrent reconciles per controller',
+  ],
+  workqueue_depth: ['gauge', 'Current depth of workqueue'],
+  workqueue_adds_total: ['counter', 'Total number of adds handled by workqueue'],
+  workqueue_retries_total: ['counter', 'Total number of retries handled by workqueue'],
+  workqueue_queue_duration_seconds: [
+    'histogram',
+    'How long in seconds an item stays in workqueue before being requested',
+  ],
+  workqueue_work_duration_seconds: [
+    'histogram',
+    'How long in seconds processing an item from workqueue takes',
+  ],
+  workqueue_longest_running_processor_seconds: [
+    'gauge',
+    'How many seconds has the longest running processor for workqueue been running',
+  ],
+  workqueue_unfinished_work_seconds: [
+    'gauge',
+    'How many seconds of work has been done that is in progress and has not been observed by ' +
+      'work_duration',
+  ],
+  leader_election_master_status: [
+    'gauge',
+    'Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, ' +
+      '1 indicates master',
+  ],
+  rest_client_requests_total: [
+    'counter',
+    'Number of HTTP requests, partitioned by status code, method, and host',
+  ],
+  process_resident_memory_bytes: ['gauge', 'Resident memory size in bytes'],
+  process_cpu_seconds_total: ['counter', 'Total user and system CPU time spent in seconds'],
+  process_start_time_seconds: ['gauge', 'Start time of the process since unix epoch in seconds'],
+} as const;
+type Family = keyof typeof FAMILIES;
+
+// controller-runtime's buckets for reconcile time, client-go's for the work queue.
+const RECONCILE_BUCKETS = [
+  0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1,
+  1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10, 15, 20, 25, 30, 40, 50, 60,
+];
+const QUEUE_BUCKETS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1, 10, 100, 1000];
+
+class Histogram {
+  readonly buckets: number[];
+  readonly counts: number[];
+  sum = 0;
+  count = 0;
+
+  constructor(buckets: number[]) {
+    this.buckets = buckets;
+    this.counts = buckets.map(() => 0);
+  }
+
+  observe(value: number) {
+    const at = this.buckets.findIndex((bound) => value <= bound);
+    if (at >= 0) this.counts[at] = (this.counts[at] ?? 0) + 1;
+    this.sum += value;
+    this.count++;
+  }
+}
+
+// The label text of each labels object, worked out once: most are the same few objects.
+const labelTexts = new WeakMap<Record<string, string>, string>();
+
+function labelText(labels: Record<string, string>): string {
+  let text = labelTexts.get(labels);
+  if (text === undefined) {
+    text = Object.entries(labels)
+      .map(([name, value]) => `${name}="${value.replace(/[\\"]/g, '\\$&').replace(/\n/g, '\\n')}"`)
+      .join(',');
+    labelTexts.set(labels, text);
+  }
+  return text;
+}
+
+class Metrics {
+  private readonly samples = new Map<Family, Map<string, number | Histogram>>();
+  private readonly gauges = new Map<Family, () => [Record<string, string>, number][]>();
+
+  /** Adds to a counter. */
+  count(family: Family, labels: Record<string, string>, by = 1) {
+    const samples = this.family(family);
+    const key = labelText(labels);
+    samples.set(key, ((samples.get(key) as number | undefined) ?? 0) + by);
+  }
+
+  observe(family: Family, labels: Record<string, string>, seconds: number, buckets: number[]) {
+    const samples = this.family(family);
+    const key = labelText(labels);
+    let histogram = samples.get(key);
+    if (!(histogram instanceof Histogram)) {
+      histogram = new Histogram(buckets);
+      samples.set(key, histogram);
+    }
+    histogram.observe(seconds);
+  }
+
+  /** A gauge read when the metrics are asked for. */
+  gauge(family: Family, read: () => [Record<string, string>, number][]) {
+    this.gauges.set(family, read);
+  }
+
+  private family(family: Family) {
+    let samples = this.samples.get(family);
+    if (!samples) {
+      samples = new Map();
+      this.samples.set(family, samples);
+    }
+    return samples;
+  }
+
+  /** The text exposition format, version 0.0.4. */
+  render(): string {
+    const lines: string[] = [];
+    for (const [family, [type, help]] of Object.entries(FAMILIES) as [Family, [string, string]][]) {
+      const samples = new Map(this.samples.get(family));
+      for (const [labels, value] of this.gauges.get(family)?.() ?? [])
+        samples.set(labelText(labels), value);
+      if (samples.size === 0) continue;
+      lines.push(`# HELP ${family} ${help}`, `# TYPE ${family} ${type}`);
+      for (const [labels, value] of samples) {
+        if (typeof value === 'number') {
+          lines.push(`${family}${labels ? `{${labels}}` : ''} ${value}`);
+          continue;
+        }
+        const comma = labels ? `${labels},` : '';
+        let cumulative = 0;
+        value.buckets.forEach((bound, at) => {
+          cumulative += value.counts[at] ?? 0;
+          lines.push(`${family}_bucket{${comma}le="${bound}"} ${cumulative}`);
+        });
+        lines.push(`${family}_bucket{${comma}le="+Inf"} ${value.count}`);
+        lines.push(`${family}_sum${labels ? `{${labels}}` : ''} ${value.sum}`);
+        lines.push(`${family}_count${labels ? `{${labels}}` : ''} ${value.count}`);
+      }
+    }
+    return `${lines.join('\n')}\n`;
+  }
+}
+
+/** What the runtime tells of the process (Deno and Bun tell all three, as Node does). */
+function processMetrics(metrics: Metrics) {
+  const startedAt = Date.now() / 1000 - process.uptime();
+  metrics.gauge('process_resident_memory_bytes', () => [[{}, process.memoryUsage.rss()]]);
+  metrics.gauge('process_cpu_seconds_total', () => {
+    const { user, system } = process.cpuUsage();
+    return [[{}, (user + system) / 1e6]];
+  });
+  metrics.gauge('process_start_time_seconds', () => [[{}, Math.round(startedAt)]]);
+}
+
+/** Counts a reconcile as controller-runtime does. */
+function countReconcile(metrics: Metrics, succeeded: boolean, seconds: number) {
+  metrics.count('controller_runtime_reconcile_total', succeeded ? SUCCEEDED : FAILED);
+  if (!succeeded) metrics.count('controller_runtime_reconcile_errors_total', CONTROLLER_LABEL);
+  const family = 'controller_runtime_reconcile_time_seconds';
+  metrics.observe(family, CONTROLLER_LABEL, seconds, RECONCILE_BUCKETS);
+}
+
+// The labels of the controller's and its queue's metrics (one object each: see labelText).
+const CONTROLLER_LABEL = { controller: kind };
+const SUCCEEDED = { controller: kind, result: 'success' };
+const FAILED = { controller: kind, result: 'error' };
+const QUEUE = { name: kind };
 
 // ---------------------------------------------------------------------------------------------
 // Leader election over a Lease, with client-go's timings: replicas take turns, one acts at a time.
@@ -2601,263 +2860,6 @@ class LeaderElection {
     }
   }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Metrics, in Prometheus' text format, under the names controller-runtime and client-go use, so
-// that the dashboards and alerts people have for those work here too.
-
-const FAMILIES = {
-  controller_runtime_reconcile_total: ['counter', 'Total number of reconciliations per controller'],
-  controller_runtime_reconcile_errors_total: [
-    'counter',
-    'Total number of reconciliation errors per controller',
-  ],
-  controller_runtime_reconcile_time_seconds: [
-    'histogram',
-    'Length of time per reconciliation per controller',
-  ],
-  controller_runtime_active_workers: ['gauge', 'Number of currently used workers per controller'],
-  controller_runtime_max_concurrent_reconciles: [
-    'gauge',
-    'Maximum number of concurrent reconciles per controller',
-  ],
-  workqueue_depth: ['gauge', 'Current depth of workqueue'],
-  workqueue_adds_total: ['counter', 'Total number of adds handled by workqueue'],
-  workqueue_retries_total: ['counter', 'Total number of retries handled by workqueue'],
-  workqueue_queue_duration_seconds: [
-    'histogram',
-    'How long in seconds an item stays in workqueue before being requested',
-  ],
-  workqueue_work_duration_seconds: [
-    'histogram',
-    'How long in seconds processing an item from workqueue takes',
-  ],
-  workqueue_longest_running_processor_seconds: [
-    'gauge',
-    'How many seconds has the longest running processor for workqueue been running',
-  ],
-  workqueue_unfinished_work_seconds: [
-    'gauge',
-    'How many seconds of work has been done that is in progress and has not been observed by ' +
-      'work_duration',
-  ],
-  leader_election_master_status: [
-    'gauge',
-    'Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, ' +
-      '1 indicates master',
-  ],
-  rest_client_requests_total: [
-    'counter',
-    'Number of HTTP requests, partitioned by status code, method, and host',
-  ],
-  process_resident_memory_bytes: ['gauge', 'Resident memory size in bytes'],
-  process_cpu_seconds_total: ['counter', 'Total user and system CPU time spent in seconds'],
-  process_start_time_seconds: ['gauge', 'Start time of the process since unix epoch in seconds'],
-} as const;
-type Family = keyof typeof FAMILIES;
-
-// controller-runtime's buckets for reconcile time, client-go's for the work queue.
-const RECONCILE_BUCKETS = [
-  0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1,
-  1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10, 15, 20, 25, 30, 40, 50, 60,
-];
-const QUEUE_BUCKETS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1, 10, 100, 1000];
-
-class Histogram {
-  readonly buckets: number[];
-  readonly counts: number[];
-  sum = 0;
-  count = 0;
-
-  constructor(buckets: number[]) {
-    this.buckets = buckets;
-    this.counts = buckets.map(() => 0);
-  }
-
-  observe(value: number) {
-    const at = this.buckets.findIndex((bound) => value <= bound);
-    if (at >= 0) this.counts[at] = (this.counts[at] ?? 0) + 1;
-    this.sum += value;
-    this.count++;
-  }
-}
-
-// The label text of each labels object, worked out once: most are the same few objects.
-const labelTexts = new WeakMap<Record<string, string>, string>();
-
-function labelText(labels: Record<string, string>): string {
-  let text = labelTexts.get(labels);
-  if (text === undefined) {
-    text = Object.entries(labels)
-      .map(([name, value]) => `${name}="${value.replace(/[\\"]/g, '\\$&').replace(/\n/g, '\\n')}"`)
-      .join(',');
-    labelTexts.set(labels, text);
-  }
-  return text;
-}
-
-class Metrics {
-  private readonly samples = new Map<Family, Map<string, number | Histogram>>();
-  private readonly gauges = new Map<Family, () => [Record<string, string>, number][]>();
-
-  /** Adds to a counter. */
-  count(family: Family, labels: Record<string, string>, by = 1) {
-    const samples = this.family(family);
-    const key = labelText(labels);
-    samples.set(key, ((samples.get(key) as number | undefined) ?? 0) + by);
-  }
-
-  observe(family: Family, labels: Record<string, string>, seconds: number, buckets: number[]) {
-    const samples = this.family(family);
-    const key = labelText(labels);
-    let histogram = samples.get(key);
-    if (!(histogram instanceof Histogram)) {
-      histogram = new Histogram(buckets);
-      samples.set(key, histogram);
-    }
-    histogram.observe(seconds);
-  }
-
-  /** A gauge read when the metrics are asked for. */
-  gauge(family: Family, read: () => [Record<string, string>, number][]) {
-    this.gauges.set(family, read);
-  }
-
-  private family(family: Family) {
-    let samples = this.samples.get(family);
-    if (!samples) {
-      samples = new Map();
-      this.samples.set(family, samples);
-    }
-    return samples;
-  }
-
-  /** The text exposition format, version 0.0.4. */
-  render(): string {
-    const lines: string[] = [];
-    for (const [family, [type, help]] of Object.entries(FAMILIES) as [Family, [string, string]][]) {
-      const samples = new Map(this.samples.get(family));
-      for (const [labels, value] of this.gauges.get(family)?.() ?? [])
-        samples.set(labelText(labels), value);
-      if (samples.size === 0) continue;
-      lines.push(`# HELP ${family} ${help}`, `# TYPE ${family} ${type}`);
-      for (const [labels, value] of samples) {
-        if (typeof value === 'number') {
-          lines.push(`${family}${labels ? `{${labels}}` : ''} ${value}`);
-          continue;
-        }
-        const comma = labels ? `${labels},` : '';
-        let cumulative = 0;
-        value.buckets.forEach((bound, at) => {
-          cumulative += value.counts[at] ?? 0;
-          lines.push(`${family}_bucket{${comma}le="${bound}"} ${cumulative}`);
-        });
-        lines.push(`${family}_bucket{${comma}le="+Inf"} ${value.count}`);
-        lines.push(`${family}_sum${labels ? `{${labels}}` : ''} ${value.sum}`);
-        lines.push(`${family}_count${labels ? `{${labels}}` : ''} ${value.count}`);
-      }
-    }
-    return `${lines.join('\n')}\n`;
-  }
-}
-
-/** What the runtime tells of the process (Deno and Bun tell all three, as Node does). */
-function processMetrics(metrics: Metrics) {
-  const startedAt = Date.now() / 1000 - process.uptime();
-  metrics.gauge('process_resident_memory_bytes', () => [[{}, process.memoryUsage.rss()]]);
-  metrics.gauge('process_cpu_seconds_total', () => {
-    const { user, system } = process.cpuUsage();
-    return [[{}, (user + system) / 1e6]];
-  });
-  metrics.gauge('process_start_time_seconds', () => [[{}, Math.round(startedAt)]]);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Events: what kubectl describe shows under the object. core/v1 Events, as client-go's recorder
-// writes them (every kubectl reads them; a repeat is one merge patch of its count).
-
-/** An Event as written: its name, what it says, how often it happened, and since when. */
-type Recorded = { name: string; message: string; count: number; first: string };
-
-class EventRecorder {
-  // The last failure of each failing object: the Event that says it, and how often it happened.
-  private readonly failures = new Map<string, Recorded & { uid: string }>();
-  private readonly api: Api;
-
-  constructor(api: Api) {
-    this.api = api;
-  }
-
-  /** A reconcile failed: one Warning per object and message; a repeat raises its count. */
-  failed(key: string, object: Resource, message: string, reason: string) {
-    const last = this.failures.get(key);
-    const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
-    if (last?.message === message && last.uid === object.metadata.uid) {
-      last.count++;
-      const path = `/api/v1/namespaces/${object.metadata.namespace}/events/${last.name}`;
-      const body = { count: last.count, lastTimestamp: now };
-      const patch = { verb: 'patch', method: 'PATCH', path, body, contentType: MERGE_PATCH };
-      // An Event expires (after an hour) or was deleted: write it again, with its count.
-      this.send(patch, () => this.create(object, last, 'Warning', reason, now));
-      return;
-    }
-    const { uid } = object.metadata;
-    const failure = { uid, name: eventName(object), message, count: 1, first: now };
-    this.failures.set(key, failure);
-    this.create(object, failure, 'Warning', reason, now);
-  }
-
-  /** An object is Ready again after failing: one Normal Event. */
-  recovered(key: string, object: Resource) {
-    if (!this.failures.delete(key)) return;
-    const now = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
-    const message = `${KIND} is Ready again`;
-    const event = { name: eventName(object), message, count: 1, first: now };
-    this.create(object, event, 'Normal', 'Reconciled', now);
-  }
-
-  forget(key: string) {
-    this.failures.delete(key);
-  }
-
-  private create(object: Resource, event: Recorded, type: string, reason: string, now: string) {
-    const { namespace, name, uid } = object.metadata;
-    const body = {
-      apiVersion: 'v1',
-      kind: 'Event',
-      metadata: { name: event.name, namespace },
-      involvedObject: { apiVersion, kind: KIND, name, namespace, uid },
-      type,
-      reason,
-      message: event.message,
-      source: { component: CONTROLLER },
-      reportingComponent: CONTROLLER,
-      reportingInstance: hostname(),
-      count: event.count,
-      firstTimestamp: event.first,
-      lastTimestamp: now,
-    };
-    const path = `/api/v1/namespaces/${namespace}/events`;
-    this.send({ verb: 'create', method: 'POST', path, body });
-  }
-
-  /**
-   * Never awaited and never retried: an Event that cannot be written is not worth a wait. A patch
-   * of one that is gone (404) runs `gone` instead.
-   */
-  private send(request: Omit<Call, 'signal'>, gone?: () => void) {
-    const signal = AbortSignal.timeout(10_000);
-    void this.api.call({ ...request, signal }).then(
-      (response) => response.resume(),
-      (err) => {
-        if (isApiError(err, 404)) gone?.();
-      },
-    );
-  }
-}
-
-const eventName = (object: Resource) =>
-  `${object.metadata.name}.${randomUUID().replaceAll('-', '').slice(0, 16)}`;
 
 // ---------------------------------------------------------------------------------------------
 // Health: what the kubelet asks before it restarts us (/healthz) or counts us in (/readyz).
