@@ -12,10 +12,35 @@
 // it, runs as replicas with one leader, and says on stderr what is wrong and what fixes it.
 //
 //   npx tsx controller.ts [-n NAMESPACE | -A] [-l SELECTOR] [-o json] ...   (--help for all)
+//   npx tsx controller.ts manifests > manifests.yaml   (the CRD and the RBAC, from this file)
 //   npx -y deno@2 run --allow-env --allow-read --allow-net --allow-sys controller.ts
 //   npx -y bun@1 controller.ts
 //
 // The protocol it follows: https://kubernetes.io/docs/reference/using-api/api-concepts/
+//
+// The map. What you change comes first; below the line, the machinery, in the order in which one
+// change travels through it:
+//
+//   API server -> list, then watch -> cache of objects -> work queue -> worker -> your reconcile
+//     -> a line on stdout -> the status (Ready) -> done: again after a backoff if it failed, or
+//     later if it asked; what reconcile made is watched too, and a change to it is a repair.
+//
+//   What you change ......... the resource, SPEC, STATUS, describe, OWNED, reconcile
+//   What reconcile gets ..... Change, Context, Result, Client: all your code needs
+//   Configuration ........... flags and the kubeconfig
+//   Requests ................ Api: one https request with the kubeconfig's credentials
+//   List and watch .......... the initial state, then each change; resume, relist, bookmarks
+//   The cache of objects .... what the watch saw, and what each object is owed
+//   What reconcile made ..... the owned kinds' caches: repairs, no take-overs, client.get
+//   The work queue .......... due keys, never one twice at once, backoff, later looks
+//   Workers ................. work -> reconcileKey: Deleted owed, finalizer, Added/Modified
+//   The client .............. what reconcile's requests go through
+//   Output, Writes, Status .. the line; finalizer patches; Ready and your fields, one write
+//   Saying what is wrong .... backoff, one line per problem, the cluster's own problems
+//   Events, Metrics ......... what kubectl describe and Prometheus see
+//   Leader election ......... one replica acts at a time
+//   Health, Manifests ....... /healthz, /readyz, /metrics; crd.yaml and deploy.yaml
+//   Main .................... main -> control: the watches, then the workers, until a signal
 
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
