@@ -3537,6 +3537,7 @@ if (isEntryPoint) {
   process.stdout.write('', () => process.exit(exitCode));
 }
 
-// Where to go next: more kinds of owned objects, each watched like OWNED (kube-rs's
-// Controller::owns), the workers waiting for each one's initial state; conditions beyond Ready;
-// a field of your own in the status.
+// Where to go next: conditions beyond Ready; owned objects in other namespaces or cluster-scoped
+// (an ownerReference cannot cross namespaces: use a finalizer, and a label, to find them);
+// nested objects and lists of objects in SPEC (schemaOf and checkFields take a line or two each);
+// a second version of the resource, with a conversion webhook.
