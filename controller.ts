@@ -888,8 +888,16 @@ export interface Entry {
   status: Record<string, unknown> | undefined; // its status fields besides Ready's
   gone: Gone[] | undefined; // earlier ones, oldest first, with what each is still owed
   finished: string | undefined; // the uid of one being deleted whose Deleted ran: no news since
+  echo: Echo | undefined; // our last finalizer write, until the watch shows it
   ready: number | string; // the Ready condition on the server: see readyCondition
   since: number; // its lastTransitionTime, in seconds as the API keeps it
+}
+
+/** Our last write of our finalizer onto an object (uid), and the resourceVersion it made. */
+interface Echo {
+  uid: string;
+  resourceVersion: string;
+  ours: boolean; // put on, or taken off
 }
 
 /** An object gone from the server (deleted, being deleted, or out of the -l selector). */
@@ -946,6 +954,7 @@ export class ObjectCache implements Cache {
     listed?.add(key);
     const checked = this.check(key, object);
     if (!checked) return;
+    this.sees(this.entries.get(key), checked, object);
     if (checked.metadata.deleting) return this.gone(key, checked, true);
     const { ready, since } = readyCondition(object);
     let entry = this.entries.get(key);
@@ -960,21 +969,20 @@ export class ObjectCache implements Cache {
     const before = entry.object?.metadata;
     if (before?.uid !== checked.metadata.uid) {
       if (entry.object) this.retire(entry, entry.object, false);
+      // Our finalizer on it: an earlier run reconciled it. Unless it is back in -l, still owed
+      // the Deleted of its time before: that one is this run's.
+      const back = entry.gone?.some((gone) => gone.object.metadata.uid === checked.metadata.uid);
       entry.object = checked;
-      entry.tried = this.holds(checked); // our finalizer on it: an earlier run reconciled it
+      entry.tried = this.holds(checked) && !back;
       return this.queue.add(key);
     }
     if (before.generation !== checked.metadata.generation) {
       entry.object = checked;
       return this.queue.add(key);
     }
-    // The finalizers are kept up to date in place: the object is the same one. Ours stays, once
-    // seen or put on: an event sent before we put it on may come after (at worst, taking it off
-    // again reads that it is not there).
-    const kept = entry.object && this.holds(entry.object) && !this.holds(checked);
-    const finalizers = kept ? [...(checked.metadata.finalizers ?? []), this.finalizer] : undefined;
-    if (String(before.finalizers) !== String(finalizers ?? checked.metadata.finalizers)) {
-      before.finalizers = finalizers ?? checked.metadata.finalizers;
+    // The finalizers are kept up to date in place: the object is the same one.
+    if (String(before.finalizers) !== String(checked.metadata.finalizers)) {
+      before.finalizers = checked.metadata.finalizers;
     }
     // A Ready condition other than ours makes it due, to write ours again; never urgently.
     if (readyChanged) this.queue.add(key, false);
@@ -987,6 +995,7 @@ export class ObjectCache implements Cache {
     const checked = checkObject(object);
     const last = typeof checked === 'string' ? entry?.object : checked;
     if (!entry || !last) return;
+    if (last === checked) this.sees(entry, checked, object);
     last.metadata.namespace = this.config.namespace ?? last.metadata.namespace;
     if (entry.finished === last.metadata.uid)
       entry.finished = undefined; // gone at last
@@ -1018,27 +1027,53 @@ export class ObjectCache implements Cache {
   orphan(object: unknown) {
     const key = this.keyOf(object);
     const checked = checkObject(object);
-    if (typeof checked === 'string' || !this.holds(checked)) return;
+    if (typeof checked === 'string') return;
     checked.metadata.namespace = this.config.namespace ?? checked.metadata.namespace;
     const entry = this.entries.get(key);
+    this.sees(entry, checked, object);
+    if (!this.holds(checked)) return;
     if (entry?.object?.metadata.uid === checked.metadata.uid) return;
     this.gone(key, checked, false);
   }
 
-  /** Our finalizer went onto `object`. Gone meanwhile (or out of -l), it must come off again. */
-  finalized(key: string, object: Resource) {
+  /**
+   * We wrote our finalizer onto `object` (`ours`: put it on; else took it off), and the server
+   * answered with `resourceVersion`. Until the watch shows that write, an event sent before it
+   * does not undo it (see sees). Gone meanwhile (or out of -l), a finalizer put on must come off.
+   */
+  wrote(key: string, object: Resource, resourceVersion: string, ours: boolean) {
     const entry = this.entries.get(key);
-    const { uid, finalizers = [] } = object.metadata;
     if (!entry) return;
-    if (entry.object?.metadata.uid === uid) {
-      entry.object.metadata.finalizers = [...finalizers, this.finalizer]; // before the watch says
-      return;
-    }
-    if (entry.gone?.some((gone) => gone.object.metadata.uid === uid)) return; // the watch told
-    const held = { ...object, metadata: { ...object.metadata, finalizers: [...finalizers] } };
-    held.metadata.finalizers.push(this.finalizer);
+    const { uid } = object.metadata;
+    if (resourceVersion) entry.echo = { uid, resourceVersion, ours }; // '': it was so already
+    const gone = entry.gone?.find((earlier) => earlier.object.metadata.uid === uid);
+    const known = entry.object?.metadata.uid === uid ? entry.object : gone?.object;
+    if (known) return this.setOurs(known, ours);
+    if (!ours) return;
+    const held = { ...object, metadata: { ...object.metadata } };
+    this.setOurs(held, true);
     entry.gone = [...(entry.gone ?? []), { object: held, owed: false, watched: false }];
     this.queue.add(key);
+  }
+
+  /**
+   * An event for `object` as the watch sent it, seen through our last finalizer write: an event
+   * older than that write's own shows our finalizer as we left it (resourceVersions are only ever
+   * compared for equality: the watch sends them in order, so ours comes before newer ones).
+   */
+  private sees(entry: Entry | undefined, object: Resource, raw: unknown) {
+    const { echo } = entry ?? {};
+    if (!entry || echo?.uid !== object.metadata.uid) return;
+    const { resourceVersion } = (raw as { metadata?: { resourceVersion?: string } }).metadata ?? {};
+    if (resourceVersion === echo.resourceVersion)
+      entry.echo = undefined; // caught up
+    else this.setOurs(object, echo.ours);
+  }
+
+  private setOurs(object: Resource, ours: boolean) {
+    const others = (object.metadata.finalizers ?? []).filter((name) => name !== this.finalizer);
+    const finalizers = ours ? [...others, this.finalizer] : others;
+    object.metadata.finalizers = finalizers.length > 0 ? finalizers : undefined;
   }
 
   /** An owner's key, as the cache has it: one copy of the string, not two. */
@@ -1060,13 +1095,14 @@ export class ObjectCache implements Cache {
     const { uid } = last.metadata;
     const entry = this.entries.get(key);
     if (entry?.finished === uid) return; // its Deleted ran: the rest is its finalizers going
+    // The object the entry has now (it may be back in -l since an earlier one of it went).
+    if (entry?.object?.metadata.uid === uid) return this.retire(entry, last, watched);
     const earlier = entry?.gone?.find((gone) => gone.object.metadata.uid === uid);
     if (earlier) {
       earlier.object = last; // its Deleted sees the newest spec
       earlier.watched = watched;
       return;
     }
-    if (entry?.object?.metadata.uid === uid) return this.retire(entry, last, watched);
     // One we never saw: ours only if our finalizer is on it (an earlier run reconciled it).
     if (!this.holds(last)) return;
     const owner = entry ?? newEntry(key, '', 0);
@@ -1078,10 +1114,6 @@ export class ObjectCache implements Cache {
 
   /** The entry's object is gone: what it is owed moves to `gone`. */
   private retire(entry: Entry, last: Resource, watched: boolean) {
-    // Our finalizer went on after the event that says it is gone (out of -l, say): it comes off.
-    if (entry.object && this.holds(entry.object) && !this.holds(last)) {
-      last.metadata.finalizers = [...(last.metadata.finalizers ?? []), this.finalizer];
-    }
     if (entry.tried || this.holds(last)) {
       entry.gone = [...(entry.gone ?? []), { object: last, owed: entry.tried, watched }];
       this.queue.add(entry.key);
@@ -1126,6 +1158,7 @@ function newEntry(key: string, ready: Entry['ready'], since: number): Entry {
     status: undefined,
     gone: undefined,
     finished: undefined,
+    echo: undefined,
     ready,
     since,
   };
@@ -1807,8 +1840,9 @@ async function work(worker: Worker) {
 export interface Steps {
   reconcile(change: Change, object: Resource, reason?: Context['reason']): Promise<Result | void>;
   print(change: Change, object: Resource): Promise<void>;
-  addFinalizer(object: Resource): Promise<boolean>; // false: the server no longer has it
-  removeFinalizer(object: Resource): Promise<void>;
+  // Each returns the resourceVersion written ('' if nothing was), or false if it is gone.
+  addFinalizer(object: Resource): Promise<string | false>;
+  removeFinalizer(object: Resource): Promise<string | false>;
 }
 
 function stepsFor(worker: Worker, key: string): Steps {
@@ -1848,15 +1882,19 @@ export async function reconcileKey(
     const { uid } = gone.object.metadata;
     // Back in the -l selector meanwhile: it is the entry's object again, finalizer and all.
     const back = entry.object?.metadata.uid === uid;
-    if (objects.holds(gone.object) && !back) await steps.removeFinalizer(gone.object);
+    if (objects.holds(gone.object) && !back) {
+      const written = await steps.removeFinalizer(gone.object);
+      if (written !== false) objects.wrote(key, gone.object, written, false);
+    }
     if (gone.watched) entry.finished = uid; // its later events are its other finalizers going
     entry.gone = entry.gone?.length === 1 ? undefined : entry.gone?.slice(1);
   }
   const { object } = entry;
   if (!object) return;
   if (objects.finalizer && !objects.holds(object)) {
-    if (!(await steps.addFinalizer(object))) return; // replaced or gone: the watch will say
-    objects.finalized(key, object);
+    const written = await steps.addFinalizer(object);
+    if (written === false) return; // replaced or gone: the watch will say
+    objects.wrote(key, object, written, true);
     if (entry.object !== object) return; // a new spec, or gone, meanwhile: it is due again
   }
   const newSpec = object.metadata.generation !== entry.reconciled;
@@ -1988,28 +2026,30 @@ async function patchObject(
 /**
  * Sets the object's finalizers to `change(current)`, read fresh: a JSON patch replaces a list
  * whole, so it tests the resourceVersion it was read at, and the server refuses it if anyone
- * wrote since. False if the server no longer has the object (gone, or another under its name).
+ * wrote since. Returns the resourceVersion it wrote ('' if there was nothing to write), or false if
+ * the server no longer has the object (gone, or another under its name).
  */
 async function editFinalizers(
   api: Api,
   object: Resource,
   change: (finalizers: string[]) => string[],
   signal: AbortSignal,
-): Promise<boolean> {
+): Promise<string | false> {
   const current = await getCurrent(api, object, signal);
   if (current?.metadata.uid !== object.metadata.uid) return false;
   const finalizers = current.metadata.finalizers ?? [];
   const wanted = change(finalizers);
-  if (String(wanted) === String(finalizers)) return true;
+  if (String(wanted) === String(finalizers)) return '';
   const { resourceVersion } = current.metadata;
   const patch = [
     uidTest(object),
     { op: 'test', path: '/metadata/resourceVersion', value: resourceVersion },
     { op: 'add', path: '/metadata/finalizers', value: wanted },
   ];
+  const request = { verb: 'patch', method: 'PATCH', contentType: JSON_PATCH, signal };
   try {
-    await patchObject(api, object, patch, signal);
-    return true;
+    const written = await api.json<Current>({ ...request, path: objectPath(object), body: patch });
+    return written.metadata.resourceVersion;
   } catch (err) {
     if (isApiError(err, 404)) return false;
     if (isApiError(err, 422) && (await isReplaced(api, object, signal))) return false;
@@ -2025,7 +2065,8 @@ async function addFinalizer(api: Api, object: Resource, finalizer: string, signa
 
 /** Removes our finalizer, once the object's Deleted is reconciled: Kubernetes then deletes it. */
 async function removeFinalizer(api: Api, object: Resource, finalizer: string, signal: AbortSignal) {
-  await editFinalizers(api, object, (all) => all.filter((name) => name !== finalizer), signal);
+  const remove = (all: string[]) => all.filter((name) => name !== finalizer);
+  return editFinalizers(api, object, remove, signal);
 }
 
 // ---------------------------------------------------------------------------------------------
