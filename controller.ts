@@ -1779,6 +1779,7 @@ interface Worker {
   objects: ObjectCache;
   owned: OwnedObjects;
   status: StatusWriter;
+  client: Client; // what reconcile's requests go through: one for all, stopped with `signal`
   print: Print;
   reconcile: Reconcile;
   signal: AbortSignal;
@@ -1847,7 +1848,7 @@ export interface Steps {
 
 function stepsFor(worker: Worker, key: string): Steps {
   const { api, objects, print, signal } = worker;
-  const client = clientFor(api, worker.owned, signal);
+  const { client } = worker;
   return {
     reconcile: async (change, object, reason = 'changed') => {
       api.fence();
@@ -3448,6 +3449,7 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     objects,
     owned,
     status,
+    client: clientFor(api, owned, signal),
     print: printer(stdout, config.json, () => api.fence()),
     reconcile: options.reconcile ?? reconcile,
     signal,
