@@ -1121,11 +1121,11 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     const [warning] = await eventsOf(
       'e2e-sa',
       'taken',
-      'ReconcileFailed',
+      'ErrResourceExists',
       (events) => (events[0]?.count ?? 0) >= 2,
-      'a Warning ReconcileFailed Event, with a count of 2 or more, written with the token',
+      'a Warning ErrResourceExists Event, with a count of 2 or more, written with the token',
     );
-    assertBookEvent(warning, taken, 'e2e-sa', 'Warning', 'ReconcileFailed');
+    assertBookEvent(warning, taken, 'e2e-sa', 'Warning', 'ErrResourceExists');
     await cluster.kubectlOk(['delete', 'configmap', 'taken', '-n', 'e2e-sa']);
     await controller.line(added('e2e-sa/taken', 'Taken'), 60_000);
     const [normal] = await eventsOf(
@@ -1411,7 +1411,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       assert.match(
         ready?.message ?? '',
         new RegExp(
-          `ConfigMap (e2e-cm-other/)?${name} is controlled by Book other-name \\(uid ${other.metadata.uid}\\), not by this book`,
+          `^ConfigMap e2e-cm-other/${name} already exists and is controlled by Book other-name, not by this book \\(${name}\\) — delete it, or take it off its owner$`,
         ),
       );
       const line = await controller.stderr(new RegExp(`reconcile of book ${name} failed`, 'i'));
@@ -2013,7 +2013,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     ]);
   });
 
-  test('kubectl describe book shows the Warning ReconcileFailed Event (one, its count raised on a repeat); fixed, the book is Ready and a Normal Reconciled Event follows', {
+  test('kubectl describe book shows the Warning ErrResourceExists Event (one, its count raised on a repeat); fixed, the book is Ready and a Normal Reconciled Event follows', {
     timeout: 120_000,
   }, async () => {
     await withGarbageCollector();
@@ -2033,17 +2033,17 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     const warnings = await eventsOf(
       ns,
       'failing',
-      'ReconcileFailed',
+      'ErrResourceExists',
       (events) => (events[0]?.count ?? 0) >= 2,
-      'the Warning ReconcileFailed Event, with a count of 2 or more',
+      'the Warning ErrResourceExists Event, with a count of 2 or more',
     );
     assert.equal(warnings.length, 1, 'a repeat raises the count of the one Event');
     const [warning] = warnings;
-    assertBookEvent(warning, book, ns, 'Warning', 'ReconcileFailed');
+    assertBookEvent(warning, book, ns, 'Warning', 'ErrResourceExists');
     assert.match(
       warning?.message ?? '',
       new RegExp(
-        `^ConfigMap (${ns}/)?failing is controlled by Book other-name \\(uid ${other.metadata.uid}\\), not by this book$`,
+        `^ConfigMap ${ns}/failing already exists and is controlled by Book other-name, not by this book \\(failing\\) — delete it, or take it off its owner$`,
       ),
     );
     const described = await cluster.kubectlOk(['describe', 'book', 'failing', '-n', ns]);
@@ -2051,7 +2051,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     console.error(`e2e: kubectl describe book failing:${eventsSection.trimEnd()}`);
     assert.match(
       eventsSection,
-      /\n\s+Warning\s+ReconcileFailed\s+\S+.*\s+book-controller\s+ConfigMap (e2e-events\/)?failing is controlled by Book other-name/,
+      /\n\s+Warning\s+ErrResourceExists\s+\S+.*\s+book-controller\s+ConfigMap e2e-events\/failing already exists and is controlled by Book other-name/,
     );
     assert.match(eventsSection, /\(x\d+ over /, 'kubectl shows the count');
     assert.deepEqual(controller.out, [added('other-name', 'Other')], 'no line for a failure');
@@ -2078,7 +2078,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     assert.equal(normal?.count, 1);
     const after = await cluster.kubectlOk(['describe', 'book', 'failing', '-n', ns]);
     assert.match(after, /\n\s+Normal\s+Reconciled\s+\S+.*\s+book-controller\s+\S/);
-    assert.match(after, /\n\s+Warning\s+ReconcileFailed\s/);
+    assert.match(after, /\n\s+Warning\s+ErrResourceExists\s/);
     // A healthy book writes no Event: a title change, reconciled, leaves the two there are.
     await setTitle(ns, 'failing', 'Fixed');
     await controller.line(modified('failing', 'Fixed'));
@@ -2093,7 +2093,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     const all = await bookEvents(ns, 'failing');
     assert.deepEqual(all.map((event) => `${event.type} ${event.reason}`).sort(), [
       'Normal Reconciled',
-      'Warning ReconcileFailed',
+      'Warning ErrResourceExists',
     ]);
     assert.deepEqual(await bookEvents(ns, 'other-name'), [], 'none about the healthy book');
   });
