@@ -99,7 +99,7 @@ export function describe(change: Change, book: Book, name: string): string {
 
 // The kinds reconcile makes, each watched (by this label) so that a change by someone else is
 // repaired. Owning a Secret too is one more entry: { apiVersion: 'v1', kind: 'Secret', ... }.
-export const OWNED = [{ apiVersion: 'v1', kind: 'ConfigMap', plural: 'configmaps' }];
+export const OWNED: Owned[] = [{ apiVersion: 'v1', kind: 'ConfigMap', plural: 'configmaps' }];
 export const MANAGED_BY = { 'app.kubernetes.io/managed-by': CONTROLLER };
 
 /**
@@ -141,6 +141,14 @@ export async function reconcile(change: Change, book: Book, { client }: Context)
 // What reconcile gets, and what it returns: everything your code needs, and nothing more.
 
 export type Change = 'Added' | 'Modified' | 'Deleted';
+
+/** A kind reconcile makes. `keep`: the cache keeps them whole, so client.get of one needs no request. */
+export interface Owned {
+  apiVersion: string;
+  kind: string;
+  plural: string;
+  keep?: boolean; // costs the objects' memory: for what reconcile reads, such as a Secret made once
+}
 export type Reconcile = (
   change: Change,
   object: Resource,
@@ -887,8 +895,6 @@ export interface Entry {
   requeue: boolean; // its reconcile asked for another look: when it is next taken, it runs
   status: Record<string, unknown> | undefined; // its status fields besides Ready's
   gone: Gone[] | undefined; // earlier ones, oldest first, with what each is still owed
-  finished: string | undefined; // the uid of one being deleted whose Deleted ran: no news since
-  echo: Echo | undefined; // our last finalizer write, until the watch shows it
   ready: number | string; // the Ready condition on the server: see readyCondition
   since: number; // its lastTransitionTime, in seconds as the API keeps it
 }
@@ -929,6 +935,9 @@ interface Gone {
 export class ObjectCache implements Cache {
   readonly entries = new Map<string, Entry>();
   private readonly invalid = new Map<string, string>(); // objects that fail checkObject, and why
+  // Rare states, by key, kept apart from the entries (every entry would pay for a field):
+  private readonly finished = new Map<string, string>(); // a uid being deleted whose Deleted ran
+  private readonly echoes = new Map<string, Echo>(); // our last finalizer write, until seen
   private readonly config: Pick<Config, 'namespace'>;
   private readonly queue: WorkQueue;
   readonly finalizer: string;
@@ -954,7 +963,7 @@ export class ObjectCache implements Cache {
     listed?.add(key);
     const checked = this.check(key, object);
     if (!checked) return;
-    this.sees(this.entries.get(key), checked, object);
+    this.sees(key, checked, object);
     if (checked.metadata.deleting) return this.gone(key, checked, true);
     const { ready, since } = readyCondition(object);
     let entry = this.entries.get(key);
@@ -995,10 +1004,10 @@ export class ObjectCache implements Cache {
     const checked = checkObject(object);
     const last = typeof checked === 'string' ? entry?.object : checked;
     if (!entry || !last) return;
-    if (last === checked) this.sees(entry, checked, object);
+    if (last === checked) this.sees(key, checked, object);
     last.metadata.namespace = this.config.namespace ?? last.metadata.namespace;
-    if (entry.finished === last.metadata.uid)
-      entry.finished = undefined; // gone at last
+    if (this.finished.get(key) === last.metadata.uid)
+      this.finished.delete(key); // gone at last
     else this.gone(key, last, false);
     this.settle(key);
   }
@@ -1006,7 +1015,7 @@ export class ObjectCache implements Cache {
   removeAllBut(listed: Set<string>) {
     for (const [key, entry] of this.entries) {
       if (listed.has(key)) continue;
-      entry.finished = undefined;
+      this.finished.delete(key);
       if (entry.object) this.gone(key, entry.object, false);
       this.settle(key);
     }
@@ -1030,7 +1039,7 @@ export class ObjectCache implements Cache {
     if (typeof checked === 'string') return;
     checked.metadata.namespace = this.config.namespace ?? checked.metadata.namespace;
     const entry = this.entries.get(key);
-    this.sees(entry, checked, object);
+    this.sees(key, checked, object);
     if (!this.holds(checked)) return;
     if (entry?.object?.metadata.uid === checked.metadata.uid) return;
     this.gone(key, checked, false);
@@ -1045,7 +1054,7 @@ export class ObjectCache implements Cache {
     const entry = this.entries.get(key);
     if (!entry) return;
     const { uid } = object.metadata;
-    if (resourceVersion) entry.echo = { uid, resourceVersion, ours }; // '': it was so already
+    if (resourceVersion) this.echoes.set(key, { uid, resourceVersion, ours }); // '': it was so
     const gone = entry.gone?.find((earlier) => earlier.object.metadata.uid === uid);
     const known = entry.object?.metadata.uid === uid ? entry.object : gone?.object;
     if (known) return this.setOurs(known, ours);
@@ -1061,12 +1070,12 @@ export class ObjectCache implements Cache {
    * older than that write's own shows our finalizer as we left it (resourceVersions are only ever
    * compared for equality: the watch sends them in order, so ours comes before newer ones).
    */
-  private sees(entry: Entry | undefined, object: Resource, raw: unknown) {
-    const { echo } = entry ?? {};
-    if (!entry || echo?.uid !== object.metadata.uid) return;
+  private sees(key: string, object: Resource, raw: unknown) {
+    const echo = this.echoes.get(key);
+    if (echo?.uid !== object.metadata.uid) return;
     const { resourceVersion } = (raw as { metadata?: { resourceVersion?: string } }).metadata ?? {};
     if (resourceVersion === echo.resourceVersion)
-      entry.echo = undefined; // caught up
+      this.echoes.delete(key); // caught up
     else this.setOurs(object, echo.ours);
   }
 
@@ -1082,11 +1091,18 @@ export class ObjectCache implements Cache {
     return this.entries.get(key)?.key ?? key;
   }
 
+  /** The Deleted of `uid`, being deleted, has run: its later events are its finalizers going. */
+  finish(key: string, uid: string) {
+    this.finished.set(key, uid);
+  }
+
   /** Forgets the key once it holds nothing and no worker has it. */
   settle(key: string) {
     const entry = this.entries.get(key);
-    if (!entry || entry.object || entry.gone || entry.finished || this.queue.busy.has(key)) return;
+    if (!entry || entry.object || entry.gone || this.finished.has(key)) return;
+    if (this.queue.busy.has(key)) return;
     this.entries.delete(key);
+    this.echoes.delete(key);
     this.queue.forget(key);
   }
 
@@ -1094,7 +1110,7 @@ export class ObjectCache implements Cache {
   private gone(key: string, last: Resource, watched: boolean) {
     const { uid } = last.metadata;
     const entry = this.entries.get(key);
-    if (entry?.finished === uid) return; // its Deleted ran: the rest is its finalizers going
+    if (this.finished.get(key) === uid) return; // its Deleted ran: the rest is its finalizers going
     // The object the entry has now (it may be back in -l since an earlier one of it went).
     if (entry?.object?.metadata.uid === uid) return this.retire(entry, last, watched);
     const earlier = entry?.gone?.find((gone) => gone.object.metadata.uid === uid);
@@ -1157,8 +1173,6 @@ function newEntry(key: string, ready: Entry['ready'], since: number): Entry {
     requeue: false,
     status: undefined,
     gone: undefined,
-    finished: undefined,
-    echo: undefined,
     ready,
     since,
   };
@@ -1171,8 +1185,9 @@ function newEntry(key: string, ready: Entry['ready'], since: number): Entry {
 /** An owned object as the cache keeps it. */
 interface OwnedEntry {
   owner: string; // the key of the object of ours that controls it (by kind and name), or ''
+  other: string | undefined; // its controller, if that is not one of ours: 'Kind name'
   ours: number; // a digest of the fields this controller applied, as they are now (see applied)
-  object: unknown; // the object, without its managedFields: what client.get answers
+  object?: unknown; // with `keep`, the object without its managedFields: what client.get answers
 }
 
 type Reference = {
@@ -1188,7 +1203,8 @@ type ManagedFields = {
   subresource?: string;
   fieldsV1?: object;
 };
-type Owned = {
+/** An object of any kind, as the API server sends it: what the owned caches read of it. */
+type KubeObject = {
   apiVersion?: string;
   kind?: string;
   metadata?: {
@@ -1201,9 +1217,6 @@ type Owned = {
   };
 };
 
-/** A kind that reconcile makes, as OWNED lists it. */
-type OwnedKind = (typeof OWNED)[number];
-
 const groupOf = (apiVersion = '') => (apiVersion.includes('/') ? apiVersion.split('/')[0] : '');
 
 /**
@@ -1215,11 +1228,11 @@ class OwnedCache implements Cache {
   readonly entries = new Map<string, OwnedEntry>();
   // Applies in flight: what each applies, and whether another change came meanwhile.
   readonly applying = new Map<string, { digest: number; overtaken: boolean }>();
-  readonly kind: OwnedKind;
+  readonly kind: Owned;
   private readonly config: Config;
   private readonly objects: ObjectCache;
 
-  constructor(kind: OwnedKind, config: Config, objects: ObjectCache) {
+  constructor(kind: Owned, config: Config, objects: ObjectCache) {
     this.kind = kind;
     this.config = config;
     this.objects = objects;
@@ -1231,7 +1244,7 @@ class OwnedCache implements Cache {
   }
 
   entryOf(object: unknown): OwnedEntry {
-    const { managedFields = [], ...metadata } = (object as Owned).metadata ?? {};
+    const { managedFields = [], ...metadata } = (object as KubeObject).metadata ?? {};
     const controller = metadata.ownerReferences?.find((reference) => reference.controller);
     const mine = controller?.kind === KIND && groupOf(controller.apiVersion) === GROUP;
     // Found by kind and name, as controller-runtime's EnqueueRequestForOwner: a copy restored
@@ -1242,7 +1255,9 @@ class OwnedCache implements Cache {
         fields.manager === CONTROLLER && fields.operation === 'Apply' && !fields.subresource,
     );
     const digest = ours ? new Digest().add(project(object, ours.fieldsV1 ?? {})).value() : 0;
-    return { owner, ours: digest, object: { ...(object as object), metadata } };
+    const kept = this.kind.keep ? { ...(object as object), metadata } : undefined;
+    const other = controller && !mine ? `${controller.kind} ${controller.name}` : undefined;
+    return kept ? { owner, other, ours: digest, object: kept } : { owner, other, ours: digest };
   }
 
   update(object: unknown, listed?: Set<string>) {
@@ -1323,7 +1338,12 @@ function matches(item: unknown, key: unknown): boolean {
 
 /** The fields an apply of `object` sets, as they come back in the projection of what we own. */
 function applied(object: object): number {
-  const { apiVersion, kind, metadata = {}, ...content } = object as Owned & Record<string, unknown>;
+  const {
+    apiVersion,
+    kind,
+    metadata = {},
+    ...content
+  } = object as KubeObject & Record<string, unknown>;
   const { name, namespace, ...rest } = metadata;
   return new Digest().add({ ...content, metadata: rest }).value();
 }
@@ -1336,8 +1356,8 @@ function applied(object: object): number {
 class OwnedObjects {
   readonly kinds: OwnedCache[];
 
-  constructor(config: Config, objects: ObjectCache) {
-    this.kinds = OWNED.map((kind) => new OwnedCache(kind, config, objects));
+  constructor(config: Config, objects: ObjectCache, kinds: Owned[]) {
+    this.kinds = kinds.map((kind) => new OwnedCache(kind, config, objects));
   }
 
   /** The cache of the object's kind, if it is owned and its watch sees it. */
@@ -1355,7 +1375,7 @@ class OwnedObjects {
     const cache = this.kinds.find(
       (owned) => owned.kind.apiVersion === (core ?? grouped) && owned.kind.plural === plural,
     );
-    if (!cache?.covers(namespace)) return undefined;
+    if (!cache?.kind.keep || !cache.covers(namespace)) return undefined;
     const entry = cache.entries.get(cache.keyOf({ metadata: { namespace, name } }));
     return entry && structuredClone(entry.object);
   }
@@ -1366,7 +1386,7 @@ class OwnedObjects {
    * over an object that is not ours (ours: the label, or a book of this name as its controller).
    */
   async apply(api: Api, path: string, object: object, signal: AbortSignal): Promise<void> {
-    const { apiVersion, kind, metadata = {} } = object as Owned;
+    const { apiVersion, kind, metadata = {} } = object as KubeObject;
     const labelled = metadata.labels?.[LABEL] === CONTROLLER;
     const cache = labelled ? this.cacheOf(apiVersion, kind, metadata.namespace) : undefined;
     if (!cache) return sendApply(api, path, object, signal);
@@ -1374,8 +1394,9 @@ class OwnedObjects {
     const cached = cache.entries.get(key);
     const wanted = cache.entryOf(object);
     const digest = applied(object);
-    if (cached && controlledByAnother(cached.object, object)) {
-      throw notOurs(cached.object, wanted.owner);
+    const another = cached?.owner && cached.owner !== wanted.owner ? `${KIND} ${cached.owner}` : '';
+    if (cached && (cached.other || another)) {
+      throw notOurs(object, wanted.owner, cached.other ?? another);
     }
     if (cached?.ours === digest) return;
     const applying = { digest, overtaken: false };
@@ -1404,14 +1425,14 @@ async function createOrRepair(
   object: object,
   signal: AbortSignal,
 ) {
-  const { metadata } = object as Owned;
+  const { metadata } = object as KubeObject;
   const onlyNew = { ...object, metadata: { ...metadata, resourceVersion: '1' } };
   try {
     return await sendApply(api, path, onlyNew, signal);
   } catch (err) {
     if (!isApiError(err, 409)) throw err;
   }
-  const current = await api.json<Owned>({ verb: 'get', path, signal }).catch((err) => {
+  const current = await api.json<KubeObject>({ verb: 'get', path, signal }).catch((err) => {
     if (isApiError(err, 404)) return undefined; // gone since
     throw err;
   });
@@ -1433,7 +1454,7 @@ async function applyOver(api: Api, path: string, object: object, signal: AbortSi
     return await sendApply(api, path, object, signal);
   } catch (err) {
     if (!isApiError(err, 422)) throw err;
-    const current = await api.json<Owned>({ verb: 'get', path, signal });
+    const current = await api.json<KubeObject>({ verb: 'get', path, signal });
     if (!(await dropStaleOwner(api, path, current, object, signal))) throw err;
   }
   await sendApply(api, path, object, signal);
@@ -1448,8 +1469,8 @@ async function dropStaleOwner(
   signal: AbortSignal,
 ) {
   const isController = (reference: Reference) => reference.controller && reference.kind === KIND;
-  const wanted = (object as Owned).metadata?.ownerReferences?.find(isController);
-  const { resourceVersion, ownerReferences = [] } = (current as Owned).metadata ?? {};
+  const wanted = (object as KubeObject).metadata?.ownerReferences?.find(isController);
+  const { resourceVersion, ownerReferences = [] } = (current as KubeObject).metadata ?? {};
   const stale = ownerReferences.find(
     (reference) =>
       isController(reference) && reference.name === wanted?.name && reference.uid !== wanted?.uid,
@@ -1471,32 +1492,18 @@ async function sendApply(api: Api, path: string, object: object, signal: AbortSi
   await discard(await api.call({ ...request, signal }));
 }
 
-/** Whether `current` has a controller other than the one `object` names (a book of that name). */
-function controlledByAnother(current: unknown, object: object): boolean {
-  const controllerOf = (of: unknown) =>
-    (of as Owned).metadata?.ownerReferences?.find((reference) => reference.controller);
-  const theirs = controllerOf(current);
-  const ours = controllerOf(object);
-  if (!theirs) return false;
-  const same = (field: keyof Reference) => theirs[field] === ours?.[field];
-  return !(
-    same('kind') &&
-    same('name') &&
-    groupOf(theirs.apiVersion) === groupOf(ours?.apiVersion)
-  );
-}
-
 /** An object reconcile would take over from someone else: it is left alone, and this says why. */
 class NotOurs extends Error {
   readonly reason = 'ErrResourceExists'; // as sample-controller's Event says it
 }
 
-function notOurs(object: unknown, owner: string): NotOurs {
-  const { kind: itsKind = 'the object', metadata = {} } = object as Owned;
+function notOurs(object: unknown, owner: string, controlledBy?: string): NotOurs {
+  const { kind: itsKind = 'the object', metadata = {} } = object as KubeObject;
   const what = `${itsKind} ${metadata.namespace}/${metadata.name} already exists`;
   const controller = metadata.ownerReferences?.find((reference) => reference.controller);
-  if (controller) {
-    const whose = `${what} and is controlled by ${controller.kind} ${controller.name}`;
+  const by = controlledBy ?? (controller && `${controller.kind} ${controller.name}`);
+  if (by) {
+    const whose = `${what} and is controlled by ${by}`;
     const fix = 'delete it, or take it off its owner';
     return new NotOurs(`${whose}, not by this ${kind}${owner ? ` (${owner})` : ''} — ${fix}`);
   }
@@ -1817,8 +1824,11 @@ async function work(worker: Worker) {
     countReconcile(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
     // ServerState as the object's own: its line, with its backoff, and a Warning Event for a failed
     // reconcile. A cluster's problem is said once for all objects instead.
+    const failedAt = performance.now();
     const own = () => {
-      const retrying = `retrying in ${inSeconds(delayMs)}`;
+      // Said at once, or a second later (see held): the retry is as far off as it is by then.
+      const left = Math.max(0, delayMs - (performance.now() - failedAt));
+      const retrying = `retrying in ${inSeconds(left)}`;
       if (failure !== undefined) {
         if (subject) worker.events.failed(key, subject, messageOf(failure), reasonOf(failure));
         console.error(`reconcile of ${kind} ${key} failed: ${messageOf(failure)}; ${retrying}`);
@@ -1887,7 +1897,7 @@ export async function reconcileKey(
       const written = await steps.removeFinalizer(gone.object);
       if (written !== false) objects.wrote(key, gone.object, written, false);
     }
-    if (gone.watched) entry.finished = uid; // its later events are its other finalizers going
+    if (gone.watched) objects.finish(key, uid); // its later events are its other finalizers going
     entry.gone = entry.gone?.length === 1 ? undefined : entry.gone?.slice(1);
   }
   const { object } = entry;
@@ -3164,7 +3174,7 @@ export function customResourceDefinition(): object {
 }
 
 /** What the controller may do, in every namespace (it runs with -A). */
-export function clusterRules(ownedKinds: readonly OwnedKind[] = OWNED): object[] {
+export function clusterRules(ownedKinds: readonly Owned[] = OWNED): object[] {
   const rule = (group: string, name: string, verbs: string[]) => {
     return { apiGroups: [group], resources: [name], verbs };
   };
@@ -3372,6 +3382,7 @@ export interface Options {
   reconcile?: Reconcile;
   stdout?: Writable;
   finalizer?: string; // instead of FINALIZER
+  owned?: Owned[]; // instead of OWNED
   now?: () => number; // a monotonic clock in milliseconds, for the lease
 }
 
@@ -3435,7 +3446,7 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   const { config, metrics } = api;
   const queue = new WorkQueue(monotonic, metrics);
   const objects = new ObjectCache(config, queue, options.finalizer ?? FINALIZER);
-  const owned = new OwnedObjects(config, objects);
+  const owned = new OwnedObjects(config, objects, options.owned ?? OWNED);
   const status = new StatusWriter(api, queue);
   const stdout = options.stdout ?? process.stdout;
   // What the lists, watches and workers say on stderr is shared: a problem of the server's is one
