@@ -18,7 +18,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import diagnostics from 'node:diagnostics_channel';
-import { copyFileSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { request as httpsRequest } from 'node:https';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -27,6 +27,8 @@ import { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
+import fc from 'fast-check';
+import * as yaml from 'js-yaml';
 import {
   afterEach,
   beforeEach,
@@ -38,17 +40,36 @@ import {
   type Book,
   type BookSpec,
   type Change,
+  checkFields,
   checkObject,
   checkSpec,
   type Client,
+  type Clock,
+  clusterRules,
+  columnsOf,
+  CONTROLLER,
+  customResourceDefinition,
+  deployment,
   describe as describeChange,
   GROUP,
   KIND,
   main,
+  manifests,
+  manifestsText,
+  ObjectCache,
+  OWNED,
   PLURAL,
   type Reconcile,
   reconcile as exampleReconcile,
+  reconcileKey,
+  type Resource,
+  schemaOf,
+  SPEC,
+  type SpecOf,
+  type Steps,
+  toYaml,
   VERSION,
+  WorkQueue,
 } from './controller.ts';
 import {
   type ApiRequest,
@@ -143,6 +164,7 @@ interface Controller {
 }
 
 interface StartOptions {
+  owned?: { apiVersion: string; kind: string; plural: string; keep?: boolean }[];
   reconcile?: Reconcile;
   lines?: string[];
   finalizer?: string;
@@ -154,9 +176,10 @@ function start(args: string[] = [], options: StartOptions = {}): Controller {
   const stop = new AbortController();
   const lines = options.lines ?? stdout;
   const times: number[] = [];
-  const { reconcile, finalizer, now } = options;
+  const { reconcile, finalizer, now, owned } = options;
   const exited = main(args, stop.signal, {
     reconcile,
+    ...(owned !== undefined && { owned }),
     stdout: linesOf(lines, times),
     ...(finalizer !== undefined && { finalizer }),
     ...(now !== undefined && { now }),
@@ -445,6 +468,35 @@ afterEach(async () => {
   waiters.clear();
   Object.assign(console, realConsole);
 });
+
+const FINALIZER_NAME = `${GROUP}/cleanup`;
+const cmPath = (name: string) => `/api/v1/namespaces/default/configmaps/${name}`;
+/** How many server-side applies of the ConfigMap `name` the fake received. */
+const appliesOf = (name: string) =>
+  fake.configMapRequests('apply').filter((r) => r.name === name).length;
+const MANAGED_BY_LABEL = { 'app.kubernetes.io/managed-by': `${KIND.toLowerCase()}-controller` };
+const ownerOf = (book: Book) => ({
+  apiVersion: `${GROUP}/${VERSION}`,
+  kind: KIND,
+  name: book.metadata.name,
+  uid: book.metadata.uid,
+  controller: true,
+  blockOwnerDeletion: true,
+});
+/** The example reconcile, its Deleted taking `ms` (a slow cleanup that deletes the ConfigMap). */
+function slowDeleted(ms: number, runs: { change: Change; uid: string }[] = []) {
+  const reconcile: Reconcile = async (change, book, context) => {
+    runs.push({ change, uid: book.metadata.uid });
+    wake();
+    if (change === 'Deleted') {
+      await sleep(ms, undefined, { signal: context.signal });
+      const { name, namespace } = book.metadata;
+      await context.client.delete(`/api/v1/namespaces/${namespace}/configmaps/${name}`);
+    }
+    await exampleReconcile(change, book, context);
+  };
+  return reconcile;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Lanes: `npm test` runs this file as several processes side by side (e2e/lanes.ts sets
@@ -856,6 +908,202 @@ describe('a ConfigMap per book, owned by it', () => {
     );
     assert.deepEqual(stderr, []);
   });
+
+  test('an apply of another kind under the same name does not stand for the ConfigMap: deleted, it is made again', {
+    takes: 2,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const reconcile: Reconcile = async (change, book, context) => {
+      await exampleReconcile(change, book, context);
+      if (change === 'Deleted') return;
+      await sleep(300, undefined, { signal: context.signal }); // a call to a slow service
+      // A Secret of the same name, not an owned kind here: never cached, always sent.
+      const secret = {
+        apiVersion: 'v1',
+        kind: 'Secret',
+        metadata: { name: 'moby-dick', namespace: 'default' },
+        stringData: { a: 'b' },
+      };
+      await context.client.apply('/api/v1/namespaces/default/secrets/moby-dick', secret);
+    };
+    const controller = start([], { reconcile });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    fake.deleteConfigMap('default', 'moby-dick');
+    await until(
+      'the ConfigMap made again',
+      () => fake.configMap('default', 'moby-dick') !== undefined,
+    );
+    await controller.stop();
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
+  });
+  test('an object the watch does not cover (no managed-by label) is never cached: deleted, the next apply makes it again', {
+    takes: 1,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const reconcile: Reconcile = async (change, book, context) => {
+      await exampleReconcile(change, book, context);
+      if (change === 'Deleted') return;
+      const index = {
+        apiVersion: 'v1',
+        kind: 'ConfigMap',
+        metadata: { name: 'moby-dick-index', namespace: 'default' },
+        data: { shelf: 'fiction' },
+      };
+      await context.client.apply(cmPath('moby-dick-index'), index);
+    };
+    const controller = start([], { reconcile });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    fake.deleteConfigMap('default', 'moby-dick-index');
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('Ready at generation 2', () => isReady('moby-dick', 2));
+    await controller.stop();
+    assert.deepEqual(fake.configMap('default', 'moby-dick-index')?.data, { shelf: 'fiction' });
+  });
+  test('labels, annotations and keys that others add are no difference: no repair, one apply per spec change, and a restart writes nothing', {
+    takes: 1,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    let controller = start();
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    const before = fake.configMap('default', 'moby-dick');
+    assert.ok(before);
+    // A backup tool's annotation, a policy's label and a key of someone else's, by an Update.
+    fake.putConfigMap(
+      {
+        metadata: {
+          ...before.metadata,
+          annotations: { 'backup.example.com/at': 'now' },
+          labels: { ...before.metadata.labels, team: 'library' },
+        },
+        data: { ...before.data, extra: 'theirs' },
+      },
+      'backup-tool',
+    );
+    fake.create('hamlet', { ...sample('Hamlet') });
+    await until('hamlet Ready', () => isReady('hamlet'));
+    assert.equal(appliesOf('moby-dick'), 1, 'no repair for what others added');
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('Ready at generation 2', () => isReady('moby-dick', 2));
+    fake.create('othello', { ...sample('Othello') });
+    await until('othello Ready', () => isReady('othello'));
+    assert.equal(appliesOf('moby-dick'), 2, 'one apply for the spec change');
+    await controller.stop();
+    const requests = fake.requests.length;
+    controller = start();
+    await until('three printed again', () => stdout.length === 6);
+    fake.create('lear', { ...sample('Lear') }); // after the three, one worker: they are done
+    await until('lear Ready', () => isReady('lear'));
+    await controller.stop();
+    const writes = fake.requests
+      .slice(requests)
+      .filter((r) => !['get', 'list', 'watch'].includes(r.verb) && r.name !== 'lear');
+    assert.deepEqual(writes, [], 'a restart over books that are right writes nothing');
+    const after = fake.configMap('default', 'moby-dick');
+    assert.equal(after?.metadata.annotations?.['backup.example.com/at'], 'now');
+    assert.equal(after?.data?.extra, 'theirs');
+  });
+  test('a ConfigMap restored with an earlier owner’s uid is repaired: the ownerReference names the book’s uid again', {
+    takes: 1,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const controller = start();
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    const saved = fake.configMap('default', 'moby-dick');
+    assert.ok(saved);
+    fake.recreate('moby-dick', MOBY_DICK);
+    const uid = fake.get('moby-dick')?.metadata.uid;
+    await until(
+      'the ConfigMap owned by the new book',
+      () => fake.configMap('default', 'moby-dick')?.metadata.ownerReferences?.[0]?.uid === uid,
+    );
+    // kubectl replace -f of the copy saved before: the earlier book's uid.
+    const { resourceVersion, managedFields, ...metadata } = saved.metadata;
+    fake.putConfigMap({ metadata, data: saved.data }, 'kubectl-replace');
+    assert.notEqual(
+      fake.configMap('default', 'moby-dick')?.metadata.ownerReferences?.[0]?.uid,
+      uid,
+    );
+    await until(
+      'repaired: the ownerReference has the book’s uid again',
+      () => fake.configMap('default', 'moby-dick')?.metadata.ownerReferences?.[0]?.uid === uid,
+    );
+    await controller.stop();
+  });
+  test('a user’s own ConfigMap of that name is never taken over: left as it is, the book Ready=False saying whose it is and what to do, a Warning Event ErrResourceExists', {
+    takes: 1,
+  }, async () => {
+    fake.putConfigMap({ metadata: { name: 'moby-dick' }, data: { mine: 'yes' } }, 'kubectl-create');
+    fake.create('moby-dick', MOBY_DICK);
+    fake.create('hamlet', { ...sample('Hamlet') });
+    const controller = start();
+    await until('hamlet Ready', () => isReady('hamlet'));
+    await until('moby-dick not Ready', () => ready('moby-dick')?.status === 'False');
+    await until('its Warning Event', () =>
+      fake.events().some((e) => e.reason === 'ErrResourceExists'),
+    );
+    await controller.stop();
+    const mine = fake.configMap('default', 'moby-dick');
+    assert.deepEqual(mine?.data, { mine: 'yes' });
+    assert.equal(mine?.metadata.ownerReferences, undefined);
+    assert.equal(mine?.metadata.labels, undefined);
+    const why = `ConfigMap default/moby-dick already exists and is not managed by ${kind}-controller — delete it, or label it app.kubernetes.io/managed-by=${kind}-controller to hand it over`;
+    assert.equal(ready('moby-dick')?.message, why);
+    assert.equal(ready('moby-dick')?.reason, 'ErrResourceExists');
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(`^reconcile of ${kind} moby-dick failed: ${literally(why)}; retrying in`),
+    );
+    // A new book whose ConfigMap does not exist: one apply and one status patch, nothing more.
+    const hamlet = fake.requests.filter(
+      (r) => r.name === 'hamlet' && !['list', 'watch'].includes(r.verb),
+    );
+    assert.deepEqual(
+      hamlet.map((r) => `${r.verb} ${r.resource}`),
+      ['apply configmaps', `patch ${PLURAL}/status`],
+    );
+  });
+  test('client.get of an owned kind answers from the cache: a ConfigMap made once (a random token) costs a GET when it is new, then no request per reconcile, and none on a restart', {
+    takes: 1,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const reconcile: Reconcile = async (change, book, context) => {
+      await exampleReconcile(change, book, context);
+      if (change === 'Deleted') return;
+      const path = cmPath('moby-dick-token');
+      if (await context.client.get(path)) return;
+      const token = {
+        apiVersion: 'v1',
+        kind: 'ConfigMap',
+        metadata: {
+          name: 'moby-dick-token',
+          namespace: 'default',
+          labels: MANAGED_BY_LABEL,
+          ownerReferences: [ownerOf(book)],
+        },
+        data: { token: randomUUID() },
+      };
+      await context.client.create('/api/v1/namespaces/default/configmaps', token);
+    };
+    // keep: the cache keeps the ConfigMaps whole, so client.get of one needs no request.
+    const owned = [{ apiVersion: 'v1', kind: 'ConfigMap', plural: 'configmaps', keep: true }];
+    let controller = start([], { reconcile, owned });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    const token = fake.configMap('default', 'moby-dick-token')?.data?.token;
+    assert.ok(token);
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('Ready at generation 2', () => isReady('moby-dick', 2));
+    await controller.stop();
+    controller = start([], { reconcile, owned });
+    await until('printed again', () => stdout.length === 3);
+    await controller.stop();
+    assert.equal(fake.configMap('default', 'moby-dick-token')?.data?.token, token, 'made once');
+    const reads = fake.configMapRequests().filter((r) => r.name === 'moby-dick-token');
+    assert.deepEqual(
+      reads.map((r) => r.verb),
+      ['get', 'create'],
+      'one GET, when it is new: then the cache answers',
+    );
+  });
 });
 
 describe('status: written back, never echoed', () => {
@@ -1029,6 +1277,34 @@ describe('status: written back, never echoed', () => {
       `the second patch came ${second.at - (stderrAt[0] ?? 0)} ms after ${stderr[0]}`,
     );
   });
+
+  test('403 on status: said once, one status write every 10 s while it lasts (not one per book), and writes resume once granted', {
+    takes: 22,
+    timeout: 60_000,
+  }, async () => {
+    const names = Array.from({ length: 20 }, (_, i) => `book-${i}`);
+    for (const name of names) fake.create(name, { ...sample(name) });
+    fake.forbidStatus = true;
+    const controller = start();
+    await until('all printed', () => stdout.length === names.length);
+    await until('the 403 said', () => stderr.length === 1);
+    const burst = fake.patches().length;
+    const saidAt = performance.now();
+    await until('a status write tried again', () => fake.patches().length > burst, 15);
+    assert.ok(performance.now() - saidAt > 5_000, 'not sooner than the retry period');
+    assert.equal(fake.patches().length, burst + 1, 'one write tries, the others wait');
+    fake.forbidStatus = false;
+    const grantedAt = performance.now();
+    await until('every book Ready', () => names.every((name) => isReady(name)), 20);
+    assert.ok(performance.now() - grantedAt < 15_000, 'within the retry period of the grant');
+    await controller.stop();
+    assert.equal(stderr.length, 2, stderr.join('\n'));
+    assert.match(
+      stderr[0] ?? '',
+      /^not allowed to patch books\/status in namespace default \(403: .*\); trying again every 10\.0s — grant patch on books\/status \(kubectl auth can-i patch books\.example\.technosophos\.com --subresource=status -n default\)$/,
+    );
+    assert.equal(stderr[1], 'allowed to patch books/status in namespace default now');
+  });
 });
 
 describe('Deleted: every book that goes prints it, whatever came before', () => {
@@ -1098,6 +1374,51 @@ describe('Deleted: every book that goes prints it, whatever came before', () => 
         { type: 'Deleted', namespace: 'default', name: 'moby-dick', spec: retitled },
       ],
     );
+  });
+
+  test('a book deleted and created again while its Deleted runs: one Deleted, then Added for the new one', {
+    takes: 5,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const runs: { change: Change; uid: string }[] = [];
+    const controller = start([], { reconcile: slowDeleted(1500, runs) });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    fake.remove('moby-dick');
+    await until('its Deleted began', () => runs.some((run) => run.change === 'Deleted'));
+    fake.create('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('the new one printed', () => stdout.length >= 3, 10);
+    await until('the new one Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby-Dick; or, The Whale'),
+    ]);
+    assert.deepEqual(stderr, []);
+  });
+  test('-l: a book that leaves the selector and comes back while its Deleted runs is Added again, its work redone', {
+    takes: 4,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK, 'default', { shelf: 'classics' });
+    const runs: { change: Change; uid: string }[] = [];
+    const controller = start(['-l', 'shelf=classics'], { reconcile: slowDeleted(1500, runs) });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    fake.label('moby-dick', { shelf: 'elsewhere' });
+    await until('its Deleted began', () => runs.some((run) => run.change === 'Deleted'));
+    fake.label('moby-dick', { shelf: 'classics' });
+    await until('Added again', () => stdout.length >= 3, 10);
+    await until(
+      'its ConfigMap made again',
+      () => fake.configMap('default', 'moby-dick') !== undefined,
+    );
+    await controller.stop();
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby Dick'),
+    ]);
+    assert.ok(isReady('moby-dick'));
+    assert.deepEqual(stderr, []);
   });
 });
 
@@ -1294,6 +1615,62 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
       /^the kubeconfig's context 'gone' names no cluster — pick another with kubectl config use-context NAME$/,
     );
   });
+
+  test('a reconcile whose own call elsewhere is refused: a line naming the book, Ready=False with why, a Warning Event', {
+    takes: 2,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const port = await freePort();
+    const reconcile: Reconcile = async () => {
+      await new Promise((resolve, reject) => {
+        httpsRequest(`https://127.0.0.1:${port}/`, resolve).on('error', reject).end();
+      });
+    };
+    const controller = start([], { reconcile });
+    await until('the failure said', () => stderr.length === 1);
+    await until('Ready False', () => ready('moby-dick')?.status === 'False');
+    await until('a Warning Event', () => fake.eventRequests().length === 1);
+    await controller.stop();
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^reconcile of ${kind} moby-dick failed: .*ECONNREFUSED.*; retrying in \\d+\\.\\ds$`,
+      ),
+    );
+    assert.match(String(ready('moby-dick')?.message), /ECONNREFUSED/);
+    assert.ok(!stderr.some((line) => line.includes('cannot reach')), stderr.join('\n'));
+  });
+  test('one book’s own 500 (its ConfigMap refused) while the others reconcile: lines naming that book, its Warning Event; nothing about the server', {
+    takes: 4,
+    timeout: 30_000,
+  }, async () => {
+    for (const name of ['a', 'b', 'c', 'd']) fake.create(name, { ...sample(name.toUpperCase()) });
+    fake.failNext(
+      500,
+      'InternalError',
+      'Internal error occurred: failed calling webhook "check.example.com"',
+      {
+        verb: 'apply',
+        resource: 'configmaps',
+        name: 'b',
+        always: true,
+      },
+    );
+    const controller = start();
+    await until('the others Ready', () => ['a', 'c', 'd'].every((name) => isReady(name)));
+    await until('b failed twice, said each time', () => stderr.length >= 2, 10);
+    await until('its Warning Event', () => fake.eventRequests().length >= 1);
+    await controller.stop();
+    for (const line of stderr) {
+      assert.match(
+        line,
+        new RegExp(
+          `^reconcile of ${kind} b failed: Internal error occurred: failed calling webhook "check.example.com"; retrying in \\d+\\.\\ds$`,
+        ),
+      );
+    }
+    assert.equal(ready('b')?.status, 'False');
+  });
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -1364,6 +1741,32 @@ describe('outages, with hundreds of books waiting: a few stderr lines, then ever
     assert.deepEqual(new Set(stdout), new Set(names.map((name) => added(name, name))));
     assert.equal(stdout.length, BOOKS);
     assert.deepEqual(fake.events(), [], "the cluster's failure is no book's Event");
+  });
+
+  test('many books failing with one 500 at once are one line for the server, and one when it works again', {
+    takes: 4,
+    timeout: 30_000,
+  }, async () => {
+    const names = Array.from({ length: 10 }, (_, i) => `book-${i}`);
+    for (const name of names) fake.create(name, { ...sample(name) });
+    fake.failNext(500, 'InternalError', 'etcdserver: request timed out', {
+      verb: 'apply',
+      resource: 'configmaps',
+      always: true,
+    });
+    const controller = start();
+    await until('the server’s line', () => stderr.length === 1, 10);
+    fake.clearFaults();
+    await until('every book Ready', () => names.every((name) => isReady(name)), 20);
+    await controller.stop();
+    assert.match(
+      stderr[0] ?? '',
+      new RegExp(
+        `^${SERVER} failed to apply \\(500: etcdserver: request timed out\\): 10 ${PLURAL} wait for it; the next try in \\d+\\.\\ds$`,
+      ),
+    );
+    assert.match(stderr[1] ?? '', new RegExp(`^${SERVER} works again, after \\d+s`));
+    assert.equal(stderr.length, 2);
   });
 });
 
@@ -1699,6 +2102,337 @@ describe('checkObject and checkSpec', () => {
   });
 });
 
+// The spec, declared once (SPEC), and what comes from it: the type, the check, the CRD and the
+// RBAC, printed by `npx tsx controller.ts manifests`.
+
+/** true only where A and B are the same type (a type-level assertion, checked by tsc). */
+type Same<A, B> =
+  (<T>() => T extends A ? 1 : 2) extends <T>() => T extends B ? 1 : 2 ? true : false;
+
+// -------------------------------------------------------------------------------------------------
+// A tiny API server, for the part of OpenAPI that the declarations use: what it keeps of a spec
+// (nulls and undeclared fields dropped, as for a CRD without x-kubernetes-preserve-unknown-fields),
+// or 'refused' where its validation would answer 422.
+
+interface Schema {
+  type?: string;
+  required?: string[];
+  properties?: Record<string, Schema>;
+  items?: Schema;
+  minLength?: number;
+  maxLength?: number;
+  enum?: unknown[];
+  minimum?: number;
+  maximum?: number;
+}
+
+const REFUSED = 'refused';
+
+function admit(schema: Schema, value: unknown): unknown {
+  switch (schema.type) {
+    case 'object': {
+      if (typeof value !== 'object' || value === null || Array.isArray(value)) return REFUSED;
+      const kept: Record<string, unknown> = {};
+      for (const [name, property] of Object.entries(schema.properties ?? {})) {
+        const field = (value as Record<string, unknown>)[name];
+        if (field === undefined || field === null) continue; // pruned before validation
+        kept[name] = admit(property, field);
+        if (kept[name] === REFUSED) return REFUSED;
+      }
+      const missing = (schema.required ?? []).some((name) => !(name in kept));
+      return missing ? REFUSED : kept;
+    }
+    case 'array': {
+      if (!Array.isArray(value)) return REFUSED;
+      const items = value.map((item) => admit(schema.items ?? {}, item));
+      return items.includes(REFUSED) ? REFUSED : items;
+    }
+    case 'string': {
+      if (typeof value !== 'string') return REFUSED;
+      const length = [...value].length; // Go's utf8.RuneCountInString
+      if (length < (schema.minLength ?? 0) || length > (schema.maxLength ?? Infinity))
+        return REFUSED;
+      return schema.enum && !schema.enum.includes(value) ? REFUSED : value;
+    }
+    case 'integer':
+    case 'boolean': {
+      const fits = schema.type === 'integer' ? Number.isInteger(value) : typeof value === 'boolean';
+      if (!fits) return REFUSED;
+      if (typeof value === 'number' && value < (schema.minimum ?? value)) return REFUSED;
+      return typeof value === 'number' && value > (schema.maximum ?? value) ? REFUSED : value;
+    }
+    default:
+      throw new Error(`no type in ${JSON.stringify(schema)}`);
+  }
+}
+
+/** checkFields and the schema agree on `spec`: both refuse it, or both keep the same. */
+function assertAgree(fields: Parameters<typeof schemaOf>[0], spec: Record<string, unknown>) {
+  const checked = checkFields(fields, spec, 'spec');
+  const admitted = admit(schemaOf(fields) as Schema, spec);
+  const said = `check: ${JSON.stringify(checked)}, schema: ${JSON.stringify(admitted)}`;
+  if (typeof checked === 'string') assert.equal(admitted, REFUSED, said);
+  else assert.deepEqual(admitted, checked, said);
+}
+
+// Another resource's spec, as a copy would declare it: every kind of field the declarations know.
+const WIDGET = {
+  replicas: { type: 'integer', minimum: 0, maximum: 10, column: 'Replicas' },
+  message: { type: 'string', maxLength: 20 },
+  paused: { type: 'boolean', optional: true },
+  tier: { type: 'string', enum: ['gold', 'silver'], optional: true, column: 'Tier' },
+  ports: { type: 'array', items: 'integer', optional: true },
+} as const;
+
+// A value of any type a spec field might hold, the awkward ones often.
+const anyValue = fc.oneof(
+  fc.constantFrom('', 'x', 'gold', 'é', '🐳', null, true, 0, -1, 1.5, 11, [], [3], ['a', 3], {}),
+  fc.string(),
+  fc.integer({ min: -3, max: 12 }),
+  fc.array(fc.oneof(fc.string({ maxLength: 2 }), fc.integer(), fc.constant(null)), {
+    maxLength: 3,
+  }),
+);
+const specOf = (names: string[]) =>
+  fc.record(Object.fromEntries([...names, 'extra'].map((name) => [name, anyValue])), {
+    requiredKeys: [],
+  });
+
+describe('the spec, declared once', () => {
+  test('BookSpec is the type the hand-written interface was, and a Widget’s follows its fields', () => {
+    const book: Same<BookSpec, { title: string; authors?: string[] }> = true;
+    type Widget = SpecOf<typeof WIDGET>;
+    const widget: Same<
+      Widget,
+      {
+        replicas: number;
+        message: string;
+        paused?: boolean;
+        tier?: 'gold' | 'silver';
+        ports?: number[];
+      }
+    > = true;
+    // @ts-expect-error: replicas is required
+    const withoutReplicas: Widget = { message: 'hi' };
+    assert.ok(book && widget && withoutReplicas);
+  });
+
+  test('checkSpec says which field is wrong, in one line, as the hand-written check did', () => {
+    assert.equal(checkSpec({ authors: [] }), 'spec.title is not a string');
+    assert.equal(checkSpec({ title: 5 }), 'spec.title is not a string');
+    assert.equal(checkSpec({ title: '' }), 'spec.title is empty');
+    assert.equal(
+      checkSpec({ title: 'x', authors: ['a', 3] }),
+      'spec.authors is not a list of strings',
+    );
+    assert.equal(checkSpec({ title: 'x', authors: 'a' }), 'spec.authors is not a list of strings');
+    assert.deepEqual(checkSpec({ title: 'x', authors: null, extra: 1 }), { title: 'x' });
+    assert.deepEqual(checkSpec({ title: 'x', authors: ['a'] }), { title: 'x', authors: ['a'] });
+    const widget = (spec: Record<string, unknown>) => checkFields(WIDGET, spec, 'spec');
+    assert.equal(widget({ replicas: 1.5, message: '' }), 'spec.replicas is not a whole number');
+    assert.equal(widget({ replicas: 11, message: '' }), 'spec.replicas is over 10');
+    assert.equal(widget({ replicas: -1, message: '' }), 'spec.replicas is under 0');
+    assert.equal(
+      widget({ replicas: 1, message: 'x'.repeat(21) }),
+      'spec.message is over 20 characters',
+    );
+    assert.equal(
+      widget({ replicas: 1, message: '', paused: 'no' }),
+      'spec.paused is not true or false',
+    );
+    assert.equal(
+      widget({ replicas: 1, message: '', tier: 'x' }),
+      'spec.tier is not one of gold, silver',
+    );
+    assert.equal(
+      widget({ replicas: 1, message: '', ports: [1.5] }),
+      'spec.ports is not a list of whole numbers',
+    );
+  });
+
+  test('checkSpec accepts and refuses what the CRD’s schema does, and keeps what it keeps', () => {
+    for (const spec of [
+      { title: '' }, // minLength 1
+      { title: 5 },
+      { authors: ['a'] }, // title is required
+      { title: 'x', authors: ['a', 3] },
+      { title: 'x', authors: [null] },
+      { title: 'x', extra: 1 }, // pruned by both
+      { title: 'x', authors: null }, // a null is dropped, not refused
+      { title: '🐳' }, // one character, two UTF-16 units
+    ]) {
+      assertAgree(SPEC, spec);
+    }
+    fc.assert(fc.property(specOf(Object.keys(SPEC)), (spec) => assertAgree(SPEC, spec)));
+  });
+
+  test('a Widget’s fields are checked and in its schema as declared: integers, booleans, enums, bounds', () => {
+    const schema = schemaOf(WIDGET);
+    assert.deepEqual(schema, {
+      type: 'object',
+      required: ['replicas', 'message'],
+      properties: {
+        replicas: { type: 'integer', minimum: 0, maximum: 10 },
+        message: { type: 'string', maxLength: 20 },
+        paused: { type: 'boolean' },
+        tier: { type: 'string', enum: ['gold', 'silver'] },
+        ports: { type: 'array', items: { type: 'integer' } },
+      },
+    });
+    assert.deepEqual(columnsOf(WIDGET), [
+      { name: 'Replicas', type: 'integer', jsonPath: '.spec.replicas' },
+      { name: 'Tier', type: 'string', jsonPath: '.spec.tier' },
+    ]);
+    fc.assert(fc.property(specOf(Object.keys(WIDGET)), (spec) => assertAgree(WIDGET, spec)));
+  });
+
+  test('the CRD carries the declared schema and a column for each field that names one', () => {
+    const crd = JSON.parse(JSON.stringify(customResourceDefinition()));
+    const [version] = crd.spec.versions;
+    assert.deepEqual(version.schema.openAPIV3Schema.properties.spec, schemaOf(SPEC));
+    const columns = version.additionalPrinterColumns.map((column: { name: string }) => column.name);
+    assert.deepEqual(columns, ['Title', 'Authors', 'Ready', 'Age']);
+  });
+});
+
+describe('the RBAC, from what reconcile touches', () => {
+  test('every owned kind gets the verbs reconcile needs, in its group (core: "")', () => {
+    const reconcileVerbs = ['get', 'list', 'watch', 'create', 'patch', 'delete'];
+    const owned = [
+      { apiVersion: 'v1', kind: 'ConfigMap', plural: 'configmaps' },
+      { apiVersion: 'apps/v1', kind: 'Deployment', plural: 'deployments' },
+    ];
+    const rules = clusterRules(owned);
+    assert.deepEqual(rules.slice(3, 5), [
+      { apiGroups: [''], resources: ['configmaps'], verbs: reconcileVerbs },
+      { apiGroups: ['apps'], resources: ['deployments'], verbs: reconcileVerbs },
+    ]);
+    const resources = clusterRules().flatMap((rule) => (rule as { resources: string[] }).resources);
+    for (const { plural } of OWNED) assert.ok(resources.includes(plural), plural);
+    assert.deepEqual(resources.slice(0, 3), [PLURAL, `${PLURAL}/status`, `${PLURAL}/finalizers`]);
+  });
+});
+
+describe('the manifests command', () => {
+  for (const file of ['crd', 'deploy']) {
+    test(`${file}.yaml in the repository is what manifests ${file} prints`, () => {
+      const regenerate = `npx tsx controller.ts manifests ${file} > ${file}.yaml`;
+      const inRepository = readFileSync(new URL(`${file}.yaml`, import.meta.url), 'utf8');
+      assert.equal(inRepository, manifestsText(file), `${file}.yaml differs: ${regenerate}`);
+    });
+  }
+
+  test('manifests prints both, the CRD first, for kubectl apply -f -; another word prints nothing', () => {
+    const text = manifestsText() ?? '';
+    assert.match(text, /^# Generated by: npx tsx controller.ts manifests \(/);
+    const kinds = yaml.loadAll(text).map((object) => (object as { kind: string }).kind);
+    assert.deepEqual(kinds, [
+      'CustomResourceDefinition',
+      'Namespace',
+      'ServiceAccount',
+      'ClusterRole',
+      'ClusterRoleBinding',
+      'Role',
+      'RoleBinding',
+      'Deployment',
+    ]);
+    assert.deepEqual(yaml.loadAll(text), JSON.parse(JSON.stringify(manifests())));
+    assert.equal(manifestsText('crds'), undefined);
+    assert.equal((deployment()[0] as { metadata: { name: string } }).metadata.name, CONTROLLER);
+  });
+});
+
+describe('toYaml', () => {
+  test('quotes a string only where YAML (1.1, as Kubernetes reads it, or 1.2) would read another thing', () => {
+    const strings = [
+      'True',
+      'False',
+      'yes',
+      'on',
+      'N',
+      'null',
+      '~',
+      '',
+      '8080',
+      '1.5',
+      '1e3',
+      '0x1F',
+      '0o17',
+      '1_000',
+      '1:20',
+      '.inf',
+      '-.5',
+      '2024-01-01',
+      '-',
+      'a:',
+      ' a',
+      'a ',
+      'a: b',
+      'a #b',
+      '#a',
+      '@a',
+      '*a',
+      '&a',
+      '!a',
+      '%a',
+      '|',
+      '>',
+      '[a]',
+      '{a}',
+      'a,b',
+      "it's",
+      '"',
+      'a\nb',
+      '\t',
+      '\u0085',
+      '\u2028',
+      'é',
+      '🐳',
+    ];
+    for (const value of strings) {
+      const line = toYaml([{ value }]);
+      assert.deepEqual(yaml.load(line), { value }, line);
+      assert.notEqual(line, `value: ${value}\n`, `${JSON.stringify(value)} must be quoted`);
+    }
+    const plain = [
+      'book-controller:0.1.0',
+      '50m',
+      '192Mi',
+      '-A',
+      '--leader-elect',
+      '.spec.title',
+      'app.kubernetes.io/managed-by',
+      'v1',
+      'Unknown',
+    ];
+    for (const value of plain) assert.equal(toYaml([{ value }]), `value: ${value}\n`);
+  });
+
+  test('reads back as the objects it was given, for any JSON of strings, integers and booleans', () => {
+    const scalar = fc.oneof(
+      fc.string({ unit: 'grapheme' }),
+      fc.string(),
+      fc.integer(),
+      fc.boolean(),
+    );
+    const { value } = fc.letrec((tie) => ({
+      value: fc.oneof({ depthSize: 'small' }, scalar, tie('list'), tie('object')),
+      list: fc.array(tie('value'), { maxLength: 4 }),
+      object: fc.dictionary(fc.string(), tie('value'), { maxKeys: 4, noNullPrototype: true }),
+    }));
+    const objects = fc.array(
+      fc.dictionary(fc.string(), value, { maxKeys: 5, noNullPrototype: true }),
+      { maxLength: 3 },
+    );
+    fc.assert(
+      fc.property(objects, (documents) => {
+        const text = toYaml(documents);
+        assert.deepEqual(yaml.loadAll(text), documents, text);
+      }),
+    );
+  });
+});
+
 describe('reconcile: the reader’s function, run by workers', () => {
   test('a slow reconcile (300 ms) under a burst of 40 events leaves the watch open and ends in the latest state', async () => {
     const reconcile: Reconcile = async () => void (await sleep(300)); // the reader's slow work
@@ -1795,6 +2529,94 @@ describe('reconcile: the reader’s function, run by workers', () => {
     assert.equal(await main([], stopper.signal, { reconcile, stdout: linesOf(stdout) }), 0);
     assert.deepEqual(calls, ['a']);
     assert.deepEqual(stdout, []); // stopped: not one more line
+  });
+
+  test('requeueAfter: it runs again after that delay in the latest state, printing nothing; a change meanwhile runs it sooner', {
+    takes: 5,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const runs: { change: Change; reason: string; at: number; title: string }[] = [];
+    const reconcile: Reconcile = async (change, book, context) => {
+      runs.push({ change, reason: context.reason, at: performance.now(), title: book.spec.title });
+      wake();
+      await exampleReconcile(change, book, context);
+      return { requeueAfter: 1 };
+    };
+    const controller = start([], { reconcile });
+    await until('two later looks', () => runs.length === 3, 10);
+    assert.deepEqual(
+      runs.map(({ change, reason }) => [change, reason]),
+      [
+        ['Added', 'changed'],
+        ['Modified', 'requeue'],
+        ['Modified', 'requeue'],
+      ],
+    );
+    const gaps = runs.slice(1).map((run, i) => run.at - (runs[i]?.at ?? 0));
+    assert.ok(
+      gaps.every((gap) => gap >= 900 && gap < 5000),
+      `about 1 s apart: ${gaps}`,
+    );
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('the change printed', () => stdout.length === 2);
+    assert.equal(runs.at(-1)?.reason, 'changed');
+    await controller.stop();
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      modified('moby-dick', 'Moby-Dick; or, The Whale'),
+    ]);
+    assert.deepEqual(stderr, []);
+  });
+  test('a failure’s backoff wins over the delay it asked for', { takes: 3 }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    let calls = 0;
+    const reconcile: Reconcile = async (change, book, context) => {
+      calls++;
+      wake();
+      if (calls === 2) throw new Error('the service is down');
+      await exampleReconcile(change, book, context);
+      return { requeueAfter: 0.1 };
+    };
+    const controller = start([], { reconcile });
+    await until('the failure said', () => stderr.length === 1);
+    const failedAt = performance.now();
+    const waited = retryingMs(stderr[0]);
+    await until('tried again', () => calls === 3, 10);
+    assert.ok(performance.now() - failedAt >= waited - SLACK_MS, 'not before its backoff');
+    await controller.stop();
+  });
+  test('status fields of its own: written with Ready in one request, kept across a spec change, and a restart over books that are right writes nothing', {
+    takes: 1,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const checks: unknown[] = [];
+    // A Website-like reconcile: it looks again every minute, and records when it last did.
+    const reconcile: Reconcile = async (change, book, context) => {
+      await exampleReconcile(change, book, context);
+      checks.push(context.status.lastChecked);
+      if (typeof context.status.lastChecked === 'string') return { requeueAfter: 60 };
+      return { status: { lastChecked: '2026-12-07T12:00:00Z' }, requeueAfter: 60 };
+    };
+    let controller = start([], { reconcile });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    assert.equal(fake.get('moby-dick')?.status?.lastChecked, '2026-12-07T12:00:00Z');
+    assert.equal(fake.patches().length, 1, 'one status write: Ready and lastChecked together');
+    fake.update('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('Ready at generation 2', () => isReady('moby-dick', 2));
+    assert.equal(fake.get('moby-dick')?.status?.lastChecked, '2026-12-07T12:00:00Z', 'kept');
+    assert.equal(fake.patches().length, 2);
+    await controller.stop();
+    const writes = fake.requests.length;
+    controller = start([], { reconcile });
+    await until('printed again', () => stdout.length === 3);
+    await until('reconciled', () => checks.length === 3);
+    await controller.stop();
+    assert.deepEqual(checks, [undefined, '2026-12-07T12:00:00Z', '2026-12-07T12:00:00Z']);
+    assert.deepEqual(
+      fake.requests.slice(writes).filter((r) => !['get', 'list', 'watch'].includes(r.verb)),
+      [],
+      'a restart over books that are right writes nothing',
+    );
   });
 });
 
@@ -3534,4 +4356,495 @@ describe('a finalizer, for cleanup that survives restarts', () => {
     );
     assert.deepEqual(follower.lines, []);
   });
+
+  test('a book deleted and created again while its finalizer is being added: the old one is never reconciled, the new one is', {
+    takes: 1,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    const first = fake.get('moby-dick')?.metadata.uid;
+    let recreated = false;
+    fake.onActivity = () => {
+      const last = fake.requests.at(-1);
+      if (!recreated && last?.verb === 'get' && last.resource === PLURAL) {
+        recreated = true; // as the finalizer's GET arrives, before it is answered
+        fake.recreate('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+      }
+      wake();
+    };
+    const runs: { change: Change; uid: string }[] = [];
+    const controller = start([], { reconcile: slowDeleted(0, runs), finalizer: FINALIZER_NAME });
+    await until('the new one Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    const second = fake.get('moby-dick')?.metadata.uid;
+    assert.ok(recreated);
+    assert.deepEqual(runs, [{ change: 'Added', uid: second }], `never a reconcile of ${first}`);
+    assert.deepEqual(stdout, [added('moby-dick', 'Moby-Dick; or, The Whale')]);
+    assert.deepEqual(fake.finalizers('moby-dick'), [FINALIZER_NAME]);
+    assert.deepEqual(stderr, []);
+  });
+  test('-l with a finalizer: a book relabelled out while no controller ran gets its Deleted at the next start, and its finalizer off', {
+    takes: 2,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK, 'default', { shelf: 'classics' });
+    fake.create('hamlet', { ...sample('Hamlet') }, 'default', { shelf: 'classics' });
+    const options = { finalizer: FINALIZER_NAME };
+    const first = start(['-l', 'shelf=classics'], options);
+    await until('both Ready', () => isReady('moby-dick') && isReady('hamlet'));
+    assert.equal(await first.stop(), 0);
+    fake.label('moby-dick', { shelf: 'elsewhere' });
+    stdout.length = 0;
+    const second = start(['-l', 'shelf=classics'], options);
+    await until('the finalizer off moby-dick', () => fake.finalizers('moby-dick').length === 0);
+    await until('Deleted printed', () => stdout.includes(deleted('moby-dick')));
+    await until('hamlet printed, as at every start', () => stdout.length === 2);
+    assert.deepEqual(fake.finalizers('hamlet'), [FINALIZER_NAME], 'hamlet is still selected');
+    assert.equal(fake.remove('moby-dick'), true, 'kubectl delete book is not held up');
+    await second.stop();
+    assert.deepEqual(stdout.toSorted(), [added('hamlet', 'Hamlet'), deleted('moby-dick')]);
+    assert.deepEqual(stderr, []);
+  });
 });
+
+// ---------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// The work queue and the cache, checked against a model: random interleavings of what the server
+// does, when its events arrive, and how each step of a worker ends, replayed in this process on a
+// clock moved by hand. After each step the rules must hold; once events stop and every step
+// succeeds, every object must be reconciled in its newest state, and nothing left behind.
+
+const OURS = 'example.technosophos.com/cleanup';
+const NAMES = ['a', 'b'] as const;
+
+type Command =
+  | { op: 'create' | 'spec' | 'label' | 'delete' | 'recreate' | 'foreign'; name: 'a' | 'b' }
+  | { op: 'deliver'; count: number }
+  | { op: 'step'; index: number; ok: boolean; requeue: boolean }
+  | { op: 'advance'; ms: number }
+  | { op: 'restart' };
+
+const commandOf: fc.Arbitrary<Command> = fc.oneof(
+  {
+    weight: 5,
+    arbitrary: fc.record({
+      op: fc.constantFrom('create', 'spec', 'label', 'delete', 'recreate', 'foreign'),
+      name: fc.constantFrom(...NAMES),
+    }),
+  },
+  {
+    weight: 4,
+    arbitrary: fc.record({ op: fc.constant('deliver'), count: fc.integer({ min: 1, max: 3 }) }),
+  },
+  {
+    weight: 6,
+    arbitrary: fc.record({
+      op: fc.constant('step'),
+      index: fc.nat(3),
+      ok: fc.boolean(),
+      requeue: fc.boolean(),
+    }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({ op: fc.constant('advance'), ms: fc.constantFrom(500, 2000, 60_000) }),
+  },
+  { weight: 1, arbitrary: fc.record({ op: fc.constant('restart') }) },
+) as fc.Arbitrary<Command>;
+
+/** An object as the server keeps it, in the model. */
+interface Stored {
+  uid: string;
+  rv: string; // its resourceVersion, new at each write
+  generation: number;
+  selected: boolean; // matches -l
+  finalizers: string[];
+  deleting: boolean;
+}
+
+/** A clock moved by hand: timers fire in order as it advances. */
+function manualClock() {
+  let now = 0;
+  let timers: { at: number; callback: () => void }[] = [];
+  const clock: Clock = {
+    now: () => now,
+    after(ms, callback) {
+      const timer = { at: now + ms, callback };
+      timers.push(timer);
+      return () => {
+        timers = timers.filter((other) => other !== timer);
+      };
+    },
+  };
+  const advance = (ms: number) => {
+    const until = now + ms;
+    for (;;) {
+      const next = timers.filter((timer) => timer.at <= until).sort((x, y) => x.at - y.at)[0];
+      if (!next) break;
+      timers = timers.filter((timer) => timer !== next);
+      now = Math.max(now, next.at);
+      next.callback();
+    }
+    now = until;
+  };
+  return { clock, advance, pending: () => timers.length };
+}
+
+const settled = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+/** One controller run over the model server: a cache, a queue, two workers, and their steps. */
+class Run {
+  readonly queue: WorkQueue;
+  readonly objects: ObjectCache;
+  readonly stop = new AbortController();
+  readonly pending: { resolve: (ok: boolean) => void; abort: () => void }[] = [];
+  constructor(world: World, clock: Clock, finalizer: string) {
+    this.queue = new WorkQueue(clock);
+    this.objects = new ObjectCache({ namespace: 'default' }, this.queue, finalizer);
+    for (let i = 0; i < 2; i++) void this.work(world);
+  }
+
+  private async work(world: World) {
+    const { queue, objects, stop } = this;
+    for (
+      let key = await queue.next(stop.signal);
+      key !== undefined;
+      key = await queue.next(stop.signal)
+    ) {
+      let failed = false;
+      let result: Awaited<ReturnType<typeof reconcileKey>>;
+      try {
+        result = await reconcileKey(objects, key, world.steps(this, key));
+      } catch {
+        failed = true;
+      }
+      if (stop.signal.aborted) return;
+      // As the controller's workers do: a delay it asked for, after a success.
+      const entry = objects.entries.get(key);
+      const laterMs =
+        !failed && entry?.object && result?.requeueAfter ? result.requeueAfter * 1000 : 0;
+      if (entry && laterMs > 0) entry.requeue = true;
+      queue.done(key, failed, laterMs);
+      objects.settle(key);
+    }
+  }
+
+  /** A step that ends when the model says: true, it succeeded. */
+  step(): Promise<boolean> {
+    return new Promise((resolve, reject) => {
+      this.pending.push({ resolve, abort: () => reject(new Error('stopped')) });
+    });
+  }
+}
+
+/** The server, the events on their way to the watch, and what the controller did. */
+class World {
+  readonly server = new Map<string, Stored>();
+  readonly events: { type: 'ADDED' | 'MODIFIED' | 'DELETED'; object: unknown }[] = [];
+  readonly violations: string[] = [];
+  readonly printed: {
+    run: number;
+    key: string;
+    change: Change;
+    uid: string;
+    generation: number;
+  }[] = [];
+  readonly reconciling = new Set<string>();
+  readonly notThere = new Set<string>(); // uids a fresh read found gone, in this run
+  private uids = 0;
+  runs = 0;
+  requeueing = false; // whether the reconcile that succeeds next asks for another look
+  run: Run;
+  readonly clock = manualClock();
+  readonly finalizer: string;
+  readonly selector: boolean;
+
+  constructor(finalizer: boolean, selector: boolean) {
+    this.finalizer = finalizer ? OURS : '';
+    this.selector = selector;
+    this.run = new Run(this, this.clock.clock, this.finalizer);
+  }
+
+  raw(name: string, stored: Stored) {
+    return {
+      metadata: {
+        name,
+        namespace: 'default',
+        uid: stored.uid,
+        generation: stored.generation,
+        resourceVersion: stored.rv,
+        ...(stored.finalizers.length > 0 && { finalizers: [...stored.finalizers] }),
+        ...(stored.deleting && { deletionTimestamp: '2026-12-07T00:00:00Z' }),
+      },
+      spec: { title: `${name} ${stored.generation}` },
+    };
+  }
+
+  /** A change on the server, and the event the -l watch gets for it (if any). */
+  write(name: string, after: Stored | undefined) {
+    const before = this.server.get(name);
+    if (after) after = { ...after, rv: String(++this.uids) };
+    // The last finalizer off one being deleted: it is gone, and DELETED carries it as it was last.
+    const last = after ?? before;
+    if (after?.deleting && after.finalizers.length === 0) after = undefined;
+    if (after) this.server.set(name, after);
+    else this.server.delete(name);
+    const was = before?.selected === true;
+    const is = after?.selected === true;
+    if (before && was && (!is || !after || after.uid !== before.uid)) {
+      const final = last && last.uid === before.uid ? last : before;
+      this.events.push({ type: 'DELETED', object: this.raw(name, final) });
+    }
+    if (after && is) {
+      const type = was && before?.uid === after.uid ? 'MODIFIED' : 'ADDED';
+      this.events.push({ type, object: this.raw(name, after) });
+    }
+  }
+
+  apply(command: Command) {
+    if (command.op === 'deliver') {
+      for (let i = 0; i < command.count; i++) this.deliver();
+    } else if (command.op === 'step') {
+      const { pending } = this.run;
+      const step = pending.splice(command.index % Math.max(1, pending.length), 1)[0];
+      this.requeueing = command.requeue;
+      step?.resolve(command.ok);
+    } else if (command.op === 'advance') {
+      this.clock.advance(command.ms);
+    } else if (command.op === 'restart') {
+      this.restart();
+    } else {
+      this.change(command.op, command.name);
+    }
+  }
+
+  change(op: string, name: string) {
+    const stored = this.server.get(name);
+    const fresh = (): Stored => ({
+      uid: `u${++this.uids}`,
+      rv: '',
+      generation: 1,
+      selected: true,
+      finalizers: [],
+      deleting: false,
+    });
+    if (op === 'create' && !stored) this.write(name, fresh());
+    if (!stored) return;
+    if (op === 'spec' && !stored.deleting)
+      this.write(name, { ...stored, generation: stored.generation + 1 });
+    if (op === 'label' && this.selector)
+      this.write(name, { ...stored, selected: !stored.selected });
+    if (op === 'foreign') {
+      const has = stored.finalizers.includes('other');
+      if (has)
+        this.write(name, { ...stored, finalizers: stored.finalizers.filter((f) => f !== 'other') });
+      else if (!stored.deleting)
+        this.write(name, { ...stored, finalizers: [...stored.finalizers, 'other'] });
+    }
+    if ((op === 'delete' || op === 'recreate') && !stored.deleting) {
+      this.write(name, { ...stored, deleting: true });
+      if (op === 'recreate' && !this.server.has(name)) this.write(name, fresh());
+    }
+  }
+
+  deliver() {
+    const event = this.events.shift();
+    if (!event) return;
+    if (event.type === 'DELETED') this.run.objects.remove(event.object);
+    else this.run.objects.update(event.object);
+  }
+
+  /** A new controller: the old one stops, the new one lists what is selected, as at a start. */
+  restart() {
+    this.run.stop.abort();
+    this.run.queue.stop();
+    for (const step of this.run.pending.splice(0)) step.abort();
+    this.reconciling.clear();
+    this.notThere.clear();
+    // Our finalizer on an object tells the next run its Deleted is owed (at least once: a run
+    // stopped between a Deleted and taking the finalizer off runs it again, as kube-rs' does).
+    for (const [uid, state] of this.states) {
+      if (state === 'deleted' || !this.finalizer) this.states.delete(uid);
+      else this.states.set(uid, 'begun');
+    }
+    for (const stored of this.server.values()) {
+      if (stored.finalizers.includes(OURS)) this.states.set(stored.uid, 'begun');
+    }
+    this.events.length = 0; // the new watch starts from the list
+    this.runs++;
+    this.run = new Run(this, this.clock.clock, this.finalizer);
+    const listed = new Set<string>();
+    for (const [name, stored] of this.server) {
+      if (stored.selected) this.run.objects.update(this.raw(name, stored), listed);
+    }
+    this.run.objects.removeAllBut(listed);
+    if (this.finalizer && this.selector) {
+      for (const [name, stored] of this.server) this.run.objects.orphan(this.raw(name, stored));
+    }
+  }
+
+  steps(run: Run, key: string): Steps {
+    const runNumber = this.runs;
+    const live = () => run === this.run;
+    return {
+      reconcile: async (change, object) => {
+        if (this.reconciling.has(key)) this.violations.push(`two reconciles of ${key} at once`);
+        if (change !== 'Deleted' && this.notThere.has(object.metadata.uid)) {
+          this.violations.push(`${change} of ${object.metadata.uid}, which a read found gone`);
+        }
+        this.reconciling.add(key);
+        if (change !== 'Deleted') this.began(object.metadata.uid);
+        try {
+          if (!(await run.step())) throw new Error('the reconcile failed');
+        } finally {
+          if (live()) this.reconciling.delete(key);
+        }
+        return this.requeueing && change !== 'Deleted' ? { requeueAfter: 2 } : undefined;
+      },
+      print: async (change, object) => {
+        this.printed.push({ run: runNumber, key, change, ...idOf(object) });
+        this.checkPrinted(change, object.metadata.uid);
+      },
+      addFinalizer: async (object) => {
+        if (!(await run.step())) throw new Error('the finalizer patch failed');
+        const stored = this.server.get(key);
+        if (stored?.uid !== object.metadata.uid || stored.deleting) {
+          if (stored?.deleting) throw new Error('422: being deleted');
+          this.notThere.add(object.metadata.uid);
+          return false;
+        }
+        if (stored.finalizers.includes(OURS)) return '';
+        this.write(key, { ...stored, finalizers: [...stored.finalizers, OURS] });
+        return String(this.uids); // the resourceVersion of that write
+      },
+      removeFinalizer: async (object) => {
+        if (!(await run.step())) throw new Error('the finalizer patch failed');
+        const stored = this.server.get(key);
+        if (stored?.uid !== object.metadata.uid) return false;
+        if (!stored.finalizers.includes(OURS)) return '';
+        this.write(key, { ...stored, finalizers: stored.finalizers.filter((f) => f !== OURS) });
+        return String(this.uids);
+      },
+    };
+  }
+
+  /**
+   * What each uid has been through in this run: a reconcile of it began, its Added was printed,
+   * or its Deleted. Printed lines must follow Added, Modified..., Deleted (and Added again, back
+   * in the selector); a Deleted only for one whose reconcile began.
+   */
+  readonly states = new Map<string, 'begun' | 'live' | 'deleted'>();
+
+  began(uid: string) {
+    if (this.states.get(uid) !== 'live') this.states.set(uid, 'begun');
+  }
+
+  checkPrinted(change: Change, uid: string) {
+    const state = this.states.get(uid);
+    if (change === 'Added' && state === 'live') this.violations.push(`Added twice: ${uid}`);
+    if (change === 'Modified' && state !== 'live') {
+      this.violations.push(`Modified, not live: ${uid}`);
+    }
+    // A line is a change: a Modified at the generation printed last is a requeue or a repair.
+    const [before, last] = this.printed.filter((line) => line.uid === uid).slice(-2);
+    if (
+      change === 'Modified' &&
+      before?.change !== 'Deleted' &&
+      before?.generation === last?.generation
+    ) {
+      this.violations.push(`Modified with no new spec: ${uid}`);
+    }
+    if (change === 'Deleted' && state !== 'live' && state !== 'begun') {
+      this.violations.push(`Deleted ${state === 'deleted' ? 'twice' : 'never begun'}: ${uid}`);
+    }
+    this.states.set(uid, change === 'Deleted' ? 'deleted' : 'live');
+  }
+
+  /** Events stop, every step succeeds, backoffs run out: then everything must be right. */
+  async quiesce() {
+    this.requeueing = false;
+    for (let round = 0; round < 200; round++) {
+      await settled();
+      const { pending, queue } = this.run;
+      if (this.events.length > 0) this.deliver();
+      else if (pending.length > 0) pending.shift()?.resolve(true);
+      else if (queue.busy.size > 0 || queue.depth > 0) continue;
+      else if (this.clock.pending() > 0) this.clock.advance(10 * 60_000);
+      else return;
+    }
+    this.violations.push('never quiet: a step or a key keeps coming back');
+  }
+
+  checkQuiet() {
+    const { objects, queue } = this.run;
+    for (const name of NAMES) {
+      const stored = this.server.get(name);
+      const lines = this.printed.filter((line) => line.key === name);
+      const selected = stored?.selected === true && !stored.deleting;
+      if (selected && stored) {
+        const last = lines
+          .filter((line) => line.uid === stored.uid && line.run === this.runs)
+          .at(-1);
+        if (last?.change === 'Deleted' || last?.generation !== stored.generation) {
+          this.violations.push(
+            `${name} (${stored.uid}) not reconciled at generation ${stored.generation}: ${JSON.stringify(last)}`,
+          );
+        }
+        if (this.finalizer && !stored.finalizers.includes(OURS)) {
+          this.violations.push(`${name} has no finalizer of ours`);
+        }
+      } else {
+        if (stored?.finalizers.includes(OURS)) this.violations.push(`${name} keeps our finalizer`);
+        if (objects.entries.has(name) && !stored) this.violations.push(`${name} is still cached`);
+        if (queue.isWaiting(name)) this.violations.push(`${name} still has a timer`);
+      }
+    }
+    const live = new Set(
+      [...this.server.values()].filter((o) => o.selected && !o.deleting).map((o) => o.uid),
+    );
+    for (const [uid, state] of this.states) {
+      if (state !== 'deleted' && !live.has(uid)) this.violations.push(`no Deleted for ${uid}`);
+    }
+  }
+}
+
+const idOf = (object: Resource) => ({
+  uid: object.metadata.uid,
+  generation: Number(object.metadata.generation),
+});
+
+describe('exactly once, checked against a model', () => {
+  test('any interleaving of watch events, worker outcomes, time and restarts keeps the work queue rules', {
+    takes: 6,
+    timeout: 300_000,
+  }, async () => {
+    const numRuns = Number(process.env.MODEL_RUNS ?? 20_000); // MODEL_RUNS=200000 for a long run
+    const seed = process.env.MODEL_SEED === undefined ? undefined : Number(process.env.MODEL_SEED);
+    await fc.assert(
+      fc.asyncProperty(
+        fc.boolean(),
+        fc.boolean(),
+        fc.array(commandOf, { maxLength: 40 }),
+        exactlyOnce,
+      ),
+      { numRuns, ...(seed !== undefined && { seed }) },
+    );
+  });
+});
+
+async function exactlyOnce(finalizer: boolean, selector: boolean, commands: Command[]) {
+  const world = new World(finalizer, selector);
+  try {
+    for (const command of commands) {
+      world.apply(command);
+      await settled();
+      if (world.violations.length > 0) break;
+    }
+    if (world.violations.length === 0) {
+      await world.quiesce();
+      world.checkQuiet();
+    }
+    assert.deepEqual(world.violations, [], JSON.stringify(world.printed));
+  } finally {
+    world.run.stop.abort();
+    world.run.queue.stop();
+  }
+}
