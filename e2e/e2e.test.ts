@@ -40,6 +40,7 @@ import {
   startCluster,
   waitFor,
 } from './cluster.ts';
+import { checkSpec, GROUP, KIND, VERSION } from '../controller.ts';
 
 const runtime = process.versions.deno ? 'deno' : process.versions.bun ? 'bun' : 'node';
 // How a user starts the controller on this runtime (Node >= 22.18 strips the types itself).
@@ -654,6 +655,47 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     await controller.line(added('sentinel', 'Sentinel'));
     assert.deepEqual(controller.out, [added('sentinel', 'Sentinel')]);
     assert.equal(controller.err, '');
+  });
+
+  test('the spec is declared once: the API server (validation and pruning, from the CRD the file prints) and checkSpec agree on a dozen specs', {
+    timeout: 60_000,
+  }, async () => {
+    await namespace('e2e-spec');
+    const specs: Record<string, unknown>[] = [
+      { title: 'Moby Dick' },
+      { title: 'Moby Dick', authors: ['Herman Melville'] },
+      { title: '' },
+      { title: 5 },
+      {},
+      { title: 'Moby Dick', authors: 'Herman Melville' },
+      { title: 'Moby Dick', authors: ['Herman Melville', 3] },
+      { title: 'Moby Dick', authors: [] },
+      { title: 'Moby Dick', extra: 'pruned' },
+      { title: 'Moby Dick', authors: null },
+      { title: '白鯨' },
+      { title: true },
+    ];
+    for (const [i, spec] of specs.entries()) {
+      const book = {
+        apiVersion: `${GROUP}/${VERSION}`,
+        kind: KIND,
+        metadata: { name: `s${i}` },
+        spec,
+      };
+      // What the server would store: created for real (a dry run validates, but does not prune).
+      const result = await cluster.kubectl(
+        ['create', '-n', 'e2e-spec', '--validate=false', '-o', 'json', '-f', '-'],
+        { input: JSON.stringify(book) },
+      );
+      const checked = checkSpec(structuredClone(spec));
+      const what = `${JSON.stringify(spec)}: the server ${result.code === 0 ? 'took it' : `refused it (${result.stderr.trim()})`}, checkSpec said ${JSON.stringify(checked)}`;
+      if (typeof checked === 'string') {
+        assert.notEqual(result.code, 0, what);
+        continue;
+      }
+      assert.equal(result.code, 0, what);
+      assert.deepEqual(JSON.parse(result.stdout).spec, checked, what);
+    }
   });
 
   test('status: kubectl wait --for=condition=Ready succeeds and kubectl get books shows Ready True', {
@@ -1438,6 +1480,55 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       title: 'Taken',
       authors: 'Herman Melville',
     });
+  });
+
+  test("a user's own ConfigMap of the book's name (no label, no owner) is never taken over: unchanged, the book Ready=False with ErrResourceExists saying what to do", {
+    timeout: 60_000,
+  }, async () => {
+    await namespace('e2e-cm-mine');
+    await cluster.kubectlOk([
+      'create',
+      'configmap',
+      'mine',
+      '-n',
+      'e2e-cm-mine',
+      '--from-literal=notes=keep me',
+    ]);
+    const controller = new Controller('controller', ['-n', 'e2e-cm-mine'], cluster.kubeconfig);
+    await applyBook('e2e-cm-mine', 'mine', 'Mine');
+    await applyBook('e2e-cm-mine', 'sentinel', 'Sentinel');
+    await controller.line(added('sentinel', 'Sentinel'));
+    await cluster.kubectlOk([
+      'wait',
+      '--for=condition=Ready=false',
+      'book/mine',
+      '-n',
+      'e2e-cm-mine',
+      '--timeout=30s',
+    ]);
+    const ready = (await getBook('e2e-cm-mine', 'mine'))?.status?.conditions?.find(
+      (condition) => condition.type === 'Ready',
+    );
+    assert.equal(ready?.reason, 'ErrResourceExists');
+    assert.equal(
+      ready?.message,
+      'ConfigMap e2e-cm-mine/mine already exists and is not managed by book-controller — delete it, or label it app.kubernetes.io/managed-by=book-controller to hand it over',
+    );
+    const mine = await getConfigMap('e2e-cm-mine', 'mine');
+    assert.deepEqual(mine?.data, { notes: 'keep me' });
+    assert.equal(mine?.metadata?.ownerReferences, undefined, 'not adopted');
+    assert.equal(mine?.metadata?.labels, undefined);
+    // Handed over by its label: the next try takes it, and the book is Ready.
+    await cluster.kubectlOk([
+      'label',
+      'configmap',
+      'mine',
+      '-n',
+      'e2e-cm-mine',
+      'app.kubernetes.io/managed-by=book-controller',
+    ]);
+    await controller.line(added('mine', 'Mine'), 60_000);
+    assert.equal((await getConfigMap('e2e-cm-mine', 'mine'))?.data?.title, 'Mine');
   });
 
   test('a book deleted and created again under the same name: Deleted, Added; the new one is Ready and owns the ConfigMap', {
