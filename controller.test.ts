@@ -1054,7 +1054,7 @@ describe('a ConfigMap per book, owned by it', () => {
       new RegExp(`^reconcile of ${kind} moby-dick failed: ${literally(why)}; retrying in`),
     );
     // A new book whose ConfigMap does not exist: one apply and one status patch, nothing more.
-    const hamlet = fake.requests.filter(
+    const hamlet = withoutDenoEcho(fake.requests).filter(
       (r) => r.name === 'hamlet' && !['list', 'watch'].includes(r.verb),
     );
     assert.deepEqual(
