@@ -936,6 +936,7 @@ describe('a ConfigMap per book, owned by it', () => {
     await controller.stop();
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]);
   });
+
   test('an object the watch does not cover (no managed-by label) is never cached: deleted, the next apply makes it again', {
     takes: 1,
   }, async () => {
@@ -959,6 +960,7 @@ describe('a ConfigMap per book, owned by it', () => {
     await controller.stop();
     assert.deepEqual(fake.configMap('default', 'moby-dick-index')?.data, { shelf: 'fiction' });
   });
+
   test('labels, annotations and keys that others add are no difference: no repair, one apply per spec change, and a restart writes nothing', {
     takes: 1,
   }, async () => {
@@ -1002,6 +1004,7 @@ describe('a ConfigMap per book, owned by it', () => {
     assert.equal(after?.metadata.annotations?.['backup.example.com/at'], 'now');
     assert.equal(after?.data?.extra, 'theirs');
   });
+
   test('a ConfigMap restored with an earlier owner’s uid is repaired: the ownerReference names the book’s uid again', {
     takes: 1,
   }, async () => {
@@ -1029,6 +1032,7 @@ describe('a ConfigMap per book, owned by it', () => {
     );
     await controller.stop();
   });
+
   test('a user’s own ConfigMap of that name is never taken over: left as it is, the book Ready=False saying whose it is and what to do, a Warning Event ErrResourceExists', {
     takes: 1,
   }, async () => {
@@ -1062,6 +1066,7 @@ describe('a ConfigMap per book, owned by it', () => {
       ['apply configmaps', `patch ${PLURAL}/status`],
     );
   });
+
   test('client.get of an owned kind answers from the cache: a ConfigMap made once (a random token) costs a GET when it is new, then no request per reconcile, and none on a restart', {
     takes: 1,
   }, async () => {
@@ -1396,6 +1401,7 @@ describe('Deleted: every book that goes prints it, whatever came before', () => 
     ]);
     assert.deepEqual(stderr, []);
   });
+
   test('-l: a book that leaves the selector and comes back while its Deleted runs is Added again, its work redone', {
     takes: 4,
   }, async () => {
@@ -1640,6 +1646,7 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
     assert.match(String(ready('moby-dick')?.message), /ECONNREFUSED/);
     assert.ok(!stderr.some((line) => line.includes('cannot reach')), stderr.join('\n'));
   });
+
   test('one book’s own 500 (its ConfigMap refused) while the others reconcile: lines naming that book, its Warning Event; nothing about the server', {
     takes: 4,
     timeout: 30_000,
@@ -2567,6 +2574,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
     ]);
     assert.deepEqual(stderr, []);
   });
+
   test('a failure’s backoff wins over the delay it asked for', { takes: 3 }, async () => {
     fake.create('moby-dick', MOBY_DICK);
     let calls = 0;
@@ -2585,6 +2593,7 @@ describe('reconcile: the reader’s function, run by workers', () => {
     assert.ok(performance.now() - failedAt >= waited - SLACK_MS, 'not before its backoff');
     await controller.stop();
   });
+
   test('status fields of its own: written with Ready in one request, kept across a spec change, and a restart over books that are right writes nothing', {
     takes: 1,
   }, async () => {
@@ -4382,6 +4391,7 @@ describe('a finalizer, for cleanup that survives restarts', () => {
     assert.deepEqual(fake.finalizers('moby-dick'), [FINALIZER_NAME]);
     assert.deepEqual(stderr, []);
   });
+
   test('-l with a finalizer: a book relabelled out while no controller ran gets its Deleted at the next start, and its finalizer off', {
     takes: 2,
   }, async () => {
