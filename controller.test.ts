@@ -393,12 +393,6 @@ const DENO_EXTRA_REQUEST = process.versions.deno
       todo: 'Deno: an identical request sent twice a few ms apart (a second status PATCH, a third list): unexplained, reported',
     }
   : {};
-// Seen on every runtime: a book's own failure is said a second after it happened (the time to tell
-// it from the cluster's), but its "retrying in N s" counts from the failure, so the next try comes
-// about a second sooner than the line says.
-const SAID_LATE = {
-  todo: "controller.ts: a book's own failure is said 1 s late, with a wait counted from the failure, not from the line: reported",
-};
 /**
  * The requests without that Deno echo: on Deno, a request identical to the one before it (method,
  * path, query, body) within 100 ms is dropped, so that a test can still run there.
@@ -1267,7 +1261,6 @@ describe('status: written back, never echoed', () => {
   });
 
   test("a failed status write said as the book's own: the next try comes at least the wait its line announced after the line", {
-    ...SAID_LATE,
     takes: 2,
   }, async () => {
     fake.failNext(500, 'InternalError', 'etcdserver: request timed out', { verb: 'patch' });
