@@ -91,13 +91,16 @@ t=$SECONDS
 # As the project's npm test runs them: 7 processes side by side (e2e/lanes.ts), since most of
 # their time is waiting on purpose; in one process they take 5 minutes.
 # A failure is said now, its log at the end: the checks below run too.
-if npx node "$here"/e2e/lanes.ts 7 tsx --test --test-timeout=120000 --test-reporter=dot \
-  controller.test.ts >tests.log 2>&1; then
+# (The spec reporter: the dot reporter drops why a file failed to load, e.g. a missing package.)
+if npx node "$here"/e2e/lanes.ts 7 tsx --test --test-timeout=120000 controller.test.ts \
+  >tests.log 2>&1; then
   say "the copy's tests passed in $((SECONDS - t))s"
 else
   tests_failed=1
   say "the copy's tests FAILED in $((SECONDS - t))s (their log at the end), going on:"
-  grep -E '^[0-9]│ ✖ ' tests.log | grep -v 'failing tests:' | sed -E 's/^[0-9]+│ //; s/ \([0-9.]+ms\)$//' | sort -u >&2
+  grep -E '^[0-9]│ *✖ ' tests.log | grep -v 'failing tests:' | sed -E 's/^[0-9]+│ *//; s/ \([0-9.]+ms\)$//' |
+    sort -u >&2
+  grep -o 'Error \[ERR_[A-Z_]*\]: .*' tests.log | sort -u | head -n 3 >&2 || true # one that stops a file loading
 fi
 
 say "the checklist, steps 6-7"
