@@ -938,11 +938,14 @@ export class ObjectCache implements Cache {
   // Rare states, by key, kept apart from the entries (every entry would pay for a field):
   private readonly finished = new Map<string, string>(); // a uid being deleted whose Deleted ran
   private readonly echoes = new Map<string, Echo>(); // our last finalizer write, until seen
-  private readonly config: Pick<Config, 'namespace'>;
+  // The reader's status fields we wrote (or could not), by key, until the watch shows them: an
+  // event sent before our write would otherwise make the next write leave them out.
+  readonly unwritten = new Map<string, Record<string, unknown>>();
+  private readonly config: Pick<Config, 'namespace' | 'selector'>;
   private readonly queue: WorkQueue;
   readonly finalizer: string;
 
-  constructor(config: Pick<Config, 'namespace'>, queue: WorkQueue, finalizer: string) {
+  constructor(config: Pick<Config, 'namespace' | 'selector'>, queue: WorkQueue, finalizer: string) {
     this.config = config;
     this.queue = queue;
     this.finalizer = finalizer;
@@ -975,6 +978,14 @@ export class ObjectCache implements Cache {
     entry.ready = ready;
     entry.since = since;
     entry.status = ownStatus(object);
+    const unwritten = this.unwritten.get(key);
+    if (
+      unwritten &&
+      new Digest().add({ ...entry.status, ...unwritten }).value() ===
+        new Digest().add(entry.status).value()
+    ) {
+      this.unwritten.delete(key); // the server says them now
+    }
     const before = entry.object?.metadata;
     if (before?.uid !== checked.metadata.uid) {
       if (entry.object) this.retire(entry, entry.object, false);
@@ -1016,6 +1027,7 @@ export class ObjectCache implements Cache {
     for (const [key, entry] of this.entries) {
       if (listed.has(key)) continue;
       this.finished.delete(key);
+      for (const gone of entry.gone ?? []) gone.watched = false; // gone from the server as well
       if (entry.object) this.gone(key, entry.object, false);
       this.settle(key);
     }
@@ -1037,6 +1049,9 @@ export class ObjectCache implements Cache {
     const key = this.keyOf(object);
     const checked = checkObject(object);
     if (typeof checked === 'string') return;
+    // One the selector matches is the watch's: its list may be newer than this one.
+    const { labels } = (object as { metadata: { labels?: Record<string, string> } }).metadata;
+    if (this.config.selector && selects(this.config.selector, labels)) return;
     checked.metadata.namespace = this.config.namespace ?? checked.metadata.namespace;
     const entry = this.entries.get(key);
     this.sees(key, checked, object);
@@ -1103,6 +1118,7 @@ export class ObjectCache implements Cache {
     if (this.queue.busy.has(key)) return;
     this.entries.delete(key);
     this.echoes.delete(key);
+    this.unwritten.delete(key);
     this.queue.forget(key);
   }
 
@@ -1161,6 +1177,29 @@ function ownStatus(object: unknown): Record<string, unknown> | undefined {
   if (typeof status !== 'object' || status === null) return undefined;
   const { conditions, observedGeneration, ...own } = status;
   return Object.keys(own).length > 0 ? own : undefined;
+}
+
+/** Whether labels match a label selector as the API server reads it: a=b, a!=b, a in (x,y), a
+ * notin (x), a, !a, joined by commas. */
+function selects(selector: string, labels: Record<string, string> = {}): boolean {
+  const terms = selector.match(/[^,(]+(\([^)]*\))?/g) ?? [];
+  return terms.every((text) => {
+    const term = text.trim();
+    const compare = /^([^\s=!]+)\s*(==|=|!=)\s*(\S*)$/.exec(term);
+    if (compare) {
+      const [, key = '', operator, value] = compare;
+      return operator === '!=' ? labels[key] !== value : labels[key] === value;
+    }
+    const set = /^(\S+)\s+(in|notin)\s+\(([^)]*)\)$/.exec(term);
+    if (set) {
+      const [, key = '', operator, values = ''] = set;
+      const listed = values.split(',').map((value) => value.trim());
+      const has = key in labels && listed.includes(labels[key] ?? '');
+      return operator === 'in' ? has : !has;
+    }
+    if (term.startsWith('!')) return !(term.slice(1).trim() in labels);
+    return term in labels;
+  });
 }
 
 function newEntry(key: string, ready: Entry['ready'], since: number): Entry {
@@ -1406,7 +1445,10 @@ class OwnedObjects {
       else await createOrRepair(api, cache, path, object, signal);
       // The object says at least this now: its watch event is no change. Unless the watch
       // already told something newer.
-      if (!applying.overtaken) cache.entries.set(key, { ...wanted, ours: digest });
+      // Unless the watch already told something newer. Not the applied body as the object: what
+      // client.get answers comes from the watch (until then, from the server).
+      if (!applying.overtaken)
+        cache.entries.set(key, { owner: wanted.owner, other: undefined, ours: digest });
     } finally {
       cache.applying.delete(key);
     }
@@ -1711,7 +1753,9 @@ export class WorkQueue {
       this.timer = undefined;
       this.expire();
     };
-    this.timer = { at, cancel: this.clock.after(Math.max(0, at - this.clock.now()), fire) };
+    // Timers take at most 2^31 - 1 ms (24.8 days): a later time is armed for again from there.
+    const ms = Math.min(Math.max(0, at - this.clock.now()), 2 ** 31 - 1);
+    this.timer = { at: this.clock.now() + ms, cancel: this.clock.after(ms, fire) };
   }
 
   /** The keys whose time has come are due. */
@@ -1817,7 +1861,9 @@ async function work(worker: Worker) {
     }
     if (signal.aborted) return;
     const err = failure ?? statusFailure;
-    const laterMs = current && result?.requeueAfter ? result.requeueAfter * 1000 : 0;
+    const { requeueAfter = 0 } = result ?? {};
+    const laterMs =
+      current && Number.isFinite(requeueAfter) && requeueAfter > 0 ? requeueAfter * 1000 : 0;
     if (entry && laterMs > 0) entry.requeue = true;
     const delayMs = queue.done(key, err !== undefined, laterMs);
     objects.settle(key);
@@ -2118,10 +2164,12 @@ class StatusWriter {
   private readonly refusals = new Map<string, Refusal>(); // by namespace
   private readonly api: Api;
   private readonly queue: WorkQueue;
+  private readonly objects: ObjectCache;
 
-  constructor(api: Api, queue: WorkQueue) {
+  constructor(api: Api, queue: WorkQueue, objects: ObjectCache) {
     this.api = api;
     this.queue = queue;
+    this.objects = objects;
   }
 
   /** Writes Ready for `failure` (none: True), and the reconcile's `own` status fields. */
@@ -2145,14 +2193,18 @@ class StatusWriter {
           };
     const conditions = [{ ...condition, observedGeneration: generation }];
     const { ready } = readyCondition({ status: { observedGeneration: generation, conditions } });
-    const fields = own ? { ...entry.status, ...own } : entry.status; // a field set undefined goes
+    // The reader's fields, with those the watch has not shown yet (a write failed, or an event
+    // from before it came after).
+    const unwritten = this.objects.unwritten.get(entry.key);
+    const mine = own || unwritten ? { ...unwritten, ...own } : undefined;
+    const fields = mine ? { ...entry.status, ...mine } : entry.status; // a field set undefined goes
     const same =
-      !own || new Digest().add(fields).value() === new Digest().add(entry.status).value();
+      !mine || new Digest().add(fields).value() === new Digest().add(entry.status).value();
     if (entry.ready === ready && same) return;
+    if (!same && mine) this.objects.unwritten.set(entry.key, mine); // until the watch shows them
     const { namespace } = object.metadata;
     const refusal = this.refusals.get(namespace);
     if (refusal && (refusal.trying || refusal.timer)) {
-      entry.status = fields; // written with Ready, once it may be
       refusal.waiting.add(entry.key);
       return;
     }
@@ -2179,7 +2231,10 @@ class StatusWriter {
       if (entry.ready === ready && entry.since === since && entry.status === fields) {
         Object.assign(entry, before);
       }
-      if (refusal) refusal.trying = false;
+      if (refusal) {
+        refusal.trying = false;
+        if (!isApiError(err, 403)) this.again(refusal); // no answer about the permission: next
+      }
       // Gone, or another object under the same name: its own events make it due.
       if (isApiError(err, 404)) return;
       if (isApiError(err, 422) && (await isReplaced(this.api, object, signal))) return;
@@ -2442,7 +2497,8 @@ class ClusterProblems {
         }
         continue;
       }
-      const next = Math.min(...alike.map(([, waits]) => waits.retryAt).filter((at) => at > now));
+      let next = Number.POSITIVE_INFINITY; // a loop: a spread of 100k arguments would throw
+      for (const [, waits] of alike) if (waits.retryAt > now) next = Math.min(next, waits.retryAt);
       this.said.push(cause);
       const err = alike[0]?.[1].err;
       const what = isApiError(err)
@@ -2460,8 +2516,8 @@ class ClusterProblems {
 
   /** An object succeeded: the cluster works again. */
   cleared(key: string) {
-    this.waiting.delete(key);
-    if (this.said.length === 0) return;
+    // A success that was held up proves the server works again; another may have sent nothing.
+    if (!this.waiting.delete(key) || this.said.length === 0) return;
     const seconds = Math.round((performance.now() - this.since) / 1000);
     const rest = this.waiting.size;
     const retried =
@@ -3447,7 +3503,7 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   const queue = new WorkQueue(monotonic, metrics);
   const objects = new ObjectCache(config, queue, options.finalizer ?? FINALIZER);
   const owned = new OwnedObjects(config, objects, options.owned ?? OWNED);
-  const status = new StatusWriter(api, queue);
+  const status = new StatusWriter(api, queue, objects);
   const stdout = options.stdout ?? process.stdout;
   // What the lists, watches and workers say on stderr is shared: a problem of the server's is one
   // line, not one per collection or per object.
