@@ -2587,6 +2587,21 @@ describe('reconcile: the reader’s function, run by workers', () => {
     await controller.stop();
   });
 
+  test('status fields of its own survive a status write that failed (500): the retry writes them', {
+    takes: 3,
+  }, async () => {
+    fake.failNext(500, 'InternalError', 'etcdserver: request timed out', { verb: 'patch' });
+    fake.create('moby-dick', MOBY_DICK);
+    const reconcile: Reconcile = async (change, book, context) => {
+      await exampleReconcile(change, book, context);
+      return { status: { lastChecked: '2026-12-07T12:00:00Z' } };
+    };
+    const controller = start([], { reconcile });
+    await until('moby-dick Ready, after the retry', () => isReady('moby-dick'));
+    await controller.stop();
+    assert.equal(fake.get('moby-dick')?.status?.lastChecked, '2026-12-07T12:00:00Z');
+  });
+
   test('status fields of its own: written with Ready in one request, kept across a spec change, and a restart over books that are right writes nothing', {
     takes: 1,
   }, async () => {
@@ -4501,7 +4516,11 @@ class Run {
   readonly pending: { resolve: (ok: boolean) => void; abort: () => void }[] = [];
   constructor(world: World, clock: Clock, finalizer: string) {
     this.queue = new WorkQueue(clock);
-    this.objects = new ObjectCache({ namespace: 'default' }, this.queue, finalizer);
+    this.objects = new ObjectCache(
+      { namespace: 'default', selector: undefined },
+      this.queue,
+      finalizer,
+    );
     for (let i = 0; i < 2; i++) void this.work(world);
   }
 
@@ -4815,6 +4834,30 @@ const idOf = (object: Resource) => ({
 });
 
 describe('exactly once, checked against a model', () => {
+  test('a later look 30 days away arms one timer for at most 24.8 days (what timers take), not one that fires at once', async () => {
+    const { clock, advance, pending } = manualClock();
+    let armed = 0;
+    const counting: Clock = {
+      now: clock.now,
+      after: (ms, callback) => {
+        armed++;
+        assert.ok(ms <= 2 ** 31 - 1, `a timer of ${ms} ms`);
+        return clock.after(ms, callback);
+      },
+    };
+    const queue = new WorkQueue(counting);
+    queue.add('a');
+    assert.equal(await queue.next(new AbortController().signal), 'a');
+    queue.done('a', false, 30 * 86_400_000);
+    assert.equal(armed, 1);
+    advance(2 ** 31 - 1);
+    assert.equal(armed, 2, 'armed again for the rest');
+    assert.equal(queue.depth, 0, 'not due before its time');
+    advance(30 * 86_400_000);
+    assert.equal(queue.depth, 1);
+    assert.equal(pending(), 0);
+  });
+
   test('any interleaving of watch events, worker outcomes, time and restarts keeps the work queue rules', {
     takes: 6,
     timeout: 300_000,
