@@ -2182,17 +2182,7 @@ class StatusWriter {
     const { object } = entry;
     const generation = object?.metadata.generation;
     if (!object || typeof generation !== 'number') return;
-    const condition =
-      failure === undefined
-        ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '' }
-        : {
-            type: 'Ready',
-            status: 'False',
-            reason: reasonOf(failure),
-            message: messageOf(failure),
-          };
-    const conditions = [{ ...condition, observedGeneration: generation }];
-    const { ready } = readyCondition({ status: { observedGeneration: generation, conditions } });
+    const { condition, ready } = readyFor(failure, generation);
     // The reader's fields, with those the watch has not shown yet (a write failed, or an event
     // from before it came after).
     const unwritten = this.objects.unwritten.get(entry.key);
@@ -2218,7 +2208,7 @@ class StatusWriter {
     const status = {
       ...fields,
       observedGeneration: generation,
-      conditions: [{ ...conditions[0], lastTransitionTime }],
+      conditions: [{ ...condition, observedGeneration: generation, lastTransitionTime }],
     };
     // Known before it is sent, so that its echo is no change, even when it comes before the answer.
     const before = { ready: entry.ready, since: entry.since, status: entry.status };
@@ -2278,6 +2268,17 @@ class StatusWriter {
     for (const key of refusal.waiting) this.queue.add(key, false);
     refusal.waiting.clear();
   }
+}
+
+/** The Ready condition a reconcile's outcome gives, and how the cache keeps it (readyCondition). */
+function readyFor(failure: unknown, generation: number) {
+  const condition =
+    failure === undefined
+      ? { type: 'Ready', status: 'True', reason: 'Reconciled', message: '' }
+      : { type: 'Ready', status: 'False', reason: reasonOf(failure), message: messageOf(failure) };
+  const conditions = [{ ...condition, observedGeneration: generation }];
+  const { ready } = readyCondition({ status: { observedGeneration: generation, conditions } });
+  return { condition, ready };
 }
 
 /** Status writes that a namespace refused: they wait while one tries again. */
