@@ -2,10 +2,10 @@
 # The copy path, as the README's "Copy it into your own project" section tells it, tested:
 #   1. a fresh project (npm init -y) with the listed installs and settings, and the files to copy;
 #   2. the checklist, for a Widget in acme.io: 1. the names, 2. the spec (SPEC, with a field of the
-#      reader's own: color), 3. describe, 4. reconcile (the ConfigMap's data), 5. the tests' sample;
-#      then the copy's own tests; 6. a Secret made once (OWNED), a status field of its own (STATUS)
-#      written every CHECK seconds (requeueAfter), 7. crd.yaml and deploy.yaml generated
-#      (npx tsx controller.ts manifests), never edited by hand;
+#      reader's own: color), 3. describe, 4. reconcile (the ConfigMap's data), 5. the tests' sample,
+#      6. crd.yaml and deploy.yaml generated (npx tsx controller.ts manifests), never edited by
+#      hand; then the copy's own tests; then step 4 again, further: a Secret made once (OWNED), a
+#      status field of its own (STATUS) written every CHECK seconds (requeueAfter), and step 6 again;
 #   3. the copy against the fake API server: its lines, its ConfigMap and Secret, the requeue, a
 #      restart that writes nothing, and nothing says book;
 #   4. the copy on a real kube-apiserver (e2e/cluster.ts copied beside it, as `npm run cluster` has
@@ -36,19 +36,19 @@ npm pkg set type=module
 npm pkg set allowScripts.esbuild=true allowScripts.node=true --json
 printf 'loglevel=error\n' >.npmrc # npm on an older Node warns EBADENGINE about the Node it installs
 npm install --save-exact @kubernetes/client-node@2.0.1
-npm install --save-dev --save-exact node@24.21.0 tsx@4.23.15 msw@3.0.5
+npm install --save-dev --save-exact node@24.21.0 tsx@4.23.15 msw@3.0.5 fast-check@4.10.2 js-yaml@5.5.0
 cp "$here"/controller.ts "$here"/controller.test.ts "$here"/fake-apiserver.ts .
 cp controller.ts controller.ts.orig && cp controller.test.ts controller.test.ts.orig
 say "node on PATH: $(node --version); npx node: $(npx node --version)"
 
 # The checklist's edits, by edit(): it fails unless each `from` is there exactly once, so that the
-# checklist and the files cannot drift apart unnoticed. Steps 1-5, then the copy's tests (the
-# project's, renamed through `sample`), then steps 6-7, which the fake and the real server check
-# below. The tests run before step 6 on purpose: they test the machinery through the example's
-# reconcile and hold it to what it sends, which a Secret and a requeue change (their client refuses
-# a create; a restart writes only ConfigMaps; the status is exactly Ready; /metrics counts three
-# reconciles; no reconcile after an annotation edit; one line when every list fails, not one per
-# owned kind). About ten of them fail after step 6, for those reasons alone.
+# checklist and the files cannot drift apart unnoticed. Steps 1-6, the copy's tests (the project's,
+# renamed through `sample`), then step 4 further and step 6 again, which the fake and the real
+# server check below. The tests run before the Secret and the requeue on purpose: they test the
+# machinery through the example's reconcile and hold it to what it sends, which a Secret and a
+# requeue change (their client refuses a create; a restart writes only ConfigMaps; the status is
+# exactly Ready; /metrics counts three reconciles; no reconcile after an annotation edit; one line
+# when every list fails, not one per owned kind). About ten of them fail after, for that alone.
 cat >edit.mjs <<'END'
 import { readFileSync, writeFileSync } from 'node:fs';
 export function edit(file, from, to) {
@@ -57,7 +57,7 @@ export function edit(file, from, to) {
   writeFileSync(file, text.replace(from, to));
 }
 END
-say "the checklist, for a Widget in acme.io: steps 1-5"
+say "the checklist, for a Widget in acme.io"
 npx node --input-type=module - <<'END'
 import { edit } from './edit.mjs';
 // 1. The names.
@@ -82,8 +82,15 @@ edit('controller.ts', "        data: authors.length > 0 ? { title, authors: auth
 edit('controller.test.ts', "const sample = (text: string): BookSpec => ({ title: text });",
   "const sample = (text: string): BookSpec => ({ replicas: 1, message: text });");
 END
+# 6. crd.yaml and deploy.yaml, from what the file declares.
+manifests() {
+  npx tsx controller.ts manifests crd >crd.yaml
+  npx tsx controller.ts manifests deploy >deploy.yaml
+  if grep -qi book crd.yaml deploy.yaml; then say "crd.yaml or deploy.yaml says book:" && grep -ni book crd.yaml deploy.yaml && exit 1; fi
+}
+manifests
 edited() { diff "$1.orig" "$1" | grep -c '^>' || true; }
-say "steps 1-5 wrote $(edited controller.ts) lines of controller.ts and $(edited controller.test.ts) of controller.test.ts"
+say "steps 1-5 wrote $(edited controller.ts) lines of controller.ts and $(edited controller.test.ts) of controller.test.ts; step 6 generated crd.yaml and deploy.yaml"
 cp controller.ts controller.ts.orig
 
 say "the copy's tests"
@@ -103,10 +110,10 @@ else
   grep -o 'Error \[ERR_[A-Z_]*\]: .*' tests.log | sort -u | head -n 3 >&2 || true # one that stops a file loading
 fi
 
-say "the checklist, steps 6-7"
+say "step 4 further: a Secret, a status field, a requeue; then step 6 again"
 npx node --input-type=module - <<'END'
 import { edit } from './edit.mjs';
-// 6. What it owns (a Secret too), a status field of its own (when it last looked), and in
+// 4, further. What it owns (a Secret too), a status field of its own (when it last looked), and in
 // reconcile: a Secret made once (created when there is none, so its token never changes), and a
 // look every CHECK seconds whose time is written only when one is due, so that a restart over
 // widgets that are right writes nothing.
@@ -139,11 +146,8 @@ edit('controller.ts', `      await client.apply(\`/api/v1/namespaces/\${namespac
       if (age < CHECK) return { requeueAfter: CHECK - age };
       return { status: { lastChecked: new Date().toISOString() }, requeueAfter: CHECK };`);
 END
-# 7. crd.yaml and deploy.yaml, from what the file declares.
-npx tsx controller.ts manifests crd >crd.yaml
-npx tsx controller.ts manifests deploy >deploy.yaml
-say "steps 6-7 wrote $(edited controller.ts) more lines of controller.ts; crd.yaml and deploy.yaml generated"
-if grep -qi book crd.yaml deploy.yaml; then say "crd.yaml or deploy.yaml says book:" && grep -ni book crd.yaml deploy.yaml && exit 1; fi
+manifests
+say "that wrote $(edited controller.ts) more lines of controller.ts; crd.yaml and deploy.yaml generated again"
 
 say "the copy against the fake API server"
 npx tsx --input-type=module - <<'EOF'
