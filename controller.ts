@@ -1852,10 +1852,13 @@ async function work(worker: Worker) {
       failure = err ?? new Error(`threw ${err}`);
     }
     if (signal.aborted) return;
-    // An object that changed meanwhile is due again: its status waits for its latest state.
+    // An object that changed meanwhile is due again: its status waits for its latest state. A
+    // failure while an earlier object's Deleted was still owed (gone items go first, and leave
+    // only when done) is that object's, not this one's: nothing is said in this one's status.
     let statusFailure: unknown;
     const current = entry && object && entry.object === object;
-    if (current) {
+    const earlierFailed = failure !== undefined && entry?.gone !== undefined;
+    if (current && !earlierFailed) {
       const own = result?.status;
       statusFailure = await worker.status.write(entry, failure, own, signal).catch((err) => err);
     }
