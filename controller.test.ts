@@ -1347,6 +1347,31 @@ describe('Deleted: every book that goes prints it, whatever came before', () => 
     assert.ok(calls.slice(0, -1).every((call) => call === 'Added Cursed'));
   });
 
+  test('an earlier book whose Deleted fails is not blamed on the book created under its name: no Ready=False on the new one', {
+    takes: 2,
+  }, async () => {
+    fake.create('moby-dick', MOBY_DICK);
+    let failing = true;
+    const reconcile: Reconcile = async (change, book, context) => {
+      if (change === 'Deleted' && failing) throw new Error('the cleanup service is down');
+      await exampleReconcile(change, book, context);
+    };
+    const controller = start([], { reconcile });
+    await until('moby-dick Ready', () => isReady('moby-dick'));
+    fake.recreate('moby-dick', { ...sample('Moby-Dick; or, The Whale') });
+    await until('the Deleted failure said', () => stderr.length === 1);
+    const afterFailure = fake.patches().length;
+    failing = false;
+    await until('the new one Ready', () => isReady('moby-dick'));
+    await controller.stop();
+    assert.equal(afterFailure, 1, 'no status write for the new book about the old one');
+    assert.deepEqual(stdout, [
+      added('moby-dick', 'Moby Dick'),
+      deleted('moby-dick'),
+      added('moby-dick', 'Moby-Dick; or, The Whale'),
+    ]);
+  });
+
   test('a book whose Modified failed, then deleted: Deleted receives the newest spec', async () => {
     const seen: string[] = [];
     fake.create('moby-dick', MOBY_DICK);
