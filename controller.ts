@@ -142,7 +142,7 @@ export async function reconcile(change: Change, book: Book, { client }: Context)
 
 export type Change = 'Added' | 'Modified' | 'Deleted';
 
-/** A kind reconcile makes. `keep`: the cache keeps them whole, so client.get of one needs no request. */
+/** A kind reconcile makes. `keep`: the cache holds them whole: client.get of one sends nothing. */
 export interface Owned {
   apiVersion: string;
   kind: string;
@@ -1551,7 +1551,8 @@ function notOurs(object: unknown, owner: string, controlledBy?: string): NotOurs
   }
   const label = `${LABEL}=${CONTROLLER}`;
   return new NotOurs(
-    `${what} and is not managed by ${CONTROLLER} — delete it, or label it ${label} to hand it over`,
+    `${what} and is not managed by ${CONTROLLER} — ` +
+      `delete it, or label it ${label} to hand it over`,
   );
 }
 
@@ -1618,7 +1619,7 @@ const monotonic: Clock = {
   },
 };
 
-/** A key waiting for a time: its backoff after a failure, or a later look that reconcile asked for. */
+/** A key waiting for a time: its backoff after a failure, or a later look reconcile asked for. */
 interface Wait {
   at: number;
   backoff: boolean;
@@ -2452,7 +2453,7 @@ class ClusterProblems {
   private since = 0;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private readonly server: string;
-  private readonly state: ServerState; // what the lists and watches said: a 5xx there is the server's
+  private readonly state: ServerState; // what lists and watches said: a 5xx there is the server's
 
   constructor(server: string, state: ServerState) {
     this.server = server;
@@ -3617,7 +3618,7 @@ function deferred() {
 const collectionPath = (namespace: string | undefined) =>
   `/apis/${GROUP}/${VERSION}${namespace === undefined ? '' : `/namespaces/${namespace}`}/${PLURAL}`;
 
-/** Why a reconcile failed, in a word, for its Ready condition and Event: the error's own, if any. */
+/** Why a reconcile failed, in a word, for its Ready condition and Event: the error's, if any. */
 function reasonOf(err: unknown): string {
   const { reason } = (err ?? {}) as { reason?: unknown };
   return typeof reason === 'string' && /^[A-Z]\w*$/.test(reason) ? reason : 'ReconcileFailed';
