@@ -2381,7 +2381,7 @@ describe('the manifests command', () => {
 });
 
 describe('toYaml', () => {
-  test('quotes a string only where YAML (1.1, as Kubernetes reads it, or 1.2) would read another thing', () => {
+  test('quotes a string only where YAML, as Kubernetes or a newer reader reads it, would read another thing', () => {
     const strings = [
       'True',
       'False',
@@ -3404,7 +3404,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
     assert.deepEqual(stdout, [added('moby-dick', 'Moby Dick')]); // a relist of the same book prints nothing
   });
 
-  test('every watch answered 410, in list mode: a few lists in 10 s (0.8 s doubling), and one stderr line', {
+  test('every watch answered 410, in list mode: a few lists in 10 s (waits doubling from under a second), and one stderr line', {
     takes: 10,
     timeout: 30_000,
   }, async () => {
@@ -3899,7 +3899,7 @@ describe('leader election (--leader-elect)', () => {
     assert.equal(stoppedLeading(stderr).length, 1);
   });
 
-  test('a renewal is timed from when it was sent: answered 7.5 s late, the leader acts no more past sent + 10 s', {
+  test('a renewal is timed from when it was sent: answered seconds late, the leader acts no more past sent + 10 s', {
     takes: 12,
     timeout: 40_000,
   }, async () => {
@@ -4872,7 +4872,7 @@ const idOf = (object: Resource) => ({
 });
 
 describe('exactly once, checked against a model', () => {
-  test('a later look 30 days away arms one timer for at most 24.8 days (what timers take), not one that fires at once', async () => {
+  test('a later look 30 days away arms one timer for at most what timers take (about 25 days), not one that fires at once', async () => {
     const { clock, advance, pending } = manualClock();
     let armed = 0;
     const counting: Clock = {
