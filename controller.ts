@@ -542,15 +542,7 @@ class Api {
     const code = response.statusCode ?? 0;
     count(String(code));
     if (code < 300) return response;
-    const text = await readAll(response);
-    // A missing CRD answers "404 page not found\n", not a Status.
-    const status: Status = text.startsWith('{') ? JSON.parse(text) : { message: text.trim() };
-    const header = response.headers['retry-after']; // seconds, or an HTTP date
-    const retryAfter =
-      Number(header) ||
-      (header ? (Date.parse(header) - Date.now()) / 1000 : 0) ||
-      status.details?.retryAfterSeconds;
-    throw apiError(code, status.message ?? `HTTP ${code}`, verb, Math.max(0, retryAfter || 0));
+    throw await apiErrorOf(response, code, verb);
   }
   private countRequest(code: string, method: string, host: string) {
     const key = `${code} ${method} ${host}`;
@@ -565,6 +557,19 @@ class Api {
   async json<T>(request: Call): Promise<T> {
     return JSON.parse(await readAll(await this.call(request)));
   }
+}
+
+/** The error an answer over 299 says: its Status message, and how long it asks us to wait. */
+async function apiErrorOf(response: http.IncomingMessage, code: number, verb: string) {
+  const text = await readAll(response);
+  // A missing CRD answers "404 page not found\n", not a Status.
+  const status: Status = text.startsWith('{') ? JSON.parse(text) : { message: text.trim() };
+  const header = response.headers['retry-after']; // seconds, or an HTTP date
+  const retryAfter =
+    Number(header) ||
+    (header ? (Date.parse(header) - Date.now()) / 1000 : 0) ||
+    status.details?.retryAfterSeconds;
+  return apiError(code, status.message ?? `HTTP ${code}`, verb, Math.max(0, retryAfter || 0));
 }
 
 /** `promise`, unless `signal` aborts first. */
@@ -1175,8 +1180,13 @@ export class ObjectCache implements Cache {
 function ownStatus(object: unknown): Record<string, unknown> | undefined {
   const { status } = object as { status?: Record<string, unknown> };
   if (typeof status !== 'object' || status === null) return undefined;
-  const { conditions, observedGeneration, ...own } = status;
-  return Object.keys(own).length > 0 ? own : undefined;
+  // Called for every event: most statuses hold only Ready's, and then nothing is built.
+  for (const field in status) {
+    if (field === 'conditions' || field === 'observedGeneration') continue;
+    const { conditions, observedGeneration, ...own } = status;
+    return own;
+  }
+  return undefined;
 }
 
 /** Whether labels match a label selector as the API server reads it: a=b, a!=b, a in (x,y), a
