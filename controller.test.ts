@@ -50,7 +50,7 @@ import {
   CONTROLLER,
   customResourceDefinition,
   deployment,
-  describe as describeChange,
+  lineFor,
   GROUP,
   KIND,
   main,
@@ -267,11 +267,10 @@ const bookOf = (name: string, spec: BookSpec): Book => ({
   metadata: { name, namespace: 'default', uid: '', generation: 1 },
   spec,
 });
-const added = (name: string, text: string) =>
-  describeChange('Added', bookOf(name, sample(text)), name);
+const added = (name: string, text: string) => lineFor('Added', bookOf(name, sample(text)), name);
 const modified = (name: string, text: string) =>
-  describeChange('Modified', bookOf(name, sample(text)), name);
-const deleted = (name: string) => describeChange('Deleted', bookOf(name, sample('')), name);
+  lineFor('Modified', bookOf(name, sample(text)), name);
+const deleted = (name: string) => lineFor('Deleted', bookOf(name, sample('')), name);
 /** The text a spec was made from by sample(text). */
 function textOf(spec: BookSpec): string {
   const text = Object.values(spec).find(

@@ -25,7 +25,7 @@
 //     -> a line on stdout -> the status (Ready) -> done: again after a backoff if it failed, or
 //     later if it asked; what reconcile made is watched too, and a change to it is a repair.
 //
-//   What you change ......... the resource, SPEC, STATUS, describe, OWNED, reconcile
+//   What you change ......... the resource, SPEC, STATUS, lineFor, OWNED, reconcile
 //   What reconcile gets ..... Change, Context, Result, Client: all your code needs
 //   Configuration ........... flags and the kubeconfig
 //   Requests ................ Api: one https request with the kubeconfig's credentials
@@ -92,7 +92,7 @@ export const STATUS = {} as const satisfies Fields;
 export type Book = Resource;
 
 /** The line printed for each change a reconcile saw (-o json prints the same facts as JSON). */
-export function describe(change: Change, book: Book, name: string): string {
+export function lineFor(change: Change, book: Book, name: string): string {
   if (change === 'Deleted') return `Deleted a ${kind} ${name}`;
   return `${change} a ${kind} ${name} with title '${book.spec.title}'`;
 }
@@ -2036,7 +2036,7 @@ function printer(stdout: Writable, json: boolean, fence: () => void): Print {
     const { namespace, name: objectName } = object.metadata;
     const line = json
       ? JSON.stringify({ type: change, namespace, name: objectName, spec: object.spec })
-      : describe(change, object, name);
+      : lineFor(change, object, name);
     // A speed trick: the lines of one tick go out in one write.
     if (!stdout.writableCorked) {
       stdout.cork();

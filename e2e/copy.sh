@@ -2,7 +2,7 @@
 # The copy path, as the README's "Copy it into your own project" section tells it, tested:
 #   1. a fresh project (npm init -y) with the listed installs and settings, and the files to copy;
 #   2. the checklist, for a Widget in acme.io: 1. the names, 2. the spec (SPEC, with a field of the
-#      reader's own: color), 3. describe, 4. reconcile (the ConfigMap's data), 5. the tests' sample,
+#      reader's own: color), 3. lineFor, 4. reconcile (the ConfigMap's data), 5. the tests' sample,
 #      6. crd.yaml and deploy.yaml generated (npx tsx controller.ts manifests), never edited by
 #      hand; then the copy's own tests; then step 4 again, further: a Secret made once (OWNED), a
 #      status field of its own (STATUS) written every CHECK seconds (requeueAfter), and step 6 again;
