@@ -20,7 +20,6 @@ import { randomUUID } from 'node:crypto';
 import diagnostics from 'node:diagnostics_channel';
 import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { request as httpsRequest } from 'node:https';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -76,6 +75,7 @@ import {
   type ApiRequest,
   CA_CERT,
   FakeApiServer,
+  freePort,
   runDemo,
   SERVER_CERT,
   status,
@@ -421,15 +421,6 @@ const streamingQuery = (timeoutSeconds = '300') => ({
 });
 const isStreamingList = (r: { query: Record<string, string> }) =>
   r.query.sendInitialEvents === 'true';
-
-/** A port nobody listens on now: bound by us on port 0, then let go. */
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const address = server.address();
-  await new Promise((resolve) => server.close(resolve));
-  return typeof address === 'object' && address ? address.port : 0;
-}
 
 beforeEach(async () => {
   stdout = [];

@@ -26,6 +26,7 @@ import { spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import * as https from 'node:https';
+import { type AddressInfo, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -101,6 +102,18 @@ export function writeKubeconfig(options: {
     }),
   );
   return file;
+}
+
+/**
+ * A port nobody listens on now: bound on 127.0.0.1 port 0, then let go. For a server a test starts
+ * (the controller's health port, a second fake, a real kube-apiserver in e2e/).
+ */
+export async function freePort(): Promise<number> {
+  const probe = createServer();
+  await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
+  const { port } = probe.address() as AddressInfo;
+  await new Promise((resolve) => probe.close(resolve));
+  return port;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -60,7 +60,6 @@
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import http from 'node:http';
 import https from 'node:https';
-import { type AddressInfo, createServer as createNetServer } from 'node:net';
 import {
   closeSync,
   existsSync,
@@ -82,7 +81,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { CA_CERT, writeKubeconfig } from '../fake-apiserver.ts';
+import { CA_CERT, freePort, writeKubeconfig } from '../fake-apiserver.ts';
 import { authors as authorsOf, checkLines, listTitle as listTitleOf } from './workload.ts';
 
 const BENCH = dirname(fileURLToPath(import.meta.url));
@@ -1590,15 +1589,6 @@ export async function reconcile(change: Change, book: Book, context: Context): P
 `,
   );
   return { name: `controller, requeueAfter ${seconds}`, file: copy };
-}
-
-/** A port nobody listens on now, for the subject's --health-port. */
-async function freePort(): Promise<number> {
-  const probe = createNetServer();
-  await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
-  const { port } = probe.address() as AddressInfo;
-  await new Promise((resolve) => probe.close(resolve));
-  return port;
 }
 
 /** The subject's /metrics, each family's samples summed over their labels. */

@@ -11,11 +11,11 @@
 // the cases that restart the server or read its audit log are then skipped.
 // E2E_KEEP=1 keeps the temp folder (logs, audit log, kubeconfigs) for a look afterwards.
 // E2E_BIN names the folder holding the binaries, for a copy of this file without e2e/build.sh.
+// A copy needs ../fake-apiserver.ts beside it too (freePort), as the copy path has it.
 // e2e/up.ts (npm run cluster) starts the same control plane for a person, until Ctrl-C.
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
-import { once } from 'node:events';
 import {
   existsSync,
   mkdirSync,
@@ -28,12 +28,12 @@ import {
   writeFileSync,
 } from 'node:fs';
 import * as https from 'node:https';
-import * as net from 'node:net';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { GROUP, OWNED } from '../controller.ts';
+import { freePort } from '../fake-apiserver.ts';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 
@@ -140,16 +140,6 @@ export interface ClusterOptions {
 
 const ADMIN_TOKEN = randomBytes(16).toString('hex');
 const NOBODY_TOKEN = randomBytes(16).toString('hex');
-
-export async function freePort(): Promise<number> {
-  const server = net.createServer();
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as net.AddressInfo;
-  server.close();
-  await once(server, 'close');
-  return port;
-}
 
 /** A child process with its output in a log file, its peak RSS, and a stop that always ends it. */
 class Daemon {

@@ -33,7 +33,6 @@ import {
   type AuditEvent,
   type Cluster,
   checkMetrics,
-  freePort,
   type MetricFamily,
   ROOT,
   readAudit,
@@ -41,6 +40,7 @@ import {
   waitFor,
 } from './cluster.ts';
 import { checkSpec, GROUP, KIND, VERSION } from '../controller.ts';
+import { freePort } from '../fake-apiserver.ts';
 
 const runtime = process.versions.deno ? 'deno' : process.versions.bun ? 'bun' : 'node';
 // How a user starts the controller on this runtime (Node >= 22.18 strips the types itself).
