@@ -1027,6 +1027,85 @@ function tidy(object: StoredObject): StoredObject {
 // Lists and watches, of any resource: pages, continue tokens, watch streams cut at any byte,
 // bookmarks, 410 Gone, streaming lists. The knobs that make them misbehave are the server's.
 
+const CONTINUE_EXPIRED =
+  'The provided continue parameter is too old to display a consistent list result. ' +
+  'You can start a new list without the continue parameter, or use the continue token in this ' +
+  'response to retrieve the remainder of the results. Continuing with the provided token results ' +
+  'in an inconsistent list - objects that were created, modified, or deleted between the time ' +
+  'the first chunk was returned and now may show up in the list.';
+const END_OF_INITIAL_EVENTS = { 'k8s.io/initial-events-end': 'true' };
+
+const eventLine = (type: string, object: unknown) => `${JSON.stringify({ type, object })}\n`;
+
+function bookmarkLine(type: ResourceType, resourceVersion: number, annotations?: Labels) {
+  const metadata = {
+    resourceVersion: String(resourceVersion),
+    ...(annotations && { annotations }),
+  };
+  return eventLine('BOOKMARK', { kind: type.kind, apiVersion: type.apiVersion, metadata });
+}
+
+const visible = (object: StoredObject, namespace: string | undefined, selector: Selector) =>
+  (!namespace || object.metadata.namespace === namespace) && selector(object.metadata.labels ?? {});
+
+/**
+ * The line a watch gets for a change, or '' for none. Through a label selector, a change that
+ * makes an object stop matching arrives as DELETED, one that makes it start matching as ADDED.
+ */
+function lineFor(watch: OpenWatch | undefined, event: StoreEvent): string {
+  if (!watch || watch.type !== event.type) return '';
+  const matches = (object: StoredObject) => visible(object, watch.namespace, watch.selector);
+  if (event.kind === 'DELETED')
+    return matches(event.object) ? eventLine('DELETED', event.object) : '';
+  const was = event.before !== undefined && matches(event.before);
+  if (matches(event.object)) return eventLine(was ? 'MODIFIED' : 'ADDED', event.object);
+  if (!was || !event.before) return '';
+  // The object as the watch last matched it, at the resourceVersion of the change.
+  const { before } = event;
+  const resourceVersion = event.object.metadata.resourceVersion;
+  return eventLine('DELETED', { ...before, metadata: { ...before.metadata, resourceVersion } });
+}
+
+type Selector = (labels: Labels) => boolean;
+
+/**
+ * A label selector, as kubectl's -l passes it: `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)`,
+ * `k notin (a,b)`, joined by commas (all must hold). Returns the error message for a bad one.
+ */
+export function parseSelector(text: string): Selector | string {
+  const has = (labels: Labels, key: string) => Object.hasOwn(labels, key);
+  const tests: Selector[] = [];
+  for (const term of text
+    .split(/,(?![^(]*\))/)
+    .map((t) => t.trim())
+    .filter(Boolean)) {
+    const set = /^([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)$/.exec(term);
+    const equality = /^([\w./-]+)\s*(==|=|!=)\s*([\w.-]*)$/.exec(term);
+    const exists = /^(!?)\s*([\w./-]+)$/.exec(term);
+    if (set) {
+      const [, key = '', op, list = ''] = set;
+      const values = list.split(',').map((v) => v.trim());
+      tests.push(
+        op === 'in'
+          ? (l) => has(l, key) && values.includes(l[key] ?? '')
+          : (l) => !has(l, key) || !values.includes(l[key] ?? ''),
+      );
+    } else if (equality) {
+      const [, key = '', op, value] = equality;
+      tests.push(op === '!=' ? (l) => l[key] !== value : (l) => has(l, key) && l[key] === value);
+    } else if (exists) {
+      const [, not, key = ''] = exists;
+      tests.push(not ? (l) => !has(l, key) : (l) => has(l, key));
+    } else {
+      return (
+        `unable to parse requirement: found '${term}', ` +
+        "expected: ',', '=', '!=', 'in', 'notin' or end of string"
+      );
+    }
+  }
+  return (labels) => tests.every((test) => test(labels));
+}
+
 /** One open watch stream: what it watches, and how to write to it or end it. */
 interface OpenWatch {
   type: ResourceType;
@@ -1045,9 +1124,9 @@ class Streams {
   private readonly continueTokens = new Map<string, StoredObject[]>(); // token → rest of a list
   private issuedTokens = 0;
   private readonly store: Store;
-  private readonly knobs: FakeApiServer;
+  private readonly knobs: ApiServer;
 
-  constructor(store: Store, knobs: FakeApiServer) {
+  constructor(store: Store, knobs: ApiServer) {
     this.store = store;
     this.knobs = knobs;
   }
@@ -1261,17 +1340,90 @@ class Streams {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The server: requests in, answers out, and what a test does to the cluster.
+// The handlers: what a request meets. ApiServer is the API server proper: the state a cluster
+// keeps (the store, the watches, the Leases, the request log) and msw's handlers, each request
+// routed to one. Nothing here is for a test to call: FakeApiServer, below, is.
 
 type Subresource = 'status' | undefined;
 
-export class FakeApiServer {
-  private readonly store: Store = new Store((event) => this.streams.broadcast(event));
-  private readonly streams = new Streams(this.store, this);
-  private readonly leases = new Map<string, StoredLease>(); // by namespace/name
-  private readonly faults: { match: FaultOptions; response: () => Response }[] = [];
-  private readonly refusedHolders = new Set<string>();
-  private leaseAnswerDelayMs = 0;
+/** Which verb a request is, from its method, whether it names an object, and its query. */
+function verbOf(
+  method: string,
+  name: string | undefined,
+  query: URLSearchParams,
+  contentType: string | undefined,
+): Verb | undefined {
+  if (method === 'GET') return name ? 'get' : query.get('watch') === 'true' ? 'watch' : 'list';
+  if (method === 'POST') return name ? undefined : 'create';
+  if (!name) return undefined;
+  if (method === 'PUT') return 'update';
+  if (method === 'DELETE') return 'delete';
+  if (method !== 'PATCH') return undefined;
+  return contentType === 'application/apply-patch+yaml' ? 'apply' : 'patch';
+}
+
+/** A custom resource with a status subresource: writes to /status change only status, writes to
+ * the object never change status. */
+function scoped(
+  type: ResourceType,
+  before: StoredObject,
+  proposed: StoredObject,
+  subresource?: Subresource,
+): StoredObject {
+  if (type !== BOOKS) return proposed;
+  if (subresource === 'status') return { ...before, status: proposed.status };
+  return { ...proposed, status: before.status };
+}
+
+const leaseDetails = (name: string) => ({ name, group: 'coordination.k8s.io', kind: 'leases' });
+const leaseNotFound = (name: string) =>
+  statusResponse(
+    404,
+    'NotFound',
+    `leases.coordination.k8s.io "${name}" not found`,
+    leaseDetails(name),
+  );
+
+// MicroTime is RFC 3339 with exactly six fractional digits; the server cannot decode anything else.
+const MICRO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$/;
+
+/** A Lease body as the server decodes it, or the 400 message it answers. */
+function checkLease(
+  body: unknown,
+): { name: string; resourceVersion?: string; spec: LeaseSpec } | string {
+  const cannot = (why: string) => `Lease in version "v1" cannot be handled as a Lease: ${why}`;
+  if (!isObject(body) || !isObject(body.metadata) || typeof body.metadata.name !== 'string')
+    return cannot('metadata.name is missing');
+  const spec = isObject(body.spec) ? body.spec : {};
+  for (const field of ['acquireTime', 'renewTime'] as const) {
+    const value = spec[field];
+    if (
+      value !== undefined &&
+      value !== null &&
+      (typeof value !== 'string' || !MICRO_TIME.test(value))
+    ) {
+      return cannot(
+        `parsing time ${JSON.stringify(value)} as "2006-01-02T15:04:05.000000Z07:00": ` +
+          `cannot parse as MicroTime (spec.${field})`,
+      );
+    }
+  }
+  const resourceVersion = body.metadata.resourceVersion;
+  return {
+    name: body.metadata.name,
+    resourceVersion: typeof resourceVersion === 'string' ? resourceVersion : undefined,
+    spec,
+  };
+}
+
+/** The API server proper: its state, and what it does with each request. */
+class ApiServer {
+  protected readonly store: Store = new Store((event) => this.streams.broadcast(event));
+  protected readonly streams = new Streams(this.store, this);
+  protected readonly leases = new Map<string, StoredLease>(); // by namespace/name
+  protected readonly faults: { match: FaultOptions; response: () => Response }[] = [];
+  protected readonly refusedHolders = new Set<string>();
+  protected leaseAnswerDelayMs = 0;
   readonly requests: ApiRequest[] = [];
   /** The bearer tokens it accepts; anything else gets 401. One per controller tells them apart. */
   readonly tokens = new Set([TOKEN]);
@@ -1305,14 +1457,6 @@ export class FakeApiServer {
   // OwnerReferencesPermissionEnforcement (on in many managed clusters), for a user who may not
   // update the owner's finalizers (books/finalizers): setting blockOwnerDeletion is 403.
   refuseBlockOwnerDeletion = false;
-  /** kube-controller-manager's garbage collector: off, as in a bare API server. */
-  get collectGarbage() {
-    return this.store.collectGarbage;
-  }
-  set collectGarbage(on: boolean) {
-    this.store.collectGarbage = on;
-    if (on) this.store.collect();
-  }
 
   private readonly handlers = [
     ...this.routes(BOOKS, `/apis/${GROUP_VERSION}`, true),
@@ -1333,43 +1477,18 @@ export class FakeApiServer {
         this.updateLease(request, String(params.namespace), String(params.name)),
     ),
   ];
-  private readonly tls = https.createServer({ key: SERVER_KEY, cert: SERVER_CERT }, (req, res) => {
-    // A client may hang up at any time, even while sending its body: that ends this request only.
-    req.on('error', () => res.destroy());
-    this.bridge(req, res).catch(() => res.destroy());
-  });
+  protected readonly tls = https.createServer(
+    { key: SERVER_KEY, cert: SERVER_CERT },
+    (req, res) => {
+      // A client may hang up at any time, even while sending its body: that ends this request only.
+      req.on('error', () => res.destroy());
+      this.bridge(req, res).catch(() => res.destroy());
+    },
+  );
   url = '';
 
   constructor(options: { onActivity?: () => void } = {}) {
     this.onActivity = options.onActivity ?? (() => {});
-  }
-
-  async listen(host = '127.0.0.1'): Promise<this> {
-    await new Promise<void>((resolve) => this.tls.listen(0, host, resolve));
-    const address = this.tls.address();
-    this.url = `https://${host}:${typeof address === 'object' && address ? address.port : 0}`;
-    return this;
-  }
-
-  /**
-   * An outage: for `ms` the server refuses connections (ECONNREFUSED) and drops the ones it has,
-   * then listens again on the same port.
-   */
-  async refuseConnections(ms: number) {
-    const port = Number(new URL(this.url).port);
-    const host = new URL(this.url).hostname;
-    for (const watch of this.streams.watches) watch.drop();
-    this.tls.closeAllConnections();
-    await new Promise<void>((resolve) => this.tls.close(() => resolve()));
-    await sleep(ms);
-    await new Promise<void>((resolve) => this.tls.listen(port, host, resolve));
-  }
-
-  close() {
-    this.release();
-    for (const watch of this.streams.watches) watch.end();
-    this.tls.closeAllConnections();
-    this.tls.close();
   }
 
   /** Serves a node:https request with msw's handlers, streaming the response body in chunks. */
@@ -1759,7 +1878,7 @@ export class FakeApiServer {
         leaseDetails(name),
       );
     }
-    return HttpResponse.json(this.putLease(name, spec, namespace), { status: 201 });
+    return HttpResponse.json(this.writeLease(name, spec, namespace), { status: 201 });
   }
 
   private async updateLease(request: Request, namespace: string, name: string): Promise<Response> {
@@ -1795,11 +1914,81 @@ export class FakeApiServer {
     // Optimistic concurrency: an update based on an older read loses, and must read again.
     if (checked.resourceVersion !== before.metadata.resourceVersion)
       return conflict('leases.coordination.k8s.io', name, leaseDetails(name)).response();
-    const lease = this.putLease(name, checked.spec, namespace);
+    const lease = this.writeLease(name, checked.spec, namespace);
     const delay = this.leaseAnswerDelayMs;
     this.leaseAnswerDelayMs = 0;
     if (delay) await sleep(delay); // written already: only the answer is slow
     return HttpResponse.json(lease);
+  }
+
+  /** A Lease written, created if missing: by a request, or by a test's putLease. */
+  protected writeLease(name: string, spec: LeaseSpec, namespace: string): StoredLease {
+    const before = this.leases.get(`${namespace}/${name}`);
+    const lease: StoredLease = {
+      apiVersion: 'coordination.k8s.io/v1',
+      kind: 'Lease',
+      metadata: {
+        name,
+        namespace,
+        resourceVersion: this.store.nextResourceVersion(),
+        uid: before?.metadata.uid ?? crypto.randomUUID(),
+        creationTimestamp: before?.metadata.creationTimestamp ?? timestamp(),
+      },
+      spec,
+    };
+    this.leases.set(`${namespace}/${name}`, lease);
+    this.onActivity();
+    return lease;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test controls: what a test calls. FakeApiServer serves ApiServer's handlers on loopback
+// TLS, and does to the cluster what a test asks, as another client would; it queues faults, and
+// it tells what the server received and holds.
+
+/**
+ * The fake API server a test starts, `await new FakeApiServer({ onActivity }).listen()`, and
+ * ends with close(). Its requests go to ApiServer's handlers; its methods are the test's.
+ */
+export class FakeApiServer extends ApiServer {
+  /** kube-controller-manager's garbage collector: off, as in a bare API server. */
+  get collectGarbage() {
+    return this.store.collectGarbage;
+  }
+  set collectGarbage(on: boolean) {
+    this.store.collectGarbage = on;
+    if (on) this.store.collect();
+  }
+
+  // Its life: listening on a port of its own, an outage, the end.
+
+  async listen(host = '127.0.0.1'): Promise<this> {
+    await new Promise<void>((resolve) => this.tls.listen(0, host, resolve));
+    const address = this.tls.address();
+    this.url = `https://${host}:${typeof address === 'object' && address ? address.port : 0}`;
+    return this;
+  }
+
+  /**
+   * An outage: for `ms` the server refuses connections (ECONNREFUSED) and drops the ones it has,
+   * then listens again on the same port.
+   */
+  async refuseConnections(ms: number) {
+    const port = Number(new URL(this.url).port);
+    const host = new URL(this.url).hostname;
+    for (const watch of this.streams.watches) watch.drop();
+    this.tls.closeAllConnections();
+    await new Promise<void>((resolve) => this.tls.close(() => resolve()));
+    await sleep(ms);
+    await new Promise<void>((resolve) => this.tls.listen(port, host, resolve));
+  }
+
+  close() {
+    this.release();
+    for (const watch of this.streams.watches) watch.end();
+    this.tls.closeAllConnections();
+    this.tls.close();
   }
 
   // ------------------------------------------------------------------------------------------
@@ -1937,22 +2126,7 @@ export class FakeApiServer {
 
   /** Writes a Lease as another client would (creating it if needed); returns what is stored. */
   putLease(name: string, spec: LeaseSpec, namespace = 'default'): StoredLease {
-    const before = this.leases.get(`${namespace}/${name}`);
-    const lease: StoredLease = {
-      apiVersion: 'coordination.k8s.io/v1',
-      kind: 'Lease',
-      metadata: {
-        name,
-        namespace,
-        resourceVersion: this.store.nextResourceVersion(),
-        uid: before?.metadata.uid ?? crypto.randomUUID(),
-        creationTimestamp: before?.metadata.creationTimestamp ?? timestamp(),
-      },
-      spec,
-    };
-    this.leases.set(`${namespace}/${name}`, lease);
-    this.onActivity();
-    return lease;
+    return this.writeLease(name, spec, namespace);
   }
   lease(namespace: string, name: string): StoredLease | undefined {
     const lease = this.leases.get(`${namespace}/${name}`);
@@ -2071,158 +2245,6 @@ export class FakeApiServer {
   eventRequests() {
     return this.requestsFor('events');
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Watch lines, selectors and the other small rules.
-
-const CONTINUE_EXPIRED =
-  'The provided continue parameter is too old to display a consistent list result. ' +
-  'You can start a new list without the continue parameter, or use the continue token in this ' +
-  'response to retrieve the remainder of the results. Continuing with the provided token results ' +
-  'in an inconsistent list - objects that were created, modified, or deleted between the time ' +
-  'the first chunk was returned and now may show up in the list.';
-const END_OF_INITIAL_EVENTS = { 'k8s.io/initial-events-end': 'true' };
-
-const eventLine = (type: string, object: unknown) => `${JSON.stringify({ type, object })}\n`;
-
-function bookmarkLine(type: ResourceType, resourceVersion: number, annotations?: Labels) {
-  const metadata = {
-    resourceVersion: String(resourceVersion),
-    ...(annotations && { annotations }),
-  };
-  return eventLine('BOOKMARK', { kind: type.kind, apiVersion: type.apiVersion, metadata });
-}
-
-const visible = (object: StoredObject, namespace: string | undefined, selector: Selector) =>
-  (!namespace || object.metadata.namespace === namespace) && selector(object.metadata.labels ?? {});
-
-/**
- * The line a watch gets for a change, or '' for none. Through a label selector, a change that
- * makes an object stop matching arrives as DELETED, one that makes it start matching as ADDED.
- */
-function lineFor(watch: OpenWatch | undefined, event: StoreEvent): string {
-  if (!watch || watch.type !== event.type) return '';
-  const matches = (object: StoredObject) => visible(object, watch.namespace, watch.selector);
-  if (event.kind === 'DELETED')
-    return matches(event.object) ? eventLine('DELETED', event.object) : '';
-  const was = event.before !== undefined && matches(event.before);
-  if (matches(event.object)) return eventLine(was ? 'MODIFIED' : 'ADDED', event.object);
-  if (!was || !event.before) return '';
-  // The object as the watch last matched it, at the resourceVersion of the change.
-  const { before } = event;
-  const resourceVersion = event.object.metadata.resourceVersion;
-  return eventLine('DELETED', { ...before, metadata: { ...before.metadata, resourceVersion } });
-}
-
-/** Which verb a request is, from its method, whether it names an object, and its query. */
-function verbOf(
-  method: string,
-  name: string | undefined,
-  query: URLSearchParams,
-  contentType: string | undefined,
-): Verb | undefined {
-  if (method === 'GET') return name ? 'get' : query.get('watch') === 'true' ? 'watch' : 'list';
-  if (method === 'POST') return name ? undefined : 'create';
-  if (!name) return undefined;
-  if (method === 'PUT') return 'update';
-  if (method === 'DELETE') return 'delete';
-  if (method !== 'PATCH') return undefined;
-  return contentType === 'application/apply-patch+yaml' ? 'apply' : 'patch';
-}
-
-/** A custom resource with a status subresource: writes to /status change only status, writes to
- * the object never change status. */
-function scoped(
-  type: ResourceType,
-  before: StoredObject,
-  proposed: StoredObject,
-  subresource?: Subresource,
-): StoredObject {
-  if (type !== BOOKS) return proposed;
-  if (subresource === 'status') return { ...before, status: proposed.status };
-  return { ...proposed, status: before.status };
-}
-
-const leaseDetails = (name: string) => ({ name, group: 'coordination.k8s.io', kind: 'leases' });
-const leaseNotFound = (name: string) =>
-  statusResponse(
-    404,
-    'NotFound',
-    `leases.coordination.k8s.io "${name}" not found`,
-    leaseDetails(name),
-  );
-
-// MicroTime is RFC 3339 with exactly six fractional digits; the server cannot decode anything else.
-const MICRO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$/;
-
-/** A Lease body as the server decodes it, or the 400 message it answers. */
-function checkLease(
-  body: unknown,
-): { name: string; resourceVersion?: string; spec: LeaseSpec } | string {
-  const cannot = (why: string) => `Lease in version "v1" cannot be handled as a Lease: ${why}`;
-  if (!isObject(body) || !isObject(body.metadata) || typeof body.metadata.name !== 'string')
-    return cannot('metadata.name is missing');
-  const spec = isObject(body.spec) ? body.spec : {};
-  for (const field of ['acquireTime', 'renewTime'] as const) {
-    const value = spec[field];
-    if (
-      value !== undefined &&
-      value !== null &&
-      (typeof value !== 'string' || !MICRO_TIME.test(value))
-    ) {
-      return cannot(
-        `parsing time ${JSON.stringify(value)} as "2006-01-02T15:04:05.000000Z07:00": ` +
-          `cannot parse as MicroTime (spec.${field})`,
-      );
-    }
-  }
-  const resourceVersion = body.metadata.resourceVersion;
-  return {
-    name: body.metadata.name,
-    resourceVersion: typeof resourceVersion === 'string' ? resourceVersion : undefined,
-    spec,
-  };
-}
-
-type Selector = (labels: Labels) => boolean;
-
-/**
- * A label selector, as kubectl's -l passes it: `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)`,
- * `k notin (a,b)`, joined by commas (all must hold). Returns the error message for a bad one.
- */
-export function parseSelector(text: string): Selector | string {
-  const has = (labels: Labels, key: string) => Object.hasOwn(labels, key);
-  const tests: Selector[] = [];
-  for (const term of text
-    .split(/,(?![^(]*\))/)
-    .map((t) => t.trim())
-    .filter(Boolean)) {
-    const set = /^([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)$/.exec(term);
-    const equality = /^([\w./-]+)\s*(==|=|!=)\s*([\w.-]*)$/.exec(term);
-    const exists = /^(!?)\s*([\w./-]+)$/.exec(term);
-    if (set) {
-      const [, key = '', op, list = ''] = set;
-      const values = list.split(',').map((v) => v.trim());
-      tests.push(
-        op === 'in'
-          ? (l) => has(l, key) && values.includes(l[key] ?? '')
-          : (l) => !has(l, key) || !values.includes(l[key] ?? ''),
-      );
-    } else if (equality) {
-      const [, key = '', op, value] = equality;
-      tests.push(op === '!=' ? (l) => l[key] !== value : (l) => has(l, key) && l[key] === value);
-    } else if (exists) {
-      const [, not, key = ''] = exists;
-      tests.push(not ? (l) => !has(l, key) : (l) => has(l, key));
-    } else {
-      return (
-        `unable to parse requirement: found '${term}', ` +
-        "expected: ',', '=', '!=', 'in', 'notin' or end of string"
-      );
-    }
-  }
-  return (labels) => tests.every((test) => test(labels));
 }
 
 // ---------------------------------------------------------------------------------------------
