@@ -678,55 +678,6 @@ const query = (collection: Collection, params: Record<string, string>) => {
   return new URLSearchParams(selector ? { ...params, labelSelector: selector } : params);
 };
 
-/** Lists a collection, a page at a time; each page carries the list's resourceVersion. */
-async function* listPages(api: Api, collection: Collection, signal: AbortSignal) {
-  const params = query(collection, { limit: '500' });
-  do {
-    const limit = deadline(api.config, 'list', signal);
-    const request = { verb: 'list', path: collection.path, query: params, signal: limit.signal };
-    const page = await api.json<List>(request).catch((err) => Promise.reject(limit.explain(err)));
-    yield page;
-    // A continue token expires after a few minutes (HTTP 410): the caller then lists again.
-    params.set('continue', page.metadata.continue ?? '');
-  } while (params.get('continue'));
-}
-
-/** Watches a collection, yielding the events of each chunk; returns when the server ends it. */
-async function* watchEvents(api: Api, path: string, params: URLSearchParams, signal: AbortSignal) {
-  const limit = deadline(api.config, 'watch', signal);
-  let response: http.IncomingMessage | undefined;
-  try {
-    response = await api.call({ verb: 'watch', path, query: params, signal: limit.signal });
-    response.setEncoding('utf8');
-    let partial = '';
-    for await (const chunk of response) {
-      const lines = (partial + chunk).split('\n');
-      partial = lines.pop() ?? '';
-      yield lines.filter((line) => line.trim()).map(parseEvent);
-    }
-    if (partial.trim()) throw new Error('the watch ended in the middle of an event');
-  } catch (err) {
-    throw limit.explain(err);
-  } finally {
-    response?.destroy();
-  }
-}
-
-/** Parses one line of a watch stream, checking what the loop relies on. */
-function parseEvent(line: string): WatchEvent {
-  let event: { type?: unknown; object?: { metadata?: { resourceVersion?: unknown } } } | null =
-    null;
-  try {
-    event = JSON.parse(line);
-  } catch {} // reported below
-  const isChange = ['ADDED', 'MODIFIED', 'DELETED', 'BOOKMARK'].includes(String(event?.type));
-  const resourceVersion = event?.object?.metadata?.resourceVersion;
-  if (event?.type === 'ERROR' || (isChange && typeof resourceVersion === 'string')) {
-    return event as WatchEvent;
-  }
-  throw new Error(`the watch sent a line that is not a watch event: ${line.slice(0, 60)}`);
-}
-
 /** A server that refuses to stream the initial state: list in pages instead, for the run. */
 class NoStreamingList extends Error {}
 
@@ -800,6 +751,19 @@ async function listInPages(api: Api, collection: Collection, health: Health, sig
   return resourceVersion;
 }
 
+/** Lists a collection, a page at a time; each page carries the list's resourceVersion. */
+async function* listPages(api: Api, collection: Collection, signal: AbortSignal) {
+  const params = query(collection, { limit: '500' });
+  do {
+    const limit = deadline(api.config, 'list', signal);
+    const request = { verb: 'list', path: collection.path, query: params, signal: limit.signal };
+    const page = await api.json<List>(request).catch((err) => Promise.reject(limit.explain(err)));
+    yield page;
+    // A continue token expires after a few minutes (HTTP 410): the caller then lists again.
+    params.set('continue', page.metadata.continue ?? '');
+  } while (params.get('continue'));
+}
+
 /**
  * The query of a watch from `resourceVersion`; without one, of a streaming list, which sends the
  * initial state first. Bookmarks tell even an idle watch the newer resourceVersions to resume from.
@@ -857,6 +821,42 @@ async function watch(
   if (events === 0 && performance.now() - started < 1000) {
     throw new Error('the watch ended at once, without any event');
   }
+}
+
+/** Watches a collection, yielding the events of each chunk; returns when the server ends it. */
+async function* watchEvents(api: Api, path: string, params: URLSearchParams, signal: AbortSignal) {
+  const limit = deadline(api.config, 'watch', signal);
+  let response: http.IncomingMessage | undefined;
+  try {
+    response = await api.call({ verb: 'watch', path, query: params, signal: limit.signal });
+    response.setEncoding('utf8');
+    let partial = '';
+    for await (const chunk of response) {
+      const lines = (partial + chunk).split('\n');
+      partial = lines.pop() ?? '';
+      yield lines.filter((line) => line.trim()).map(parseEvent);
+    }
+    if (partial.trim()) throw new Error('the watch ended in the middle of an event');
+  } catch (err) {
+    throw limit.explain(err);
+  } finally {
+    response?.destroy();
+  }
+}
+
+/** Parses one line of a watch stream, checking what the loop relies on. */
+function parseEvent(line: string): WatchEvent {
+  let event: { type?: unknown; object?: { metadata?: { resourceVersion?: unknown } } } | null =
+    null;
+  try {
+    event = JSON.parse(line);
+  } catch {} // reported below
+  const isChange = ['ADDED', 'MODIFIED', 'DELETED', 'BOOKMARK'].includes(String(event?.type));
+  const resourceVersion = event?.object?.metadata?.resourceVersion;
+  if (event?.type === 'ERROR' || (isChange && typeof resourceVersion === 'string')) {
+    return event as WatchEvent;
+  }
+  throw new Error(`the watch sent a line that is not a watch event: ${line.slice(0, 60)}`);
 }
 
 /**
