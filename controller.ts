@@ -41,6 +41,13 @@
 //   Leader election ......... one replica acts at a time
 //   Health, Manifests ....... /healthz, /readyz, /metrics; crd.yaml and deploy.yaml
 //   Main .................... main -> control: the watches, then the workers, until a signal
+//
+// One change, read downwards: listAndWatch -> watch -> watchEvents -> handleEvent ->
+// ObjectCache.update -> WorkQueue.add -> work -> reconcileKey -> your reconcile -> printer ->
+// StatusWriter.write -> WorkQueue.done -> a failure's line (ClusterProblems) and Event. It goes
+// back only to call what was read already: Requests (Api.call, for the watch and the client), the
+// work queue (next and done, for the worker), your reconcile, What reconcile made (client.apply)
+// and Writes (patchObject, for the status).
 
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
@@ -1888,8 +1895,8 @@ async function work(worker: Worker) {
     const delayMs = queue.done(key, err !== undefined, laterMs);
     objects.settle(key);
     countReconcile(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
-    // ServerState as the object's own: its line, with its backoff, and a Warning Event for a failed
-    // reconcile. A cluster's problem is said once for all objects instead.
+    // Said as the object's own problem: its line, with its backoff, and a Warning Event for a
+    // failed reconcile. A cluster's problem is said once for all objects instead.
     const failedAt = performance.now();
     const own = () => {
       // Said at once, or a second later (see held): the retry is as far off as it is by then.
