@@ -1184,7 +1184,7 @@ describe('status: written back, never echoed', () => {
   });
 
   test('403 on status: one line naming patch on books/status and the can-i command, one try every 10 s meanwhile; printing goes on', async () => {
-    fake.forbidStatus = true;
+    fake.knobs.forbidStatus = true;
     fake.create('a', { ...sample('A') });
     fake.create('b', { ...sample('B') });
     const controller = start(['-n', 'default']);
@@ -1204,7 +1204,7 @@ describe('status: written back, never echoed', () => {
   });
 
   test('a book deleted and created again while its status write is on the way gets its own status', async () => {
-    fake.statusAnswerDelayMs = 300;
+    fake.knobs.statusAnswerDelayMs = 300;
     fake.collectGarbage = true; // as in a cluster: the old book's ConfigMap goes with it
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
@@ -1273,7 +1273,7 @@ describe('status: written back, never echoed', () => {
   }, async () => {
     const names = Array.from({ length: 20 }, (_, i) => `book-${i}`);
     for (const name of names) fake.create(name, { ...sample(name) });
-    fake.forbidStatus = true;
+    fake.knobs.forbidStatus = true;
     const controller = start();
     await until('all printed', () => stdout.length === names.length);
     await until('the 403 said', () => stderr.length === 1);
@@ -1282,7 +1282,7 @@ describe('status: written back, never echoed', () => {
     await until('a status write tried again', () => fake.patches().length > burst, 15);
     assert.ok(performance.now() - saidAt > 5_000, 'not sooner than the retry period');
     assert.equal(fake.patches().length, burst + 1, 'one write tries, the others wait');
-    fake.forbidStatus = false;
+    fake.knobs.forbidStatus = false;
     const grantedAt = performance.now();
     await until('every book Ready', () => names.every((name) => isReady(name)), 20);
     assert.ok(performance.now() - grantedAt < 15_000, 'within the retry period of the grant');
@@ -1454,7 +1454,7 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
   });
 
   test('403: names watch, the verb a streaming list needs, and the can-i command', async () => {
-    fake.forbidden = true;
+    fake.knobs.forbidden = true;
     const controller = start(['-n', 'library']);
     await until('the report', () => stderr.length === 1);
     await controller.stop();
@@ -1467,11 +1467,11 @@ describe('errors a user will meet: one stderr line, cause then fix', () => {
   });
 
   test('404: the CRD is missing (a plain-text 404, on one line); once installed, picked up without a restart', async () => {
-    fake.crdInstalled = false;
+    fake.knobs.crdInstalled = false;
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('the report', () => stderr.length === 1);
-    fake.crdInstalled = true;
+    fake.knobs.crdInstalled = true;
     await until('moby-dick printed', () => stdout.length === 1);
     await controller.stop();
     assert.match(
@@ -1704,7 +1704,7 @@ describe('outages, with hundreds of books waiting: a few stderr lines, then ever
     timeout: 90_000,
   }, async () => {
     for (const name of names) fake.create(name, { ...sample(name) });
-    fake.statusLatencyMs = 20; // so that most books still wait for their status write
+    fake.knobs.statusLatencyMs = 20; // so that most books still wait for their status write
     const controller = start(['--concurrency', '8']);
     await until('some books Ready', () => fake.patches().length >= 20, 30);
     const outage = fake.refuseConnections(5000);
@@ -2670,7 +2670,7 @@ describe('reading the watch stream', () => {
     const how =
       chunkBytes === Infinity ? 'all events in one chunk' : `cut every ${chunkBytes} byte(s)`;
     test(`decodes a stream ${how}, even inside '白鯨' and an emoji`, async () => {
-      fake.chunkBytes = chunkBytes;
+      fake.knobs.chunkBytes = chunkBytes;
       const controller = start();
       await until('watching', () => fake.openWatches === 1);
       fake.hold(); // so the three events reach the next watch together, as one replay
@@ -2761,7 +2761,7 @@ describe('reading the watch stream', () => {
 
 describe('the initial state: a streaming list, else pages', () => {
   test('falls back to lists in pages on 422, for the rest of the run', async () => {
-    fake.watchList = false; // a server before 1.34
+    fake.knobs.watchList = false; // a server before 1.34
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('watching', () => fake.openWatches === 1 && stdout.length === 1);
@@ -2789,13 +2789,14 @@ describe('the initial state: a streaming list, else pages', () => {
   });
 
   test('a streaming list cut short streams again, with backoff, nothing lost', async () => {
-    fake.endInitialEventsEarly = true; // a restarting server: 200, the ADDEDs, then the end, no bookmark
+    // A restarting server: 200, the ADDEDs, then the end, no bookmark.
+    fake.knobs.endInitialEventsEarly = true;
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     const aboutBooks = () => stderr.filter((line) => !line.includes('configmaps'));
     await until('the cut reported', () => aboutBooks().length === 1);
     const saidAt = stderrAt[stderr.indexOf(aboutBooks()[0] ?? '')] ?? 0;
-    fake.endInitialEventsEarly = false; // the server is back
+    fake.knobs.endInitialEventsEarly = false; // the server is back
     await until(
       'moby-dick printed, then watching',
       () => stdout.length === 1 && fake.openWatches === 1,
@@ -2877,7 +2878,7 @@ describe('the initial state: a streaming list, else pages', () => {
   test('a list that fails after its first page lists again from the first: every book Added once, then the watch', {
     takes: 3,
   }, async () => {
-    fake.watchList = false;
+    fake.knobs.watchList = false;
     for (let i = 0; i < 600; i++)
       fake.create(`book-${String(i).padStart(3, '0')}`, { ...sample(`Book ${i}`) });
     const controller = start();
@@ -2908,9 +2909,9 @@ describe('the initial state: a streaming list, else pages', () => {
   test('lists in pages of 500 following continue, and starts over when a continue token expires', {
     takes: 6,
   }, async () => {
-    fake.watchList = false;
+    fake.knobs.watchList = false;
     for (let i = 0; i < 1200; i++) fake.create(`book-${i}`, { ...sample(`Book ${i}`) });
-    fake.expireNextContinueToken = true;
+    fake.knobs.expireNextContinueToken = true;
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
     await until('1200 lines', () => stdout.length === 1200, 60); // 1200 books: real work, slower on a busy machine
@@ -2948,11 +2949,11 @@ describe('the initial state: a streaming list, else pages', () => {
     fake.update('b', { ...sample('B, second edition') });
     fake.create('d', { ...sample('D') });
     fake.compact();
-    fake.endInitialEventsEarly = true;
+    fake.knobs.endInitialEventsEarly = true;
     fake.release();
     const aboutBooks = () => stderr.filter((line) => !line.includes('configmaps'));
     await until('the cut-short relist reported', () => aboutBooks().length === 1);
-    fake.endInitialEventsEarly = false;
+    fake.knobs.endInitialEventsEarly = false;
     await until('the gap printed', () => stdout.length === 6);
     fake.create('e', { ...sample('E') });
     await until('e printed', () => stdout.length === 7);
@@ -3101,8 +3102,8 @@ describe('resuming and relisting', () => {
   ];
   for (const { form, watchList, goneAsHttp } of gaps) {
     test(`relists after 410 Gone as ${form}: the worker prints exactly the gap, books absent from the new state Deleted`, async () => {
-      fake.watchList = watchList;
-      fake.goneAsHttp = goneAsHttp;
+      fake.knobs.watchList = watchList;
+      fake.knobs.goneAsHttp = goneAsHttp;
       for (const name of ['a', 'b', 'c']) fake.create(name, { ...sample(name.toUpperCase()) });
       const controller = start();
       await until(
@@ -3143,16 +3144,16 @@ describe('resuming and relisting', () => {
     timeout: 40_000,
     ...DENO_EXTRA_REQUEST,
   }, async () => {
-    fake.watchList = false;
-    fake.neverAnswerLists = true; // not even the response headers
+    fake.knobs.watchList = false;
+    fake.knobs.neverAnswerLists = true; // not even the response headers
     const controller = start(['--watch-timeout', '1']);
     await until('the list asked', () => fake.listRequests().length === 1);
     const listedAt = performance.now();
-    fake.neverAnswerLists = false;
-    fake.stallWatches = true; // the headers, then silence
+    fake.knobs.neverAnswerLists = false;
+    fake.knobs.stallWatches = true; // the headers, then silence
     await until('the watch asked', () => fake.watchRequests().length === 2, 15);
     const abandonedAfter = performance.now() - listedAt;
-    fake.stallWatches = false;
+    fake.knobs.stallWatches = false;
     await until('a third watch', () => fake.watchRequests().length === 3, 15);
     fake.create('moby-dick', MOBY_DICK);
     await until('moby-dick printed', () => stdout.length === 1);
@@ -3298,7 +3299,8 @@ describe('backoff: what fails is tried again later, with growing waits, and said
       timeout: 40_000,
     }, async () => {
       // e.g. a replica started without --leader-elect from a laptop, next to the deployment
-      if (varying) fake.statusAnswerDelayMs = 50; // the write's own MODIFIED arrives before its answer
+      // The write's own MODIFIED arrives before its answer.
+      if (varying) fake.knobs.statusAnswerDelayMs = 50;
       fake.create('moby-dick', MOBY_DICK);
       let attempts = 0;
       const failing = startWithToken('token-fail', [], {
@@ -3332,7 +3334,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
   }, async () => {
     const controller = start();
     await until('watching', () => fake.openWatches === 1);
-    fake.endWatchesAtOnce = true; // the ConfigMaps' watch too: their reports name them
+    fake.knobs.endWatchesAtOnce = true; // the ConfigMaps' watch too: their reports name them
     fake.endWatches();
     // The first watch had events: its end is routine, the next starts at once. The next ones end at once.
     await until('the watch after the second wait', () => bookRequests().length === 4, 15);
@@ -3355,9 +3357,9 @@ describe('backoff: what fails is tried again later, with growing waits, and said
 
   test('a server that answers every watch with 410: the first relists at once and quietly, the second in a row is said once and waits', async () => {
     // With lists in pages: a streaming list is itself the watch, so there only resumes could meet the 410.
-    fake.watchList = false;
+    fake.knobs.watchList = false;
     fake.create('moby-dick', MOBY_DICK);
-    fake.goneForever = true;
+    fake.knobs.goneForever = true;
     const controller = start();
     // The ConfigMaps' watch meets the same 410s: its own line names them.
     const reports = () =>
@@ -3398,9 +3400,9 @@ describe('backoff: what fails is tried again later, with growing waits, and said
     takes: 10,
     timeout: 30_000,
   }, async () => {
-    fake.watchList = false;
+    fake.knobs.watchList = false;
     fake.create('moby-dick', MOBY_DICK);
-    fake.goneForever = true;
+    fake.knobs.goneForever = true;
     const controller = start();
     const startedAt = performance.now();
     await sleep(10_000); // the behaviour under test: how many lists ten seconds of 410s cost
@@ -3487,7 +3489,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
   });
 
   test("one 429 'storage is (re)initializing' with Retry-After 1 is routine: quiet, and waited", async () => {
-    fake.storageInitializing = 1;
+    fake.knobs.storageInitializing = 1;
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick printed', () => stdout.length === 1);
@@ -3500,7 +3502,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
   test("two 429 'storage is (re)initializing' in a row are reported once", {
     takes: 2,
   }, async () => {
-    fake.storageInitializing = 2;
+    fake.knobs.storageInitializing = 2;
     fake.create('moby-dick', MOBY_DICK);
     const controller = start();
     await until('moby-dick printed', () => stdout.length === 1);
@@ -3527,7 +3529,7 @@ describe('backoff: what fails is tried again later, with growing waits, and said
 
 describe('a write for a book never lands on another created under its name', () => {
   test('a status write in flight when the book is deleted and created again does not land on the successor; refused quietly, the new book reconciled', async () => {
-    fake.statusLatencyMs = 500; // the PATCH reaches the book only after half a second
+    fake.knobs.statusLatencyMs = 500; // the PATCH reaches the book only after half a second
     const first = fake.create('moby-dick', MOBY_DICK);
     let release = () => {};
     const successorReconciling = new Promise<void>((resolve) => {
@@ -3663,7 +3665,7 @@ describe('leader election (--leader-elect)', () => {
     const leader = startReplica('token-a');
     await until('a leader', () => leader.lines.length === 1);
     const identity = identityIn(leadingLine());
-    fake.refuseLeaseUpdatesFrom(identity);
+    fake.knobs.refuseLeaseUpdatesFrom.add(identity);
     const refusedAt = performance.now();
     assert.equal(await leader.exited, 1);
     assert.ok(
@@ -3867,7 +3869,7 @@ describe('leader election (--leader-elect)', () => {
     const stopChurn = churn('moby-dick', 300); // work to do all along: an act past the deadline would show
     try {
       Date.now = () => realNow() - 3_600_000; // the clock steps back an hour
-      fake.refuseLeaseUpdatesFrom(identity); // and every renewal fails with 500
+      fake.knobs.refuseLeaseUpdatesFrom.add(identity); // and every renewal fails with 500
       const refusedAt = performance.now();
       await until('the leader gives up', () => leader.exitCode() !== undefined, 15);
       const lastRenewal = leaseWrites('token-a')
@@ -3898,10 +3900,10 @@ describe('leader election (--leader-elect)', () => {
     await until('a leader', () => leader.lines.length === 1);
     const identity = /^leading as (\S+) /.exec(leadingLines()[0] ?? '')?.[1] ?? '';
     const renewals = leaseWrites('token-a').length;
-    fake.delayNextLeaseUpdate(7500); // written at once, answered 7.5 s later
+    fake.knobs.delayNextLeaseUpdateMs = 7500; // written at once, answered 7.5 s later
     await until('the slow renewal sent', () => leaseWrites('token-a').length === renewals + 1);
     const sent = leaseWrites('token-a').at(-1)?.at ?? 0;
-    fake.refuseLeaseUpdatesFrom(identity); // and every renewal after it fails
+    fake.knobs.refuseLeaseUpdatesFrom.add(identity); // and every renewal after it fails
     const stopChurn = churn('moby-dick', 300);
     try {
       await until('the leader gives up', () => leader.exitCode() !== undefined, 20);

@@ -263,6 +263,128 @@ const CORE_EVENTS = resourceType('events', '', 'v1', 'Event', true);
 const EVENTS = resourceType('events', 'events.k8s.io', 'v1', 'Event', true);
 
 // ---------------------------------------------------------------------------------------------
+// The knobs: how this API server differs from a healthy, current kube-apiserver, in one object
+// (`fake.knobs`). A test sets them, `fake.knobs.forbidden = true`, and each is read when a request
+// needs it, so it holds from the next request on; each says which requests it touches. Faults
+// queued for one request (failNext, failInitialEvents), an outage (refuseConnections) and the
+// garbage collector (collectGarbage) are FakeApiServer's controls, below.
+
+/** What a test turns on a FakeApiServer: a fault, a delay, a feature or a plugin. */
+export interface Knobs {
+  /**
+   * The real server writes each watch event whole; the network may still cut it anywhere. Every
+   * watch stream is written in pieces of this many bytes (1: byte by byte), so a client has to
+   * join lines across reads. Infinity: each write whole.
+   */
+  chunkBytes: number;
+  /**
+   * With the CRD installed, the books' paths exist. false: every request for books gets what the
+   * real server answers for a path it does not know, a plain-text 404 "404 page not found".
+   */
+  crdInstalled: boolean;
+  /**
+   * A user whose RBAC role does not allow a request gets 403 Forbidden, the Status naming the
+   * user, the verb and the resource. true: every request for books but their status gets it.
+   */
+  forbidden: boolean;
+  /** The same 403, for every request for books/status (the user may read books, not write). */
+  forbidStatus: boolean;
+  /**
+   * A busy server takes a while to make a write. Every request to books/status but a get waits
+   * this long once logged, before anything happens: the write, its event, its answer come late.
+   */
+  statusLatencyMs: number;
+  /**
+   * The answer to a write can come after the write is made and its watch event sent. A status
+   * write is made (its MODIFIED goes out at once), then its answer waits this long.
+   */
+  statusAnswerDelayMs: number;
+  /**
+   * The WatchList feature (streaming lists, `sendInitialEvents=true`), on by default since 1.34.
+   * false: a server before it, which answers such a watch with 422 Invalid.
+   */
+  watchList: boolean;
+  /**
+   * A half-open connection: a watch is answered (200 and its headers), then nothing more comes,
+   * no event and no end. It is not an open watch for openWatches either.
+   */
+  stallWatches: boolean;
+  /** A list request is taken and never answered, not even with its headers. */
+  neverAnswerLists: boolean;
+  /**
+   * A watch from a resourceVersion older than the last compaction gets 410 Gone (see compact()).
+   * true: every watch from a resourceVersion gets it, however recent; a watch from none
+   * (a fresh start, a streaming list) does not.
+   */
+  goneForever: boolean;
+  /**
+   * The real server ends a watch at its timeoutSeconds. true: every watch is answered, then ended
+   * at once, before any event (its initial ADDEDs included).
+   */
+  endWatchesAtOnce: boolean;
+  /**
+   * A defensive case: the real server answers a too-old watch with HTTP 200 and an ERROR event
+   * (as here by default); HTTP 410 comes from lists. true: the watch gets HTTP 410 instead.
+   */
+  goneAsHttp: boolean;
+  /**
+   * A continue token expires (etcd compacted past it): its list gets 410 Expired, with a token to
+   * go on with, inconsistently. true: the next list with a continue token gets that, and this is
+   * false again.
+   */
+  expireNextContinueToken: boolean;
+  /**
+   * For a moment after a CRD is established, or after it restarts, the real server answers 429
+   * 'storage is (re)initializing' with Retry-After: 1. The next N lists and watches of books get
+   * it (each counts this down).
+   */
+  storageInitializing: number;
+  /**
+   * A streaming list sends its ADDEDs, then the bookmark annotated k8s.io/initial-events-end.
+   * true: the ADDEDs, then the stream ends without it (a server restarting).
+   */
+  endInitialEventsEarly: boolean;
+  /**
+   * OwnerReferencesPermissionEnforcement (on in many managed clusters), for a user who may not
+   * update the owner's finalizers (books/finalizers): a request that newly sets blockOwnerDeletion
+   * on an owner reference gets 403.
+   */
+  refuseBlockOwnerDeletion: boolean;
+  /**
+   * A slow network back: the next Lease update is written at once, and answered this many ms
+   * later. Then 0 again.
+   */
+  delayNextLeaseUpdateMs: number;
+  /**
+   * etcd timing out: updates of a Lease that name one of these holders get 500 InternalError, so
+   * that holder cannot renew (add an identity: `fake.knobs.refuseLeaseUpdatesFrom.add(id)`).
+   */
+  refuseLeaseUpdatesFrom: Set<string>;
+}
+
+/** A new fake's knobs: a healthy API server of today, with the CRD installed. */
+const defaultKnobs = (): Knobs => ({
+  chunkBytes: Infinity,
+  crdInstalled: true,
+  forbidden: false,
+  forbidStatus: false,
+  statusLatencyMs: 0,
+  statusAnswerDelayMs: 0,
+  watchList: true,
+  stallWatches: false,
+  neverAnswerLists: false,
+  goneForever: false,
+  endWatchesAtOnce: false,
+  goneAsHttp: false,
+  expireNextContinueToken: false,
+  storageInitializing: 0,
+  endInitialEventsEarly: false,
+  refuseBlockOwnerDeletion: false,
+  delayNextLeaseUpdateMs: 0,
+  refuseLeaseUpdatesFrom: new Set(),
+});
+
+// ---------------------------------------------------------------------------------------------
 // Status bodies: every error, in the real server's words.
 
 /** A Kubernetes Status body, the shape of every error the API server sends. */
@@ -1025,7 +1147,7 @@ function tidy(object: StoredObject): StoredObject {
 
 // ---------------------------------------------------------------------------------------------
 // Lists and watches, of any resource: pages, continue tokens, watch streams cut at any byte,
-// bookmarks, 410 Gone, streaming lists. The knobs that make them misbehave are the server's.
+// bookmarks, 410 Gone, streaming lists; most of the knobs (above) are read here.
 
 const CONTINUE_EXPIRED =
   'The provided continue parameter is too old to display a consistent list result. ' +
@@ -1124,11 +1246,13 @@ class Streams {
   private readonly continueTokens = new Map<string, StoredObject[]>(); // token → rest of a list
   private issuedTokens = 0;
   private readonly store: Store;
-  private readonly knobs: ApiServer;
+  private readonly knobs: Knobs;
+  private readonly onActivity: () => void;
 
-  constructor(store: Store, knobs: ApiServer) {
+  constructor(store: Store, knobs: Knobs, onActivity: () => void) {
     this.store = store;
     this.knobs = knobs;
+    this.onActivity = onActivity;
   }
 
   async listOrWatch(
@@ -1321,7 +1445,7 @@ class Streams {
         }
         watch.send(replay.join(''));
         watches.add(watch);
-        this.knobs.onActivity();
+        this.onActivity();
         // Without timeoutSeconds, kube-apiserver's --min-request-timeout: 30 minutes (and up
         // to as much again, at random).
         const seconds = query.timeoutSeconds ? Number(query.timeoutSeconds) : 1800;
@@ -1335,7 +1459,7 @@ class Streams {
   /** A change, to every open watch it concerns. */
   broadcast(event: StoreEvent) {
     for (const watch of this.watches) watch.send(lineFor(watch, event));
-    this.knobs.onActivity();
+    this.onActivity();
   }
 }
 
@@ -1418,45 +1542,19 @@ function checkLease(
 
 /** The API server proper: its state, and what it does with each request. */
 class ApiServer {
+  /** How it differs from a healthy server, as a test sets it: see Knobs. */
+  readonly knobs: Knobs = defaultKnobs();
   protected readonly store: Store = new Store((event) => this.streams.broadcast(event));
-  protected readonly streams = new Streams(this.store, this);
+  protected readonly streams = new Streams(this.store, this.knobs, () => this.onActivity());
   protected readonly leases = new Map<string, StoredLease>(); // by namespace/name
   protected readonly faults: { match: FaultOptions; response: () => Response }[] = [];
-  protected readonly refusedHolders = new Set<string>();
-  protected leaseAnswerDelayMs = 0;
+  /** Every request it received, in order, as a test reads them back (see ApiRequest). */
   readonly requests: ApiRequest[] = [];
   /** The bearer tokens it accepts; anything else gets 401. One per controller tells them apart. */
   readonly tokens = new Set([TOKEN]);
 
   /** Called on every request and every change: tests wait on it instead of sleeping. */
   onActivity: () => void;
-
-  // Knobs a test turns: how the stream is cut, and how the server misbehaves. Those about books
-  // (the CRD, 403s, 429s, one-shot list faults) touch only the custom resource; the rest, every
-  // list and watch.
-  chunkBytes = Infinity;
-  crdInstalled = true;
-  forbidden = false; // 403 on lists and watches of books
-  forbidStatus = false; // 403 on status patches
-  statusLatencyMs = 0; // added to every status write
-  statusAnswerDelayMs = 0; // added after a status write is made, before it is answered
-  watchList = true; // the WatchList feature (streaming lists); false: 422, as before 1.34
-  stallWatches = false; // answer a watch, then send nothing: a half-open connection
-  neverAnswerLists = false; // take a list request and never answer it
-  goneForever = false; // answer every watch from a resourceVersion with 410 Gone
-  endWatchesAtOnce = false;
-  // A defensive case: the real server answers a too-old watch with HTTP 200 and an ERROR event (the
-  // default here); HTTP 410 comes from lists. This answers the watch with HTTP 410 instead.
-  goneAsHttp = false;
-  expireNextContinueToken = false;
-  // The next N requests for books get 429 'storage is (re)initializing' with Retry-After: 1, as a
-  // real server answers for a moment after a CRD is established or after it restarts.
-  storageInitializing = 0;
-  // A streaming list sends its ADDEDs, then ends without the initial-events-end bookmark.
-  endInitialEventsEarly = false;
-  // OwnerReferencesPermissionEnforcement (on in many managed clusters), for a user who may not
-  // update the owner's finalizers (books/finalizers): setting blockOwnerDeletion is 403.
-  refuseBlockOwnerDeletion = false;
 
   private readonly handlers = [
     ...this.routes(BOOKS, `/apis/${GROUP_VERSION}`, true),
@@ -1614,7 +1712,7 @@ class ApiServer {
     const admitted = this.admit(request, { verb, resource, namespace, name }, text);
     if (admitted instanceof Response) return admitted;
     const writesStatus = resource === `${PLURAL}/status` && verb !== 'get';
-    if (writesStatus && this.statusLatencyMs) await sleep(this.statusLatencyMs);
+    if (writesStatus && this.knobs.statusLatencyMs) await sleep(this.knobs.statusLatencyMs);
     const refused = type === BOOKS ? this.refuseBooks(verb, namespace, name, resource) : undefined;
     if (refused) return refused;
     if (verb === 'list' || verb === 'watch')
@@ -1623,11 +1721,12 @@ class ApiServer {
       // Who owns what this write sets: ?fieldManager=, else the User-Agent up to its first '/'.
       const agent = request.headers.get('user-agent')?.split('/')[0];
       const manager = admitted.query.fieldManager || agent || 'unknown';
-      const admission = this.refuseBlockOwnerDeletion ? checkBlockOwnerDeletion : undefined;
+      const admission = this.knobs.refuseBlockOwnerDeletion ? checkBlockOwnerDeletion : undefined;
       const [object, code = 200] = this.store.admitting(admission, () =>
         this.act(type, verb, admitted, subresource, manager),
       );
-      if (writesStatus && this.statusAnswerDelayMs) await sleep(this.statusAnswerDelayMs);
+      if (writesStatus && this.knobs.statusAnswerDelayMs)
+        await sleep(this.knobs.statusAnswerDelayMs);
       return HttpResponse.json(object, { status: code });
     } catch (err) {
       if (err instanceof Refusal) return err.response();
@@ -1645,12 +1744,13 @@ class ApiServer {
     name?: string,
     resource: Resource = PLURAL,
   ): Response | undefined {
-    if (!this.crdInstalled)
+    if (!this.knobs.crdInstalled)
       return new Response('404 page not found\n', {
         status: 404,
         headers: { 'Content-Type': 'text/plain; charset=utf-8' },
       });
-    const forbidden = resource === `${PLURAL}/status` ? this.forbidStatus : this.forbidden;
+    const forbidden =
+      resource === `${PLURAL}/status` ? this.knobs.forbidStatus : this.knobs.forbidden;
     if (!forbidden) return undefined;
     const where = namespace ? ` in the namespace "${namespace}"` : ' at the cluster scope';
     return statusResponse(
@@ -1902,7 +2002,7 @@ class ApiServer {
         invalidValue('metadata.resourceVersion', 0, 'must be specified for an update'),
       ]).response();
     }
-    if (this.refusedHolders.has(checked.spec.holderIdentity ?? '')) {
+    if (this.knobs.refuseLeaseUpdatesFrom.has(checked.spec.holderIdentity ?? '')) {
       return statusResponse(
         500,
         'InternalError',
@@ -1915,8 +2015,8 @@ class ApiServer {
     if (checked.resourceVersion !== before.metadata.resourceVersion)
       return conflict('leases.coordination.k8s.io', name, leaseDetails(name)).response();
     const lease = this.writeLease(name, checked.spec, namespace);
-    const delay = this.leaseAnswerDelayMs;
-    this.leaseAnswerDelayMs = 0;
+    const delay = this.knobs.delayNextLeaseUpdateMs;
+    this.knobs.delayNextLeaseUpdateMs = 0;
     if (delay) await sleep(delay); // written already: only the answer is slow
     return HttpResponse.json(lease);
   }
@@ -2131,14 +2231,6 @@ export class FakeApiServer extends ApiServer {
   lease(namespace: string, name: string): StoredLease | undefined {
     const lease = this.leases.get(`${namespace}/${name}`);
     return lease && structuredClone(lease);
-  }
-  /** The next Lease update is written at once and answered `ms` later (a slow network back). */
-  delayNextLeaseUpdate(ms: number) {
-    this.leaseAnswerDelayMs = ms;
-  }
-  /** From now on, updates of a Lease that name this holder fail (500): its leader cannot renew. */
-  refuseLeaseUpdatesFrom(holderIdentity: string) {
-    this.refusedHolders.add(holderIdentity);
   }
 
   // The server's history, its watches, and faults.
