@@ -19,8 +19,19 @@
 // own https request, its CA check and its bearer token are exercised as against a cluster, on Node,
 // Deno and Bun alike.
 //
-// As a program it is the demo (`npm run demo`, or `npx tsx fake-apiserver.ts`): it starts the fake,
-// runs the real controller.ts against it as a child process, and plays the seed's walkthrough.
+// The file, top to bottom:
+//   - what a test imports besides the server: the CA, the kubeconfig writer, freePort, the types of
+//     what it stores and of each request it records;
+//   - the knobs (Knobs, as `fake.knobs`): the faults, delays and features a test sets and leaves
+//     set, each with what the real server does, and their defaults in one place;
+//   - the rules: Status bodies, patches, field managers, metadata validation;
+//   - the store (Store), then lists and watches (Streams);
+//   - the handlers (class ApiServer): what a request meets, from its bytes to its answer;
+//   - the test controls (class FakeApiServer, which extends ApiServer): what a test calls, that is
+//     listen and close, changes made as another client would, faults queued, what it reads back;
+//   - the demo (runDemo). As a program this file is the demo (`npm run demo`, or `npx tsx
+//     fake-apiserver.ts`): it starts the fake, runs the real controller.ts against it as a child
+//     process, and plays the seed's walkthrough.
 
 import { spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
