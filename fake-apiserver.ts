@@ -2063,7 +2063,10 @@ class ApiServer {
  * ends with close(). Its requests go to ApiServer's handlers; its methods are the test's.
  */
 export class FakeApiServer extends ApiServer {
-  /** kube-controller-manager's garbage collector: off, as in a bare API server. */
+  /**
+   * kube-controller-manager's garbage collector: off, as in a bare API server. Not a knob: another
+   * component, which, turned on, collects at once what gone owners left, then after every change.
+   */
   get collectGarbage() {
     return this.store.collectGarbage;
   }
