@@ -1919,7 +1919,8 @@ class ApiServer {
     if (metadata.name !== undefined && metadata.name !== name)
       throw nameMismatch(metadata.name, name);
     // A resourceVersion is a precondition on an object that exists ("0": none); one that does not
-    // is created, whatever it says (as kube-apiserver 1.37 does for ConfigMaps and custom resources).
+    // is created, whatever it says (as kube-apiserver 1.37 does for ConfigMaps and custom
+    // resources).
     const rv = metadata.resourceVersion;
     if (before && rv && rv !== '0' && rv !== before.metadata.resourceVersion)
       throw conflict(type.qualified, name, detailsOf(type, name));
