@@ -6,7 +6,9 @@
 // where the fake learns what the real server does: it runs the controller against a real
 // kube-apiserver. The fake is served over a real loopback TLS server, so the controller's own https
 // request, its CA check and its bearer token are exercised as against a cluster, on Node, Deno and
-// Bun alike.
+// Bun alike. A test sets the fake's faults, delays and features on `fake.knobs` (Knobs in
+// fake-apiserver.ts says what each does) and calls the rest: fake.create, fake.failNext,
+// fake.requestsFor, and the other methods of FakeApiServer.
 //
 //   npm test                  (Node)
 //   npm run test:deno         (Deno)
