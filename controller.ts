@@ -490,8 +490,6 @@ class Api {
     http: new http.Agent({ keepAlive: true }),
     https: new https.Agent({ keepAlive: true }),
   };
-  // The labels of rest_client_requests_total, one object for each code, method and host.
-  private readonly labels = new Map<string, Record<string, string>>();
 
   constructor(config: Config, metrics: Metrics) {
     this.config = config;
@@ -552,13 +550,7 @@ class Api {
     throw await apiErrorOf(response, code, verb);
   }
   private countRequest(code: string, method: string, host: string) {
-    const key = `${code} ${method} ${host}`;
-    let labels = this.labels.get(key);
-    if (!labels) {
-      labels = { code, method, host };
-      this.labels.set(key, labels);
-    }
-    this.metrics.count('rest_client_requests_total', labels);
+    this.metrics.count('rest_client_requests_total', { code, method, host });
   }
 
   async json<T>(request: Call): Promise<T> {
@@ -893,8 +885,7 @@ function handleEvent(event: ObjectEvent, cache: Cache, position: Position, synce
 function keyOf(object: unknown, config: Pick<Config, 'namespace'>): string {
   const { metadata } = object as { metadata?: { namespace?: string; name?: string } };
   const { namespace = '', name = '' } = metadata ?? {};
-  // join makes one flat string: a template would keep its parts too, for every cached object.
-  return namespace === config.namespace ? name : [namespace, name].join('/');
+  return namespace === config.namespace ? name : `${namespace}/${name}`;
 }
 
 /** What the controller knows of one name. One object at a time has it; each has its own uid. */
@@ -2237,30 +2228,23 @@ class StatusWriter {
       return;
     }
     if (refusal) refusal.trying = true;
-    // It changes only on a flip, and in whole seconds as the server keeps it (so its echo is no
-    // change).
+    // lastTransitionTime changes only on a flip, and in whole seconds as the server keeps it (so
+    // its echo is no change).
     const flipped = was?.status !== condition.status || !was.since;
     const since = flipped ? Math.floor(Date.now() / 1000) : was.since;
-    const lastTransitionTime = new Date(since * 1000).toISOString().replace('.000Z', 'Z');
-    const status = {
-      ...fields,
-      observedGeneration: generation,
-      conditions: [
-        { type: 'Ready', ...condition, observedGeneration: generation, lastTransitionTime },
-      ],
-    };
+    const ready: Ready = { ...condition, generation, since };
     // Known before it is sent, so that its echo is no change, even when it comes before the answer.
     const before = { ready: entry.ready, status: entry.status };
-    const ready: Ready = { ...condition, generation, since };
     Object.assign(entry, { ready, status: fields });
     try {
-      const patch = [uidTest(object), { op: 'add', path: '/status', value: status }];
+      const patch = [
+        uidTest(object),
+        { op: 'add', path: '/status', value: statusOf(ready, fields) },
+      ];
       await patchObject(this.api, object, patch, signal, '/status');
       if (refusal) this.allowed(namespace, refusal);
     } catch (err) {
-      if (entry.ready === ready && entry.status === fields) {
-        Object.assign(entry, before);
-      }
+      if (entry.ready === ready && entry.status === fields) Object.assign(entry, before);
       if (refusal) {
         refusal.trying = false;
         if (!isApiError(err, 403)) this.again(refusal); // no answer about the permission: next
@@ -2308,6 +2292,14 @@ class StatusWriter {
     for (const key of refusal.waiting) this.queue.add(key, false);
     refusal.waiting.clear();
   }
+}
+
+/** The status written: the reader's fields, observedGeneration and the Ready condition. */
+function statusOf(ready: Ready, fields: Record<string, unknown> | undefined) {
+  const { generation: observedGeneration, since, ...condition } = ready;
+  const lastTransitionTime = new Date(since * 1000).toISOString().replace('.000Z', 'Z');
+  const conditions = [{ type: 'Ready', ...condition, observedGeneration, lastTransitionTime }];
+  return { ...fields, observedGeneration, conditions };
 }
 
 /** The Ready condition a reconcile's outcome gives. */
