@@ -1886,29 +1886,48 @@ async function work(worker: Worker) {
     const delayMs = queue.done(key, err !== undefined, laterMs);
     objects.settle(key);
     countReconcile(worker.api.metrics, err === undefined, (performance.now() - started) / 1000);
-    // Said as the object's own problem: its line, with its backoff, and a Warning Event for a
-    // failed reconcile. A cluster's problem is said once for all objects instead.
-    const failedAt = performance.now();
-    const own = () => {
-      // Said at once, or a second later (see held): the retry is as far off as it is by then.
-      const left = Math.max(0, delayMs - (performance.now() - failedAt));
-      const retrying = `retrying in ${inSeconds(left)}`;
-      if (failure !== undefined) {
-        if (subject) worker.events.failed(key, subject, messageOf(failure), reasonOf(failure));
-        console.error(`reconcile of ${kind} ${key} failed: ${messageOf(failure)}; ${retrying}`);
-      } else {
-        const why = messageOf(statusFailure);
-        console.error(`cannot write the status of ${kind} ${key} (${why}); ${retrying}`);
-      }
-    };
-    if (err === undefined) {
-      if (entry?.object) worker.events.recovered(key, entry.object);
-      else worker.events.forget(key);
-      worker.problems.cleared(key);
-    } else if (!worker.problems.held(key, err, delayMs, own)) {
-      own();
-    }
+    const outcome = { subject, object: entry?.object, failure, statusFailure, delayMs };
+    report(worker, key, outcome);
   }
+}
+
+/**
+ * Says how a reconcile ended. A failure is the object's own problem (its line, with its backoff,
+ * and a Warning Event for a failed reconcile), unless it is the cluster's: said once for all.
+ */
+function report(
+  worker: Worker,
+  key: string,
+  outcome: {
+    subject?: Resource;
+    object?: Resource;
+    failure: unknown;
+    statusFailure: unknown;
+    delayMs: number;
+  },
+) {
+  const { subject, object, failure, statusFailure, delayMs } = outcome;
+  const err = failure ?? statusFailure;
+  if (err === undefined) {
+    if (object) worker.events.recovered(key, object);
+    else worker.events.forget(key);
+    worker.problems.cleared(key);
+    return;
+  }
+  const failedAt = performance.now();
+  const own = () => {
+    // Said at once, or a second later (see held): the retry is as far off as it is by then.
+    const left = Math.max(0, delayMs - (performance.now() - failedAt));
+    const retrying = `retrying in ${inSeconds(left)}`;
+    if (failure !== undefined) {
+      if (subject) worker.events.failed(key, subject, messageOf(failure), reasonOf(failure));
+      console.error(`reconcile of ${kind} ${key} failed: ${messageOf(failure)}; ${retrying}`);
+    } else {
+      const why = messageOf(statusFailure);
+      console.error(`cannot write the status of ${kind} ${key} (${why}); ${retrying}`);
+    }
+  };
+  if (!worker.problems.held(key, err, delayMs, own)) own();
 }
 
 /** What reconciling a key does besides the cache: the reader's reconcile, and requests. */
@@ -1947,23 +1966,7 @@ export async function reconcileKey(
 ): Promise<Result | undefined> {
   const entry = objects.entries.get(key);
   if (!entry) return;
-  for (let gone = entry.gone?.[0]; gone; gone = entry.gone?.[0]) {
-    if (gone.owed) {
-      const last = gone.object;
-      await steps.reconcile('Deleted', last);
-      await steps.print('Deleted', last);
-      gone.owed = false;
-    }
-    const { uid } = gone.object.metadata;
-    // Back in the -l selector meanwhile: it is the entry's object again, finalizer and all.
-    const back = entry.object?.metadata.uid === uid;
-    if (objects.holds(gone.object) && !back) {
-      const written = await steps.removeFinalizer(gone.object);
-      if (written !== false) objects.wrote(key, gone.object, written, false);
-    }
-    if (gone.watched) objects.finish(key, uid); // its later events are its other finalizers going
-    entry.gone = entry.gone?.length === 1 ? undefined : entry.gone?.slice(1);
-  }
+  await reconcileEarlier(objects, entry, steps);
   const { object } = entry;
   if (!object) return;
   if (objects.finalizer && !objects.holds(object)) {
@@ -1997,6 +2000,28 @@ export async function reconcileKey(
   const went = entry.gone?.some((gone) => gone.object.metadata.uid === uid);
   if (entry.object?.metadata.uid === uid && !went) entry.reconciled = object.metadata.generation;
   return result;
+}
+
+/** The Deleted owed to earlier objects of a key's name, oldest first, and our finalizer off each. */
+async function reconcileEarlier(objects: ObjectCache, entry: Entry, steps: Steps) {
+  for (let gone = entry.gone?.[0]; gone; gone = entry.gone?.[0]) {
+    if (gone.owed) {
+      const last = gone.object;
+      await steps.reconcile('Deleted', last);
+      await steps.print('Deleted', last);
+      gone.owed = false;
+    }
+    const { uid } = gone.object.metadata;
+    // Back in the -l selector meanwhile: it is the entry's object again, finalizer and all.
+    const back = entry.object?.metadata.uid === uid;
+    if (objects.holds(gone.object) && !back) {
+      const written = await steps.removeFinalizer(gone.object);
+      if (written !== false) objects.wrote(entry.key, gone.object, written, false);
+    }
+    // Its later events are its other finalizers going.
+    if (gone.watched) objects.finish(entry.key, uid);
+    entry.gone = entry.gone?.length === 1 ? undefined : entry.gone?.slice(1);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2816,6 +2841,16 @@ function processMetrics(metrics: Metrics) {
   metrics.gauge('process_start_time_seconds', () => [[{}, Math.round(startedAt)]]);
 }
 
+/** The reconcile metrics, at zero before the first reconcile, and the workers' gauges. */
+function showReconciles(metrics: Metrics, queue: WorkQueue, concurrency: number) {
+  const controller = CONTROLLER_LABEL;
+  metrics.count('controller_runtime_reconcile_total', SUCCEEDED, 0);
+  metrics.count('controller_runtime_reconcile_total', FAILED, 0);
+  metrics.count('controller_runtime_reconcile_errors_total', controller, 0);
+  metrics.gauge('controller_runtime_active_workers', () => [[controller, queue.busy.size]]);
+  metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [[controller, concurrency]]);
+}
+
 /** Counts a reconcile as controller-runtime does. */
 function countReconcile(metrics: Metrics, succeeded: boolean, seconds: number) {
   metrics.count('controller_runtime_reconcile_total', succeeded ? SUCCEEDED : FAILED);
@@ -3551,14 +3586,7 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
     reconcile: options.reconcile ?? reconcile,
     signal,
   };
-  const controller = CONTROLLER_LABEL;
-  metrics.count('controller_runtime_reconcile_total', SUCCEEDED, 0);
-  metrics.count('controller_runtime_reconcile_total', FAILED, 0);
-  metrics.count('controller_runtime_reconcile_errors_total', controller, 0);
-  metrics.gauge('controller_runtime_active_workers', () => [[controller, queue.busy.size]]);
-  metrics.gauge('controller_runtime_max_concurrent_reconciles', () => [
-    [controller, config.concurrency],
-  ]);
+  showReconciles(metrics, queue, config.concurrency);
   // Workers start once the caches of what reconcile made hold their initial state, so that a
   // restart repeats no write; the objects are reconciled as their initial state comes in.
   const objectsIn = deferred();
