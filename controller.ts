@@ -1185,13 +1185,8 @@ export class ObjectCache implements Cache {
 function ownStatus(object: unknown): Record<string, unknown> | undefined {
   const { status } = object as { status?: Record<string, unknown> };
   if (typeof status !== 'object' || status === null) return undefined;
-  // Called for every event: most statuses hold only Ready's, and then nothing is built.
-  for (const field in status) {
-    if (field === 'conditions' || field === 'observedGeneration') continue;
-    const { conditions, observedGeneration, ...own } = status;
-    return own;
-  }
-  return undefined;
+  const { conditions, observedGeneration, ...own } = status;
+  return Object.keys(own).length > 0 ? own : undefined;
 }
 
 /** Whether labels match a label selector as the API server reads it: a=b, a!=b, a in (x,y), a
@@ -2066,7 +2061,7 @@ function printer(stdout: Writable, json: boolean, fence: () => void): Print {
     const line = json
       ? JSON.stringify({ type: change, namespace, name: objectName, spec: object.spec })
       : lineFor(change, object, name);
-    // A speed trick: the lines of one tick go out in one write.
+    // The lines of one tick go out in one write (bench: the watch of 10000 events).
     if (!stdout.writableCorked) {
       stdout.cork();
       process.nextTick(() => stdout.uncork());
