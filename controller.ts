@@ -44,10 +44,10 @@
 //
 // One change, read downwards: listAndWatch -> watch -> watchEvents -> handleEvent ->
 // ObjectCache.update -> WorkQueue.add -> work -> reconcileKey -> your reconcile -> printer ->
-// StatusWriter.write -> WorkQueue.done -> a failure's line (ClusterProblems) and Event. It goes
-// back only to call what was read already: Requests (Api.call, for the watch and the client), the
-// work queue (next and done, for the worker), your reconcile, What reconcile made (client.apply)
-// and Writes (patchObject, for the status).
+// StatusWriter.write -> WorkQueue.done -> report (a failure's line, ClusterProblems, an Event).
+// It goes back only to call what was read already: Requests (Api.call, for the watch and the
+// client), the work queue (next and done, for the worker), your reconcile, What reconcile made
+// (client.apply) and Writes (patchObject, for the status).
 
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
@@ -1997,7 +1997,7 @@ export async function reconcileKey(
   return result;
 }
 
-/** The Deleted owed to earlier objects of a key's name, oldest first, and our finalizer off each. */
+/** The Deleted owed to the earlier objects of a name, oldest first; our finalizer off each. */
 async function reconcileEarlier(objects: ObjectCache, entry: Entry, steps: Steps) {
   for (let gone = entry.gone?.[0]; gone; gone = entry.gone?.[0]) {
     if (gone.owed) {
