@@ -4890,6 +4890,28 @@ describe('exactly once, checked against a model', () => {
     assert.equal(pending(), 0);
   });
 
+  test('a key that waits again and again (a later look, cut short by each change) keeps one time in the queue, not one per wait', async () => {
+    const { clock, advance } = manualClock();
+    const queue = new WorkQueue(clock);
+    const signal = new AbortController().signal;
+    queue.add('b');
+    assert.equal(await queue.next(signal), 'b');
+    queue.done('b', false, 7_200_000); // another key looks again in two hours
+    for (let change = 0; change < 10_000; change++) {
+      queue.add('a'); // a change: due now, its hour's wait cut short
+      assert.equal(await queue.next(signal), 'a');
+      queue.done('a', false, 3_600_000); // look again in an hour
+    }
+    // The heap of times is private: its size is what a long run's memory would show.
+    const { times } = queue as unknown as { times: unknown[] };
+    assert.ok(times.length <= 100, `${times.length} times kept for 2 waiting keys`);
+    advance(3_600_000);
+    assert.equal(await queue.next(signal), 'a', 'a is due an hour after its last wait began');
+    assert.equal(queue.depth, 0, 'b is not due yet');
+    advance(3_600_000);
+    assert.equal(await queue.next(signal), 'b', 'b is due at its own time');
+  });
+
   test('any interleaving of watch events, worker outcomes, time and restarts keeps the work queue rules', {
     takes: 6,
     timeout: 300_000,

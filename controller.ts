@@ -1747,6 +1747,12 @@ export class WorkQueue {
     const at = this.clock.now() + ms;
     this.waits.set(key, { at, backoff });
     heapPush(this.times, [at, key]);
+    // A stale time leaves the heap when it passes. Keys that wait anew often (a later look cut
+    // short by each change) would pile them up for as long: past twice the waits, start afresh.
+    if (this.times.length > 2 * this.waits.size + 64) {
+      this.times.length = 0;
+      for (const [waiting, wait] of this.waits) heapPush(this.times, [wait.at, waiting]);
+    }
     this.arm();
   }
 
