@@ -263,7 +263,7 @@ const readLines = (child: ReturnType<typeof spawnController>['child'], out: stri
     wake();
   });
 
-// The lines as controller.ts's describe() words them, for a book of spec sample(text).
+// The lines as controller.ts's lineFor() words them, for a book of spec sample(text).
 const kind = KIND.toLowerCase();
 const bookOf = (name: string, spec: BookSpec): Book => ({
   metadata: { name, namespace: 'default', uid: '', generation: 1 },

@@ -885,7 +885,7 @@ function handleEvent(event: ObjectEvent, cache: Cache, position: Position, synce
 function keyOf(object: unknown, config: Pick<Config, 'namespace'>): string {
   const { metadata } = object as { metadata?: { namespace?: string; name?: string } };
   const { namespace = '', name = '' } = metadata ?? {};
-  return namespace === config.namespace ? name : `${namespace}/${name}`;
+  return namespace === config.namespace ? name : [namespace, name].join('/');
 }
 
 /** What the controller knows of one name. One object at a time has it; each has its own uid. */
