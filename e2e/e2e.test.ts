@@ -354,7 +354,7 @@ const getBook = (ns: string, name: string) =>
 const getConfigMap = (ns: string, name: string) =>
   getObject<ConfigMapObject>(`/api/v1/namespaces/${ns}/configmaps/${name}`);
 
-/** What SPEC.md says the ConfigMap of a book holds: labels, the controller ownerReference, data. */
+/** What the README says the ConfigMap of a book holds: labels, the controller ownerReference, data. */
 function assertOwnedConfigMap(
   configMap: ConfigMapObject | undefined,
   book: BookObject,
