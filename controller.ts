@@ -2190,11 +2190,11 @@ function readyCondition(object: unknown): Ready | undefined {
   const ready = status?.conditions?.find?.((condition) => condition.type === 'Ready');
   const generation = ready?.observedGeneration;
   if (!ready || generation === undefined || generation !== status?.observedGeneration) return;
-  // Most objects say what a success writes: they share its strings (bench: bytes per cached book).
-  const said = sameReady(ready, SUCCESS) ? SUCCESS : ready;
-  const { status: is = '', reason = '', message = '' } = said;
   const since = Math.floor(Date.parse(ready.lastTransitionTime ?? '') / 1000) || 0;
-  return { status: is, reason, message, generation, since };
+  const { status: is = '', reason = '', message = '' } = ready;
+  // Most objects say what a success writes: they share its strings (bench: bytes per cached book).
+  const said = sameReady({ status: is, reason, message }, SUCCESS) ? SUCCESS : ready;
+  return { status: said.status ?? '', reason: said.reason ?? '', message, generation, since };
 }
 
 /** Whether two Ready conditions say the same of the same generation (their times aside). */
