@@ -898,16 +898,17 @@ export interface Entry {
   requeue: boolean; // its reconcile asked for another look: when it is next taken, it runs
   status: Record<string, unknown> | undefined; // its status fields besides Ready's
   gone: Gone[] | undefined; // earlier ones, oldest first, with what each is still owed
-  ready: Ready | undefined; // its Ready condition on the server, if for the generation observed
+  // Its Ready condition on the server, if about the generation its status observed:
+  ready: Ready | undefined; // what it says
+  observed: number; // of which generation
+  since: number; // since when (lastTransitionTime), in seconds as the API keeps it
 }
 
-/** A Ready condition, as the cache keeps it. */
+/** What a Ready condition says. */
 interface Ready {
   status: string; // True, False or Unknown
   reason: string;
   message: string;
-  generation: number; // its observedGeneration
-  since: number; // its lastTransitionTime, in seconds as the API keeps it
 }
 
 /** Our last write of our finalizer onto an object (uid), and the resourceVersion it made. */
@@ -979,14 +980,17 @@ export class ObjectCache implements Cache {
     if (!checked) return;
     this.sees(key, checked, object);
     if (checked.metadata.deleting) return this.gone(key, checked, true);
-    const ready = readyCondition(object);
+    const { ready, observed, since } = readyCondition(object);
     let entry = this.entries.get(key);
     if (!entry) {
-      entry = newEntry(key, ready);
+      entry = newEntry(key);
       this.entries.set(key, entry);
     }
-    const readyChanged = !sameReady(entry.ready, ready) || entry.ready?.since !== ready?.since;
+    const readyChanged =
+      !sameReady(entry.ready, ready) || entry.observed !== observed || entry.since !== since;
     entry.ready = ready;
+    entry.observed = observed;
+    entry.since = since;
     entry.status = ownStatus(object);
     const unwritten = this.unwritten.get(key);
     if (
@@ -1147,7 +1151,7 @@ export class ObjectCache implements Cache {
     }
     // One we never saw: ours only if our finalizer is on it (an earlier run reconciled it).
     if (!this.holds(last)) return;
-    const owner = entry ?? newEntry(key, undefined);
+    const owner = entry ?? newEntry(key);
     this.entries.set(key, owner);
     if (owner.object) this.retire(owner, owner.object, false); // the watch has not told yet
     owner.gone = [...(owner.gone ?? []), { object: last, owed: true, watched }];
@@ -1212,7 +1216,7 @@ function selects(selector: string, labels: Record<string, string> = {}): boolean
   });
 }
 
-function newEntry(key: string, ready: Ready | undefined): Entry {
+function newEntry(key: string): Entry {
   return {
     key,
     object: undefined,
@@ -1222,7 +1226,9 @@ function newEntry(key: string, ready: Ready | undefined): Entry {
     requeue: false,
     status: undefined,
     gone: undefined,
-    ready,
+    ready: undefined,
+    observed: 0,
+    since: 0,
   };
 }
 
@@ -2182,29 +2188,28 @@ interface Condition {
   lastTransitionTime?: string;
 }
 
-/** The object's Ready condition, if it is about the generation its status observed. */
-function readyCondition(object: unknown): Ready | undefined {
+/**
+ * What the object's Ready condition says, of which generation, and since when: nothing unless it
+ * is about the generation its status observed.
+ */
+function readyCondition(object: unknown) {
   const { status } = object as {
     status?: { observedGeneration?: number; conditions?: Condition[] };
   };
-  const ready = status?.conditions?.find?.((condition) => condition.type === 'Ready');
-  const generation = ready?.observedGeneration;
-  if (!ready || generation === undefined || generation !== status?.observedGeneration) return;
-  const since = Math.floor(Date.parse(ready.lastTransitionTime ?? '') / 1000) || 0;
-  const { status: is = '', reason = '', message = '' } = ready;
-  // Most objects say what a success writes: they share its strings (bench: bytes per cached book).
-  const said = sameReady({ status: is, reason, message }, SUCCESS) ? SUCCESS : ready;
-  return { status: said.status ?? '', reason: said.reason ?? '', message, generation, since };
+  const condition = status?.conditions?.find?.((item) => item.type === 'Ready');
+  const observed = condition?.observedGeneration;
+  if (!condition || observed === undefined || observed !== status?.observedGeneration) {
+    return { ready: undefined, observed: 0, since: 0 };
+  }
+  const { status: is = '', reason = '', message = '' } = condition;
+  const ready: Ready = { status: is, reason, message };
+  const since = Math.floor(Date.parse(condition.lastTransitionTime ?? '') / 1000) || 0;
+  // Most objects say what a success writes: they keep SUCCESS itself (bench: bytes per book).
+  return { ready: sameReady(ready, SUCCESS) ? SUCCESS : ready, observed, since };
 }
 
-/** Whether two Ready conditions say the same of the same generation (their times aside). */
-function sameReady(a: Partial<Ready> | undefined, b: Partial<Ready> | undefined) {
-  return (
-    a?.status === b?.status &&
-    a?.reason === b?.reason &&
-    a?.message === b?.message &&
-    a?.generation === b?.generation
-  );
+function sameReady(a: Ready | undefined, b: Ready | undefined) {
+  return a?.status === b?.status && a?.reason === b?.reason && a?.message === b?.message;
 }
 
 /**
@@ -2244,8 +2249,8 @@ class StatusWriter {
     const fields = mine ? { ...entry.status, ...mine } : entry.status; // a field set undefined goes
     const same =
       !mine || new Digest().add(fields).value() === new Digest().add(entry.status).value();
-    const was = entry.ready;
-    if (sameReady(was, { ...condition, generation }) && same) return;
+    const written = sameReady(entry.ready, condition) && entry.observed === generation;
+    if (written && same) return;
     if (!same && mine) this.objects.unwritten.set(entry.key, mine); // until the watch shows them
     const { namespace } = object.metadata;
     const refusal = this.refusals.get(namespace);
@@ -2256,21 +2261,21 @@ class StatusWriter {
     if (refusal) refusal.trying = true;
     // lastTransitionTime changes only on a flip, and in whole seconds as the server keeps it (so
     // its echo is no change).
-    const flipped = was?.status !== condition.status || !was.since;
-    const since = flipped ? Math.floor(Date.now() / 1000) : was.since;
-    const ready: Ready = { ...condition, generation, since };
+    const flipped = entry.ready?.status !== condition.status || !entry.since;
+    const since = flipped ? Math.floor(Date.now() / 1000) : entry.since;
     // Known before it is sent, so that its echo is no change, even when it comes before the answer.
-    const before = { ready: entry.ready, status: entry.status };
-    Object.assign(entry, { ready, status: fields });
+    const { ready, observed, status } = entry;
+    const before = { ready, observed, since: entry.since, status };
+    Object.assign(entry, { ready: condition, observed: generation, since, status: fields });
     try {
-      const patch = [
-        uidTest(object),
-        { op: 'add', path: '/status', value: statusOf(ready, fields) },
-      ];
+      const value = statusOf(condition, generation, since, fields);
+      const patch = [uidTest(object), { op: 'add', path: '/status', value }];
       await patchObject(this.api, object, patch, signal, '/status');
       if (refusal) this.allowed(namespace, refusal);
     } catch (err) {
-      if (entry.ready === ready && entry.status === fields) Object.assign(entry, before);
+      const unchanged =
+        entry.ready === condition && entry.observed === generation && entry.since === since;
+      if (unchanged && entry.status === fields) Object.assign(entry, before);
       if (refusal) {
         refusal.trying = false;
         if (!isApiError(err, 403)) this.again(refusal); // no answer about the permission: next
@@ -2321,20 +2326,24 @@ class StatusWriter {
 }
 
 /** The status written: the reader's fields, observedGeneration and the Ready condition. */
-function statusOf(ready: Ready, fields: Record<string, unknown> | undefined) {
-  const { generation: observedGeneration, since, ...condition } = ready;
+function statusOf(
+  ready: Ready,
+  observedGeneration: number,
+  since: number,
+  fields: Record<string, unknown> | undefined,
+) {
   const lastTransitionTime = new Date(since * 1000).toISOString().replace('.000Z', 'Z');
-  const conditions = [{ type: 'Ready', ...condition, observedGeneration, lastTransitionTime }];
+  const conditions = [{ type: 'Ready', ...ready, observedGeneration, lastTransitionTime }];
   return { ...fields, observedGeneration, conditions };
 }
 
 /** The Ready condition a reconcile's outcome gives. */
-function conditionFor(failure: unknown) {
+function conditionFor(failure: unknown): Ready {
   if (failure === undefined) return SUCCESS;
   return { status: 'False', reason: reasonOf(failure), message: messageOf(failure) };
 }
 
-const SUCCESS = { status: 'True', reason: 'Reconciled', message: '' };
+const SUCCESS: Ready = { status: 'True', reason: 'Reconciled', message: '' };
 
 /** Status writes that a namespace refused: they wait while one tries again. */
 interface Refusal {
