@@ -2242,16 +2242,9 @@ class StatusWriter {
     const generation = object?.metadata.generation;
     if (!object || typeof generation !== 'number') return;
     const condition = conditionFor(failure);
-    // The reader's fields, with those the watch has not shown yet (a write failed, or an event
-    // from before it came after).
-    const unwritten = this.objects.unwritten.get(entry.key);
-    const mine = own || unwritten ? { ...unwritten, ...own } : undefined;
-    const fields = mine ? { ...entry.status, ...mine } : entry.status; // a field set undefined goes
-    const same =
-      !mine || new Digest().add(fields).value() === new Digest().add(entry.status).value();
+    const { fields, same } = this.fieldsFor(entry, own);
     const written = sameReady(entry.ready, condition) && entry.observed === generation;
     if (written && same) return;
-    if (!same && mine) this.objects.unwritten.set(entry.key, mine); // until the watch shows them
     const { namespace } = object.metadata;
     const refusal = this.refusals.get(namespace);
     if (refusal && (refusal.trying || refusal.timer)) {
@@ -2286,6 +2279,20 @@ class StatusWriter {
       if (!isApiError(err, 403)) throw err;
       this.refused(entry.key, namespace, err.message);
     }
+  }
+
+  /**
+   * The status fields to write: the reader's, with those the watch has not shown yet (a write
+   * failed, or an event from before it came after); and whether the status says them already.
+   */
+  private fieldsFor(entry: Entry, own: Record<string, unknown> | undefined) {
+    const unwritten = this.objects.unwritten.get(entry.key);
+    const mine = own || unwritten ? { ...unwritten, ...own } : undefined;
+    const fields = mine ? { ...entry.status, ...mine } : entry.status; // a field set undefined goes
+    const same =
+      !mine || new Digest().add(fields).value() === new Digest().add(entry.status).value();
+    if (!same && mine) this.objects.unwritten.set(entry.key, mine); // until the watch shows them
+    return { fields, same };
   }
 
   stop() {
