@@ -1973,7 +1973,7 @@ export async function reconcileKey(
 ): Promise<Result | undefined> {
   const entry = objects.entries.get(key);
   if (!entry) return;
-  await reconcileEarlier(objects, entry, steps);
+  if (entry.gone) await reconcileEarlier(objects, entry, steps);
   const { object } = entry;
   if (!object) return;
   if (objects.finalizer && !objects.holds(object)) {
