@@ -925,6 +925,84 @@ interface Gone {
   watched: boolean; // still on the server and in the watch (being deleted): more events may come
 }
 
+interface Condition {
+  type?: string;
+  status?: string;
+  reason?: string;
+  message?: string;
+  observedGeneration?: number;
+  lastTransitionTime?: string;
+}
+
+/**
+ * What the object's Ready condition says, of which generation, and since when: nothing unless it
+ * is about the generation its status observed.
+ */
+function readyCondition(object: unknown) {
+  const { status } = object as {
+    status?: { observedGeneration?: number; conditions?: Condition[] };
+  };
+  const condition = status?.conditions?.find?.((item) => item.type === 'Ready');
+  const observed = condition?.observedGeneration;
+  if (!condition || observed === undefined || observed !== status?.observedGeneration) {
+    return { ready: undefined, observed: 0, since: 0 };
+  }
+  const { status: is = '', reason = '', message = '' } = condition;
+  const ready: Ready = { status: is, reason, message };
+  const since = Math.floor(Date.parse(condition.lastTransitionTime ?? '') / 1000) || 0;
+  // Most objects say what a success writes: they keep SUCCESS itself (bench: bytes per book).
+  return { ready: sameReady(ready, SUCCESS) ? SUCCESS : ready, observed, since };
+}
+
+function sameReady(a: Ready | undefined, b: Ready | undefined) {
+  return a?.status === b?.status && a?.reason === b?.reason && a?.message === b?.message;
+}
+
+/**
+ * A 53-bit digest (cyrb53) of a value, taking each object's keys in sorted order, so that equal
+ * content digests equal whatever order its keys come in. It reads the strings where they are,
+ * building none: many ConfigMaps pass through here.
+ */
+class Digest {
+  private h1 = 0xdeadbeef;
+  private h2 = 0x41c6ce57;
+
+  add(value: unknown): this {
+    if (typeof value === 'string') return this.mix(value.length).mix(34).text(value); // 34: "
+    if (typeof value !== 'object' || value === null) return this.text(String(value));
+    if (Array.isArray(value)) {
+      this.text('[');
+      for (const item of value) this.add(item).text(',');
+      return this.text(']');
+    }
+    this.text('{');
+    for (const key of Object.keys(value).sort()) {
+      const field = (value as Record<string, unknown>)[key];
+      if (field !== undefined) this.add(key).add(field);
+    }
+    return this.text('}');
+  }
+
+  private text(text: string): this {
+    for (let i = 0; i < text.length; i++) this.mix(text.charCodeAt(i));
+    return this;
+  }
+
+  private mix(code: number): this {
+    this.h1 = Math.imul(this.h1 ^ code, 2654435761);
+    this.h2 = Math.imul(this.h2 ^ code, 1597334677);
+    return this;
+  }
+
+  /** A number, so that each cached object keeps 8 bytes. */
+  value(): number {
+    const { h1, h2 } = this;
+    const a = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+    const b = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(a ^ (a >>> 13), 3266489909);
+    return 4294967296 * (2097151 & b) + (a >>> 0);
+  }
+}
+
 /**
  * The objects by key. What the watch says changes an entry, by these rules, and makes its key
  * due (urgent: it cuts a failure's backoff short) or not:
@@ -1571,51 +1649,6 @@ function notOurs(object: unknown, owner: string, controlledBy?: string): NotOurs
   );
 }
 
-/**
- * A 53-bit digest (cyrb53) of a value, taking each object's keys in sorted order, so that equal
- * content digests equal whatever order its keys come in. It reads the strings where they are,
- * building none: many ConfigMaps pass through here.
- */
-class Digest {
-  private h1 = 0xdeadbeef;
-  private h2 = 0x41c6ce57;
-
-  add(value: unknown): this {
-    if (typeof value === 'string') return this.mix(value.length).mix(34).text(value); // 34: "
-    if (typeof value !== 'object' || value === null) return this.text(String(value));
-    if (Array.isArray(value)) {
-      this.text('[');
-      for (const item of value) this.add(item).text(',');
-      return this.text(']');
-    }
-    this.text('{');
-    for (const key of Object.keys(value).sort()) {
-      const field = (value as Record<string, unknown>)[key];
-      if (field !== undefined) this.add(key).add(field);
-    }
-    return this.text('}');
-  }
-
-  private text(text: string): this {
-    for (let i = 0; i < text.length; i++) this.mix(text.charCodeAt(i));
-    return this;
-  }
-
-  private mix(code: number): this {
-    this.h1 = Math.imul(this.h1 ^ code, 2654435761);
-    this.h2 = Math.imul(this.h2 ^ code, 1597334677);
-    return this;
-  }
-
-  /** A number, so that each cached object keeps 8 bytes. */
-  value(): number {
-    const { h1, h2 } = this;
-    const a = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
-    const b = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(a ^ (a >>> 13), 3266489909);
-    return 4294967296 * (2097151 & b) + (a >>> 0);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The work queue: which keys are due, and when the waiting ones will be. It knows keys, not
 // objects.
@@ -1898,45 +1931,6 @@ async function work(worker: Worker) {
   }
 }
 
-/**
- * Says how a reconcile ended. A failure is the object's own problem (its line, with its backoff,
- * and a Warning Event for a failed reconcile), unless it is the cluster's: said once for all.
- */
-function report(
-  worker: Worker,
-  key: string,
-  outcome: {
-    subject?: Resource;
-    object?: Resource;
-    failure: unknown;
-    statusFailure: unknown;
-    delayMs: number;
-  },
-) {
-  const { subject, object, failure, statusFailure, delayMs } = outcome;
-  const err = failure ?? statusFailure;
-  if (err === undefined) {
-    if (object) worker.events.recovered(key, object);
-    else worker.events.forget(key);
-    worker.problems.cleared(key);
-    return;
-  }
-  const failedAt = performance.now();
-  const own = () => {
-    // Said at once, or a second later (see held): the retry is as far off as it is by then.
-    const left = Math.max(0, delayMs - (performance.now() - failedAt));
-    const retrying = `retrying in ${inSeconds(left)}`;
-    if (failure !== undefined) {
-      if (subject) worker.events.failed(key, subject, messageOf(failure), reasonOf(failure));
-      console.error(`reconcile of ${kind} ${key} failed: ${messageOf(failure)}; ${retrying}`);
-    } else {
-      const why = messageOf(statusFailure);
-      console.error(`cannot write the status of ${kind} ${key} (${why}); ${retrying}`);
-    }
-  };
-  if (!worker.problems.held(key, err, delayMs, own)) own();
-}
-
 /** What reconciling a key does besides the cache: the reader's reconcile, and requests. */
 export interface Steps {
   reconcile(change: Change, object: Resource, reason?: Context['reason']): Promise<Result | void>;
@@ -2178,39 +2172,6 @@ async function removeFinalizer(api: Api, object: Resource, finalizer: string, si
 
 // ---------------------------------------------------------------------------------------------
 // Status: the outcome of the last reconcile, on the object itself, for kubectl get and wait.
-
-interface Condition {
-  type?: string;
-  status?: string;
-  reason?: string;
-  message?: string;
-  observedGeneration?: number;
-  lastTransitionTime?: string;
-}
-
-/**
- * What the object's Ready condition says, of which generation, and since when: nothing unless it
- * is about the generation its status observed.
- */
-function readyCondition(object: unknown) {
-  const { status } = object as {
-    status?: { observedGeneration?: number; conditions?: Condition[] };
-  };
-  const condition = status?.conditions?.find?.((item) => item.type === 'Ready');
-  const observed = condition?.observedGeneration;
-  if (!condition || observed === undefined || observed !== status?.observedGeneration) {
-    return { ready: undefined, observed: 0, since: 0 };
-  }
-  const { status: is = '', reason = '', message = '' } = condition;
-  const ready: Ready = { status: is, reason, message };
-  const since = Math.floor(Date.parse(condition.lastTransitionTime ?? '') / 1000) || 0;
-  // Most objects say what a success writes: they keep SUCCESS itself (bench: bytes per book).
-  return { ready: sameReady(ready, SUCCESS) ? SUCCESS : ready, observed, since };
-}
-
-function sameReady(a: Ready | undefined, b: Ready | undefined) {
-  return a?.status === b?.status && a?.reason === b?.reason && a?.message === b?.message;
-}
 
 /**
  * Writes each object's Ready condition, unless it says exactly that already. Where it may not
@@ -2504,6 +2465,45 @@ function clusterCause(err: unknown): string | undefined {
   if (typeof code === 'string' && (UNREACHABLE.test(code) || NETWORK.test(code))) return code;
   if (/did not answer for|was not over after/.test(messageOf(err))) return 'silent';
   return undefined;
+}
+
+/**
+ * Says how a reconcile ended. A failure is the object's own problem (its line, with its backoff,
+ * and a Warning Event for a failed reconcile), unless it is the cluster's: said once for all.
+ */
+function report(
+  worker: Worker,
+  key: string,
+  outcome: {
+    subject?: Resource;
+    object?: Resource;
+    failure: unknown;
+    statusFailure: unknown;
+    delayMs: number;
+  },
+) {
+  const { subject, object, failure, statusFailure, delayMs } = outcome;
+  const err = failure ?? statusFailure;
+  if (err === undefined) {
+    if (object) worker.events.recovered(key, object);
+    else worker.events.forget(key);
+    worker.problems.cleared(key);
+    return;
+  }
+  const failedAt = performance.now();
+  const own = () => {
+    // Said at once, or a second later (see held): the retry is as far off as it is by then.
+    const left = Math.max(0, delayMs - (performance.now() - failedAt));
+    const retrying = `retrying in ${inSeconds(left)}`;
+    if (failure !== undefined) {
+      if (subject) worker.events.failed(key, subject, messageOf(failure), reasonOf(failure));
+      console.error(`reconcile of ${kind} ${key} failed: ${messageOf(failure)}; ${retrying}`);
+    } else {
+      const why = messageOf(statusFailure);
+      console.error(`cannot write the status of ${kind} ${key} (${why}); ${retrying}`);
+    }
+  };
+  if (!worker.problems.held(key, err, delayMs, own)) own();
 }
 
 interface Waiting {
