@@ -25,8 +25,8 @@
 //     -> a line on stdout -> the status (Ready) -> done: again after a backoff if it failed, or
 //     later if it asked; what reconcile made is watched too, and a change to it is a repair.
 //
-//   What you change ......... the resource, SPEC, STATUS, lineFor, OWNED, reconcile
-//   What reconcile gets ..... Change, Context, Result, Client: all your code needs
+//   What you change ......... the resource, FINALIZER, SPEC, STATUS, lineFor, OWNED, reconcile
+//   What reconcile gets ..... Change, Context, Result, Client, ownerReference: all it needs
 //   Configuration ........... flags and the kubeconfig
 //   Requests ................ Api: one https request with the kubeconfig's credentials
 //   List and watch .......... the initial state, then each change; resume, relist, bookmarks
@@ -47,7 +47,8 @@
 // StatusWriter.write -> WorkQueue.done -> report (a failure's line, ClusterProblems, an Event).
 // It goes back only to call what was read already: Requests (Api.call, for the watch and the
 // client), the work queue (next and done, for the worker), your reconcile, What reconcile made
-// (client.apply) and Writes (patchObject, for the status).
+// (OwnedObjects.apply, for client.apply) and Writes (patchObject, for the status); and forward
+// only to Retries (after a failed list or watch) and countReconcile (in Metrics).
 
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
@@ -74,7 +75,8 @@ export const VERSION = 'v1';
 export const KIND = 'Book';
 export const PLURAL = 'books';
 export const SHORT_NAMES = ['bk']; // kubectl get bk
-export const CONTROLLER = `${KIND.toLowerCase()}-controller`;
+const kind = KIND.toLowerCase(); // book: as kubectl and the lines printed name one
+export const CONTROLLER = `${kind}-controller`;
 
 // Set a finalizer (say `${GROUP}/cleanup`) when Deleted must run even for a book deleted while no
 // controller ran: Kubernetes then keeps a deleted book until the controller has seen it go.
@@ -145,6 +147,7 @@ export async function reconcile(change: Change, book: Book, { client }: Context)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
 // What reconcile gets, and what it returns: everything your code needs, and nothing more.
 
 export type Change = 'Added' | 'Modified' | 'Deleted';
@@ -208,7 +211,6 @@ export function ownerReference(object: Resource) {
 // =============================================================================================
 // The machinery: nothing below needs changing for another resource.
 
-const kind = KIND.toLowerCase();
 const resource = `${PLURAL}.${GROUP}`;
 const apiVersion = `${GROUP}/${VERSION}`;
 
@@ -476,10 +478,10 @@ interface Call {
   signal: AbortSignal;
 }
 
-/** Sends requests to the server of `config`; every write first passes `fence` (leadership). */
 /** The errors that requests to the API server met: only these can be the cluster's problem. */
 const fromApiServer = new WeakSet<object>();
 
+/** Sends requests to the server of `config`; every write first passes `fence` (leadership). */
 class Api {
   readonly config: Config;
   readonly metrics: Metrics;
@@ -508,6 +510,7 @@ class Api {
 
   private async send(request: Call): Promise<http.IncomingMessage> {
     const { verb, method = 'GET', path, query, body, signal } = request;
+    // Lease writes are how a replica becomes and stays the leader: the fence is for the rest.
     if (method !== 'GET' && !path.includes('/leases')) this.fence();
     const { server, kubeConfig } = this.config;
     const url = new URL(`${server}${path}${query ? `?${query}` : ''}`);
@@ -661,7 +664,7 @@ type ObjectEvent = {
 
 /**
  * A connection can die without a word (a half-open TCP connection) and leave us waiting for ever.
- * The server ends a watch at the watch timeout, and we give a list as long: past that, plus a
+ * The server ends a watch at the watch timeout, and a list gets as long: past that, plus a
  * grace, start over.
  */
 function deadline(config: Config, verb: string, signal: AbortSignal) {
@@ -700,16 +703,16 @@ interface Position {
 async function listAndWatch(
   api: Api,
   collection: Collection,
-  { health, stdout, said }: { health: Health; stdout: Writable; said: ServerState },
+  { health, stdout, serverState }: { health: Health; stdout: Writable; serverState: ServerState },
   synced: () => void,
   signal: AbortSignal,
 ): Promise<void> {
   const position: Position = { resourceVersion: '', listed: undefined };
-  const retries = new Retries(api.config, collection, said);
+  const retries = new Retries(api.config, collection, serverState);
   while (!signal.aborted) {
     position.listed = undefined;
     try {
-      if (!position.resourceVersion && !said.streaming) {
+      if (!position.resourceVersion && !serverState.streaming) {
         position.resourceVersion = await listInPages(api, collection, health, signal);
         synced();
       }
@@ -720,13 +723,13 @@ async function listAndWatch(
         err instanceof NoStreamingList || isApiError(err, 400) || isApiError(err, 422);
       if (position.listed && refused) {
         // An older server, or one without the WatchList feature: said once, for every collection.
-        if (said.streaming) {
+        if (serverState.streaming) {
           console.error(
             `${api.config.server} cannot stream lists (${messageOf(err)}); ` +
               'listing in pages from now on',
           );
         }
-        said.streaming = false;
+        serverState.streaming = false;
         continue;
       }
       // 410 Gone: the server no longer has the history since our resourceVersion (or the list's
@@ -1015,9 +1018,11 @@ class Digest {
  * | deleted, or out of the -l      | it is gone: its Deleted is owed if a reconcile | urgent   |
  * |   selector, or being deleted   |   of it began; else nothing (unless our        |          |
  * |                                |   finalizer is on it: that must come off)      |          |
- * | another Ready condition        | kept, so that ours is written again            | not      |
+ * | another Ready condition        | kept, so that ours is written again            | yes, not |
+ * |                                |                                                | urgent   |
  * | labels, annotations, status    | nothing                                        | no       |
- * | what reconcile made, changed   | drifted: reconcile again, printing nothing     | not      |
+ * | what reconcile made, changed   | drifted: reconcile again, printing nothing     | yes, not |
+ * |                                |                                                | urgent   |
  *
  * Whether the key is idle, due, taken by a worker or backing off is the work queue's (below):
  * its rules make the same change right in every one of those states.
@@ -1027,7 +1032,8 @@ export class ObjectCache implements Cache {
   private readonly invalid = new Map<string, string>(); // objects that fail checkObject, and why
   // Rare states, by key, kept apart from the entries (every entry would pay for a field):
   private readonly finished = new Map<string, string>(); // a uid being deleted whose Deleted ran
-  private readonly echoes = new Map<string, Echo>(); // our last finalizer write, until seen
+  // Our last finalizer write on each, until its echo (the watch event our write caused) comes.
+  private readonly echoes = new Map<string, Echo>();
   // The reader's status fields we wrote (or could not), by key, until the watch shows them: an
   // event sent before our write would otherwise make the next write leave them out.
   readonly unwritten = new Map<string, Record<string, unknown>>();
@@ -1057,7 +1063,7 @@ export class ObjectCache implements Cache {
     const checked = this.check(key, object);
     if (!checked) return;
     this.sees(key, checked, object);
-    if (checked.metadata.deleting) return this.gone(key, checked, true);
+    if (checked.metadata.deleting) return this.markGone(key, checked, true);
     const { ready, observed, since } = readyCondition(object);
     let entry = this.entries.get(key);
     if (!entry) {
@@ -1081,8 +1087,9 @@ export class ObjectCache implements Cache {
     const before = entry.object?.metadata;
     if (before?.uid !== checked.metadata.uid) {
       if (entry.object) this.retire(entry, entry.object, false);
-      // Our finalizer on it: an earlier run reconciled it. Unless it is back in -l, still owed
-      // the Deleted of its time before: that one is this run's.
+      // Our finalizer on it means an earlier run reconciled it, so its Deleted is owed. Not when
+      // it is back in -l with the Deleted of its time before still owed (in gone): the finalizer
+      // is that time's.
       const back = entry.gone?.some((gone) => gone.object.metadata.uid === checked.metadata.uid);
       entry.object = checked;
       entry.tried = this.holds(checked) && !back;
@@ -1111,7 +1118,7 @@ export class ObjectCache implements Cache {
     last.metadata.namespace = this.config.namespace ?? last.metadata.namespace;
     if (this.finished.get(key) === last.metadata.uid)
       this.finished.delete(key); // gone at last
-    else this.gone(key, last, false);
+    else this.markGone(key, last, false);
     this.settle(key);
   }
 
@@ -1120,7 +1127,7 @@ export class ObjectCache implements Cache {
       if (listed.has(key)) continue;
       this.finished.delete(key);
       for (const gone of entry.gone ?? []) gone.watched = false; // gone from the server as well
-      if (entry.object) this.gone(key, entry.object, false);
+      if (entry.object) this.markGone(key, entry.object, false);
       this.settle(key);
     }
   }
@@ -1149,7 +1156,7 @@ export class ObjectCache implements Cache {
     this.sees(key, checked, object);
     if (!this.holds(checked)) return;
     if (entry?.object?.metadata.uid === checked.metadata.uid) return;
-    this.gone(key, checked, false);
+    this.markGone(key, checked, false);
   }
 
   /**
@@ -1215,7 +1222,7 @@ export class ObjectCache implements Cache {
   }
 
   /** The object `last` is gone from the server, or is going: what is owed for it. */
-  private gone(key: string, last: Resource, watched: boolean) {
+  private markGone(key: string, last: Resource, watched: boolean) {
     const { uid } = last.metadata;
     const entry = this.entries.get(key);
     if (this.finished.get(key) === uid) return; // its Deleted ran: the rest is its finalizers going
@@ -1318,7 +1325,7 @@ function newEntry(key: string): Entry {
 interface OwnedEntry {
   owner: string; // the key of the object of ours that controls it (by kind and name), or ''
   other: string | undefined; // its controller, if that is not one of ours: 'Kind name'
-  ours: number; // a digest of the fields this controller applied, as they are now (see applied)
+  applied: number; // a digest of the fields this controller applied, as they are now
   object?: unknown; // with `keep`, the object without its managedFields: what client.get answers
 }
 
@@ -1360,12 +1367,12 @@ class OwnedCache implements Cache {
   readonly entries = new Map<string, OwnedEntry>();
   // Applies in flight: what each applies, and whether another change came meanwhile.
   readonly applying = new Map<string, { digest: number; overtaken: boolean }>();
-  readonly kind: Owned;
+  readonly owned: Owned; // the kind, as OWNED lists it
   private readonly config: Config;
   private readonly objects: ObjectCache;
 
-  constructor(kind: Owned, config: Config, objects: ObjectCache) {
-    this.kind = kind;
+  constructor(owned: Owned, config: Config, objects: ObjectCache) {
+    this.owned = owned;
     this.config = config;
     this.objects = objects;
   }
@@ -1387,9 +1394,11 @@ class OwnedCache implements Cache {
         fields.manager === CONTROLLER && fields.operation === 'Apply' && !fields.subresource,
     );
     const digest = ours ? new Digest().add(project(object, ours.fieldsV1 ?? {})).value() : 0;
-    const kept = this.kind.keep ? { ...(object as object), metadata } : undefined;
+    const kept = this.owned.keep ? { ...(object as object), metadata } : undefined;
     const other = controller && !mine ? `${controller.kind} ${controller.name}` : undefined;
-    return kept ? { owner, other, ours: digest, object: kept } : { owner, other, ours: digest };
+    return kept
+      ? { owner, other, applied: digest, object: kept }
+      : { owner, other, applied: digest };
   }
 
   update(object: unknown, listed?: Set<string>) {
@@ -1399,9 +1408,9 @@ class OwnedCache implements Cache {
     const before = this.entries.get(key);
     this.entries.set(key, entry);
     const applying = this.applying.get(key);
-    if (applying?.digest === entry.ours) return; // our own apply, coming back
+    if (applying?.digest === entry.applied) return; // our own apply, coming back
     if (applying) applying.overtaken = true;
-    if (before?.ours !== entry.ours || before.owner !== entry.owner) this.changed(entry);
+    if (before?.applied !== entry.applied || before.owner !== entry.owner) this.changed(entry);
     // Someone took the owner reference off: the object that had it puts it back.
     if (before?.owner && before.owner !== entry.owner) this.changed(before);
   }
@@ -1486,16 +1495,16 @@ function applied(object: object): number {
  * answers from the cache what the watch sees.
  */
 class OwnedObjects {
-  readonly kinds: OwnedCache[];
+  readonly caches: OwnedCache[]; // one per owned kind
 
   constructor(config: Config, objects: ObjectCache, kinds: Owned[]) {
-    this.kinds = kinds.map((kind) => new OwnedCache(kind, config, objects));
+    this.caches = kinds.map((kind) => new OwnedCache(kind, config, objects));
   }
 
   /** The cache of the object's kind, if it is owned and its watch sees it. */
   private cacheOf(apiVersion: unknown, kind: unknown, namespace: string | undefined) {
-    const cache = this.kinds.find(
-      (owned) => owned.kind.apiVersion === apiVersion && owned.kind.kind === kind,
+    const cache = this.caches.find(
+      (cache) => cache.owned.apiVersion === apiVersion && cache.owned.kind === kind,
     );
     return cache?.covers(namespace) ? cache : undefined;
   }
@@ -1504,10 +1513,10 @@ class OwnedObjects {
   get(path: string): unknown {
     const parts = /^\/(?:api\/(v1)|apis\/([^/]+\/[^/]+))\/namespaces\/([^/]+)\/([^/]+)\/([^/]+)$/;
     const [, core, grouped, namespace, plural, name] = parts.exec(path) ?? [];
-    const cache = this.kinds.find(
-      (owned) => owned.kind.apiVersion === (core ?? grouped) && owned.kind.plural === plural,
+    const cache = this.caches.find(
+      (cache) => cache.owned.apiVersion === (core ?? grouped) && cache.owned.plural === plural,
     );
-    if (!cache?.kind.keep || !cache.covers(namespace)) return undefined;
+    if (!cache?.owned.keep || !cache.covers(namespace)) return undefined;
     const entry = cache.entries.get(cache.keyOf({ metadata: { namespace, name } }));
     return entry && structuredClone(entry.object);
   }
@@ -1530,18 +1539,16 @@ class OwnedObjects {
     if (cached && (cached.other || another)) {
       throw notOurs(object, wanted.owner, cached.other ?? another);
     }
-    if (cached?.ours === digest) return;
+    if (cached?.applied === digest) return;
     const applying = { digest, overtaken: false };
     cache.applying.set(key, applying);
     try {
       if (cached) await applyOver(api, path, object, signal);
       else await createOrRepair(api, cache, path, object, signal);
-      // The object says at least this now: its watch event is no change. Unless the watch
-      // already told something newer.
-      // Unless the watch already told something newer. Not the applied body as the object: what
-      // client.get answers comes from the watch (until then, from the server).
+      // The object says at least this now, so its watch event is no change (unless the watch
+      // already told something newer). No body is kept: client.get answers from the watch.
       if (!applying.overtaken)
-        cache.entries.set(key, { owner: wanted.owner, other: undefined, ours: digest });
+        cache.entries.set(key, { owner: wanted.owner, other: undefined, applied: digest });
     } finally {
       cache.applying.delete(key);
     }
@@ -1884,7 +1891,7 @@ interface Worker {
   queue: WorkQueue;
   objects: ObjectCache;
   owned: OwnedObjects;
-  status: StatusWriter;
+  statusWriter: StatusWriter;
   client: Client; // what reconcile's requests go through: one for all, stopped with `signal`
   print: Print;
   reconcile: Reconcile;
@@ -1915,7 +1922,9 @@ async function work(worker: Worker) {
     const earlierFailed = failure !== undefined && entry?.gone !== undefined;
     if (current && !earlierFailed) {
       const own = result?.status;
-      statusFailure = await worker.status.write(entry, failure, own, signal).catch((err) => err);
+      statusFailure = await worker.statusWriter
+        .write(entry, failure, own, signal)
+        .catch((err) => err);
     }
     if (signal.aborted) return;
     const err = failure ?? statusFailure;
@@ -1996,7 +2005,8 @@ export async function reconcileKey(
   }
   if (!newSpec) return result; // a repair or a later look: nothing changed, so nothing is printed
   await steps.print(change, object);
-  // Unless it went meanwhile (it may be back, out of -l and in again: then it is new).
+  // This generation is reconciled, unless the object went meanwhile (it may be back, out of -l
+  // and in again: then it is new).
   const { uid } = object.metadata;
   const went = entry.gone?.some((gone) => gone.object.metadata.uid === uid);
   if (entry.object?.metadata.uid === uid && !went) entry.reconciled = object.metadata.generation;
@@ -2145,7 +2155,7 @@ async function editFinalizers(
   const patch = [
     uidTest(object),
     { op: 'test', path: '/metadata/resourceVersion', value: resourceVersion },
-    { op: 'add', path: '/metadata/finalizers', value: wanted },
+    { op: 'add', path: '/metadata/finalizers', value: wanted }, // add sets it, there or not
   ];
   const request = { verb: 'patch', method: 'PATCH', contentType: JSON_PATCH, signal };
   try {
@@ -2204,8 +2214,8 @@ class StatusWriter {
     if (!object || typeof generation !== 'number') return;
     const condition = conditionFor(failure);
     const { fields, same } = this.fieldsFor(entry, own);
-    const written = sameReady(entry.ready, condition) && entry.observed === generation;
-    if (written && same) return;
+    const upToDate = sameReady(entry.ready, condition) && entry.observed === generation;
+    if (upToDate && same) return;
     const { namespace } = object.metadata;
     const refusal = this.refusals.get(namespace);
     if (refusal && (refusal.trying || refusal.timer)) {
@@ -2334,22 +2344,22 @@ const STATUS_RETRY_MS = 10_000;
  */
 class Retries {
   private failures = 0;
-  private readonly said: ServerState; // what every collection said, shared: one line for all
+  private readonly serverState: ServerState; // the problems every collection said: one line for all
   private mine = ''; // the problem this collection has, if it said one
   private lastFailure = Number.NEGATIVE_INFINITY;
   private previous: unknown; // the last failure, until a watch event
   private readonly config: Config;
   private readonly collection: Collection;
 
-  constructor(config: Config, collection: Collection, said: ServerState) {
+  constructor(config: Config, collection: Collection, serverState: ServerState) {
     this.config = config;
     this.collection = collection;
-    this.said = said;
+    this.serverState = serverState;
   }
 
   cleared() {
     this.previous = undefined;
-    this.said.problems.delete(this.mine);
+    this.serverState.problems.delete(this.mine);
     this.mine = '';
   }
 
@@ -2367,9 +2377,9 @@ class Retries {
     // The same problem, even where its message differs (a 410 names the resourceVersion).
     const same = isApiError(err) ? `${this.collection.plural} ${err.verb} ${err.code}` : problem;
     const paused = (err as { code?: unknown })?.code === 'EPAUSED';
-    if (same !== this.mine) this.said.problems.delete(this.mine); // that one is over
+    if (same !== this.mine) this.serverState.problems.delete(this.mine); // that one is over
     this.mine = same;
-    if (!(routine && first) && !paused && !this.said.problems.has(same)) {
+    if (!(routine && first) && !paused && !this.serverState.problems.has(same)) {
       const asked = isApiError(err) ? err.retryAfterSeconds * 1000 : 0;
       const capped =
         asked > MAX_RETRY_AFTER_MS
@@ -2377,7 +2387,7 @@ class Retries {
           : '';
       const fix = fixFor(err, this.config, this.collection);
       console.error(`${problem}; retrying in ${inSeconds(delayMs)}${capped}${fix}`);
-      this.said.problems.add(same);
+      this.serverState.problems.add(same);
     }
     return delayMs;
   }
@@ -2515,16 +2525,16 @@ interface Waiting {
 
 class ClusterProblems {
   private readonly waiting = new Map<string, Waiting>(); // by object key
-  private said: string[] = []; // the causes said on stderr, until they clear
+  private causesSaid: string[] = []; // the causes said on stderr, until they clear
   private clearedAt = Number.NEGATIVE_INFINITY;
   private since = 0;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private readonly server: string;
-  private readonly state: ServerState; // what lists and watches said: a 5xx there is the server's
+  private readonly serverState: ServerState; // what lists and watches said: a 5xx there is its
 
-  constructor(server: string, state: ServerState) {
+  constructor(server: string, serverState: ServerState) {
     this.server = server;
-    this.state = state;
+    this.serverState = serverState;
   }
 
   /**
@@ -2537,16 +2547,16 @@ class ClusterProblems {
     if (cause === 'EPAUSED') return true; // we were paused: nobody's fault, nothing to say
     const now = performance.now();
     if (this.waiting.size === 0) this.since = now;
-    const status = /^\d+$/.test(cause); // an HTTP status: one object's own, unless many get it
-    const said = this.said.includes(cause);
+    const isHttpCode = /^\d+$/.test(cause); // an HTTP status: one object's own, unless many get it
+    const said = this.causesSaid.includes(cause);
     this.waiting.set(key, {
       cause,
       retryAt: now + delayMs,
       err,
-      own: status && !said ? own : undefined,
+      own: isHttpCode && !said ? own : undefined,
     });
     // Requests sent before the cluster came back fail for a moment more: that is not news.
-    if (said || (!status && now - this.clearedAt < 5_000)) return true;
+    if (said || (!isHttpCode && now - this.clearedAt < 5_000)) return true;
     // A moment later, so that the line can say how many objects it holds up.
     this.timer ??= setTimeout(() => this.say(), 1_000);
     this.timer.unref?.();
@@ -2558,11 +2568,13 @@ class ClusterProblems {
     const now = performance.now();
     const causes = new Set([...this.waiting.values()].map((waits) => waits.cause));
     for (const cause of causes) {
-      if (this.said.includes(cause)) continue;
+      if (this.causesSaid.includes(cause)) continue;
       const alike = [...this.waiting].filter(([, waits]) => waits.cause === cause);
-      const status = /^\d+$/.test(cause);
-      const watched = [...this.state.problems].some((problem) => problem.endsWith(` ${cause}`));
-      if (status && alike.length < MANY && !watched) {
+      const isHttpCode = /^\d+$/.test(cause);
+      const watched = [...this.serverState.problems].some((problem) =>
+        problem.endsWith(` ${cause}`),
+      );
+      if (isHttpCode && alike.length < MANY && !watched) {
         for (const [key, waits] of alike) {
           this.waiting.delete(key);
           waits.own?.(); // one object's own failure: said as its own
@@ -2571,7 +2583,7 @@ class ClusterProblems {
       }
       let next = Number.POSITIVE_INFINITY; // a loop: a spread of 100k arguments would throw
       for (const [, waits] of alike) if (waits.retryAt > now) next = Math.min(next, waits.retryAt);
-      this.said.push(cause);
+      this.causesSaid.push(cause);
       const err = alike[0]?.[1].err;
       const what = isApiError(err)
         ? `${this.server} failed to ${err.verb} (${err.code}: ${err.message})`
@@ -2589,13 +2601,13 @@ class ClusterProblems {
   /** An object succeeded: the cluster works again. */
   cleared(key: string) {
     // A success that was held up proves the server works again; another may have sent nothing.
-    if (!this.waiting.delete(key) || this.said.length === 0) return;
+    if (!this.waiting.delete(key) || this.causesSaid.length === 0) return;
     const seconds = Math.round((performance.now() - this.since) / 1000);
     const rest = this.waiting.size;
     const retried =
       rest > 0 ? `; ${rest} ${PLURAL} that waited are retried as their backoff ends` : '';
     console.error(`${this.server} works again, after ${seconds}s${retried}`);
-    this.said = [];
+    this.causesSaid = [];
     this.waiting.clear();
     this.clearedAt = performance.now();
   }
@@ -3526,7 +3538,7 @@ export interface Options {
 
 /** The collection of an owned kind, in the namespaces the controller watches, by its label. */
 function ownedCollection(config: Config, cache: OwnedCache): Collection {
-  const { apiVersion, plural } = cache.kind;
+  const { apiVersion, plural } = cache.owned;
   const group = apiVersion.includes('/') ? `/apis/${apiVersion}` : `/api/${apiVersion}`;
   const where = config.namespace === undefined ? '' : `/namespaces/${config.namespace}`;
   const selector = Object.entries(MANAGED_BY)
@@ -3585,19 +3597,19 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   const queue = new WorkQueue(monotonic, metrics);
   const objects = new ObjectCache(config, queue, options.finalizer ?? FINALIZER);
   const owned = new OwnedObjects(config, objects, options.owned ?? OWNED);
-  const status = new StatusWriter(api, queue, objects);
+  const statusWriter = new StatusWriter(api, queue, objects);
   const stdout = options.stdout ?? process.stdout;
   // What the lists, watches and workers say on stderr is shared: a problem of the server's is one
   // line, not one per collection or per object.
-  const said: ServerState = { problems: new Set<string>(), streaming: true };
+  const serverState: ServerState = { problems: new Set<string>(), streaming: true };
   const worker: Worker = {
     api,
-    problems: new ClusterProblems(config.server, said),
+    problems: new ClusterProblems(config.server, serverState),
     events: new EventRecorder(api),
     queue,
     objects,
     owned,
-    status,
+    statusWriter,
     client: clientFor(api, owned, signal),
     print: printer(stdout, config.json, () => api.fence()),
     reconcile: options.reconcile ?? reconcile,
@@ -3607,7 +3619,7 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   // Workers start once the caches of what reconcile made hold their initial state, so that a
   // restart repeats no write; the objects are reconciled as their initial state comes in.
   const objectsIn = deferred();
-  const ownedIn = owned.kinds.map(() => deferred());
+  const ownedIn = owned.caches.map(() => deferred());
   const allOwnedIn = Promise.all(ownedIn.map((kind) => kind.promise));
   void Promise.all([objectsIn.promise, allOwnedIn]).then(() => {
     health.ready = true;
@@ -3621,15 +3633,15 @@ async function control(api: Api, health: Health, options: Options, signal: Abort
   if (objects.finalizer && config.selector) {
     void objectsIn.promise.then(() => releaseUnselected(api, objects, path, signal));
   }
-  const shared = { health, stdout, said };
+  const shared = { health, stdout, serverState };
   await Promise.all([
     listAndWatch(api, objectCollection, shared, objectsIn.resolve, signal),
-    ...owned.kinds.map((cache, i) =>
+    ...owned.caches.map((cache, i) =>
       listAndWatch(api, ownedCollection(config, cache), shared, ownedIn[i].resolve, signal),
     ),
   ]);
   queue.stop();
-  status.stop();
+  statusWriter.stop();
   // In-flight reconciles were told to stop; wait briefly.
   await Promise.race([Promise.all(workers), sleep(300)]);
 }
