@@ -1099,9 +1099,12 @@ export class ObjectCache implements Cache {
       entry.object = checked;
       return this.queue.add(key);
     }
-    // The finalizers are kept up to date in place: the object is the same one.
+    // The finalizers are kept up to date in place: the object is the same one. Ours gone from it
+    // (someone took it off) makes it due, to put it back; never urgently.
     if (String(before.finalizers) !== String(checked.metadata.finalizers)) {
+      const lost = !this.holds(checked) && before.finalizers?.includes(this.finalizer) === true;
       before.finalizers = checked.metadata.finalizers;
+      if (lost) this.queue.add(key, false);
     }
     // A Ready condition other than ours makes it due, to write ours again; never urgently.
     if (readyChanged) this.queue.add(key, false);
