@@ -1020,6 +1020,8 @@ class Digest {
  * |                                |   finalizer is on it: that must come off)      |          |
  * | another Ready condition        | kept, so that ours is written again            | yes, not |
  * |                                |                                                | urgent   |
+ * | our finalizer taken off        | kept, so that it is put back                   | yes, not |
+ * |                                |                                                | urgent   |
  * | labels, annotations, status    | nothing                                        | no       |
  * | what reconcile made, changed   | drifted: reconcile again, printing nothing     | yes, not |
  * |                                |                                                | urgent   |
