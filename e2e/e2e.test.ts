@@ -1591,7 +1591,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     assert.equal(controller.err, '', 'a replaced book is routine: quiet');
   });
 
-  test('with a finalizer (FINALIZER set in a copy, as a reader would) a book deleted while the controller is down is still reconciled as Deleted, then goes', {
+  test('with a finalizer (FINALIZER set in a copy, as a reader would) a book deleted while the controller is down is still reconciled as Deleted, then goes; taken off a live book, it is put back', {
     timeout: 120_000,
   }, async () => {
     await withGarbageCollector();
@@ -1611,6 +1611,25 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     assert.deepEqual((await getBook('e2e-finalizer', 'moby-dick'))?.metadata.finalizers, [
       finalizer,
     ]);
+    // Taken off a live book by someone: put back, and nothing printed.
+    await cluster.kubectlOk([
+      'patch',
+      'book',
+      'moby-dick',
+      '-n',
+      'e2e-finalizer',
+      '--type=json',
+      '-p',
+      '[{"op":"remove","path":"/metadata/finalizers"}]',
+    ]);
+    await waitFor(
+      'our finalizer back on moby-dick',
+      async () =>
+        (await getBook('e2e-finalizer', 'moby-dick'))?.metadata.finalizers?.includes(finalizer)
+          ? true
+          : undefined,
+      15_000,
+    );
     // A book with another finalizer too: ours goes to the end, theirs stays.
     await cluster.kubectlOk(['apply', '-n', 'e2e-finalizer', '-f', '-'], {
       input: JSON.stringify({
