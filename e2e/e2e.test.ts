@@ -1604,6 +1604,8 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
     writeFileSync(join(ROOT, copy), source.replace("export const FINALIZER = '';", set));
     after(() => rmSync(join(ROOT, copy), { force: true }));
     const args = ['-n', 'e2e-finalizer'];
+    const hasOurs = async (name: string) =>
+      (await getBook('e2e-finalizer', name))?.metadata.finalizers?.includes(finalizer) || undefined;
     let controller = new Controller('controller', args, cluster.kubeconfig, {}, copy);
     await applyBook('e2e-finalizer', 'moby-dick', 'Moby Dick');
     await controller.line(added('moby-dick', 'Moby Dick'));
@@ -1622,14 +1624,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       '-p',
       '[{"op":"remove","path":"/metadata/finalizers"}]',
     ]);
-    await waitFor(
-      'our finalizer back on moby-dick',
-      async () =>
-        (await getBook('e2e-finalizer', 'moby-dick'))?.metadata.finalizers?.includes(finalizer)
-          ? true
-          : undefined,
-      15_000,
-    );
+    await waitFor('our finalizer back on moby-dick', () => hasOurs('moby-dick'), 15_000);
     // A book with another finalizer too: ours goes to the end, theirs stays.
     await cluster.kubectlOk(['apply', '-n', 'e2e-finalizer', '-f', '-'], {
       input: JSON.stringify({
@@ -1685,14 +1680,7 @@ describe(`book-controller against a real kube-apiserver (${runtime})`, () => {
       deleted('kept'),
       added('while-down', 'While Down'),
     ]);
-    await waitFor(
-      'the finalizer on while-down',
-      async () =>
-        (await getBook('e2e-finalizer', 'while-down'))?.metadata.finalizers?.includes(finalizer)
-          ? true
-          : undefined,
-      10_000,
-    );
+    await waitFor('the finalizer on while-down', () => hasOurs('while-down'), 10_000);
     assert.equal(await controller.stop(), 0);
     await cluster.kubectlOk([
       'delete',
