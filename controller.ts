@@ -1036,6 +1036,8 @@ export class ObjectCache implements Cache {
   private readonly finished = new Map<string, string>(); // a uid being deleted whose Deleted ran
   // Our last finalizer write on each, until its echo (the watch event our write caused) comes.
   private readonly echoes = new Map<string, Echo>();
+  // While our finalizer write on one is in flight: the resourceVersions the watch shows of it.
+  private readonly writing = new Map<string, Set<string>>();
   // The reader's status fields we wrote (or could not), by key, until the watch shows them: an
   // event sent before our write would otherwise make the next write leave them out.
   readonly unwritten = new Map<string, Record<string, unknown>>();
@@ -1120,6 +1122,8 @@ export class ObjectCache implements Cache {
     const last = typeof checked === 'string' ? entry?.object : checked;
     if (!entry || !last) return;
     if (last === checked) this.sees(key, checked, object);
+    // Out of the watch: an echo still awaited will not come, and what comes later is newer.
+    if (this.echoes.get(key)?.uid === last.metadata.uid) this.echoes.delete(key);
     last.metadata.namespace = this.config.namespace ?? last.metadata.namespace;
     if (this.finished.get(key) === last.metadata.uid)
       this.finished.delete(key); // gone at last
@@ -1169,13 +1173,25 @@ export class ObjectCache implements Cache {
    * answered with `resourceVersion`. Until the watch shows that write, an event sent before it
    * does not undo it (see sees). Gone meanwhile (or out of -l), a finalizer put on must come off.
    */
+  /** Our finalizer write on `key` begins: what the watch shows of it meanwhile is noted. */
+  writes(key: string) {
+    this.writing.set(key, new Set());
+  }
+
   wrote(key: string, object: Resource, resourceVersion: string, ours: boolean) {
+    // Its echo came before the answer: the cache says that, or something newer, already.
+    const echoed = this.writing.get(key)?.has(resourceVersion);
+    this.writing.delete(key);
     const entry = this.entries.get(key);
-    if (!entry) return;
+    if (!entry || echoed) return;
     const { uid } = object.metadata;
-    if (resourceVersion) this.echoes.set(key, { uid, resourceVersion, ours }); // '': it was so
     const gone = entry.gone?.find((earlier) => earlier.object.metadata.uid === uid);
-    const known = entry.object?.metadata.uid === uid ? entry.object : gone?.object;
+    const live = entry.object?.metadata.uid === uid;
+    // Its echo comes only while the watch shows it (selected, or being deleted). '': it was so.
+    if (resourceVersion && (live || gone?.watched)) {
+      this.echoes.set(key, { uid, resourceVersion, ours });
+    }
+    const known = live ? entry.object : gone?.object;
     if (known) return this.setOurs(known, ours);
     if (!ours) return;
     const held = { ...object, metadata: { ...object.metadata } };
@@ -1190,9 +1206,10 @@ export class ObjectCache implements Cache {
    * compared for equality: the watch sends them in order, so ours comes before newer ones).
    */
   private sees(key: string, object: Resource, raw: unknown) {
+    const { resourceVersion } = (raw as { metadata?: { resourceVersion?: string } }).metadata ?? {};
+    if (resourceVersion) this.writing.get(key)?.add(resourceVersion);
     const echo = this.echoes.get(key);
     if (echo?.uid !== object.metadata.uid) return;
-    const { resourceVersion } = (raw as { metadata?: { resourceVersion?: string } }).metadata ?? {};
     if (resourceVersion === echo.resourceVersion)
       this.echoes.delete(key); // caught up
     else this.setOurs(object, echo.ours);
@@ -1222,6 +1239,7 @@ export class ObjectCache implements Cache {
     if (this.queue.busy.has(key)) return;
     this.entries.delete(key);
     this.echoes.delete(key);
+    this.writing.delete(key);
     this.unwritten.delete(key);
     this.queue.forget(key);
   }
@@ -1985,6 +2003,7 @@ export async function reconcileKey(
   const { object } = entry;
   if (!object) return;
   if (objects.finalizer && !objects.holds(object)) {
+    objects.writes(key);
     const written = await steps.addFinalizer(object);
     if (written === false) return; // replaced or gone: the watch will say
     objects.wrote(key, object, written, true);
@@ -2031,6 +2050,7 @@ async function reconcileEarlier(objects: ObjectCache, entry: Entry, steps: Steps
     // Back in the -l selector meanwhile: it is the entry's object again, finalizer and all.
     const back = entry.object?.metadata.uid === uid;
     if (objects.holds(gone.object) && !back) {
+      objects.writes(entry.key);
       const written = await steps.removeFinalizer(gone.object);
       if (written !== false) objects.wrote(entry.key, gone.object, written, false);
     }
