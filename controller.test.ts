@@ -4617,6 +4617,7 @@ class World {
   }[] = [];
   readonly reconciling = new Set<string>();
   readonly notThere = new Set<string>(); // uids a fresh read found gone, in this run
+  readonly unfinalized = new Set<string>(); // uids someone took our finalizer off
   private uids = 0;
   runs = 0;
   requeueing = false; // whether the reconcile that succeeds next asks for another look
@@ -4709,6 +4710,7 @@ class World {
     }
     // Someone takes our finalizer off a live object (kubectl patch): it is to be put back.
     if (op === 'unfinalize' && !stored.deleting && stored.finalizers.includes(OURS)) {
+      this.unfinalized.add(stored.uid);
       this.write(name, { ...stored, finalizers: stored.finalizers.filter((f) => f !== OURS) });
     }
     if ((op === 'delete' || op === 'recreate') && !stored.deleting) {
@@ -4741,7 +4743,7 @@ class World {
     for (const [uid, state] of this.states) {
       if (state === 'deleted' || !this.finalizer) this.states.delete(uid);
       // Unless someone took our finalizer off one out of -l: nothing tells the next run of it.
-      else if (!told.has(uid)) this.states.delete(uid);
+      else if (this.unfinalized.has(uid) && !told.has(uid)) this.states.delete(uid);
       else this.states.set(uid, 'begun');
     }
     for (const stored of this.server.values()) {
@@ -4963,6 +4965,18 @@ describe('exactly once, checked against a model', () => {
         // from before it came off; and our finalizer taken off after a write whose echo came
         // before its answer (as on Deno).
         examples: [
+          [
+            true,
+            true,
+            [
+              { op: 'create', name: 'a' },
+              { op: 'label', name: 'a' },
+              { op: 'deliver', count: 1 },
+              { op: 'step', index: 0, ok: true, requeue: false },
+              { op: 'label', name: 'a' },
+              { op: 'unfinalize', name: 'a' },
+            ],
+          ],
           [
             true,
             false,

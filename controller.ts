@@ -1036,8 +1036,9 @@ export class ObjectCache implements Cache {
   private readonly finished = new Map<string, string>(); // a uid being deleted whose Deleted ran
   // Our last finalizer write on each, until its echo (the watch event our write caused) comes.
   private readonly echoes = new Map<string, Echo>();
-  // While our finalizer write on one is in flight: the resourceVersions the watch shows of it.
-  private readonly writing = new Map<string, Set<string>>();
+  // While our finalizer write on one is in flight: the resourceVersions the watch shows of it, and
+  // whether it left the watch (or was listed again) meanwhile.
+  private readonly writing = new Map<string, { seen: Set<string>; left: boolean }>();
   // The reader's status fields we wrote (or could not), by key, until the watch shows them: an
   // event sent before our write would otherwise make the next write leave them out.
   readonly unwritten = new Map<string, Record<string, unknown>>();
@@ -1066,6 +1067,7 @@ export class ObjectCache implements Cache {
     listed?.add(key);
     const checked = this.check(key, object);
     if (!checked) return;
+    if (listed) this.relisted(key); // a list says what is now
     this.sees(key, checked, object);
     if (checked.metadata.deleting) return this.markGone(key, checked, true);
     const { ready, observed, since } = readyCondition(object);
@@ -1124,6 +1126,8 @@ export class ObjectCache implements Cache {
     if (last === checked) this.sees(key, checked, object);
     // Out of the watch: an echo still awaited will not come, and what comes later is newer.
     if (this.echoes.get(key)?.uid === last.metadata.uid) this.echoes.delete(key);
+    const writing = this.writing.get(key);
+    if (writing) writing.left = true;
     last.metadata.namespace = this.config.namespace ?? last.metadata.namespace;
     if (this.finished.get(key) === last.metadata.uid)
       this.finished.delete(key); // gone at last
@@ -1134,6 +1138,7 @@ export class ObjectCache implements Cache {
   removeAllBut(listed: Set<string>) {
     for (const [key, entry] of this.entries) {
       if (listed.has(key)) continue;
+      this.relisted(key);
       this.finished.delete(key);
       for (const gone of entry.gone ?? []) gone.watched = false; // gone from the server as well
       if (entry.object) this.markGone(key, entry.object, false);
@@ -1173,20 +1178,30 @@ export class ObjectCache implements Cache {
    * answered with `resourceVersion`. Until the watch shows that write, an event sent before it
    * does not undo it (see sees). Gone meanwhile (or out of -l), a finalizer put on must come off.
    */
+  /** An echo awaited will not come, or comes after what the list said: awaited no longer. */
+  private relisted(key: string) {
+    this.echoes.delete(key);
+    const writing = this.writing.get(key);
+    if (writing) writing.left = true;
+  }
+
   /** Our finalizer write on `key` begins: what the watch shows of it meanwhile is noted. */
   writes(key: string) {
-    this.writing.set(key, new Set());
+    this.writing.set(key, { seen: new Set(), left: false });
   }
 
   wrote(key: string, object: Resource, resourceVersion: string, ours: boolean) {
-    // Its echo came before the answer: the cache says that, or something newer, already.
-    const echoed = this.writing.get(key)?.has(resourceVersion);
+    const writing = this.writing.get(key);
     this.writing.delete(key);
     const entry = this.entries.get(key);
-    if (!entry || echoed) return;
+    // Its echo came before the answer: the cache says that, or something newer, already.
+    if (!entry || writing?.seen.has(resourceVersion)) return;
     const { uid } = object.metadata;
     const gone = entry.gone?.find((earlier) => earlier.object.metadata.uid === uid);
     const live = entry.object?.metadata.uid === uid;
+    // Out of the watch and back meanwhile: what it says may be older than the write, or newer.
+    // Another look settles it (the finalizer patch reads the object first).
+    if (live && writing?.left) return this.queue.add(key, false);
     // Its echo comes only while the watch shows it (selected, or being deleted). '': it was so.
     if (resourceVersion && (live || gone?.watched)) {
       this.echoes.set(key, { uid, resourceVersion, ours });
@@ -1207,7 +1222,7 @@ export class ObjectCache implements Cache {
    */
   private sees(key: string, object: Resource, raw: unknown) {
     const { resourceVersion } = (raw as { metadata?: { resourceVersion?: string } }).metadata ?? {};
-    if (resourceVersion) this.writing.get(key)?.add(resourceVersion);
+    if (resourceVersion) this.writing.get(key)?.seen.add(resourceVersion);
     const echo = this.echoes.get(key);
     if (echo?.uid !== object.metadata.uid) return;
     if (resourceVersion === echo.resourceVersion)
