@@ -4737,12 +4737,13 @@ class World {
     // stopped between a Deleted and taking the finalizer off runs it again, as kube-rs' does).
     const told = new Set(
       [...this.server.values()]
-        .filter((stored) => stored.finalizers.includes(OURS) || stored.selected)
+        .filter((stored) => stored.finalizers.includes(OURS))
         .map((stored) => stored.uid),
     );
     for (const [uid, state] of this.states) {
       if (state === 'deleted' || !this.finalizer) this.states.delete(uid);
-      // Unless someone took our finalizer off one out of -l: nothing tells the next run of it.
+      // Unless someone took our finalizer off it: nothing tells the next run that this one began
+      // (the next run owes a Deleted only once a reconcile of its own begins).
       else if (this.unfinalized.has(uid) && !told.has(uid)) this.states.delete(uid);
       else this.states.set(uid, 'begun');
     }
@@ -4965,6 +4966,56 @@ describe('exactly once, checked against a model', () => {
         // from before it came off; and our finalizer taken off after a write whose echo came
         // before its answer (as on Deno).
         examples: [
+          [
+            true,
+            true,
+            [
+              { op: 'create', name: 'b' },
+              { op: 'deliver', count: 1 },
+              { op: 'label', name: 'b' },
+              { op: 'step', index: 0, ok: true, requeue: false },
+              { op: 'label', name: 'b' },
+              { op: 'delete', name: 'b' },
+              { op: 'step', index: 0, ok: false, requeue: false },
+            ],
+          ],
+          [
+            true,
+            true,
+            [
+              { op: 'create', name: 'a' },
+              { op: 'label', name: 'a' },
+              { op: 'deliver', count: 1 },
+              { op: 'step', index: 0, ok: true, requeue: false },
+              { op: 'delete', name: 'a' },
+              { op: 'label', name: 'a' },
+            ],
+          ],
+          [
+            true,
+            true,
+            [
+              { op: 'create', name: 'b' },
+              { op: 'label', name: 'b' },
+              { op: 'deliver', count: 1 },
+              { op: 'step', index: 0, ok: true, requeue: false },
+              { op: 'label', name: 'b' },
+              { op: 'label', name: 'b' },
+            ],
+          ],
+          [
+            true,
+            false,
+            [
+              { op: 'create', name: 'b' },
+              { op: 'deliver', count: 1 },
+              { op: 'step', index: 0, ok: true, requeue: false },
+              { op: 'unfinalize', name: 'b' },
+              { op: 'step', index: 0, ok: false, requeue: false },
+              { op: 'restart' },
+              { op: 'recreate', name: 'b' },
+            ],
+          ],
           [
             true,
             true,

@@ -1095,10 +1095,10 @@ export class ObjectCache implements Cache {
       if (entry.object) this.retire(entry, entry.object, false);
       // Our finalizer on it means an earlier run reconciled it, so its Deleted is owed. Not when
       // it is back in -l with the Deleted of its time before still owed (in gone): the finalizer
-      // is that time's.
+      // is that time's; nor while our own write of it is in flight: it may be this run's.
       const back = entry.gone?.some((gone) => gone.object.metadata.uid === checked.metadata.uid);
       entry.object = checked;
-      entry.tried = this.holds(checked) && !back;
+      entry.tried = this.holds(checked) && !back && !this.writing.has(key);
       return this.queue.add(key);
     }
     if (before.generation !== checked.metadata.generation) {
@@ -1203,7 +1203,7 @@ export class ObjectCache implements Cache {
     // Another look settles it (the finalizer patch reads the object first).
     if (live && writing?.left) return this.queue.add(key, false);
     // Its echo comes only while the watch shows it (selected, or being deleted). '': it was so.
-    if (resourceVersion && (live || gone?.watched)) {
+    if (resourceVersion && !writing?.left && (live || gone?.watched)) {
       this.echoes.set(key, { uid, resourceVersion, ours });
     }
     const known = live ? entry.object : gone?.object;
@@ -1272,18 +1272,25 @@ export class ObjectCache implements Cache {
       earlier.watched = watched;
       return;
     }
-    // One we never saw: ours only if our finalizer is on it (an earlier run reconciled it).
+    // One we never saw: ours only if our finalizer is on it (an earlier run reconciled it; unless
+    // our own write of it is in flight: then only the finalizer is to come off).
     if (!this.holds(last)) return;
     const owner = entry ?? newEntry(key);
     this.entries.set(key, owner);
     if (owner.object) this.retire(owner, owner.object, false); // the watch has not told yet
-    owner.gone = [...(owner.gone ?? []), { object: last, owed: true, watched }];
+    owner.gone = [...(owner.gone ?? []), { object: last, owed: !this.writing.has(key), watched }];
     this.queue.add(key);
   }
 
   /** The entry's object is gone: what it is owed moves to `gone`. */
   private retire(entry: Entry, last: Resource, watched: boolean) {
-    if (entry.tried || this.holds(last)) {
+    const { uid } = last.metadata;
+    const earlier = entry.gone?.find((gone) => gone.object.metadata.uid === uid);
+    if (earlier) {
+      // Back and gone again before its time out was done: one item, owing what either owes.
+      Object.assign(earlier, { object: last, owed: earlier.owed || entry.tried, watched });
+      this.queue.add(entry.key);
+    } else if (entry.tried || this.holds(last)) {
       entry.gone = [...(entry.gone ?? []), { object: last, owed: entry.tried, watched }];
       this.queue.add(entry.key);
     }
